@@ -1,0 +1,68 @@
+"""Small Triton helpers shared by the shard kernels: the logit transform and the top-k sort keys.
+
+Sort keys pack (value, column) into one int64 whose signed order is "value descending, then
+column ascending": the high 32 bits are the fp32 value mapped to an order-preserving int32
+(NaN canonicalized above +inf, -0.0 folded into +0.0), the low 32 bits are ``2**31 - 1 - col``.
+Ranking keys therefore ranks values under the library's tie-break (lower id wins).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def transform_logits(x, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr):
+    """x -> softcap * tanh(x / softcap) (if HAS_SOFTCAP), then * (1 / temperature). fp32 in and out."""
+    if HAS_SOFTCAP:
+        # tanh(y) = 2 * sigmoid(2y) - 1; saturates cleanly to +-1 and keeps +-inf finite.
+        x = softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0)
+    return x * inv_temperature
+
+
+@triton.jit
+def transform_grad(x, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr):
+    """d transform_logits / dx, elementwise, fp32."""
+    if HAS_SOFTCAP:
+        th = 2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0
+        return (1.0 - th * th) * inv_temperature
+    else:
+        return inv_temperature + 0.0 * x
+
+
+@triton.jit
+def ordered_int32(x):
+    """fp32 -> int32 with the same order; NaN maps above +inf, -0.0 equals +0.0."""
+    i = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
+    i = tl.where(x != x, 0x7FC00000, i)  # every NaN becomes the positive quiet NaN
+    return i ^ ((i >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def unordered_fp32(k32):
+    """Inverse of ordered_int32."""
+    i = k32 ^ ((k32 >> 31) & 0x7FFFFFFF)
+    return i.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def make_key(x, col):
+    """(fp32 value, int column < 2**31) -> int64 key; larger key = higher rank."""
+    hi = ordered_int32(x).to(tl.int64) << 32
+    lo = (2147483647 - col).to(tl.int64)
+    return hi | lo
+
+
+@triton.jit
+def key_value(key):
+    return unordered_fp32((key >> 32).to(tl.int32))
+
+
+@triton.jit
+def key_col(key):
+    return 2147483647 - key.to(tl.int32)  # truncation keeps the low 32 bits
+
+
+@triton.jit
+def min_key_like(shape: tl.constexpr):
+    """A key below every real key (the identity of the top-k monoid)."""
+    return tl.full(shape, -2147483648, tl.int64) << 32

@@ -1,0 +1,22 @@
+"""shardsoftmax: exact softmax-family results over a vocabulary sharded across GPUs.
+
+Each shard is read once by a Triton kernel into small per-row partials; one merge (and, across
+ranks, one collective) turns them into exact global results.
+"""
+
+from .api import SoftmaxStats, cross_entropy, log_softmax, softmax, softmax_stats, topk
+from .backend import get_backend, set_backend, use_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SoftmaxStats",
+    "cross_entropy",
+    "get_backend",
+    "log_softmax",
+    "set_backend",
+    "softmax",
+    "softmax_stats",
+    "topk",
+    "use_backend",
+]

@@ -1,0 +1,222 @@
+"""Public functions. Signatures follow PyTorch; options are keyword-only.
+
+Common conventions:
+
+* ``logits`` is this process's shard ``[..., V_shard]`` (float16, bfloat16, float32 or float64;
+  the last dimension contiguous or it is copied). Leading dimensions are flattened and restored.
+* ``process_group=None`` means one process holds the whole vocabulary (a merge over one shard).
+  With a group, each rank passes its contiguous slice; every rank gets the same global results
+  from exactly one collective. Pass ``torch.distributed.group.WORLD`` for the default group.
+* ``vocab_start`` is this shard's first global id (default: 0 alone, or the sum of the widths of
+  lower ranks in a group). ``vocab_size`` is the true vocabulary size; columns at or past it are
+  padding and never count (default: every column is real).
+* ``temperature`` and ``softcap`` apply first: x' = softcap * tanh(x / softcap) / temperature.
+* Per-row results are float32 (float64 for float64 logits).
+* Rows whose every logit is -inf: lse = max = -inf, entropy and log-probs NaN (as PyTorch).
+  Rows with a NaN (or +inf) logit: lse, entropy and log-probs NaN.
+* Top-k: ids are global int64, ordered by descending logit; equal logits: the lower id first.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import _validate as V
+from . import backend
+from .ops import MAX_K, CrossEntropyFunction, LossOptions, ShardCall, global_partials, reject_on_all_ranks
+
+
+class SoftmaxStats(NamedTuple):
+    """Per-row results of ``softmax_stats``; leading shape ``[...]`` is the logits' without the vocab."""
+
+    lse: torch.Tensor  # [...] log-sum-exp of the transformed logits
+    max: torch.Tensor  # [...] max transformed logit
+    entropy: torch.Tensor  # [...] entropy of the softmax, nats
+    target_logprob: torch.Tensor | None  # [...] log p(target); 0.0 where ignored; None without target
+    topk_ids: torch.Tensor  # [..., k] int64 global ids
+    topk_logprobs: torch.Tensor  # [..., k] log-probabilities of those ids
+
+
+def _flatten(logits: torch.Tensor, target: torch.Tensor | None):
+    x2 = logits.reshape(-1, logits.shape[-1])
+    if x2.shape[1] > 1 and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    return x2, (None if target is None else target.reshape(-1))
+
+
+def _checked(call: ShardCall, process_group, checks) -> None:
+    """Run the argument checks; with a group, a failure on one rank is raised on every rank."""
+    try:
+        checks()
+    except (TypeError, ValueError) as err:
+        reject_on_all_ranks(call, process_group, err)
+
+
+def softmax_stats(
+    logits: torch.Tensor,
+    target: torch.Tensor | None = None,
+    *,
+    k: int = 0,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    vocab_size: int | None = None,
+    vocab_start: int | None = None,
+    process_group=None,
+) -> SoftmaxStats:
+    """lse, max, entropy, log p(target) and the global top-k of each row, from one pass over the
+    shard. ``target``: ``[...]`` integer ids; rows equal to ``ignore_index`` get target_logprob 0;
+    a target outside ``[0, vocab_size)`` gets NaN (loud, and no out-of-bounds read).
+    ``0 <= k <= min(1024, vocab_size)``. Not differentiable (use ``cross_entropy`` for gradients)."""
+    call = ShardCall("stats", k, temperature, softcap, ignore_index, vocab_size, vocab_start)
+
+    def checks():
+        V.check_logits(logits)
+        if target is not None:
+            V.check_target(target, logits)
+        V.check_int(k, "k", low=0, high=MAX_K)
+        V.check_int(ignore_index, "ignore_index")
+        V.check_transform(temperature, softcap)
+        V.check_layout_args(vocab_size, vocab_start)
+
+    _checked(call, process_group, checks)
+    lead = logits.shape[:-1]
+    x2, t1 = _flatten(logits, target)
+    with torch.no_grad():
+        _, fin, _ = global_partials(x2, t1, call, process_group)
+    target_logprob = None
+    if t1 is not None:
+        tlp = fin.target_logit - fin.lse
+        target_logprob = torch.where(t1 == ignore_index, torch.zeros_like(tlp), tlp).reshape(lead)
+    return SoftmaxStats(
+        lse=fin.lse.reshape(lead),
+        max=fin.max.reshape(lead),
+        entropy=fin.entropy.reshape(lead),
+        target_logprob=target_logprob,
+        topk_ids=fin.topk_ids.reshape(*lead, k),
+        topk_logprobs=(fin.topk_vals - fin.lse[:, None]).reshape(*lead, k),
+    )
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    vocab_size: int | None = None,
+    vocab_start: int | None = None,
+    process_group=None,
+    inplace_backward: bool = False,
+) -> torch.Tensor:
+    """Cross-entropy as ``torch.nn.functional.cross_entropy`` (class-index targets), plus
+    ``z_loss * lse**2`` per token, over the global vocabulary. Differentiable w.r.t. ``logits``.
+
+    ``reduction``: "mean" over non-ignored tokens (NaN if every token is ignored, as PyTorch),
+    "sum", or "none" (``[...]``, 0 at ignored tokens). ``label_smoothing`` spreads over the true
+    vocabulary (``vocab_size`` classes). The result is float32 (float64 for float64 logits).
+    A target outside ``[0, vocab_size)`` that is not ``ignore_index`` makes that token's loss NaN.
+    Backward reads the logits and the saved per-row lse once and needs no collective;
+    ``inplace_backward=True`` writes the gradient into the logits' memory (the logits are then lost).
+    """
+    call = ShardCall("cross_entropy", 0, temperature, softcap, ignore_index, vocab_size, vocab_start)
+
+    def checks():
+        V.check_logits(logits)
+        V.check_target(target, logits)
+        V.check_int(ignore_index, "ignore_index")
+        V.check_loss_options(reduction, label_smoothing, z_loss)
+        V.check_transform(temperature, softcap)
+        V.check_layout_args(vocab_size, vocab_start)
+        if not isinstance(inplace_backward, bool):
+            raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
+
+    _checked(call, process_group, checks)
+    opts = LossOptions(reduction, float(label_smoothing), float(z_loss), inplace_backward)
+    x2, t1 = _flatten(logits, target)
+    rows = CrossEntropyFunction.apply(x2, t1, call, opts, process_group)
+    if reduction == "none":
+        return rows.reshape(target.shape)
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / (t1 != ignore_index).sum()
+
+
+def _softmax(logits, log: bool, temperature, softcap, vocab_size, vocab_start, process_group):
+    call = ShardCall("log_softmax" if log else "softmax", 0, temperature, softcap, -100, vocab_size, vocab_start)
+
+    def checks():
+        V.check_logits(logits)
+        V.check_transform(temperature, softcap)
+        V.check_layout_args(vocab_size, vocab_start)
+
+    _checked(call, process_group, checks)
+    x2, _ = _flatten(logits, None)
+    with torch.no_grad():
+        _, fin, layout = global_partials(x2, None, call, process_group)
+        out = backend.shard_softmax(
+            x2, fin.lse, log=log, n_valid_cols=layout.n_valid_cols, softcap=softcap, temperature=temperature
+        )
+    return out.reshape(logits.shape)
+
+
+def softmax(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    vocab_size: int | None = None,
+    vocab_start: int | None = None,
+    process_group=None,
+) -> torch.Tensor:
+    """This shard of the exact global softmax, same shape and dtype as ``logits``; padding columns
+    are 0; a row of all -inf gives NaN (as torch.softmax). Not differentiable."""
+    return _softmax(logits, False, temperature, softcap, vocab_size, vocab_start, process_group)
+
+
+def log_softmax(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    vocab_size: int | None = None,
+    vocab_start: int | None = None,
+    process_group=None,
+) -> torch.Tensor:
+    """This shard of the exact global log-softmax, same shape and dtype as ``logits``; padding
+    columns are -inf. Not differentiable."""
+    return _softmax(logits, True, temperature, softcap, vocab_size, vocab_start, process_group)
+
+
+def topk(
+    logits: torch.Tensor,
+    k: int,
+    *,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    vocab_size: int | None = None,
+    vocab_start: int | None = None,
+    process_group=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest transformed logits of each row over the global vocabulary: ``(values [..., k]
+    float32, ids [..., k] int64 global ids)``, descending; equal values: the lower id first."""
+    call = ShardCall("topk", k, temperature, softcap, -100, vocab_size, vocab_start)
+
+    def checks():
+        V.check_logits(logits)
+        V.check_int(k, "k", low=0, high=MAX_K)
+        V.check_transform(temperature, softcap)
+        V.check_layout_args(vocab_size, vocab_start)
+
+    _checked(call, process_group, checks)
+    lead = logits.shape[:-1]
+    x2, _ = _flatten(logits, None)
+    with torch.no_grad():
+        _, fin, _ = global_partials(x2, None, call, process_group)
+    return fin.topk_vals.reshape(*lead, k), fin.topk_ids.reshape(*lead, k)

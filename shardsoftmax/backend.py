@@ -1,0 +1,75 @@
+"""Chooses, per call, who computes a shard's partials and per-element passes: the Triton kernels
+(CUDA, or the CPU under ``TRITON_INTERPRET=1``) or the PyTorch reference (CPU, float64)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from . import kernels, reference
+from .partials import Partials
+
+_BACKENDS = ("auto", "triton", "torch")
+_backend = "auto"
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def set_backend(name: str) -> None:
+    """'auto' (Triton on CUDA, or on CPU when Triton runs in interpreter mode; PyTorch otherwise),
+    'triton' or 'torch'. Float64 logits always use the PyTorch path."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Context manager form of ``set_backend``."""
+    old = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(old)
+
+
+def triton_interpreted() -> bool:
+    return kernels.interpreted()
+
+
+def uses_triton(logits: torch.Tensor) -> bool:
+    if logits.dtype not in TRITON_DTYPES or _backend == "torch":
+        return False
+    runnable = logits.is_cuda or (logits.device.type == "cpu" and triton_interpreted())
+    if _backend == "triton" and not runnable:
+        raise RuntimeError(
+            "backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before importing shardsoftmax"
+        )
+    return runnable
+
+
+def shard_partials(logits: torch.Tensor, target: torch.Tensor | None, **kw) -> Partials:
+    """Partials of one 2-D shard, stacked over column splits: fields [S, N] and [S, N, k]."""
+    if uses_triton(logits):
+        stats, vals, ids = kernels.shard_partials(logits, target, **kw)
+        return Partials(*stats.unbind(0), vals, ids)
+    p = reference.shard_partials(logits, target, **kw)
+    return Partials(*(f[None] for f in p))
+
+
+def shard_softmax(logits: torch.Tensor, lse: torch.Tensor, **kw) -> torch.Tensor:
+    if uses_triton(logits):
+        return kernels.softmax_write(logits, lse.float(), **kw)
+    return reference.shard_softmax(logits, lse, **kw)
+
+
+def shard_cross_entropy_backward(logits, target, lse, row_scale, **kw) -> torch.Tensor:
+    if uses_triton(logits):
+        return kernels.cross_entropy_backward(logits, target, lse.float(), row_scale.float(), **kw)
+    return reference.shard_cross_entropy_backward(logits, target, lse, row_scale, **kw)

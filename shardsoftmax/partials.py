@@ -1,0 +1,133 @@
+"""The partials monoid: per-row summaries of a vocabulary shard, and the one merge that combines them.
+
+A shard's partials, per row (fp32, or fp64 for fp64 logits):
+
+======================  =====================================================================
+``max``                 m = max_j x_j over real columns (-inf for an empty shard)
+``sumexp``              s = sum_j exp(x_j - m)
+``sumexp_x``            t = sum_j exp(x_j - m) * x_j   (entropy = lse - t / s)
+``sum_x``               sum_j x_j                     (label smoothing)
+``count``               number of real (non-padding) columns
+``target_logit``        x_target if the target lies in this shard, else 0
+``target_hits``         1 if the target lies in this shard, else 0
+``topk_vals/ids``       [N, k] the shard's k best (value, global id), value descending, lower id
+                        first among equal values; missing entries are (-inf, ID_SENTINEL)
+======================  =====================================================================
+
+``merge`` is associative and commutative; ``identity`` (an empty shard) is its neutral element.
+It never forms ``-inf - -inf`` and lets NaN through. Every path (one process, column splits
+inside a kernel launch, ranks of a process group, Ray actors) merges with this code.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+ID_SENTINEL = torch.iinfo(torch.int64).max
+
+
+class Partials(NamedTuple):
+    max: torch.Tensor
+    sumexp: torch.Tensor
+    sumexp_x: torch.Tensor
+    sum_x: torch.Tensor
+    count: torch.Tensor
+    target_logit: torch.Tensor
+    target_hits: torch.Tensor
+    topk_vals: torch.Tensor
+    topk_ids: torch.Tensor
+
+
+SCALAR_FIELDS = Partials._fields[:7]
+
+
+def identity(n_rows: int, k: int, *, dtype=torch.float32, device=None) -> Partials:
+    """Partials of an empty shard: the neutral element of ``merge``."""
+    z = torch.zeros(n_rows, dtype=dtype, device=device)
+    return Partials(
+        max=torch.full((n_rows,), float("-inf"), dtype=dtype, device=device),
+        sumexp=z,
+        sumexp_x=z,
+        sum_x=z,
+        count=z,
+        target_logit=z,
+        target_hits=z,
+        topk_vals=torch.full((n_rows, k), float("-inf"), dtype=dtype, device=device),
+        topk_ids=torch.full((n_rows, k), ID_SENTINEL, dtype=torch.int64, device=device),
+    )
+
+
+def stack(parts: list[Partials]) -> Partials:
+    """Stack partials of several pieces along a new leading dimension (for ``merge_stacked``)."""
+    return Partials(*(torch.stack(list(f)) for f in zip(*parts)))
+
+
+def rescale(value: torch.Tensor, m: torch.Tensor, new_max: torch.Tensor) -> torch.Tensor:
+    """value * exp(m - new_max), with 0 where the piece is empty (m = -inf), so no -inf - -inf."""
+    return torch.where(m == float("-inf"), torch.zeros_like(value), value * torch.exp(m - new_max))
+
+
+def topk_select(vals: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best (value, id) pairs along the last dim: value descending, lower id first on ties;
+    NaN ranks above every number (as in torch.topk)."""
+    ids_sorted, order = torch.sort(ids, dim=-1, stable=True)
+    vals_sorted = torch.gather(vals, -1, order)
+    vals_out, order2 = torch.sort(vals_sorted, dim=-1, descending=True, stable=True)
+    return vals_out[..., :k], torch.gather(ids_sorted, -1, order2)[..., :k]
+
+
+def merge_stacked(p: Partials) -> Partials:
+    """Merge pieces stacked along dim 0 (shape [P, N] and [P, N, k]) into one [N] / [N, k]."""
+    new_max = p.max.amax(dim=0)
+    new_max = torch.where(p.max.isnan().any(dim=0), torch.full_like(new_max, float("nan")), new_max)
+    sumexp = rescale(p.sumexp, p.max, new_max).sum(dim=0)
+    sumexp_x = rescale(p.sumexp_x, p.max, new_max).sum(dim=0)
+    k = p.topk_vals.shape[-1]
+    if p.topk_vals.shape[0] == 1:
+        topk_vals, topk_ids = p.topk_vals[0], p.topk_ids[0]
+    else:
+        n = p.topk_vals.shape[1]
+        vals = p.topk_vals.permute(1, 0, 2).reshape(n, -1)
+        ids = p.topk_ids.permute(1, 0, 2).reshape(n, -1)
+        topk_vals, topk_ids = topk_select(vals, ids, k)
+    return Partials(
+        max=new_max,
+        sumexp=sumexp,
+        sumexp_x=sumexp_x,
+        sum_x=p.sum_x.sum(dim=0),
+        count=p.count.sum(dim=0),
+        target_logit=p.target_logit.sum(dim=0),
+        target_hits=p.target_hits.sum(dim=0),
+        topk_vals=topk_vals,
+        topk_ids=topk_ids,
+    )
+
+
+def merge(a: Partials, b: Partials) -> Partials:
+    """The monoid operation on two pieces."""
+    return merge_stacked(stack([a, b]))
+
+
+class Finalized(NamedTuple):
+    """Global per-row results derived from fully merged partials."""
+
+    lse: torch.Tensor
+    max: torch.Tensor
+    entropy: torch.Tensor
+    target_logit: torch.Tensor  # NaN where the target was found in no shard
+    topk_vals: torch.Tensor
+    topk_ids: torch.Tensor
+
+
+def finalize(p: Partials) -> Finalized:
+    """lse = m + log s; entropy = lse - t / s. Rows whose every logit is -inf get lse = -inf and
+    entropy NaN (as torch.logsumexp / torch.softmax do); rows with a NaN give NaN."""
+    finite_max = torch.where(p.max == float("-inf"), torch.zeros_like(p.max), p.max)
+    lse = finite_max + torch.log(p.sumexp)
+    lse = torch.where(p.max == float("-inf"), p.max, lse)
+    entropy = lse - p.sumexp_x / p.sumexp
+    row_max = torch.where(p.sumexp.isnan(), p.sumexp, p.max)
+    target_logit = torch.where(p.target_hits > 0, p.target_logit, torch.full_like(p.target_logit, float("nan")))
+    return Finalized(lse, row_max, entropy, target_logit, p.topk_vals, p.topk_ids)
