@@ -150,10 +150,14 @@ def unpack(words: torch.Tensor, dtype: torch.dtype, n_rows: int, k: int) -> Part
     w = 2 if dtype == torch.float64 else 1
     a = 7 * w * n_rows
     b = a + k * w * n_rows
-    scalars = words[:, :a].contiguous().view(dtype).reshape(g, n_rows, 7)
-    vals = words[:, a:b].contiguous().view(dtype).reshape(g, n_rows, k)
-    ids = words[:, b:].contiguous().view(torch.int64).reshape(g, n_rows, k)
-    return Partials(*scalars.unbind(-1), vals, ids)
+
+    def view(cols: torch.Tensor, as_dtype: torch.dtype, last: int) -> torch.Tensor:
+        if cols.numel() == 0:
+            return torch.empty((g, n_rows, last), dtype=as_dtype, device=words.device)
+        return cols.contiguous().view(as_dtype).reshape(g, n_rows, last)
+
+    scalars = view(words[:, :a], dtype, 7)
+    return Partials(*scalars.unbind(-1), view(words[:, a:b], dtype, k), view(words[:, b:], torch.int64, k))
 
 
 def _check_consistent(headers: list[Header]) -> tuple[tuple[int, ...], int, int]:
@@ -211,7 +215,8 @@ def _check_consistent(headers: list[Header]) -> tuple[tuple[int, ...], int, int]
 def _all_gather(buf: torch.Tensor, group) -> torch.Tensor:
     world = dist.get_world_size(group)
     out = torch.empty((world, buf.numel()), dtype=buf.dtype, device=buf.device)
-    dist.all_gather_into_tensor(out.view(-1), buf, group=group)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.12
+    gather(out.view(-1), buf, group=group)
     return out
 
 
