@@ -91,7 +91,9 @@ def _cross_entropy_backward_kernel(
     g = p * (1.0 + two_z_loss * lse) - smooth_per_class
     g = g - tl.where(cols == local_target, target_weight, 0.0)
     g = g * scale * transform_grad(raw, softcap, inv_temperature, HAS_SOFTCAP)
-    g = tl.where((cols < n_valid_cols) & (scale != 0.0), g, 0.0)
+    # two wheres, not `block & scalar`: the Triton 3.8 interpreter cannot `&` a block with a scalar
+    g = tl.where(cols < n_valid_cols, g, 0.0)
+    g = tl.where(scale != 0.0, g, 0.0)
     tl.store(grad_ptr + row * stride_grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
