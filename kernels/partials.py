@@ -73,6 +73,7 @@ def _shard_partials_kernel(
         mask = cols < col_hi
         x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
         x = transform_logits(x, softcap, inv_temperature, HAS_SOFTCAP)
+        x = tl.where(mask, x, float("-inf"))  # softcap maps the -inf fill to -softcap: re-mask
         if K > 0:
             # NaN counts as the largest value for ranking (as torch.topk does).
             xr = tl.reshape(tl.where(x != x, float("inf"), x), [KP, CHUNK])
