@@ -11,12 +11,14 @@ import triton.language as tl
 
 
 @triton.jit
-def transform_logits(x, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr):
+def transform_logits(x, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr):
     """x -> softcap * tanh(x / softcap) (if HAS_SOFTCAP), then * (1 / temperature). fp32 in and out."""
     if HAS_SOFTCAP:
         # tanh(y) = 2 * sigmoid(2y) - 1; saturates cleanly to +-1 and keeps +-inf finite.
         x = softcap * (2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0)
-    return x * inv_temperature
+    if HAS_TEMPERATURE:
+        x = x * inv_temperature
+    return x
 
 
 @triton.jit
@@ -27,6 +29,19 @@ def transform_grad(x, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr):
         return (1.0 - th * th) * inv_temperature
     else:
         return inv_temperature + 0.0 * x
+
+
+@triton.jit
+def safe_max(m):
+    """m, with -inf replaced by 0 so that exp(x - m) never forms -inf - -inf."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def rescale_factor(m, new_max):
+    """exp(m - new_max), 0 for an empty state (m = -inf): the monoid's rescale, as in
+    shardsoftmax.partials.rescale."""
+    return tl.where(m == float("-inf"), 0.0, tl.exp(m - safe_max(new_max)))
 
 
 @triton.jit

@@ -29,6 +29,7 @@ def _softmax_write_kernel(
     inv_temperature,
     # meta
     HAS_SOFTCAP: tl.constexpr,
+    HAS_TEMPERATURE: tl.constexpr,
     LOG: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -38,13 +39,13 @@ def _softmax_write_kernel(
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     in_row = cols < n_cols
     x = tl.load(logits_ptr + row * stride_logits_row + cols, mask=in_row, other=0.0).to(tl.float32)
-    x = transform_logits(x, softcap, inv_temperature, HAS_SOFTCAP)
+    x = transform_logits(x, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
     lse = tl.load(lse_ptr + row)
     valid = cols < n_valid_cols
     if LOG:
         y = tl.where(valid, x - lse, float("-inf"))
     else:
-        y = tl.where(valid, tl.exp(x - lse), 0.0)
+        y = tl.where(valid, tl.exp2((x - lse) * 1.4426950408889634), 0.0)
     tl.store(out_ptr + row * stride_out_row + cols, y.to(out_ptr.dtype.element_ty), mask=in_row)
 
 
@@ -72,6 +73,7 @@ def _cross_entropy_backward_kernel(
     inv_temperature,
     # meta
     HAS_SOFTCAP: tl.constexpr,
+    HAS_TEMPERATURE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Grid: (n_rows, cdiv(n_cols, BLOCK)).
@@ -83,11 +85,11 @@ def _cross_entropy_backward_kernel(
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     in_row = cols < n_cols
     raw = tl.load(logits_ptr + row * stride_logits_row + cols, mask=in_row, other=0.0).to(tl.float32)
-    x = transform_logits(raw, softcap, inv_temperature, HAS_SOFTCAP)
+    x = transform_logits(raw, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
     lse = tl.load(lse_ptr + row)
     scale = tl.load(row_scale_ptr + row)
     local_target = tl.load(target_ptr + row).to(tl.int64) - vocab_start
-    p = tl.exp(x - lse)
+    p = tl.exp2((x - lse) * 1.4426950408889634)
     g = p * (1.0 + two_z_loss * lse) - smooth_per_class
     g = g - tl.where(cols == local_target, target_weight, 0.0)
     g = g * scale * transform_grad(raw, softcap, inv_temperature, HAS_SOFTCAP)
@@ -127,6 +129,7 @@ def softmax_write(
         float(softcap) if softcap is not None else 1.0,
         1.0 / float(temperature),
         HAS_SOFTCAP=softcap is not None,
+        HAS_TEMPERATURE=float(temperature) != 1.0,
         LOG=log,
         BLOCK=block,
         num_warps=8 if block >= 2048 else 4,
@@ -173,6 +176,7 @@ def cross_entropy_backward(
         float(softcap) if softcap is not None else 1.0,
         1.0 / float(temperature),
         HAS_SOFTCAP=softcap is not None,
+        HAS_TEMPERATURE=float(temperature) != 1.0,
         BLOCK=block,
         num_warps=8 if block >= 2048 else 4,
     )

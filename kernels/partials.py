@@ -11,12 +11,37 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import key_col, key_value, make_key, min_key_like, ordered_int32, transform_logits
+from .common import (
+    key_col,
+    key_value,
+    make_key,
+    min_key_like,
+    rescale_factor,
+    safe_max,
+    transform_logits,
+)
 
 # Field order of the fp32 ``stats`` output, shape [N_FIELDS, n_splits, n_rows].
 FIELDS = ("max", "sumexp", "sumexp_x", "sum_x", "count", "target_logit", "target_hits")
 N_FIELDS = len(FIELDS)
 MAX_K = 1024
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _insert_chunks(best, ck, KP: tl.constexpr):
+    """Insert the chunk keys ``ck`` that beat the current minimum of the unsorted top-KP set
+    ``best``, one at a time (few per tile once the set has filled)."""
+    slot = tl.arange(0, KP)
+    thr = tl.min(best, axis=0)
+    cand = tl.where(ck > thr, ck, min_key_like(ck.shape))
+    c = tl.max(cand, axis=0)
+    while c > thr:
+        best = tl.where(slot == tl.argmin(best, axis=0), c, best)
+        cand = tl.where(cand == c, min_key_like(ck.shape), cand)
+        thr = tl.min(best, axis=0)
+        c = tl.max(cand, axis=0)
+    return best
 
 
 @triton.jit
@@ -30,7 +55,7 @@ def _shard_partials_kernel(
     # sizes
     n_rows,
     n_valid_cols,  # columns whose global id is < vocab_size; later columns are padding
-    cols_per_split,  # a multiple of BLOCK_V
+    cols_per_split,  # a multiple of ROWS * CHUNK
     vocab_start,
     ignore_index,
     # strides
@@ -42,15 +67,22 @@ def _shard_partials_kernel(
     HAS_SOFTCAP: tl.constexpr,
     HAS_TARGET: tl.constexpr,
     K: tl.constexpr,  # top-k size, 0 skips top-k entirely
-    KP: tl.constexpr,  # next power of two >= K (>= 2); also the number of chunks per tile
-    BLOCK_V: tl.constexpr,
+    KP: tl.constexpr,  # next power of two >= K (>= 2): size of the candidate-chunk set
+    ROWS: tl.constexpr,  # chunks per tile
+    CHUNK: tl.constexpr,  # columns per chunk
+    BITONIC: tl.constexpr,  # merge chunk keys by bitonic top-k (needs ROWS == KP) instead of insertion
+    HAS_TEMPERATURE: tl.constexpr,  # temperature != 1
+    NEED_ENTROPY: tl.constexpr,  # compute t (else it is written as NaN)
+    NEED_SUM_X: tl.constexpr,  # compute sum x (else it is written as NaN)
 ):
     """Grid: (n_rows, n_splits); one program per (row, column split).
 
-    Online over tiles of BLOCK_V columns: m = max x, s = sum exp(x - m), t = sum exp(x - m) * x,
-    sum_x = sum x, with x the transformed logit. Top-k: the tile is cut into KP chunks; the KP best
-    chunks by (chunk max desc, chunk index asc) hold every top-K element, so only chunk maxima
-    are ranked while streaming and the selected chunks are re-read once at the end.
+    Each tile of ROWS x CHUNK columns updates ROWS independent online states (m = max x,
+    s = sum exp(x - m), t = sum exp(x - m) x, sum x; x the transformed logit), so no tile needs a
+    cross-warp reduction; the ROWS states are combined once at the end with the monoid's rescale.
+    Top-k: the KP best chunks by (chunk max desc, chunk index asc) hold every top-K element, so
+    while streaming only chunk maxima (a by-product of the max) are ranked; the selected chunks are
+    re-read once at the end and ranked exactly.
     """
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -58,43 +90,57 @@ def _shard_partials_kernel(
     col_lo = split * cols_per_split
     col_hi = tl.minimum(col_lo + cols_per_split, n_valid_cols)
     row_ptr = logits_ptr + row * stride_logits_row
-    CHUNK: tl.constexpr = BLOCK_V // KP
+    BLOCK_V: tl.constexpr = ROWS * CHUNK
+    tile_offs = tl.arange(0, ROWS)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
 
-    m = tl.full([], float("-inf"), tl.float32)
-    s = tl.zeros([], tl.float32)
-    t = tl.zeros([], tl.float32)
-    sum_x = tl.zeros([], tl.float32)
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    s = tl.zeros([ROWS], tl.float32)
+    t = tl.zeros([ROWS], tl.float32)
+    sum_x = tl.zeros([ROWS], tl.float32)
     if K > 0:
         best = min_key_like([KP])  # keys of the best chunks so far (chunk max, chunk index)
 
-    offs = tl.arange(0, BLOCK_V)
     for start in range(col_lo, col_hi, BLOCK_V):
-        cols = start + offs
+        cols = start + tile_offs
         mask = cols < col_hi
         x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        x = transform_logits(x, softcap, inv_temperature, HAS_SOFTCAP)
-        x = tl.where(mask, x, float("-inf"))  # softcap maps the -inf fill to -softcap: re-mask
+        x = transform_logits(x, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
+        if HAS_SOFTCAP:
+            x = tl.where(mask, x, float("-inf"))  # softcap maps the -inf fill to -softcap: re-mask
         if K > 0:
             # NaN counts as the largest value for ranking (as torch.topk does).
-            xr = tl.reshape(tl.where(x != x, float("inf"), x), [KP, CHUNK])
-            chunk_max = tl.max(xr, axis=1)
-            tile_max = tl.max(chunk_max, axis=0)
-            chunk_idx = (start - col_lo) // CHUNK + tl.arange(0, KP)
-            ck = make_key(chunk_max, chunk_idx)
-            if tl.max(ck, axis=0) > tl.min(best, axis=0):
-                both = tl.reshape(tl.join(best, ck), [2 * KP])
-                best = tl.topk(both, KP)
+            chunk_max = tl.max(tl.where(x != x, float("inf"), x), axis=1)
+            ck = make_key(chunk_max, (start - col_lo) // CHUNK + tl.arange(0, ROWS))
+            if BITONIC:
+                if tl.max(ck, axis=0) > tl.min(best, axis=0):
+                    best = tl.topk(tl.reshape(tl.join(best, ck), [2 * KP]), KP)
+            elif ROWS == KP:
+                if start == col_lo:
+                    best = ck  # the first tile's chunks fill the set directly
+                else:
+                    best = _insert_chunks(best, ck, KP)
+            else:
+                best = _insert_chunks(best, ck, KP)
         else:
-            tile_max = tl.max(x, axis=0)
-        m_new = tl.maximum(m, tile_max)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        e = tl.exp(x - m_safe)
-        s = s * alpha + tl.sum(e, axis=0)
-        t = t * alpha + tl.sum(tl.where(e > 0.0, e * x, 0.0), axis=0)
-        sum_x += tl.sum(tl.where(mask, x, 0.0), axis=0)
+            chunk_max = tl.max(x, axis=1)
+        m_new = tl.maximum(m, chunk_max)
+        alpha = rescale_factor(m, m_new)
+        # exp(x - m) as exp2(x log2e - m log2e): one FMA and one MUFU op per element.
+        e = tl.exp2(x * LOG2E - (safe_max(m_new) * LOG2E)[:, None])
+        s = s * alpha + tl.sum(e, axis=1)
+        if NEED_ENTROPY:
+            # max(x, -FLT_MAX) keeps e * x = 0 (not NaN) for -inf columns.
+            t = t * alpha + tl.sum(e * tl.maximum(x, -3.4028234663852886e38), axis=1)
+        if NEED_SUM_X:
+            sum_x += tl.sum(tl.where(mask, x, 0.0), axis=1)
         m = m_new
 
+    # Combine the ROWS states (the same rescale as the monoid's merge).
+    m_all = tl.max(m, axis=0)
+    alpha = rescale_factor(m, m_all)
+    s_all = tl.sum(s * alpha, axis=0)
+    t_all = tl.sum(t * alpha, axis=0) if NEED_ENTROPY else float("nan")
+    sum_x_all = tl.sum(sum_x, axis=0) if NEED_SUM_X else float("nan")
     count = tl.maximum(col_hi - col_lo, 0).to(tl.float32)
     tgt_logit = tl.zeros([], tl.float32)
     tgt_hits = tl.zeros([], tl.float32)
@@ -103,29 +149,29 @@ def _shard_partials_kernel(
         local = tgt - vocab_start
         hit = (tgt != ignore_index) & (local >= col_lo) & (local < col_hi)
         xt = tl.load(row_ptr + tl.where(hit, local, 0), mask=hit, other=0.0).to(tl.float32)
-        xt = transform_logits(xt, softcap, inv_temperature, HAS_SOFTCAP)
+        xt = transform_logits(xt, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
         tgt_logit = tl.where(hit, xt, 0.0)
         tgt_hits = tl.where(hit, 1.0, 0.0)
 
     out = stats_ptr + split * n_rows + row
     plane = n_splits * n_rows
-    tl.store(out + 0 * plane, m)
-    tl.store(out + 1 * plane, s)
-    tl.store(out + 2 * plane, t)
-    tl.store(out + 3 * plane, sum_x)
+    tl.store(out + 0 * plane, m_all)
+    tl.store(out + 1 * plane, s_all)
+    tl.store(out + 2 * plane, t_all)
+    tl.store(out + 3 * plane, sum_x_all)
     tl.store(out + 4 * plane, count)
     tl.store(out + 5 * plane, tgt_logit)
     tl.store(out + 6 * plane, tgt_hits)
 
     if K > 0:
-        # Re-read the KP selected chunks (KP * CHUNK = BLOCK_V elements) and rank them exactly.
+        # Re-read the KP selected chunks (KP * CHUNK elements) and rank them exactly.
         chunk_start = col_lo + (key_col(best) * CHUNK)
         cols2 = chunk_start[:, None] + tl.arange(0, CHUNK)[None, :]
         mask2 = (best != min_key_like([KP]))[:, None] & (cols2 < col_hi)
         x2 = tl.load(row_ptr + cols2, mask=mask2, other=0.0).to(tl.float32)
-        x2 = transform_logits(x2, softcap, inv_temperature, HAS_SOFTCAP)
+        x2 = transform_logits(x2, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
         keys = tl.where(mask2, make_key(x2, cols2), min_key_like([KP, CHUNK]))
-        top = tl.topk(tl.reshape(keys, [BLOCK_V]), KP)
+        top = tl.topk(tl.reshape(keys, [KP * CHUNK]), KP)
         real = top != min_key_like([KP])
         vals = tl.where(real, key_value(top), float("-inf"))
         ids = tl.where(real, vocab_start + key_col(top).to(tl.int64), 9223372036854775807)
@@ -139,11 +185,20 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def pick_block(n_cols: int, k: int) -> int:
-    """Tile width: a power of two, at least the k chunk count, at most 4096 (8192 for large k)."""
-    kp = max(2, _next_pow2(k)) if k > 0 else 1
-    cap = 8192 if kp >= 512 else 4096
-    return max(min(cap, _next_pow2(max(n_cols, 1))), 2 * kp if k > 0 else 16, 16)
+def tile_shape(n_cols: int, k: int) -> tuple[int, int, bool]:
+    """(ROWS, CHUNK, BITONIC) for a shard of ``n_cols`` columns and top-``k``.
+
+    k = 0: tiles of 16 x 256 columns. k <= 128: chunks of 64 columns (the final re-read is
+    KP * 64 elements), insertion merge. Larger k: KP chunks per tile and a bitonic merge."""
+    width = _next_pow2(max(n_cols, 1))
+    if k == 0:
+        chunk = min(256, max(16, width))
+        return max(1, min(16, width // chunk)), chunk, False
+    kp = max(2, _next_pow2(k))
+    if kp <= 128:
+        chunk = min(64, max(16, width))
+        return max(2, min(64, width // chunk)), chunk, False
+    return kp, max(2, 4096 // kp), True
 
 
 def shard_partials(
@@ -157,21 +212,26 @@ def shard_partials(
     softcap: float | None,
     temperature: float,
     n_splits: int | None = None,
-    block_v: int | None = None,
+    need_entropy: bool = True,
+    need_sum_x: bool = True,
+    tile: tuple[int, int, bool] | None = None,
     num_warps: int | None = None,
 ):
     """Launch the partials kernel on a 2-D ``logits`` shard (last dim contiguous).
 
-    Returns ``(stats [N_FIELDS, S, N] fp32, topk_vals [S, N, k] fp32, topk_ids [S, N, k] int64)``.
-    Shape and dtype checks are the caller's (the math layer validates once, before any kernel).
+    Returns ``(stats [N_FIELDS, S, N] fp32, topk_vals [S, N, k] fp32, topk_ids [S, N, k] int64)``,
+    one piece per column split S. Shape and dtype checks are the caller's (the math layer
+    validates once, before any kernel). ``need_entropy`` / ``need_sum_x`` = False skip those sums
+    (written as NaN). ``tile`` and ``num_warps`` override the defaults (tuning).
     """
     n_rows, n_cols = logits.shape
     device = logits.device
-    block = block_v or pick_block(n_cols, k)
+    rows, chunk, bitonic = tile or tile_shape(n_cols, k)
+    block = rows * chunk
     kp = max(2, _next_pow2(k)) if k > 0 else 2
-    if n_splits is None:
-        n_splits = default_splits(n_rows, n_valid_cols, block, device)
     n_tiles = max(1, triton.cdiv(max(n_valid_cols, 1), block))
+    if n_splits is None:
+        n_splits = default_splits(n_rows, n_tiles, device)
     n_splits = max(1, min(n_splits, n_tiles))
     cols_per_split = triton.cdiv(n_tiles, n_splits) * block
     n_splits = max(1, triton.cdiv(max(n_valid_cols, 1), cols_per_split))
@@ -181,7 +241,7 @@ def shard_partials(
     if n_rows == 0:
         return stats, topk_vals, topk_ids
     if num_warps is None:
-        num_warps = 8 if block >= 2048 else 4
+        num_warps = 8 if block >= 4096 else 4
     tgt = target if target is not None else stats  # any pointer; unused when HAS_TARGET is False
     _shard_partials_kernel[(n_rows, n_splits)](
         logits,
@@ -201,7 +261,12 @@ def shard_partials(
         HAS_TARGET=target is not None,
         K=k,
         KP=kp,
-        BLOCK_V=block,
+        ROWS=rows,
+        CHUNK=chunk,
+        BITONIC=bitonic,
+        HAS_TEMPERATURE=float(temperature) != 1.0,
+        NEED_ENTROPY=need_entropy,
+        NEED_SUM_X=need_sum_x,
         num_warps=num_warps,
     )
     return stats, topk_vals, topk_ids
@@ -210,7 +275,7 @@ def shard_partials(
 _SM_COUNT: dict = {}
 
 
-def default_splits(n_rows: int, n_cols: int, block: int, device: torch.device) -> int:
+def default_splits(n_rows: int, n_tiles: int, device: torch.device) -> int:
     """Split rows over columns only when rows alone cannot fill the GPU (decode-sized batches)."""
     if device.type != "cuda":
         return 1
@@ -219,8 +284,7 @@ def default_splits(n_rows: int, n_cols: int, block: int, device: torch.device) -
     target_programs = 4 * _SM_COUNT[device.index]
     if n_rows >= target_programs:
         return 1
-    n_tiles = max(1, triton.cdiv(n_cols, block))
     return max(1, min(n_tiles, triton.cdiv(target_programs, max(n_rows, 1))))
 
 
-__all__ = ["FIELDS", "N_FIELDS", "MAX_K", "shard_partials", "pick_block", "ordered_int32"]
+__all__ = ["FIELDS", "MAX_K", "N_FIELDS", "shard_partials", "tile_shape"]

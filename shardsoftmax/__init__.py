@@ -4,6 +4,7 @@ Each shard is read once by a Triton kernel into small per-row partials; one merg
 ranks, one collective) turns them into exact global results.
 """
 
+from . import nn
 from .api import SoftmaxStats, cross_entropy, log_softmax, softmax, softmax_stats, topk
 from .backend import get_backend, set_backend, use_backend
 

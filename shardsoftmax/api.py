@@ -70,7 +70,7 @@ def softmax_stats(
     shard. ``target``: ``[...]`` integer ids; rows equal to ``ignore_index`` get target_logprob 0;
     a target outside ``[0, vocab_size)`` gets NaN (loud, and no out-of-bounds read).
     ``0 <= k <= min(1024, vocab_size)``. Not differentiable (use ``cross_entropy`` for gradients)."""
-    call = ShardCall("stats", k, temperature, softcap, ignore_index, vocab_size, vocab_start)
+    call = ShardCall("stats", k, temperature, softcap, ignore_index, vocab_size, vocab_start, need_entropy=True)
 
     def checks():
         V.check_logits(logits)
@@ -125,7 +125,10 @@ def cross_entropy(
     Backward reads the logits and the saved per-row lse once and needs no collective;
     ``inplace_backward=True`` writes the gradient into the logits' memory (the logits are then lost).
     """
-    call = ShardCall("cross_entropy", 0, temperature, softcap, ignore_index, vocab_size, vocab_start)
+    call = ShardCall(
+        "cross_entropy", 0, temperature, softcap, ignore_index, vocab_size, vocab_start,
+        need_sum_x=isinstance(label_smoothing, (int, float)) and label_smoothing > 0,
+    )  # fmt: skip
 
     def checks():
         V.check_logits(logits)

@@ -154,7 +154,9 @@ def unpack(words: torch.Tensor, dtype: torch.dtype, n_rows: int, k: int) -> Part
     def view(cols: torch.Tensor, as_dtype: torch.dtype, last: int) -> torch.Tensor:
         if cols.numel() == 0:
             return torch.empty((g, n_rows, last), dtype=as_dtype, device=words.device)
-        return cols.contiguous().view(as_dtype).reshape(g, n_rows, last)
+        # a fresh copy: with one rank the slice is 'contiguous' but keeps the row stride and offset,
+        # which a view as a wider dtype rejects
+        return cols.clone(memory_format=torch.contiguous_format).view(as_dtype).reshape(g, n_rows, last)
 
     scalars = view(words[:, :a], dtype, 7)
     return Partials(*scalars.unbind(-1), view(words[:, a:b], dtype, k), view(words[:, b:], torch.int64, k))
@@ -240,7 +242,8 @@ def exchange(header: Header, compute, group, *, device, error: BaseException | N
             payload = torch.zeros(n_words, dtype=torch.int32, device=device)
         head = torch.tensor(header.as_list(), dtype=torch.int64).view(torch.int32).to(device)
         gathered = _all_gather(torch.cat([head, payload]), group)
-        headers_raw = gathered[:, : 2 * H].contiguous().view(torch.int64).cpu().tolist()
+        head_words = gathered[:, : 2 * H].clone(memory_format=torch.contiguous_format)  # see unpack
+        headers_raw = head_words.view(torch.int64).cpu().tolist()
         headers = [Header(**dict(zip(HEADER_FIELDS, row))) for row in headers_raw]
         if fast and tuple(headers) == agreed.headers:
             parts = unpack(gathered[:, 2 * H :], local.max.dtype, header.n_rows, header.k)

@@ -25,6 +25,8 @@ class ShardCall:
     ignore_index: int = -100
     vocab_size: int | None = None
     vocab_start: int | None = None
+    need_entropy: bool = False  # the kernel may skip sums nobody reads (they come back as NaN)
+    need_sum_x: bool = False
 
     def header(self, logits2d: torch.Tensor | None, has_target: bool) -> Header:
         n_rows, width = (-1, -1) if logits2d is None else logits2d.shape
@@ -66,6 +68,8 @@ def global_partials(
             ignore_index=call.ignore_index,
             softcap=call.softcap,
             temperature=call.temperature,
+            need_entropy=call.need_entropy,
+            need_sum_x=call.need_sum_x,
         )
         return merge_stacked(pieces)  # over this shard's column splits
 

@@ -80,6 +80,8 @@ def topk_select(vals: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Te
 
 def merge_stacked(p: Partials) -> Partials:
     """Merge pieces stacked along dim 0 (shape [P, N] and [P, N, k]) into one [N] / [N, k]."""
+    if p.max.shape[0] == 1:  # a merge over one piece is that piece
+        return Partials(*(f[0] for f in p))
     new_max = p.max.amax(dim=0)
     new_max = torch.where(p.max.isnan().any(dim=0), torch.full_like(new_max, float("nan")), new_max)
     sumexp = rescale(p.sumexp, p.max, new_max).sum(dim=0)

@@ -142,7 +142,8 @@ def oracle_stats(logits, target=None, *, k=0, softcap=None, temperature=1.0, ign
     lse = torch.logsumexp(x, dim=-1)
     logp = torch.log_softmax(x, dim=-1)
     p = torch.softmax(x, dim=-1)
-    entropy = -(torch.where(p > 0, p * logp, torch.zeros_like(p))).sum(-1)
+    # p == 0 terms are 0 (not 0 * -inf); NaN p (rows all -inf or with a NaN) keeps entropy NaN.
+    entropy = -(torch.where(p == 0, torch.zeros_like(p), p * logp)).sum(-1)
     ids = torch.arange(vocab_size).expand_as(x)
     vals, top_ids = topk_select(x, ids, k)
     out = {

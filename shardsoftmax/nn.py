@@ -1,0 +1,315 @@
+"""``torch.nn`` modules for a vocabulary split across the ranks of a process group.
+
+* ``VocabParallelCrossEntropy``: ``shardsoftmax.cross_entropy`` with its options fixed at
+  construction, as a module.
+* ``VocabParallelLMHead``: the output projection of a language model, column-parallel over the
+  vocabulary. Each rank holds rows ``[vocab_start, vocab_start + V_shard)`` of the ``[V, H]``
+  weight, computes its logit shard and gets the exact global loss (or statistics) from one
+  collective. The hidden states are replicated on every rank, so in backward their gradient is
+  the sum over ranks of each shard's contribution: one all-reduce, the column-parallel rule.
+
+``process_group=None`` means one process holds the whole vocabulary; no collective is made.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from . import _validate as V
+from .api import SoftmaxStats, cross_entropy, softmax_stats
+
+__all__ = ["VocabParallelCrossEntropy", "VocabParallelLMHead", "copy_to_vocab_parallel", "shard_sizes"]
+
+
+def shard_sizes(vocab_size_padded: int, world_size: int) -> list[int]:
+    """Contiguous split of ``vocab_size_padded`` columns over ``world_size`` ranks: the first
+    ``vocab_size_padded % world_size`` ranks get one column more (50257 over 4 -> 12565, 12564,
+    12564, 12564). Every rank gets at least one column."""
+    V.check_int(world_size, "world_size", low=1)
+    V.check_int(vocab_size_padded, "vocab_size_padded", low=world_size)
+    base, extra = divmod(vocab_size_padded, world_size)
+    return [base + (1 if r < extra else 0) for r in range(world_size)]
+
+
+def _group_rank_and_size(process_group, rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world_size): from the group when one is given (and checked against explicit values),
+    else the explicit values (default 0 of 1)."""
+    if process_group is not None:
+        g_rank, g_size = dist.get_rank(process_group), dist.get_world_size(process_group)
+        if rank is not None and rank != g_rank:
+            raise ValueError(f"rank={rank} but this process is rank {g_rank} of process_group")
+        if world_size is not None and world_size != g_size:
+            raise ValueError(f"world_size={world_size} but process_group has {g_size} ranks")
+        return g_rank, g_size
+    world_size = 1 if world_size is None else world_size
+    rank = 0 if rank is None else rank
+    V.check_int(world_size, "world_size", low=1)
+    V.check_int(rank, "rank", low=0, high=world_size - 1)
+    return rank, world_size
+
+
+class _CopyToVocabParallel(torch.autograd.Function):
+    """Identity in forward; in backward the gradient is summed over the group (all-reduce)."""
+
+    @staticmethod
+    def forward(ctx, x, process_group):
+        ctx.process_group = process_group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)  # never modify autograd's buffer
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.process_group)
+        return grad, None
+
+
+def copy_to_vocab_parallel(x: torch.Tensor, process_group) -> torch.Tensor:
+    """``x`` (replicated on every rank) as the input of a vocabulary-parallel layer: unchanged in
+    forward, gradient all-reduced (summed) over ``process_group`` in backward. A no-op for
+    ``process_group=None`` or a group of one rank."""
+    if process_group is None or dist.get_world_size(process_group) == 1:
+        return x
+    return _CopyToVocabParallel.apply(x, process_group)
+
+
+def _check_loss_kwargs(ignore_index, reduction, label_smoothing, z_loss, temperature, softcap) -> None:
+    V.check_int(ignore_index, "ignore_index")
+    V.check_loss_options(reduction, label_smoothing, z_loss)
+    V.check_transform(temperature, softcap)
+
+
+class VocabParallelCrossEntropy(nn.Module):
+    """``shardsoftmax.cross_entropy`` as a module; the keyword options are those of that function.
+
+    ``forward(logits_shard [..., V_shard] float16/bfloat16/float32/float64, target [...] int)``
+    returns the loss over the global vocabulary: a float32 scalar (float64 for float64 logits) for
+    ``reduction`` "mean"/"sum", or ``[...]`` for "none" (0 at ignored tokens). With a
+    ``process_group`` each rank passes its contiguous shard and gets the same loss; the backward
+    needs no collective and gives each rank the gradient of its own shard.
+    """
+
+    def __init__(
+        self,
+        *,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        temperature: float = 1.0,
+        softcap: float | None = None,
+        vocab_size: int | None = None,
+        vocab_start: int | None = None,
+        process_group=None,
+        inplace_backward: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_loss_kwargs(ignore_index, reduction, label_smoothing, z_loss, temperature, softcap)
+        V.check_layout_args(vocab_size, vocab_start)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = float(label_smoothing)
+        self.z_loss = float(z_loss)
+        self.temperature = float(temperature)
+        self.softcap = None if softcap is None else float(softcap)
+        self.vocab_size = vocab_size
+        self.vocab_start = vocab_start
+        self.process_group = process_group
+        self.inplace_backward = inplace_backward
+
+    def forward(self, logits_shard: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(
+            logits_shard,
+            target,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            temperature=self.temperature,
+            softcap=self.softcap,
+            vocab_size=self.vocab_size,
+            vocab_start=self.vocab_start,
+            process_group=self.process_group,
+            inplace_backward=self.inplace_backward,
+        )
+
+    def extra_repr(self) -> str:
+        opts = [f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}"]
+        for name, default in (("label_smoothing", 0.0), ("z_loss", 0.0), ("temperature", 1.0)):
+            if getattr(self, name) != default:
+                opts.append(f"{name}={getattr(self, name)}")
+        for name in ("softcap", "vocab_size", "vocab_start"):
+            if getattr(self, name) is not None:
+                opts.append(f"{name}={getattr(self, name)}")
+        return ", ".join(opts)
+
+
+class VocabParallelLMHead(nn.Module):
+    """Output projection ``hidden [..., H] -> logits [..., V]`` with the vocabulary split over ranks.
+
+    This rank holds ``weight [V_shard, H]`` (and ``bias [V_shard]`` if ``bias=True``): rows
+    ``[vocab_start, vocab_start + V_shard)`` of the full weight, with ``V_shard`` from
+    ``shard_sizes(vocab_size_padded, world_size)[rank]``. Rows at or past ``vocab_size`` (the true
+    vocabulary) are padding: they never enter the softmax and get zero gradient (they are
+    initialised to zero). ``rank``/``world_size`` default to the group's (0 of 1 without a group).
+    The loss options (``ignore_index``, ``reduction``, ``label_smoothing``, ``z_loss``,
+    ``temperature``, ``softcap``) are those of ``shardsoftmax.cross_entropy``.
+
+    ``forward(hidden, target=None, *, k=0, return_stats=False)``:
+
+    * ``hidden``: ``[..., H]``, the same on every rank, in the weight's dtype.
+    * with ``target`` (``[...]`` int) and ``return_stats=False``: the cross-entropy loss (float32,
+      or float64 for float64 weights; see ``shardsoftmax.cross_entropy`` for reductions and ignored
+      tokens). Differentiable; backward all-reduces the gradient of ``hidden`` over the group.
+    * otherwise: ``shardsoftmax.softmax_stats`` of the logits (lse, max, entropy, log p(target) if a
+      target is given, global top-``k`` ids and log-probs), shapes ``[...]`` and ``[..., k]``.
+      Not differentiable.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        vocab_size: int,
+        *,
+        vocab_size_padded: int | None = None,
+        bias: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+        process_group=None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        temperature: float = 1.0,
+        softcap: float | None = None,
+        device=None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        V.check_int(hidden_size, "hidden_size", low=1)
+        V.check_int(vocab_size, "vocab_size", low=1)
+        padded = vocab_size if vocab_size_padded is None else vocab_size_padded
+        V.check_int(padded, "vocab_size_padded", low=vocab_size)
+        _check_loss_kwargs(ignore_index, reduction, label_smoothing, z_loss, temperature, softcap)
+        self.rank, self.world_size = _group_rank_and_size(process_group, rank, world_size)
+        sizes = shard_sizes(padded, self.world_size)
+        self.hidden_size = hidden_size
+        self.vocab_size = vocab_size
+        self.vocab_size_padded = padded
+        self.vocab_start = sum(sizes[: self.rank])
+        self.shard_size = sizes[self.rank]
+        self.process_group = process_group
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = float(label_smoothing)
+        self.z_loss = float(z_loss)
+        self.temperature = float(temperature)
+        self.softcap = None if softcap is None else float(softcap)
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(self.shard_size, hidden_size, **factory))
+        self.bias = nn.Parameter(torch.empty(self.shard_size, **factory)) if bias else None
+        self.reset_parameters()
+
+    shard_sizes = staticmethod(shard_sizes)
+
+    @property
+    def n_real_rows(self) -> int:
+        """Rows of this shard inside the true vocabulary (the rest are padding)."""
+        return max(0, min(self.shard_size, self.vocab_size - self.vocab_start))
+
+    def reset_parameters(self) -> None:
+        """As ``nn.Linear`` (uniform in +-1/sqrt(H)); padding rows zero."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        with torch.no_grad():
+            nn.init.uniform_(self.weight, -bound, bound)
+            self.weight[self.n_real_rows :] = 0
+            if self.bias is not None:
+                nn.init.uniform_(self.bias, -bound, bound)
+                self.bias[self.n_real_rows :] = 0
+
+    @classmethod
+    def from_full(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        process_group=None,
+        vocab_size: int | None = None,
+        **loss_options,
+    ) -> VocabParallelLMHead:
+        """This rank's head cut from a full ``weight [V_padded, H]`` (and ``bias [V_padded]``),
+        copied; ``vocab_size`` (default ``V_padded``) is the true vocabulary, the rows past it are
+        padding. The split is ``shard_sizes(V_padded, world_size)``, uneven allowed.
+        ``loss_options``: the keyword options of the constructor (``label_smoothing`` etc.)."""
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError(f"weight must be a 2-D tensor [V_padded, H], got {getattr(weight, 'shape', weight)}")
+        padded, hidden = weight.shape
+        if bias is not None and tuple(bias.shape) != (padded,):
+            raise ValueError(f"bias must have shape ({padded},) to match weight, got {tuple(bias.shape)}")
+        vocab_size = padded if vocab_size is None else vocab_size
+        V.check_int(vocab_size, "vocab_size", low=1, high=padded)
+        head = cls(
+            hidden,
+            vocab_size,
+            vocab_size_padded=padded,
+            bias=bias is not None,
+            rank=rank,
+            world_size=world_size,
+            process_group=process_group,
+            device=weight.device,
+            dtype=weight.dtype,
+            **loss_options,
+        )
+        rows = slice(head.vocab_start, head.vocab_start + head.shard_size)
+        with torch.no_grad():
+            head.weight.copy_(weight[rows])
+            if bias is not None:
+                head.bias.copy_(bias[rows])
+        return head
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        target: torch.Tensor | None = None,
+        *,
+        k: int = 0,
+        return_stats: bool = False,
+    ) -> torch.Tensor | SoftmaxStats:
+        if self.world_size > 1 and self.process_group is None:
+            raise ValueError(
+                f"this head holds shard {self.rank} of {self.world_size} but has no process_group; "
+                "pass the group the vocabulary is split over"
+            )
+        loss = target is not None and not return_stats
+        if loss and k != 0:
+            raise ValueError(f"k={k} applies to statistics only (return_stats=True or no target); the loss has no top-k")
+        layout = {"vocab_size": self.vocab_size, "vocab_start": self.vocab_start, "process_group": self.process_group}
+        transform = {"temperature": self.temperature, "softcap": self.softcap}
+        if not loss:
+            with torch.no_grad():
+                logits = F.linear(hidden, self.weight, self.bias)
+            return softmax_stats(logits, target, k=k, ignore_index=self.ignore_index, **transform, **layout)
+        logits = F.linear(copy_to_vocab_parallel(hidden, self.process_group), self.weight, self.bias)
+        return cross_entropy(
+            logits,
+            target,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            **transform,
+            **layout,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, vocab_size={self.vocab_size}, "
+            f"vocab_size_padded={self.vocab_size_padded}, rank={self.rank}/{self.world_size}, "
+            f"rows=[{self.vocab_start}, {self.vocab_start + self.shard_size}), bias={self.bias is not None}"
+        )
