@@ -6,8 +6,18 @@ Tensor in, tensor out: no autograd and no torch.distributed here. The math layer
 
 from .elementwise import cross_entropy_backward, softmax_write
 from .partials import FIELDS, MAX_K, N_FIELDS, shard_partials
+from .sample import gumbel_argmax
 
-__all__ = ["FIELDS", "MAX_K", "N_FIELDS", "cross_entropy_backward", "interpreted", "shard_partials", "softmax_write"]
+__all__ = [
+    "FIELDS",
+    "MAX_K",
+    "N_FIELDS",
+    "cross_entropy_backward",
+    "gumbel_argmax",
+    "interpreted",
+    "shard_partials",
+    "softmax_write",
+]
 
 
 def interpreted() -> bool:

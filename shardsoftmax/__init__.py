@@ -5,7 +5,7 @@ ranks, one collective) turns them into exact global results.
 """
 
 from . import nn
-from .api import SoftmaxStats, cross_entropy, log_softmax, softmax, softmax_stats, topk
+from .api import SoftmaxStats, cross_entropy, log_softmax, sample, softmax, softmax_stats, topk
 from .backend import get_backend, set_backend, use_backend
 
 __version__ = "0.1.0"
@@ -16,6 +16,7 @@ __all__ = [
     "get_backend",
     "log_softmax",
     "set_backend",
+    "sample",
     "softmax",
     "softmax_stats",
     "topk",

@@ -8,7 +8,7 @@ import contextlib
 import torch
 
 from . import kernels, reference
-from .partials import Partials
+from .partials import Partials, identity
 
 _BACKENDS = ("auto", "triton", "torch")
 _backend = "auto"
@@ -74,3 +74,15 @@ def shard_cross_entropy_backward(logits, target, lse, row_scale, **kw) -> torch.
     if uses_triton(logits):
         return kernels.cross_entropy_backward(logits, target, lse.float(), row_scale.float(), **kw)
     return reference.shard_cross_entropy_backward(logits, target, lse, row_scale, **kw)
+
+
+def shard_gumbel_argmax(logits: torch.Tensor, **kw) -> Partials:
+    """Top-1 partials of x' + gumbel noise, stacked over column splits (other fields: identity)."""
+    if uses_triton(logits):
+        vals, ids = kernels.gumbel_argmax(logits, **kw)
+    else:
+        vals, ids = (t[None] for t in reference.shard_gumbel_argmax(logits, **kw))
+    empty = identity(logits.shape[0], 0, device=logits.device)
+    n_splits = vals.shape[0]
+    scalars = [f[None].expand(n_splits, -1) for f in empty[:7]]
+    return Partials(*scalars, vals[..., None].float(), ids[..., None])

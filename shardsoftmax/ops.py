@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from . import backend, collective
 from .collective import Header, Layout
-from .kernels import MAX_K
+from .kernels import MAX_K  # noqa: F401  (re-exported for the public layer)
 from .partials import Finalized, Partials, finalize, merge_stacked
 
 
@@ -53,12 +53,15 @@ def reject_on_all_ranks(call: ShardCall, process_group, err: BaseException) -> N
 
 
 def global_partials(
-    logits2d: torch.Tensor, target1d: torch.Tensor | None, call: ShardCall, process_group
+    logits2d: torch.Tensor, target1d: torch.Tensor | None, call: ShardCall, process_group, pieces_fn=None
 ) -> tuple[Partials, Finalized, Layout]:
     """Merged partials of the whole vocabulary for every row, their finalized values and this
-    shard's layout. One collective when ``process_group`` is given, none otherwise."""
+    shard's layout. One collective when ``process_group`` is given, none otherwise.
+    ``pieces_fn(layout)`` replaces the default shard pass (``backend.shard_partials``)."""
 
     def compute(layout: Layout) -> Partials:
+        if pieces_fn is not None:
+            return merge_stacked(pieces_fn(layout))
         pieces = backend.shard_partials(
             logits2d,
             target1d,

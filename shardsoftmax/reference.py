@@ -185,3 +185,64 @@ def oracle_cross_entropy(
     if reduction == "sum":
         return loss.sum()
     return loss.sum() / valid.sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# Counter-based Gumbel noise, bit-identical in spirit to kernels/sample.py (same hash, same math).
+# ----------------------------------------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 tensors holding uint32 values, without int64 overflow."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return ((x * lo) + (((x * hi) & 0xFFFF) << 16)) & _M32
+
+
+def lowbias32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seed: int, counters: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise (fp32) for ``counters`` [N] (offset + row) and global ``ids`` [N, m]."""
+    seed &= (1 << 64) - 1
+    c = counters.long()
+    h = lowbias32(torch.full_like(c, (seed & _M32) ^ 0x9E3779B9))
+    h = lowbias32(h ^ (seed >> 32))
+    h = lowbias32(h ^ (c & _M32))
+    h = lowbias32(h ^ ((c >> 32) & _M32))
+    h = lowbias32(h[:, None] ^ (ids.long() & _M32))
+    u = h.to(torch.float32) * 2.0**-32 + 2.0**-33
+    v = (_M32 - h).to(torch.float32) * 2.0**-32 + 2.0**-33
+    e = torch.where(v < 0.00390625, v * (1.0 + v * (0.5 + v * (1.0 / 3.0))), -torch.log(u))
+    return -torch.log(e)
+
+
+def shard_gumbel_argmax(
+    logits: torch.Tensor,
+    *,
+    seed: int,
+    row_offset: int,
+    n_valid_cols: int,
+    vocab_start: int,
+    softcap: float | None,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """argmax over this shard of x' + gumbel (lower id on ties; NaN wins): ([N], [N] int64)."""
+    n_rows = logits.shape[0]
+    if n_valid_cols == 0 or n_rows == 0:
+        empty = torch.full((n_rows,), float("-inf"), device=logits.device)
+        return empty, torch.full((n_rows,), ID_SENTINEL, device=logits.device)
+    x = transform(logits[:, :n_valid_cols], softcap, temperature).float()
+    ids = vocab_start + torch.arange(n_valid_cols, device=logits.device).expand(n_rows, n_valid_cols)
+    counters = row_offset + torch.arange(n_rows, device=logits.device)
+    y = x + gumbel_noise(seed, counters, ids)
+    y = torch.where(y.isnan(), torch.full_like(y, float("inf")), y)
+    vals, top = topk_select(y, ids, 1)
+    real = vals[:, 0] > float("-inf")
+    return vals[:, 0], torch.where(real, top[:, 0], torch.full_like(top[:, 0], ID_SENTINEL))
