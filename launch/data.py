@@ -1,0 +1,246 @@
+"""File formats of the batch-scoring job: the head, the input shards and their validation.
+
+No Ray here; ``ray_scorer`` and ``job`` both use it.
+
+Head: a safetensors file (or a ``torch.save`` dict, ``.pt``/``.pth``) with ``weight`` ``[V, H]``
+(any float dtype), optional ``bias`` ``[V]`` and optionally the true vocabulary size, either as a
+tensor entry ``vocab_size`` (one integer) or as safetensors metadata ``{"vocab_size": "..."}``.
+Rows of ``weight`` at or past the true vocabulary size are padding and never count.
+
+Input shards: safetensors files, each with ``hidden`` ``[T, H]`` (float16, bfloat16, float32 or
+float64) and optionally ``targets`` ``[T]`` (an integer dtype; ``ignore_index``, -100 by default,
+marks tokens without a target). safetensors headers are read without loading the data, and batches
+are read as row slices of a memory map, so neither validation nor scoring loads a whole shard.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+_ST_FLOAT = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+_ST_INT = {"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64"}
+
+
+class InputError(ValueError):
+    """A problem with the job's inputs or options, found before any work starts."""
+
+
+# ---------------------------------------------------------------------------------------------- head
+
+
+@dataclass(frozen=True)
+class HeadInfo:
+    path: str
+    format: str  # "safetensors" or "torch"
+    rows: int  # V: rows of the weight, padding included
+    hidden_size: int  # H
+    dtype: torch.dtype
+    has_bias: bool
+    vocab_size: int  # the true vocabulary size (<= rows)
+
+
+def _st_open(path: str):
+    from safetensors import safe_open
+
+    return safe_open(path, framework="pt")
+
+
+def _torch_load(path: str) -> dict:
+    obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    if not isinstance(obj, dict):
+        raise InputError(
+            f"head {path}: expected a dict with 'weight' (and optional 'bias'), got {type(obj).__name__}"
+        )
+    return obj
+
+
+def inspect_head(path: str | os.PathLike, vocab_size: int | None = None) -> HeadInfo:
+    """Read the head's shapes (not its data, for safetensors) and resolve the true vocab size."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise InputError(f"head file not found: {path}")
+    file_vocab = None
+    try:
+        if path.endswith(SAFETENSORS_SUFFIXES):
+            fmt = "safetensors"
+            with _st_open(path) as f:
+                keys = set(f.keys())
+                if "weight" not in keys:
+                    raise InputError(f"head {path}: no tensor named 'weight' (found {sorted(keys)})")
+                w = f.get_slice("weight")
+                shape, st_dtype = list(w.get_shape()), w.get_dtype()
+                if st_dtype not in _ST_FLOAT:
+                    raise InputError(f"head {path}: weight must be a float tensor, got {st_dtype}")
+                dtype = _ST_FLOAT[st_dtype]
+                bias_shape = list(f.get_slice("bias").get_shape()) if "bias" in keys else None
+                if "vocab_size" in keys:
+                    file_vocab = int(f.get_tensor("vocab_size").reshape(-1)[0])
+                elif (f.metadata() or {}).get("vocab_size") is not None:
+                    file_vocab = int(f.metadata()["vocab_size"])
+        elif path.endswith(TORCH_SUFFIXES):
+            fmt = "torch"
+            obj = _torch_load(path)
+            if not isinstance(obj.get("weight"), torch.Tensor):
+                raise InputError(f"head {path}: no tensor named 'weight' (found {sorted(obj)})")
+            shape, dtype = list(obj["weight"].shape), obj["weight"].dtype
+            if not dtype.is_floating_point:
+                raise InputError(f"head {path}: weight must be a float tensor, got {dtype}")
+            bias = obj.get("bias")
+            bias_shape = None if bias is None else list(bias.shape)
+            if obj.get("vocab_size") is not None:
+                file_vocab = int(torch.as_tensor(obj["vocab_size"]).reshape(-1)[0])
+        else:
+            raise InputError(
+                f"head {path}: unknown format (use .safetensors, or a torch.save dict as "
+                f"{'/'.join(TORCH_SUFFIXES)})"
+            )
+    except InputError:
+        raise
+    except Exception as err:  # corrupt file: safetensors / pickle errors
+        raise InputError(f"head {path}: cannot read it ({type(err).__name__}: {err})") from err
+    if len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
+        raise InputError(f"head {path}: weight must have shape [V, H] with V, H >= 1, got {shape}")
+    rows, hidden = shape
+    if bias_shape is not None and bias_shape != [rows]:
+        raise InputError(f"head {path}: bias must have shape [{rows}] (the weight's rows), got {bias_shape}")
+    vocab = vocab_size if vocab_size is not None else (file_vocab if file_vocab is not None else rows)
+    if not 1 <= vocab <= rows:
+        raise InputError(f"vocab_size={vocab} must be between 1 and the head's {rows} rows")
+    return HeadInfo(path, fmt, rows, hidden, dtype, bias_shape is not None, int(vocab))
+
+
+def read_head_rows(info: HeadInfo, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows ``[start, stop)`` of the weight (and bias), read without loading the rest."""
+    if info.format == "safetensors":
+        with _st_open(info.path) as f:
+            w = f.get_slice("weight")[start:stop]
+            b = f.get_slice("bias")[start:stop] if info.has_bias else None
+        return w.contiguous(), (None if b is None else b.contiguous())
+    obj = _torch_load(info.path)
+    b = obj["bias"][start:stop].clone() if info.has_bias else None
+    return obj["weight"][start:stop].clone(), b
+
+
+def shard_bounds(rows: int, world: int) -> list[tuple[int, int]]:
+    """Contiguous, as-even-as-possible row ranges ``[start, stop)`` of ``rows`` over ``world`` ranks
+    (the first ``rows % world`` ranks get one more row)."""
+    base, extra = divmod(rows, world)
+    bounds, start = [], 0
+    for r in range(world):
+        stop = start + base + (r < extra)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+# -------------------------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class InputShard:
+    name: str  # output file stem and the value of the ``shard`` column
+    path: str
+    n_tokens: int
+    has_targets: bool
+    size: int  # bytes, for the manifest fingerprint
+    mtime_ns: int
+
+    def fingerprint(self) -> dict:
+        return {"path": os.path.abspath(self.path), "size": self.size, "mtime_ns": self.mtime_ns}
+
+
+def find_inputs(spec: str | os.PathLike) -> list[str]:
+    """A directory (its ``*.safetensors`` files), a glob pattern, or one file; sorted."""
+    spec = str(spec)
+    if os.path.isdir(spec):
+        paths = sorted(glob.glob(os.path.join(spec, "*.safetensors")))
+        if not paths:
+            raise InputError(f"input directory {spec} holds no *.safetensors files")
+        return paths
+    if glob.has_magic(spec):
+        paths = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
+        if not paths:
+            raise InputError(f"input pattern {spec!r} matches no files")
+        return paths
+    if not os.path.isfile(spec):
+        raise InputError(f"input not found: {spec}")
+    return [spec]
+
+
+def inspect_input(path: str, head: HeadInfo, *, ignore_index: int = -100, chunk: int = 1 << 20) -> InputShard:
+    """Check one shard's header (and its target ids, read in chunks) against the head."""
+    if not path.endswith(SAFETENSORS_SUFFIXES):
+        raise InputError(
+            f"input {path}: expected a .safetensors file with 'hidden' [T, H] and optional 'targets' [T]"
+        )
+    try:
+        with _st_open(path) as f:
+            keys = set(f.keys())
+            if "hidden" not in keys:
+                raise InputError(f"input {path}: no tensor named 'hidden' (found {sorted(keys)})")
+            h = f.get_slice("hidden")
+            shape, st_dtype = list(h.get_shape()), h.get_dtype()
+            if st_dtype not in _ST_FLOAT:
+                raise InputError(
+                    f"input {path}: hidden must be float16/bfloat16/float32/float64, got {st_dtype}"
+                )
+            if len(shape) != 2:
+                raise InputError(f"input {path}: hidden must have shape [T, H], got {shape}")
+            n_tokens, hidden = shape
+            if hidden != head.hidden_size:
+                raise InputError(
+                    f"input {path}: hidden size {hidden} does not match the head's hidden size "
+                    f"{head.hidden_size}"
+                )
+            has_targets = "targets" in keys
+            if has_targets:
+                t = f.get_slice("targets")
+                if t.get_dtype() not in _ST_INT:
+                    raise InputError(f"input {path}: targets must have an integer dtype, got {t.get_dtype()}")
+                if list(t.get_shape()) != [n_tokens]:
+                    raise InputError(
+                        f"input {path}: targets must have shape [{n_tokens}], got {list(t.get_shape())}"
+                    )
+                for a in range(0, n_tokens, chunk):
+                    ids = t[a : a + chunk].to(torch.int64)
+                    bad = (ids != ignore_index) & ((ids < 0) | (ids >= head.vocab_size))
+                    if bool(bad.any()):
+                        i = int(bad.nonzero()[0, 0])
+                        raise InputError(
+                            f"input {path}: target id {int(ids[i])} at position {a + i} is outside the "
+                            f"vocabulary [0, {head.vocab_size}) (and is not ignore_index={ignore_index})"
+                        )
+    except InputError:
+        raise
+    except Exception as err:  # corrupt or truncated file
+        raise InputError(f"input {path}: cannot read it ({type(err).__name__}: {err})") from err
+    st = os.stat(path)
+    name = Path(path).name[: -len(".safetensors")]
+    return InputShard(name, path, int(n_tokens), has_targets, st.st_size, st.st_mtime_ns)
+
+
+def inspect_inputs(spec, head: HeadInfo, *, ignore_index: int = -100) -> list[InputShard]:
+    shards = [inspect_input(p, head, ignore_index=ignore_index) for p in find_inputs(spec)]
+    seen: dict[str, str] = {}
+    for s in shards:
+        if s.name in seen:
+            raise InputError(f"two inputs share the shard name {s.name!r}: {seen[s.name]} and {s.path}")
+        seen[s.name] = s.path
+    return shards
+
+
+def iter_batches(shard: InputShard, batch_tokens: int):
+    """Yield ``(start, hidden [b, H], targets [b] int64 or None)`` slices of one shard, in order."""
+    with _st_open(shard.path) as f:
+        h = f.get_slice("hidden")
+        t = f.get_slice("targets") if shard.has_targets else None
+        for a in range(0, shard.n_tokens, batch_tokens):
+            b = min(a + batch_tokens, shard.n_tokens)
+            yield a, h[a:b], (None if t is None else t[a:b].to(torch.int64))

@@ -1,0 +1,560 @@
+"""Ray launcher: a resident, fault-tolerant, vocabulary-sharded scorer.
+
+``ShardedScorer`` holds ``replicas`` tensor-parallel groups of ``tp`` Ray actors. Each actor holds
+one contiguous row range of the head weight ``[V, H]`` (uneven splits allowed: the first
+``V % tp`` ranks get one extra row) and computes only its own logits shard
+``hidden @ W_shard.T (+ bias)``; ``shardsoftmax.softmax_stats`` then merges the shards' partials
+with one all-gather inside the group, so no actor ever holds the whole vocabulary's logits.
+
+* **Gang scheduling.** Each group reserves a placement group of ``tp`` bundles with
+  ``STRICT_PACK`` (one node, so NCCL uses NVLink): one GPU per actor when the cluster has GPUs
+  (NCCL), else one CPU (gloo). Rank 0 picks a free port on its node and its IP and port are passed
+  to the others for ``torch.distributed`` rendezvous; nothing else is needed from the environment.
+* **Data parallelism.** Batches go to the groups round-robin (at most ``max_inflight`` queued per
+  group); ``score_iter`` yields results in input order.
+* **Fault tolerance.** If any actor of a group dies (``RayActorError``, a crashed worker, a lost
+  node, or a collective that fails because its peer died), the whole group is killed, its placement
+  group removed, and a new group is built (new placement group, new rendezvous). The batches that
+  were in flight on it are resubmitted; each batch may be tried ``1 + max_retries`` times. Scoring a
+  batch is a pure function of the batch, so a retry gives the same rows and each row is returned
+  exactly once. Errors in the input (``ValueError``/``TypeError`` raised by the library) are not
+  retried.
+* **Weights are loaded once:** the driver reads each rank's row range (from a safetensors file
+  without reading the other rows, or from tensors) into the Ray object store; a rebuilt group's
+  actors take their shard from there, so no shared file system is needed.
+* **Backend.** On CPU the actors use the PyTorch reference path (fast on CPU); the actors are
+  started with ``TRITON_INTERPRET=0`` whatever the driver's environment, unless ``backend="triton"``
+  asks for the Triton interpreter explicitly. On GPU the library's "auto" backend runs Triton.
+
+Multi-node: start a cluster (``ray start --head --port=6379`` on one node, ``ray start
+--address=HEAD_IP:6379`` on the others, each with ``shardsoftmax`` installed), then run the same
+code or command with ``RAY_ADDRESS=HEAD_IP:6379`` (or ``address=``/``--ray-address``). Each group
+stays on one node; replicas spread over the nodes. The driver reads inputs and the head and ships
+them through the object store, and writes the outputs; the workers need no access to the files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import NamedTuple
+
+import numpy as np
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from .data import HeadInfo, InputError, inspect_head, read_head_rows, shard_bounds
+
+log = logging.getLogger(__name__)
+
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+class ScoreResult(NamedTuple):
+    """Per-token results of one batch of ``T`` tokens, as numpy arrays."""
+
+    lse: np.ndarray  # [T] float32: log-sum-exp over the global vocabulary
+    target_logprob: np.ndarray | None  # [T] float32: log p(target); 0 where ignored; None without targets
+    entropy: np.ndarray  # [T] float32, nats
+    topk_ids: np.ndarray  # [T, k] int64 global ids, descending logit; ties: lower id first
+    topk_logprobs: np.ndarray  # [T, k] float32
+
+
+class ResourceError(InputError):
+    """The cluster cannot hold the requested groups."""
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Connect to Ray unless already connected: ``address`` (or ``RAY_ADDRESS``) joins a cluster,
+    otherwise a local instance starts (``num_cpus`` logical CPUs). True if this call started it."""
+    if ray.is_initialized():
+        return False
+    joining = address is not None or bool(os.environ.get("RAY_ADDRESS"))
+    ray.init(
+        address=address,
+        num_cpus=None if joining else num_cpus,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+    )
+    return True
+
+
+def to_wire(t: torch.Tensor | None):
+    """A tensor as a numpy array (Ray ships numpy zero-copy through the object store, torch
+    tensors by pickling); bfloat16 travels as its int16 bits."""
+    if t is None:
+        return None
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return ("bfloat16", t.view(torch.int16).numpy())
+    return ("", t.numpy())
+
+
+def from_wire(w) -> torch.Tensor | None:
+    if w is None:
+        return None
+    tag, arr = w
+    with warnings.catch_warnings():  # a read-only view of the object store; only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(arr)
+    return t.view(torch.bfloat16) if tag == "bfloat16" else t
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class TPWorker:
+    """One rank of a tensor-parallel group: one vocabulary shard of the head."""
+
+    def __init__(self, rank, world, vocab_start, weight, bias, vocab_size, device, dtype, backend, options):
+        import shardsoftmax as ss
+
+        self.ss = ss
+        if backend is not None:
+            ss.set_backend(backend)
+        self.rank, self.world, self.vocab_start, self.vocab_size = rank, world, vocab_start, vocab_size
+        self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
+        weight, bias = from_wire(weight), from_wire(bias)
+        self.dtype = weight.dtype if dtype is None else dtype
+        self.weight = weight.to(self.device, self.dtype, copy=True)
+        self.bias = None if bias is None else bias.to(self.device, self.dtype, copy=True)
+        self.options = options  # temperature, softcap, ignore_index
+        self.group = None
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def init_group(self, addr: str, port: int, timeout_s: float) -> int:
+        import torch.distributed as dist
+
+        kw = {"device_id": self.device} if self.device.type == "cuda" else {}
+        dist.init_process_group(
+            "nccl" if self.device.type == "cuda" else "gloo",
+            init_method=f"tcp://{addr}:{port}",
+            rank=self.rank,
+            world_size=self.world,
+            timeout=timedelta(seconds=timeout_s),
+            **kw,
+        )
+        self.group = dist.group.WORLD
+        return os.getpid()
+
+    def score(self, hidden, targets, k: int):
+        hidden, targets = from_wire(hidden), from_wire(targets)
+        h = hidden.to(self.device, self.dtype)
+        t = None if targets is None else targets.to(self.device, torch.int64)
+        with torch.no_grad():
+            logits = torch.nn.functional.linear(h, self.weight, self.bias)  # [T, V_shard]: this shard only
+            st = self.ss.softmax_stats(
+                logits, t, k=k, vocab_size=self.vocab_size, vocab_start=self.vocab_start,
+                process_group=self.group, **self.options,
+            )  # fmt: skip
+        if self.rank != 0:
+            return None  # every rank holds the same global results; rank 0 answers
+
+        def out(x, dt):
+            return None if x is None else x.to("cpu", dt).numpy()
+
+        return ScoreResult(
+            out(st.lse, torch.float32),
+            out(st.target_logprob, torch.float32),
+            out(st.entropy, torch.float32),
+            out(st.topk_ids, torch.int64),
+            out(st.topk_logprobs, torch.float32),
+        )
+
+
+_RemoteWorker = ray.remote(max_restarts=0, max_task_retries=0)(TPWorker)
+
+
+@dataclass
+class _Group:
+    index: int
+    actors: list = field(default_factory=list)
+    pg: object = None
+    inflight: list = field(default_factory=list)  # seqs, in submission order
+
+
+@dataclass
+class _Task:
+    seq: int
+    hidden_ref: object
+    targets_ref: object
+    k: int
+    attempts: int = 0
+    group: int = -1
+    refs: list = field(default_factory=list)
+    n_done: int = 0
+    result: object = None
+
+
+def _retryable(err: BaseException) -> bool:
+    """Input errors from the library are deterministic; anything else (a dead actor or node, a
+    collective broken by a dead peer) is fixed by rebuilding the group."""
+    if isinstance(err, ray.exceptions.RayTaskError):
+        return not isinstance(err.cause, (ValueError, TypeError))
+    return True
+
+
+class ShardedScorer:
+    """Resident vocabulary-sharded scorer over Ray; see the module docstring.
+
+    ``head``: a path (safetensors or torch.save dict with ``weight`` [V, H], optional ``bias`` [V])
+    or a weight tensor ``[V, H]`` (with ``bias=``). ``vocab_size``: the true vocabulary size
+    (default: from the file, else V); weight rows past it are padding. ``device``: "auto" (GPUs
+    if the cluster has any, else CPUs), "cuda" or "cpu". ``dtype``: the logits' dtype ("float32",
+    "bfloat16", "float16", "float64", or "auto" for the head's). Use as a context manager or call
+    ``close()``.
+    """
+
+    def __init__(
+        self,
+        head,
+        *,
+        bias: torch.Tensor | None = None,
+        vocab_size: int | None = None,
+        tp: int = 2,
+        replicas: int = 1,
+        k: int = 20,
+        device: str = "auto",
+        dtype: str = "float32",
+        temperature: float = 1.0,
+        softcap: float | None = None,
+        ignore_index: int = -100,
+        max_retries: int = 3,
+        max_inflight: int = 2,
+        cpus_per_worker: float = 1,
+        backend: str | None = None,
+        address: str | None = None,
+        num_cpus: int | None = None,
+        collective_timeout_s: float = 600.0,
+        start_timeout_s: float = 300.0,
+    ):
+        for name, v, low in (("tp", tp, 1), ("replicas", replicas, 1), ("max_inflight", max_inflight, 1)):
+            if not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+        if not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
+        if device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
+        if dtype != "auto" and dtype not in DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+        if backend not in (None, "auto", "torch", "triton"):
+            raise ValueError(f"backend must be None, 'auto', 'torch' or 'triton', got {backend!r}")
+
+        self.info = self._head_info(head, bias, vocab_size)
+        if self.info.rows < tp:
+            raise InputError(f"tp={tp} is larger than the head's {self.info.rows} rows")
+        if not isinstance(k, int) or not 0 <= k <= min(1024, self.info.vocab_size):
+            raise InputError(
+                f"k must be an int in [0, min(1024, vocab_size={self.info.vocab_size})], got {k!r}"
+            )
+        self.tp, self.replicas, self.k = tp, replicas, k
+        self.max_retries, self.max_inflight = max_retries, max_inflight
+        self.cpus_per_worker = cpus_per_worker
+        self.collective_timeout_s, self.start_timeout_s = collective_timeout_s, start_timeout_s
+        self.options = {"temperature": temperature, "softcap": softcap, "ignore_index": ignore_index}
+        self.rebuilds = 0
+        self._groups: list[_Group] = []
+        self._owns_ray = ensure_ray(address, num_cpus)
+        try:
+            self.device = self._pick_device(device)
+            self._check_resources()
+            self._dtype = None if dtype == "auto" else DTYPES[dtype]
+            if backend is None:
+                backend = "torch" if self.device == "cpu" else "auto"
+            self._backend = backend
+            interpret = "1" if (backend == "triton" and self.device == "cpu") else "0"
+            self._runtime_env = {"env_vars": {"TRITON_INTERPRET": interpret}}
+            self._shards = self._put_shards(head, bias)
+            self._groups = [_Group(i) for i in range(replicas)]
+            for g in self._groups:
+                self._start_group(g)
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------------------------ setup
+
+    @staticmethod
+    def _head_info(head, bias, vocab_size) -> HeadInfo:
+        if isinstance(head, torch.Tensor):
+            if head.dim() != 2 or not head.dtype.is_floating_point:
+                raise InputError(
+                    f"head weight must be a float tensor [V, H], got {head.dtype} {tuple(head.shape)}"
+                )
+            if bias is not None and tuple(bias.shape) != (head.shape[0],):
+                raise InputError(f"bias must have shape [{head.shape[0]}], got {tuple(bias.shape)}")
+            vocab = head.shape[0] if vocab_size is None else vocab_size
+            if not 1 <= vocab <= head.shape[0]:
+                raise InputError(f"vocab_size={vocab} must be between 1 and the head's {head.shape[0]} rows")
+            return HeadInfo(
+                "<tensor>", "tensor", head.shape[0], head.shape[1], head.dtype, bias is not None, vocab
+            )
+        if bias is not None:
+            raise ValueError("bias= is only for a weight tensor; a head file carries its own 'bias'")
+        return inspect_head(head, vocab_size)
+
+    def _put_shards(self, head, bias) -> list:
+        refs = []
+        for start, stop in shard_bounds(self.info.rows, self.tp):
+            if isinstance(head, torch.Tensor):
+                w = head[start:stop].detach().cpu().contiguous()
+                b = None if bias is None else bias[start:stop].detach().cpu().contiguous()
+            else:
+                w, b = read_head_rows(self.info, start, stop)
+            refs.append((start, ray.put(to_wire(w)), None if b is None else ray.put(to_wire(b))))
+            del w, b
+        return refs
+
+    def _pick_device(self, device: str) -> str:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if device == "auto":
+            return "cuda" if gpus >= 1 else "cpu"
+        return device
+
+    def _check_resources(self) -> None:
+        """Fail now, with a clear message, if the groups can never be placed (a placement group
+        that cannot fit would otherwise wait forever)."""
+        kind, per = ("GPU", 1) if self.device == "cuda" else ("CPU", self.cpus_per_worker)
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        best = max((n.get(kind, 0) for n in nodes), default=0)
+        total = sum(n.get(kind, 0) for n in nodes)
+        what = "GPUs" if kind == "GPU" else "CPUs"
+        if self.tp * per > best:
+            raise ResourceError(
+                f"tp={self.tp} needs {self.tp * per:g} {what} on one node, but the largest node has {best:g} "
+                f"(cluster total {total:g}); lower --tp"
+            )
+        if self.tp * self.replicas * per > total:
+            raise ResourceError(
+                f"tp={self.tp} x replicas={self.replicas} needs {self.tp * self.replicas * per:g} {what}, "
+                f"but the cluster has {total:g}; lower --replicas or --tp"
+            )
+
+    def _start_group(self, g: _Group) -> None:
+        """Reserve a placement group, start the actors and form their process group. Bounded
+        retries: a port taken between pick and bind, or an actor dying during start-up."""
+        last = None
+        for _ in range(1 + self.max_retries):
+            try:
+                self._try_start_group(g)
+                return
+            except (ray.exceptions.RayError, OSError, RuntimeError) as err:
+                if isinstance(err, ray.exceptions.GetTimeoutError):
+                    self._stop_group(g)
+                    raise RuntimeError(
+                        f"group {g.index}: resources for {self.tp} workers did not become free within "
+                        f"{self.start_timeout_s:g} s"
+                    ) from err
+                last = err
+                log.warning("group %d failed to start (%s); retrying", g.index, err)
+                self._stop_group(g)
+        raise RuntimeError(f"group {g.index} failed to start {1 + self.max_retries} times") from last
+
+    def _try_start_group(self, g: _Group) -> None:
+        gpu = self.device == "cuda"
+        bundle = {"CPU": self.cpus_per_worker, **({"GPU": 1} if gpu else {})}
+        g.pg = placement_group([dict(bundle) for _ in range(self.tp)], strategy="STRICT_PACK")
+        ray.get(g.pg.ready(), timeout=self.start_timeout_s)
+        g.actors = [
+            _RemoteWorker.options(
+                num_cpus=self.cpus_per_worker,
+                num_gpus=1 if gpu else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(g.pg, placement_group_bundle_index=r),
+                runtime_env=self._runtime_env,
+            ).remote(
+                r,
+                self.tp,
+                start,
+                w_ref,
+                b_ref,
+                self.info.vocab_size,
+                self.device,
+                self._dtype,
+                self._backend,
+                self.options,
+            )  # fmt: skip
+            for r, (start, w_ref, b_ref) in enumerate(self._shards)
+        ]
+        addr, port = ray.get(g.actors[0].rendezvous_address.remote(), timeout=self.start_timeout_s)
+        pids = [a.init_group.remote(addr, port, self.collective_timeout_s) for a in g.actors]
+        ray.get(pids, timeout=self.start_timeout_s)
+
+    def _stop_group(self, g: _Group) -> None:
+        for a in g.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # already gone
+                pass
+        if g.pg is not None:
+            try:
+                remove_placement_group(g.pg)
+            except Exception:
+                pass
+        g.actors, g.pg = [], None
+
+    # ------------------------------------------------------------------------------------ scoring
+
+    @property
+    def n_workers(self) -> int:
+        return self.tp * self.replicas
+
+    def _check_batch(self, hidden, targets):
+        hidden = torch.as_tensor(hidden)
+        if hidden.dim() != 2 or hidden.shape[1] != self.info.hidden_size:
+            raise ValueError(
+                f"hidden must have shape [T, {self.info.hidden_size}], got {tuple(hidden.shape)}"
+            )
+        if not hidden.dtype.is_floating_point:
+            raise TypeError(f"hidden must be a float tensor, got {hidden.dtype}")
+        if targets is not None:
+            targets = torch.as_tensor(targets)
+            if tuple(targets.shape) != (hidden.shape[0],):
+                raise ValueError(f"targets must have shape [{hidden.shape[0]}], got {tuple(targets.shape)}")
+            if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+                raise TypeError(f"targets must have an integer dtype, got {targets.dtype}")
+        return hidden.cpu(), None if targets is None else targets.cpu()
+
+    def score(self, hidden, targets=None, *, k: int | None = None) -> ScoreResult:
+        """Score one batch: ``hidden`` [T, H], ``targets`` [T] integer ids or None."""
+        return next(self.score_iter([(hidden, targets)], k=k))
+
+    def score_iter(self, batches: Iterable, *, k: int | None = None) -> Iterator[ScoreResult]:
+        """Score ``(hidden, targets)`` batches over all replicas; yield results in input order.
+        Reads ahead at most ``replicas * max_inflight`` batches."""
+        k = self.k if k is None else k
+        if not isinstance(k, int) or not 0 <= k <= min(1024, self.info.vocab_size):
+            raise ValueError(
+                f"k must be an int in [0, min(1024, vocab_size={self.info.vocab_size})], got {k!r}"
+            )
+        source = iter(batches)
+        exhausted = False
+        tasks: dict[int, _Task] = {}
+        owner: dict = {}  # ObjectRef -> (task, rank)
+        next_seq = next_out = 0
+        cap = self.replicas * self.max_inflight
+
+        def submit(task: _Task, g: _Group) -> None:
+            task.group, task.n_done, task.attempts = g.index, 0, task.attempts + 1
+            task.refs = [a.score.remote(task.hidden_ref, task.targets_ref, task.k) for a in g.actors]
+            for r, ref in enumerate(task.refs):
+                owner[ref] = (task, r)
+            g.inflight.append(task.seq)
+
+        def fail(g: _Group, err: BaseException) -> None:
+            victims = [tasks[s] for s in g.inflight]
+            for t in victims:
+                for ref in t.refs:
+                    owner.pop(ref, None)
+            g.inflight.clear()
+            for t in victims:
+                if t.attempts > self.max_retries:
+                    raise RuntimeError(
+                        f"batch {t.seq} failed {t.attempts} times (max_retries={self.max_retries}); "
+                        f"last error: {err}"
+                    ) from err
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            log.warning("group %d failed (%s: %s); rebuilding it", g.index, type(err).__name__, first_line)
+            self._stop_group(g)
+            self.rebuilds += 1
+            self._start_group(g)
+            for t in victims:
+                submit(t, g)
+
+        try:
+            while True:
+                while not exhausted and len(tasks) < cap:
+                    g = min(self._groups, key=lambda x: len(x.inflight))
+                    if len(g.inflight) >= self.max_inflight:
+                        break
+                    try:
+                        hidden, targets = next(source)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    hidden, targets = self._check_batch(hidden, targets)
+                    t = _Task(
+                        next_seq,
+                        ray.put(to_wire(hidden)),
+                        None if targets is None else ray.put(to_wire(targets)),
+                        k,
+                    )
+                    tasks[next_seq] = t
+                    next_seq += 1
+                    submit(t, g)
+                if next_out in tasks and tasks[next_out].n_done == self.tp:
+                    yield tasks.pop(next_out).result
+                    next_out += 1
+                    continue
+                if exhausted and not tasks:
+                    return
+                pending = list(owner)
+                if not pending:  # pragma: no cover - every unfinished task has refs in flight
+                    raise RuntimeError("shardsoftmax: scorer lost track of its batches")
+                ray.wait(pending, num_returns=1)
+                ready, _ = ray.wait(pending, num_returns=len(pending), timeout=0)
+                failed: dict[int, BaseException] = {}
+                for ref in ready:
+                    if ref not in owner:
+                        continue
+                    task, rank = owner[ref]
+                    if task.group in failed:
+                        continue
+                    try:
+                        value = ray.get(ref)
+                    except Exception as err:
+                        if not _retryable(err):
+                            raise
+                        failed[task.group] = err
+                        continue
+                    del owner[ref]
+                    task.n_done += 1
+                    if rank == 0:
+                        task.result = value
+                    if task.n_done == self.tp:
+                        self._groups[task.group].inflight.remove(task.seq)
+                for gi, err in failed.items():
+                    fail(self._groups[gi], err)
+        finally:  # abandoned early (an error, or the caller stopped): forget what is still queued
+            owner.clear()
+            for g in self._groups:
+                g.inflight.clear()
+
+    # ------------------------------------------------------------------------------------ testing / teardown
+
+    def kill_worker(self, replica: int = 0, rank: int = 0) -> None:
+        """Fault injection for tests: kill one actor (as a crash would)."""
+        ray.kill(self._groups[replica].actors[rank], no_restart=True)
+
+    def close(self) -> None:
+        for g in self._groups:
+            self._stop_group(g)
+        self._groups = []
+        self._shards = []
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+        self._owns_ray = False
+
+    def __enter__(self) -> ShardedScorer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

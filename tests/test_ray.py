@@ -1,0 +1,283 @@
+"""Ray launcher: ShardedScorer and the `shardsoftmax score` job, on a local Ray instance (CPU tier:
+logical CPUs, gloo) and on GPUs where there are at least two (GPU tier, skipped otherwise).
+
+Every output row is compared with the single-process API on the same data:
+``ss.softmax_stats(hidden @ W.T + b, targets, k=K, vocab_size=V)`` (ids exact, floats 1e-5).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+pq = pytest.importorskip("pyarrow.parquet")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+pytest.importorskip("tqdm")
+
+from shardsoftmax.launch.data import InputError  # noqa: E402
+from shardsoftmax.launch.job import MANIFEST, JobConfig, run_job  # noqa: E402
+from shardsoftmax.launch.ray_scorer import ShardedScorer  # noqa: E402
+
+import shardsoftmax as ss  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+ROWS, VOCAB, HIDDEN, K = 203, 200, 32, 33  # odd rows (uneven split), 3 padding rows, k straddling 32
+SHARDS = {"a": 300, "b": 1, "c": 257, "d": 0, "e": 70}  # "b": bf16 hidden, "e": no targets
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A head with bias and padding rows, and input shards of awkward lengths and dtypes."""
+    root = tmp_path_factory.mktemp("ray_data")
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(ROWS, HIDDEN, generator=g) * 0.3
+    bias = torch.randn(ROWS, generator=g) * 0.1
+    head = str(root / "head.safetensors")
+    safetensors_torch.save_file({"weight": weight, "bias": bias}, head, metadata={"vocab_size": str(VOCAB)})
+    inputs = root / "inputs"
+    inputs.mkdir()
+    shards = {}
+    for name, n in SHARDS.items():
+        hidden = torch.randn(n, HIDDEN, generator=g)
+        if name == "b":
+            hidden = hidden.bfloat16()
+        targets = torch.randint(0, VOCAB, (n,), generator=g)
+        targets[torch.rand(n, generator=g) < 0.25] = -100
+        tensors = {"hidden": hidden} if name == "e" else {"hidden": hidden, "targets": targets}
+        safetensors_torch.save_file(tensors, str(inputs / f"{name}.safetensors"))
+        shards[name] = (hidden, targets if name != "e" else None)
+    return {
+        "head": head,
+        "inputs": str(inputs),
+        "weight": weight,
+        "bias": bias,
+        "shards": shards,
+        "root": root,
+    }
+
+
+def reference(data, hidden, targets, k=K):
+    logits = hidden.float() @ data["weight"].T + data["bias"]
+    with ss.use_backend("torch"):  # the test process may run Triton's interpreter; this is the plain API
+        return ss.softmax_stats(logits, targets, k=k, vocab_size=VOCAB)
+
+
+def assert_matches(got, ref, targets, *, null_ignored: bool):
+    np.testing.assert_array_equal(np.asarray(got["topk_ids"]), ref.topk_ids.numpy())
+    tol = {"rtol": 1e-5, "atol": 1e-5}
+    np.testing.assert_allclose(np.asarray(got["lse"]), ref.lse.numpy(), **tol)
+    np.testing.assert_allclose(np.asarray(got["entropy"]), ref.entropy.numpy(), **tol)
+    np.testing.assert_allclose(np.asarray(got["topk_logprobs"]), ref.topk_logprobs.numpy(), **tol)
+    tlp = got["target_logprob"]
+    if targets is None:
+        assert tlp is None or all(v is None for v in tlp)
+        return
+    want = ref.target_logprob.numpy()
+    if null_ignored:  # parquet: null where the target is ignore_index
+        ignored = (targets == -100).numpy()
+        assert [v is None for v in tlp] == list(ignored)
+        tlp = np.array([0.0 if v is None else v for v in tlp], dtype=np.float32)
+    np.testing.assert_allclose(np.asarray(tlp), want, **tol)
+
+
+def read_output(out_dir) -> dict:
+    files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, "*")))
+    files += sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, ".*")))
+    assert files == sorted([f"{n}.parquet" for n in SHARDS] + [MANIFEST]), files  # no temp files
+    return {n: pq.read_table(os.path.join(out_dir, f"{n}.parquet")).to_pydict() for n in SHARDS}
+
+
+def check_output(out_dir, data):
+    """Every input row exactly once, in order, equal to the single-process API."""
+    tables = read_output(out_dir)
+    manifest = json.load(open(os.path.join(out_dir, MANIFEST)))
+    for name, n in SHARDS.items():
+        t = tables[name]
+        assert manifest["shards"][name]["rows"] == n
+        assert t["position"] == list(range(n)) and t["shard"] == [name] * n
+        hidden, targets = data["shards"][name]
+        if n:
+            assert_matches(t, reference(data, hidden, targets), targets, null_ignored=True)
+    return tables
+
+
+def job(data, out, **kw) -> JobConfig:
+    base = {"head": data["head"], "input": data["inputs"], "output": str(out), "tp": 2, "k": K,
+            "batch_tokens": 64, "progress": False, "device": "cpu"}  # fmt: skip
+    return JobConfig(**{**base, **kw})
+
+
+# ---------------------------------------------------------------------------------------- CPU tier
+
+
+def test_scorer_tp2_matches_single_process(ray_cluster, data):
+    hidden, targets = data["shards"]["a"]
+    with ShardedScorer(
+        data["weight"], bias=data["bias"], vocab_size=VOCAB, tp=2, k=K, device="cpu"
+    ) as scorer:
+        got = scorer.score(hidden, targets)
+        assert_matches(got._asdict(), reference(data, hidden, targets), targets, null_ignored=False)
+        # no targets, another k, batches streamed in order
+        pieces = list(
+            scorer.score_iter([(hidden[:1], None), (hidden[1:100], None), (hidden[100:], None)], k=5)
+        )
+        merged = {
+            f: np.concatenate([getattr(p, f) for p in pieces])
+            for f in ("lse", "entropy", "topk_ids", "topk_logprobs")
+        }
+        assert_matches(
+            {**merged, "target_logprob": None}, reference(data, hidden, None, k=5), None, null_ignored=False
+        )
+        # bad batch: a clear error, and the scorer still works
+        with pytest.raises(ValueError, match="hidden must have shape"):
+            scorer.score(torch.zeros(3, HIDDEN + 1))
+        # a crashed worker (rank 0, the one that answers): the group is rebuilt, the batch retried
+        scorer.kill_worker(0, 0)
+        again = scorer.score(hidden, targets)
+        assert scorer.rebuilds == 1
+        np.testing.assert_array_equal(again.topk_ids, got.topk_ids)
+        np.testing.assert_allclose(again.lse, got.lse, rtol=1e-6, atol=1e-6)
+
+
+def test_job_dp2_tp2(ray_cluster, data, tmp_path):
+    summary = run_job(job(data, tmp_path / "out", replicas=2))
+    assert summary.workers == 4 and summary.shards_computed == len(SHARDS)
+    assert summary.tokens == sum(SHARDS.values())
+    check_output(tmp_path / "out", data)
+
+
+def test_resume_recomputes_only_the_missing_shard(ray_cluster, data, tmp_path):
+    out = tmp_path / "out"
+    run_job(job(data, out))
+    first = read_output(out)
+    mtimes = {n: os.stat(out / f"{n}.parquet").st_mtime_ns for n in SHARDS}
+    os.remove(out / "c.parquet")
+    manifest = json.load(open(out / MANIFEST))
+    del manifest["shards"]["c"]
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    (out / ".a.parquet.tmp-deadbeef").write_bytes(b"partial")  # left over by a crashed run
+    summary = run_job(job(data, out))
+    assert summary.computed == ["c"] and summary.shards_skipped == len(SHARDS) - 1
+    assert all(os.stat(out / f"{n}.parquet").st_mtime_ns == mtimes[n] for n in SHARDS if n != "c")
+    assert check_output(out, data) == first
+    # everything done: nothing to compute, no cluster needed
+    assert run_job(job(data, out)).computed == []
+
+
+def test_killed_actor_group_is_rebuilt_and_rows_are_exactly_once(ray_cluster, data, tmp_path):
+    killed = []
+
+    def kill_after_first_shard(scorer, name):
+        if not killed:
+            killed.append(name)
+            scorer.kill_worker(0, 1)  # rank 1: rank 0 is left waiting in the collective
+
+    summary = run_job(job(data, tmp_path / "out", batch_tokens=32), on_shard_done=kill_after_first_shard)
+    assert killed and summary.rebuilds == 1
+    assert summary.shards_computed == len(SHARDS)
+    check_output(tmp_path / "out", data)
+
+
+def _corrupt(data, tmp_path, case):
+    """Build one bad input; return the JobConfig overrides and the expected message."""
+    src = data["inputs"]
+    bad = tmp_path / "in"
+    bad.mkdir()
+    for p in glob.glob(os.path.join(src, "*.safetensors")):
+        os.link(p, bad / os.path.basename(p))
+    if case == "missing head":
+        return {"head": str(tmp_path / "nope.safetensors")}, "head file not found"
+    if case == "missing input":
+        return {"input": str(tmp_path / "nope" / "*.safetensors")}, "matches no files"
+    if case == "hidden size":
+        safetensors_torch.save_file({"hidden": torch.zeros(4, HIDDEN + 1)}, str(bad / "z.safetensors"))
+        return {"input": str(bad)}, f"hidden size {HIDDEN + 1} does not match the head's hidden size {HIDDEN}"
+    if case == "target id":
+        t = torch.tensor([1, -100, VOCAB, 2])  # VOCAB itself is padding: outside the vocabulary
+        safetensors_torch.save_file(
+            {"hidden": torch.zeros(4, HIDDEN), "targets": t}, str(bad / "z.safetensors")
+        )
+        return {"input": str(bad)}, f"target id {VOCAB} at position 2 is outside the vocabulary"
+    if case == "corrupt shard":
+        blob = open(os.path.join(src, "a.safetensors"), "rb").read()
+        (bad / "z.safetensors").write_bytes(blob[: len(blob) // 2])
+        return {"input": str(bad)}, "z.safetensors: cannot read it"
+    if case == "tp too large":
+        return {"tp": 8}, "tp=8 needs 8 CPUs on one node, but the largest node has 4"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    "case", ["missing head", "missing input", "hidden size", "target id", "corrupt shard", "tp too large"]
+)
+def test_bad_input_fails_before_work(ray_cluster, data, tmp_path, case):
+    overrides, message = _corrupt(data, tmp_path, case)
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        run_job(job(data, out, **overrides))
+    assert not out.exists()
+
+
+def _cli_env():
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TRITON_INTERPRET")}
+    return env
+
+
+def test_cli_bad_input_exit_code(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "shardsoftmax.launch.cli", "score", "--head", str(tmp_path / "missing.pt"),
+           "--input", str(tmp_path), "--output", str(out)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_cli_env(), timeout=120)
+    assert r.returncode == 2 and "error: head file not found" in r.stderr, r.stderr
+    assert not out.exists()
+
+
+def test_cli_demo(tmp_path):
+    """The README's "run the main job" command, from a fresh process and a fresh local Ray."""
+    out = str(tmp_path / "d")
+    cmd = [
+        sys.executable,
+        "-m",
+        "shardsoftmax.launch.cli",
+        "score",
+        "--demo",
+        "--output",
+        out,
+        "--no-progress",
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_cli_env(), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    scores = tmp_path / "d" / "scores"
+    assert f"output: {scores}" in r.stdout and "tokens/s per " in r.stdout, r.stdout  # per worker / per GPU
+    files = sorted(os.listdir(scores))
+    assert files == [MANIFEST] + [f"part-{i:03d}.parquet" for i in range(4)]
+    rows = sum(pq.read_metadata(scores / f).num_rows for f in files[1:])
+    assert rows == 1500 + 1024 + 1201 + 777
+
+
+# ---------------------------------------------------------------------------------------- GPU tier
+
+
+@pytest.mark.multigpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL tensor-parallel group)")
+def test_gpu_tp2_nccl(ray_cluster, data, tmp_path):
+    assert ray.cluster_resources().get("GPU", 0) >= 2
+    summary = run_job(job(data, tmp_path / "out", device="cuda"))
+    assert summary.device == "cuda"
+    check_output(tmp_path / "out", data)
