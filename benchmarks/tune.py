@@ -22,7 +22,7 @@ from shardsoftmax import kernels, reference
 # (ROWS, CHUNK, BITONIC) candidates per k
 VARIANTS = {
     0: [(16, 256, False), (32, 128, False), (64, 64, False)],
-    50: [(64, 64, False), (64, 32, False), (128, 32, False), (64, 64, True)],
+    50: [(64, 64, False), (64, 32, False), (128, 32, False), (256, 16, False), (128, 16, False)],
     1024: [(1024, 8, True)],
 }
 

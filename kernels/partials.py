@@ -114,9 +114,9 @@ def _shard_partials_kernel(
             if BITONIC:
                 if tl.max(ck, axis=0) > tl.min(best, axis=0):
                     best = tl.topk(tl.reshape(tl.join(best, ck), [2 * KP]), KP)
-            elif ROWS == KP:
-                if start == col_lo:
-                    best = ck  # the first tile's chunks fill the set directly
+            elif ROWS >= KP:
+                if start == col_lo:  # the first tile's best chunks fill the set directly
+                    best = ck if ROWS == KP else tl.topk(ck, KP)
                 else:
                     best = _insert_chunks(best, ck, KP)
             else:
@@ -186,19 +186,18 @@ def _next_pow2(n: int) -> int:
 
 
 def tile_shape(n_cols: int, k: int) -> tuple[int, int, bool]:
-    """(ROWS, CHUNK, BITONIC) for a shard of ``n_cols`` columns and top-``k``.
-
-    k = 0: tiles of 16 x 256 columns. k <= 128: chunks of 64 columns (the final re-read is
-    KP * 64 elements), insertion merge. Larger k: KP chunks per tile and a bitonic merge."""
+    """(ROWS, CHUNK, BITONIC) for a shard of ``n_cols`` columns and top-``k`` (tuned on an H200,
+    docs/performance.md): k = 0: tiles of 64 x 64 columns. k <= 128: chunks of 32 columns (the
+    final re-read is KP * 32 elements), insertion merge. Larger k: KP chunks per tile, bitonic."""
     width = _next_pow2(max(n_cols, 1))
     if k == 0:
-        chunk = min(256, max(16, width))
-        return max(1, min(16, width // chunk)), chunk, False
+        chunk = min(64, max(16, width))
+        return max(1, min(64, width // chunk)), chunk, False
     kp = max(2, _next_pow2(k))
     if kp <= 128:
-        chunk = min(64, max(16, width))
+        chunk = min(32, max(16, width))
         return max(2, min(64, width // chunk)), chunk, False
-    return kp, max(2, 4096 // kp), True
+    return kp, 8, True
 
 
 def shard_partials(
@@ -241,7 +240,7 @@ def shard_partials(
     if n_rows == 0:
         return stats, topk_vals, topk_ids
     if num_warps is None:
-        num_warps = 8 if block >= 4096 else 4
+        num_warps = 8 if (k == 0 and block >= 4096) else 4
     tgt = target if target is not None else stats  # any pointer; unused when HAS_TARGET is False
     _shard_partials_kernel[(n_rows, n_splits)](
         logits,

@@ -26,7 +26,7 @@ import torch
 from . import _validate as V
 from . import backend
 from .ops import MAX_K, CrossEntropyFunction, LossOptions, ShardCall, global_partials, reject_on_all_ranks
-from .partials import ID_SENTINEL, topk_select
+from .partials import ID_SENTINEL, finalize, log_normalizer, topk_select
 from .reference import gumbel_noise
 
 
@@ -87,11 +87,11 @@ def softmax_stats(
     lead = logits.shape[:-1]
     x2, t1 = _flatten(logits, target)
     with torch.no_grad():
-        _, fin, _ = global_partials(x2, t1, call, process_group)
+        fin = finalize(global_partials(x2, t1, call, process_group)[0])
     target_logprob = None
     if t1 is not None:
         tlp = fin.target_logit - fin.lse
-        target_logprob = torch.where(t1 == ignore_index, torch.zeros_like(tlp), tlp).reshape(lead)
+        target_logprob = torch.where(t1 == ignore_index, 0.0, tlp).reshape(lead)
     return SoftmaxStats(
         lse=fin.lse.reshape(lead),
         max=fin.max.reshape(lead),
@@ -164,9 +164,9 @@ def _softmax(logits, log: bool, temperature, softcap, vocab_size, vocab_start, p
     _checked(call, process_group, checks)
     x2, _ = _flatten(logits, None)
     with torch.no_grad():
-        _, fin, layout = global_partials(x2, None, call, process_group)
+        merged, layout = global_partials(x2, None, call, process_group)
         out = backend.shard_softmax(
-            x2, fin.lse, log=log, n_valid_cols=layout.n_valid_cols, softcap=softcap, temperature=temperature
+            x2, log_normalizer(merged), log=log, n_valid_cols=layout.n_valid_cols, softcap=softcap, temperature=temperature
         )
     return out.reshape(logits.shape)
 
@@ -223,8 +223,8 @@ def topk(
     lead = logits.shape[:-1]
     x2, _ = _flatten(logits, None)
     with torch.no_grad():
-        _, fin, _ = global_partials(x2, None, call, process_group)
-    return fin.topk_vals.reshape(*lead, k), fin.topk_ids.reshape(*lead, k)
+        merged, _ = global_partials(x2, None, call, process_group)
+    return merged.topk_vals.reshape(*lead, k), merged.topk_ids.reshape(*lead, k)
 
 
 def sample(
@@ -267,10 +267,9 @@ def sample(
                     vocab_start=layout.vocab_start, softcap=softcap, temperature=temperature,
                 )  # fmt: skip
 
-            _, fin, _ = global_partials(x2, None, call, process_group, pieces_fn=pieces)
-            ids = fin.topk_ids[:, 0]
+            ids = global_partials(x2, None, call, process_group, pieces_fn=pieces)[0].topk_ids[:, 0]
         else:
-            _, fin, _ = global_partials(x2, None, call, process_group)
+            fin, _ = global_partials(x2, None, call, process_group)
             noisy = fin.topk_vals.float() + gumbel_noise(seed, counters, fin.topk_ids)
             noisy = torch.where(noisy.isnan(), torch.full_like(noisy, float("inf")), noisy)
             _, best = topk_select(noisy, fin.topk_ids, 1)

@@ -8,7 +8,7 @@ import contextlib
 import torch
 
 from . import kernels, reference
-from .partials import Partials, identity
+from .partials import Partials, identity, merge_stacked
 
 _BACKENDS = ("auto", "triton", "torch")
 _backend = "auto"
@@ -55,13 +55,14 @@ def uses_triton(logits: torch.Tensor) -> bool:
 
 
 def shard_partials(logits: torch.Tensor, target: torch.Tensor | None, **kw) -> Partials:
-    """Partials of one 2-D shard, stacked over column splits: fields [S, N] and [S, N, k]."""
+    """Partials of one 2-D shard ([N] and [N, k] fields), merged over the kernel's column splits."""
     if uses_triton(logits):
         stats, vals, ids = kernels.shard_partials(logits, target, **kw)
-        return Partials(*stats.unbind(0), vals, ids)
+        if stats.shape[1] == 1:
+            return Partials(*stats[:, 0].unbind(0), vals[0], ids[0])
+        return merge_stacked(Partials(*stats.unbind(0), vals, ids))
     kw.pop("need_entropy", None), kw.pop("need_sum_x", None)  # the reference computes every field
-    p = reference.shard_partials(logits, target, **kw)
-    return Partials(*(f[None] for f in p))
+    return reference.shard_partials(logits, target, **kw)
 
 
 def shard_softmax(logits: torch.Tensor, lse: torch.Tensor, **kw) -> torch.Tensor:
@@ -77,7 +78,7 @@ def shard_cross_entropy_backward(logits, target, lse, row_scale, **kw) -> torch.
 
 
 def shard_gumbel_argmax(logits: torch.Tensor, **kw) -> Partials:
-    """Top-1 partials of x' + gumbel noise, stacked over column splits (other fields: identity)."""
+    """Top-1 partials of x' + gumbel noise, merged over column splits (other fields: identity)."""
     if uses_triton(logits):
         vals, ids = kernels.gumbel_argmax(logits, **kw)
     else:
@@ -85,4 +86,4 @@ def shard_gumbel_argmax(logits: torch.Tensor, **kw) -> Partials:
     empty = identity(logits.shape[0], 0, device=logits.device)
     n_splits = vals.shape[0]
     scalars = [f[None].expand(n_splits, -1) for f in empty[:7]]
-    return Partials(*scalars, vals[..., None].float(), ids[..., None])
+    return merge_stacked(Partials(*scalars, vals[..., None].float(), ids[..., None]))

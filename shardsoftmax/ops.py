@@ -11,7 +11,7 @@ import torch.distributed as dist
 from . import backend, collective
 from .collective import Header, Layout
 from .kernels import MAX_K  # noqa: F401  (re-exported for the public layer)
-from .partials import Finalized, Partials, finalize, merge_stacked
+from .partials import Partials, log_normalizer, merge_stacked, target_logit
 
 
 @dataclass(frozen=True)
@@ -54,15 +54,15 @@ def reject_on_all_ranks(call: ShardCall, process_group, err: BaseException) -> N
 
 def global_partials(
     logits2d: torch.Tensor, target1d: torch.Tensor | None, call: ShardCall, process_group, pieces_fn=None
-) -> tuple[Partials, Finalized, Layout]:
-    """Merged partials of the whole vocabulary for every row, their finalized values and this
-    shard's layout. One collective when ``process_group`` is given, none otherwise.
-    ``pieces_fn(layout)`` replaces the default shard pass (``backend.shard_partials``)."""
+) -> tuple[Partials, Layout]:
+    """Merged partials of the whole vocabulary for every row, and this shard's layout. One
+    collective when ``process_group`` is given, none otherwise (a merge over one shard, which is
+    that shard's partials). ``pieces_fn(layout)`` replaces the default shard pass."""
 
     def compute(layout: Layout) -> Partials:
         if pieces_fn is not None:
-            return merge_stacked(pieces_fn(layout))
-        pieces = backend.shard_partials(
+            return pieces_fn(layout)
+        return backend.shard_partials(
             logits2d,
             target1d,
             k=call.k,
@@ -74,18 +74,15 @@ def global_partials(
             need_entropy=call.need_entropy,
             need_sum_x=call.need_sum_x,
         )
-        return merge_stacked(pieces)  # over this shard's column splits
 
     if process_group is None:
         layout = collective.local_layout(logits2d.shape[1], call.vocab_start, call.vocab_size)
         check_k(call.k, layout.vocab_size)
-        merged = merge_stacked(Partials(*(f[None] for f in compute(layout))))  # a merge over one shard
-    else:
-        header = call.header(logits2d, target1d is not None)
-        parts, layout = collective.exchange(header, compute, process_group, device=logits2d.device)
-        check_k(call.k, layout.vocab_size)
-        merged = merge_stacked(parts)
-    return merged, finalize(merged), layout
+        return compute(layout), layout
+    header = call.header(logits2d, target1d is not None)
+    parts, layout = collective.exchange(header, compute, process_group, device=logits2d.device)
+    check_k(call.k, layout.vocab_size)
+    return merge_stacked(parts), layout
 
 
 def check_k(k: int, vocab_size: int) -> None:
@@ -101,40 +98,38 @@ class LossOptions:
     inplace_backward: bool = False
 
 
-def rows_loss(merged: Partials, fin: Finalized, valid: torch.Tensor, opts: LossOptions) -> torch.Tensor:
+def rows_loss(merged: Partials, lse: torch.Tensor, valid: torch.Tensor, opts: LossOptions) -> torch.Tensor:
     """Per-row loss: (1 - eps)(lse - x_t) + eps (lse - sum_x / C) + z lse^2; 0 on ignored rows,
     NaN where the target lies outside the vocabulary."""
     eps = opts.label_smoothing
-    lse = fin.lse
-    loss = (1.0 - eps) * (lse - fin.target_logit)
+    loss = lse - target_logit(merged)
     if eps > 0:
-        loss = loss + eps * (lse - merged.sum_x / merged.count)
+        loss = (1.0 - eps) * loss + eps * (lse - merged.sum_x / merged.count)
     if opts.z_loss > 0:
         loss = loss + opts.z_loss * lse * lse
-    return torch.where(valid, loss, torch.zeros_like(loss))
+    return torch.where(valid, loss, 0.0)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """Per-row cross-entropy of a vocabulary shard. Saves the logits (no copy), the targets and the
-    per-row lse; backward needs no collective."""
+    """Per-row cross-entropy of a vocabulary shard. Saves the logits (no copy), the targets, the
+    per-row lse and whether each row's target was found; backward needs no collective."""
 
     @staticmethod
     def forward(ctx, logits2d, target1d, call: ShardCall, opts: LossOptions, process_group):
-        merged, fin, layout = global_partials(logits2d, target1d, call, process_group)
+        merged, layout = global_partials(logits2d, target1d, call, process_group)
+        lse = log_normalizer(merged)
         valid = target1d != call.ignore_index
-        loss = rows_loss(merged, fin, valid, opts)
-        one = torch.ones_like(fin.lse)
-        row_ok = torch.where(valid, torch.where(merged.target_hits > 0, one, one * float("nan")), one * 0)
-        ctx.save_for_backward(logits2d, target1d, fin.lse, row_ok)
+        ctx.save_for_backward(logits2d, target1d, lse, valid, merged.target_hits)
         ctx.call, ctx.opts, ctx.layout = call, opts, layout
         ctx.mark_non_differentiable(target1d)
-        return loss
+        return rows_loss(merged, lse, valid, opts)
 
     @staticmethod
     def backward(ctx, grad_rows):
-        logits2d, target1d, lse, row_ok = ctx.saved_tensors
+        logits2d, target1d, lse, valid, hits = ctx.saved_tensors
         call, opts, layout = ctx.call, ctx.opts, ctx.layout
-        row_scale = torch.where(row_ok == 0, torch.zeros_like(row_ok), grad_rows.to(row_ok.dtype) * row_ok)
+        # 0 on ignored rows; NaN where the target was in no shard (its loss was NaN too).
+        row_scale = torch.where(valid, torch.where(hits > 0, grad_rows.to(lse.dtype), float("nan")), 0.0)
         grad = backend.shard_cross_entropy_backward(
             logits2d,
             target1d,

@@ -112,6 +112,17 @@ def merge(a: Partials, b: Partials) -> Partials:
     return merge_stacked(stack([a, b]))
 
 
+def log_normalizer(p: Partials) -> torch.Tensor:
+    """lse = m + log s. An empty or all -inf row has m = -inf and s = 0, so lse = -inf with no
+    special case; NaN stays NaN."""
+    return p.max + torch.log(p.sumexp)
+
+
+def target_logit(p: Partials) -> torch.Tensor:
+    """The target's logit, NaN where no shard held the target (an out-of-range id)."""
+    return torch.where(p.target_hits > 0, p.target_logit, float("nan"))
+
+
 class Finalized(NamedTuple):
     """Global per-row results derived from fully merged partials."""
 
@@ -126,10 +137,7 @@ class Finalized(NamedTuple):
 def finalize(p: Partials) -> Finalized:
     """lse = m + log s; entropy = lse - t / s. Rows whose every logit is -inf get lse = -inf and
     entropy NaN (as torch.logsumexp / torch.softmax do); rows with a NaN give NaN."""
-    finite_max = torch.where(p.max == float("-inf"), torch.zeros_like(p.max), p.max)
-    lse = finite_max + torch.log(p.sumexp)
-    lse = torch.where(p.max == float("-inf"), p.max, lse)
+    lse = log_normalizer(p)
     entropy = lse - p.sumexp_x / p.sumexp
     row_max = torch.where(p.sumexp.isnan(), p.sumexp, p.max)
-    target_logit = torch.where(p.target_hits > 0, p.target_logit, torch.full_like(p.target_logit, float("nan")))
-    return Finalized(lse, row_max, entropy, target_logit, p.topk_vals, p.topk_ids)
+    return Finalized(lse, row_max, entropy, target_logit(p), p.topk_vals, p.topk_ids)
