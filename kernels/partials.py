@@ -29,11 +29,11 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _insert_chunks(best, ck, KP: tl.constexpr):
-    """Insert the chunk keys ``ck`` that beat the current minimum of the unsorted top-KP set
-    ``best``, one at a time (few per tile once the set has filled)."""
+def _insert_chunks(best, thr, ck, KP: tl.constexpr):
+    """Insert the chunk keys ``ck`` that beat ``thr`` = min(best), the smallest key of the unsorted
+    top-KP set ``best``, one at a time (few per tile once the set has filled). Returns the new
+    set and its new minimum."""
     slot = tl.arange(0, KP)
-    thr = tl.min(best, axis=0)
     cand = tl.where(ck > thr, ck, min_key_like(ck.shape))
     c = tl.max(cand, axis=0)
     while c > thr:
@@ -41,7 +41,13 @@ def _insert_chunks(best, ck, KP: tl.constexpr):
         cand = tl.where(cand == c, min_key_like(ck.shape), cand)
         thr = tl.min(best, axis=0)
         c = tl.max(cand, axis=0)
-    return best
+    return best, thr
+
+
+@triton.jit
+def _threshold_value(thr):
+    """The fp32 value of the key ``thr``; -inf while the set is not full (thr is the sentinel)."""
+    return tl.where(thr == min_key_like([]), float("-inf"), key_value(thr))
 
 
 @triton.jit
@@ -99,6 +105,8 @@ def _shard_partials_kernel(
     sum_x = tl.zeros([ROWS], tl.float32)
     if K > 0:
         best = min_key_like([KP])  # keys of the best chunks so far (chunk max, chunk index)
+        thr = min_key_like([])  # min(best)
+        thr_val = tl.full([], float("-inf"), tl.float32)
 
     for start in range(col_lo, col_hi, BLOCK_V):
         cols = start + tile_offs
@@ -110,17 +118,21 @@ def _shard_partials_kernel(
         if K > 0:
             # NaN counts as the largest value for ranking (as torch.topk does).
             chunk_max = tl.max(tl.where(x != x, float("inf"), x), axis=1)
-            ck = make_key(chunk_max, (start - col_lo) // CHUNK + tl.arange(0, ROWS))
-            if BITONIC:
-                if tl.max(ck, axis=0) > tl.min(best, axis=0):
+            # Only tiles with a chunk max at or above the set's minimum can change the set.
+            if tl.max(chunk_max, axis=0) >= thr_val:
+                ck = make_key(chunk_max, (start - col_lo) // CHUNK + tl.arange(0, ROWS))
+                if BITONIC:
                     best = tl.topk(tl.reshape(tl.join(best, ck), [2 * KP]), KP)
-            elif ROWS >= KP:
-                if start == col_lo:  # the first tile's best chunks fill the set directly
-                    best = ck if ROWS == KP else tl.topk(ck, KP)
+                    thr = tl.min(best, axis=0)
+                elif ROWS >= KP:
+                    if start == col_lo:  # the first tile's best chunks fill the set directly
+                        best = ck if ROWS == KP else tl.topk(ck, KP)
+                        thr = tl.min(best, axis=0)
+                    else:
+                        best, thr = _insert_chunks(best, thr, ck, KP)
                 else:
-                    best = _insert_chunks(best, ck, KP)
-            else:
-                best = _insert_chunks(best, ck, KP)
+                    best, thr = _insert_chunks(best, thr, ck, KP)
+                thr_val = _threshold_value(thr)
         else:
             chunk_max = tl.max(x, axis=1)
         m_new = tl.maximum(m, chunk_max)
@@ -171,14 +183,27 @@ def _shard_partials_kernel(
         x2 = tl.load(row_ptr + cols2, mask=mask2, other=0.0).to(tl.float32)
         x2 = transform_logits(x2, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
         keys = tl.where(mask2, make_key(x2, cols2), min_key_like([KP, CHUNK]))
-        top = tl.topk(tl.reshape(keys, [KP * CHUNK]), KP)
-        real = top != min_key_like([KP])
-        vals = tl.where(real, key_value(top), float("-inf"))
-        ids = tl.where(real, vocab_start + key_col(top).to(tl.int64), 9223372036854775807)
-        kk = tl.arange(0, KP)
+        keys = tl.reshape(keys, [KP * CHUNK])
         base = (split * n_rows + row) * K
-        tl.store(topk_vals_ptr + base + kk, vals, mask=kk < K)
-        tl.store(topk_ids_ptr + base + kk, ids, mask=kk < K)
+        if BITONIC:
+            top = tl.topk(keys, KP)
+            real = top != min_key_like([KP])
+            vals = tl.where(real, key_value(top), float("-inf"))
+            ids = tl.where(real, vocab_start + key_col(top).to(tl.int64), 9223372036854775807)
+            kk = tl.arange(0, KP)
+            tl.store(topk_vals_ptr + base + kk, vals, mask=kk < K)
+            tl.store(topk_ids_ptr + base + kk, ids, mask=kk < K)
+        else:
+            # Small k: take out the largest key K times (K reductions, no sort).
+            for i in range(K):
+                top = tl.max(keys, axis=0)
+                keys = tl.where(keys == top, min_key_like([KP * CHUNK]), keys)
+                real = top != min_key_like([])
+                tl.store(topk_vals_ptr + base + i, tl.where(real, key_value(top), float("-inf")))
+                tl.store(
+                    topk_ids_ptr + base + i,
+                    tl.where(real, vocab_start + key_col(top).to(tl.int64), 9223372036854775807),
+                )
 
 
 def _next_pow2(n: int) -> int:
