@@ -22,8 +22,8 @@ from shardsoftmax import kernels, reference
 # (ROWS, CHUNK, BITONIC) candidates per k
 VARIANTS = {
     0: [(16, 256, False), (32, 128, False), (64, 64, False)],
-    50: [(64, 64, False), (64, 32, False), (128, 32, False), (256, 16, False), (128, 16, False)],
-    1024: [(1024, 8, True)],
+    50: [(64, 32, False), (128, 32, False), (64, 64, False), (128, 16, False)],
+    1024: [(1024, 8, True), (1024, 4, True)],
 }
 
 
@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8192)
     ap.add_argument("--v", default="32064,64128,128256")
     ap.add_argument("--ks", default="0,50,1024")
+    ap.add_argument("--warps", default="4,8")
     args = ap.parse_args()
     bw = copy_bw()
     print(f"{torch.cuda.get_device_name()}  triton {triton.__version__}  torch {torch.__version__}")
@@ -54,7 +55,7 @@ def main() -> None:
             )
             best = None
             tiles = VARIANTS[min(k, 1024) if k in VARIANTS else 50]
-            for tile, warps in itertools.product(tiles, (4, 8)):
+            for tile, warps in itertools.product(tiles, [int(w) for w in args.warps.split(",")]):
 
                 def fn(tile=tile, warps=warps, k=k):
                     return kernels.shard_partials(
