@@ -4,7 +4,7 @@ Each shard is read once by a Triton kernel into small per-row partials; one merg
 ranks, one collective) turns them into exact global results.
 """
 
-from . import nn
+from . import nn as nn  # re-exported: ss.nn
 from .api import SoftmaxStats, cross_entropy, log_softmax, sample, softmax, softmax_stats, topk
 from .backend import get_backend, set_backend, use_backend
 

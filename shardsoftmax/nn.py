@@ -248,7 +248,9 @@ class VocabParallelLMHead(nn.Module):
         padding. The split is ``shard_sizes(V_padded, world_size)``, uneven allowed.
         ``loss_options``: the keyword options of the constructor (``label_smoothing`` etc.)."""
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise ValueError(f"weight must be a 2-D tensor [V_padded, H], got {getattr(weight, 'shape', weight)}")
+            raise ValueError(
+                f"weight must be a 2-D tensor [V_padded, H], got {getattr(weight, 'shape', weight)}"
+            )
         padded, hidden = weight.shape
         if bias is not None and tuple(bias.shape) != (padded,):
             raise ValueError(f"bias must have shape ({padded},) to match weight, got {tuple(bias.shape)}")
@@ -288,8 +290,14 @@ class VocabParallelLMHead(nn.Module):
             )
         loss = target is not None and not return_stats
         if loss and k != 0:
-            raise ValueError(f"k={k} applies to statistics only (return_stats=True or no target); the loss has no top-k")
-        layout = {"vocab_size": self.vocab_size, "vocab_start": self.vocab_start, "process_group": self.process_group}
+            raise ValueError(
+                f"k={k} applies to statistics only (return_stats=True or no target); the loss has no top-k"
+            )
+        layout = {
+            "vocab_size": self.vocab_size,
+            "vocab_start": self.vocab_start,
+            "process_group": self.process_group,
+        }
         transform = {"temperature": self.temperature, "softcap": self.softcap}
         if not loss:
             with torch.no_grad():
