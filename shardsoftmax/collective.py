@@ -99,6 +99,7 @@ class Layout:
     vocab_size: int
     n_valid_cols: int
     total_cols: int
+    n_classes: int  # real columns over every shard of the call: the softmax's support
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,8 @@ class Agreed:
 
     def layout(self, rank: int) -> Layout:
         start, width = self.starts[rank], self.headers[rank].width
-        return Layout(start, self.vocab_size, max(0, min(width, self.vocab_size - start)), self.total_cols)
+        n_valid = max(0, min(width, self.vocab_size - start))
+        return Layout(start, self.vocab_size, n_valid, self.total_cols, n_classes=self.vocab_size)
 
 
 _agreed: dict[int, Agreed] = {}
@@ -119,7 +121,7 @@ _agreed: dict[int, Agreed] = {}
 
 def local_layout(n_cols: int, vocab_start: int | None, vocab_size: int | None) -> Layout:
     """One process: the shard starts at ``vocab_start`` (default 0); ``vocab_size`` defaults to
-    all columns."""
+    all columns. The softmax runs over this shard's real columns only (``n_classes``)."""
     start = 0 if vocab_start is None else vocab_start
     total = start + n_cols
     size = total if vocab_size is None else vocab_size
@@ -127,7 +129,8 @@ def local_layout(n_cols: int, vocab_start: int | None, vocab_size: int | None) -
         raise ValueError(
             f"vocab_size={size} is larger than the columns this shard covers (vocab_start={start} + {n_cols})"
         )
-    return Layout(start, size, max(0, min(n_cols, size - start)), total)
+    n_valid = max(0, min(n_cols, size - start))
+    return Layout(start, size, n_valid, total, n_classes=n_valid)
 
 
 def payload_words(partials_dtype: torch.dtype, n_rows: int, k: int) -> int:

@@ -77,17 +77,17 @@ def global_partials(
 
     if process_group is None:
         layout = collective.local_layout(logits2d.shape[1], call.vocab_start, call.vocab_size)
-        check_k(call.k, layout.vocab_size)
+        check_k(call.k, layout.n_classes)
         return compute(layout), layout
     header = call.header(logits2d, target1d is not None)
     parts, layout = collective.exchange(header, compute, process_group, device=logits2d.device)
-    check_k(call.k, layout.vocab_size)
+    check_k(call.k, layout.n_classes)
     return merge_stacked(parts), layout
 
 
-def check_k(k: int, vocab_size: int) -> None:
-    if k > vocab_size:
-        raise ValueError(f"k={k} is larger than the vocabulary (vocab_size={vocab_size})")
+def check_k(k: int, n_classes: int) -> None:
+    if k > n_classes:
+        raise ValueError(f"k={k} is larger than the vocabulary ({n_classes} real columns)")
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             n_valid_cols=layout.n_valid_cols,
             vocab_start=layout.vocab_start,
             label_smoothing=opts.label_smoothing,
-            vocab_size=layout.vocab_size,
+            vocab_size=layout.n_classes,  # C of the smoothing term, = merged.count of the forward
             z_loss=opts.z_loss,
             softcap=call.softcap,
             temperature=call.temperature,

@@ -65,8 +65,9 @@ def stack(parts: list[Partials]) -> Partials:
 
 
 def rescale(value: torch.Tensor, m: torch.Tensor, new_max: torch.Tensor) -> torch.Tensor:
-    """value * exp(m - new_max), with 0 where the piece is empty (m = -inf), so no -inf - -inf."""
-    return torch.where(m == float("-inf"), torch.zeros_like(value), value * torch.exp(m - new_max))
+    """value * exp(m - new_max), with 0 where the piece's max is -inf (so no -inf - -inf); a NaN
+    value stays NaN there (a NaN logit hidden behind a max of -inf)."""
+    return torch.where(m == float("-inf"), value * 0.0, value * torch.exp(m - new_max))
 
 
 def topk_select(vals: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,9 +91,9 @@ def merge_stacked(p: Partials) -> Partials:
     if p.topk_vals.shape[0] == 1:
         topk_vals, topk_ids = p.topk_vals[0], p.topk_ids[0]
     else:
-        n = p.topk_vals.shape[1]
-        vals = p.topk_vals.permute(1, 0, 2).reshape(n, -1)
-        ids = p.topk_ids.permute(1, 0, 2).reshape(n, -1)
+        pieces, n = p.topk_vals.shape[:2]  # an explicit width: reshape(0, -1) is ambiguous (no rows)
+        vals = p.topk_vals.permute(1, 0, 2).reshape(n, pieces * k)
+        ids = p.topk_ids.permute(1, 0, 2).reshape(n, pieces * k)
         topk_vals, topk_ids = topk_select(vals, ids, k)
     return Partials(
         max=new_max,
