@@ -19,6 +19,7 @@ Common conventions:
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -42,7 +43,7 @@ class SoftmaxStats(NamedTuple):
 
 
 def _flatten(logits: torch.Tensor, target: torch.Tensor | None):
-    x2 = logits.reshape(-1, logits.shape[-1])
+    x2 = logits.reshape(math.prod(logits.shape[:-1]), logits.shape[-1])  # explicit: a shard may have 0 columns
     if x2.shape[1] > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
     return x2, (None if target is None else target.reshape(-1))

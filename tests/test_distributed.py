@@ -3,7 +3,7 @@ global results (float64 oracle on the full logits), identical on every rank, fro
 
 Tiers (one suite):
 
-* CPU: gloo, world sizes 1-4, with the PyTorch backend (all cases, V up to 50257) and with the
+* CPU: gloo, world sizes 1-4 and 8, with the PyTorch backend (all cases, V up to 50257) and with the
   Triton kernels in the interpreter (small V: the interpreter costs seconds per call at large V).
 * GPU: NCCL on 2 and 4 GPUs (compiled Triton, one GPU per rank), skipped where there are fewer.
 
@@ -73,7 +73,7 @@ def widths_of(case: Case, world_size: int) -> list[int]:
 
 def boundaries(case: Case) -> list[int]:
     out = set()
-    for w in (2, 3, 4):
+    for w in (2, 3, 4, 8):
         ws = widths_of(case, w)
         out.update(sum(ws[:r]) for r in range(1, w))
     return sorted(b for b in out if 0 < b < case.n_cols)
@@ -448,7 +448,7 @@ def assert_same_on_every_rank(out: list[dict]) -> None:
                 assert same, f"case {case}: {key} on rank {rank} differs from rank 0"
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_sharded_ops_match_oracle(backend, world_size):
     """Uneven, irregular and padded shards (a rank entirely padding at 3 and 4), ~25% ignored
@@ -458,14 +458,16 @@ def test_sharded_ops_match_oracle(backend, world_size):
     backward; identical results on every rank; world size 1: no group == group of one."""
     if backend == "triton" and world_size == 1:
         pytest.skip("the one-process Triton path is covered by the core tests; the group of one by torch")
+    if backend == "triton" and world_size == 8:
+        pytest.skip("8 interpreter ranks on a 2-core CI machine take minutes; TP=8 runs with torch here")
     out = suite(backend, world_size)
     assert_same_on_every_rank(out)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_tp_sizes_agree(backend):
-    """World sizes 1-4 (triton: 2-4): same top-k ids; lse within 1e-6 relative (fp32)."""
-    sizes = [1, 2, 3, 4] if backend == "torch" else [2, 3, 4]
+    """World sizes 1-4 and 8 (triton: 2-4): same top-k ids; lse within 1e-6 relative (fp32)."""
+    sizes = [1, 2, 3, 4, 8] if backend == "torch" else [2, 3, 4]
     by_size = {w: suite(backend, w)[0]["results"] for w in sizes}
     base = by_size[sizes[0]]
     for w in sizes[1:]:
