@@ -43,7 +43,8 @@ class SoftmaxStats(NamedTuple):
 
 
 def _flatten(logits: torch.Tensor, target: torch.Tensor | None):
-    x2 = logits.reshape(math.prod(logits.shape[:-1]), logits.shape[-1])  # explicit: a shard may have 0 columns
+    # Explicit sizes: reshape(-1, 0) is ambiguous for a shard with no columns.
+    x2 = logits.reshape(math.prod(logits.shape[:-1]), logits.shape[-1])
     if x2.shape[1] > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
     return x2, (None if target is None else target.reshape(-1))
@@ -73,7 +74,9 @@ def softmax_stats(
     shard. ``target``: ``[...]`` integer ids; rows equal to ``ignore_index`` get target_logprob 0;
     a target outside ``[0, vocab_size)`` gets NaN (loud, and no out-of-bounds read).
     ``0 <= k <= min(1024, vocab_size)``. Not differentiable (use ``cross_entropy`` for gradients)."""
-    call = ShardCall("stats", k, temperature, softcap, ignore_index, vocab_size, vocab_start, need_entropy=True)
+    call = ShardCall(
+        "stats", k, temperature, softcap, ignore_index, vocab_size, vocab_start, need_entropy=True
+    )
 
     def checks():
         V.check_logits(logits)
@@ -155,7 +158,9 @@ def cross_entropy(
 
 
 def _softmax(logits, log: bool, temperature, softcap, vocab_size, vocab_start, process_group):
-    call = ShardCall("log_softmax" if log else "softmax", 0, temperature, softcap, -100, vocab_size, vocab_start)
+    call = ShardCall(
+        "log_softmax" if log else "softmax", 0, temperature, softcap, -100, vocab_size, vocab_start
+    )
 
     def checks():
         V.check_logits(logits)
@@ -167,7 +172,12 @@ def _softmax(logits, log: bool, temperature, softcap, vocab_size, vocab_start, p
     with torch.no_grad():
         merged, layout = global_partials(x2, None, call, process_group)
         out = backend.shard_softmax(
-            x2, log_normalizer(merged), log=log, n_valid_cols=layout.n_valid_cols, softcap=softcap, temperature=temperature
+            x2,
+            log_normalizer(merged),
+            log=log,
+            n_valid_cols=layout.n_valid_cols,
+            softcap=softcap,
+            temperature=temperature,
         )
     return out.reshape(logits.shape)
 

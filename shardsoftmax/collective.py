@@ -72,7 +72,9 @@ class Header:
     magic: int = MAGIC
 
     @classmethod
-    def make(cls, op, n_rows, k, dtype, has_target, width, start, vocab_size, ignore_index, temperature, softcap):
+    def make(
+        cls, op, n_rows, k, dtype, has_target, width, start, vocab_size, ignore_index, temperature, softcap
+    ):
         return cls(
             op=OPS[op],
             n_rows=int(n_rows),
@@ -172,7 +174,8 @@ def _check_consistent(headers: list[Header]) -> tuple[tuple[int, ...], int, int]
             raise RuntimeError(f"shardsoftmax: rank {r} sent a malformed header (ranks out of step?)")
         if h.error:
             raise RuntimeError(
-                f"shardsoftmax: rank {r} rejected its input (its own error says why); no rank computed a result"
+                f"shardsoftmax: rank {r} rejected its input (its own error says why); "
+                "no rank computed a result"
             )
     h0 = headers[0]
     names = {
@@ -206,8 +209,8 @@ def _check_consistent(headers: list[Header]) -> tuple[tuple[int, ...], int, int]
         for s, w in spans:
             if s != pos:
                 raise ValueError(
-                    f"shardsoftmax: the ranks' shards (vocab_start, width)={list(zip(given, widths))} do not tile "
-                    f"[0, {total}) without gaps or overlaps"
+                    f"shardsoftmax: the ranks' shards (vocab_start, width)={list(zip(given, widths))} "
+                    f"do not tile [0, {total}) without gaps or overlaps"
                 )
             pos += w
         starts = tuple(given)
@@ -225,7 +228,9 @@ def _all_gather(buf: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
-def exchange(header: Header, compute, group, *, device, error: BaseException | None = None) -> tuple[Partials, Layout]:
+def exchange(
+    header: Header, compute, group, *, device, error: BaseException | None = None
+) -> tuple[Partials, Layout]:
     """Run ``compute(layout) -> Partials`` ([N]/[N, k] fields) on this rank and return the partials
     of all ranks stacked over dim 0, with this rank's layout. ``error``: this rank's input was
     rejected; it still takes part, so that every rank raises instead of hanging."""
@@ -258,7 +263,9 @@ def exchange(header: Header, compute, group, *, device, error: BaseException | N
                 raise error from None
             raise
         pdtype = torch.float64 if header.dtype == _DTYPES[torch.float64] else torch.float32
-        _agreed[key] = Agreed(tuple(headers), starts, total, vocab, payload_words(pdtype, header.n_rows, header.k))
+        _agreed[key] = Agreed(
+            tuple(headers), starts, total, vocab, payload_words(pdtype, header.n_rows, header.k)
+        )
     raise RuntimeError("shardsoftmax: ranks could not agree on a layout")  # pragma: no cover
 
 

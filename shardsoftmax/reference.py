@@ -135,7 +135,9 @@ def oracle_log_softmax(logits, *, softcap=None, temperature=1.0, vocab_size=None
     return out
 
 
-def oracle_stats(logits, target=None, *, k=0, softcap=None, temperature=1.0, ignore_index=-100, vocab_size=None):
+def oracle_stats(
+    logits, target=None, *, k=0, softcap=None, temperature=1.0, ignore_index=-100, vocab_size=None
+):
     """dict of lse, max, entropy, target_logprob, topk_ids, topk_logprobs over the last dim."""
     vocab_size = logits.shape[-1] if vocab_size is None else vocab_size
     x = transform(logits, softcap, temperature)[..., :vocab_size]
