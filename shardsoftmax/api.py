@@ -26,9 +26,16 @@ import torch
 
 from . import _validate as V
 from . import backend
-from .ops import MAX_K, CrossEntropyFunction, LossOptions, ShardCall, global_partials, reject_on_all_ranks
-from .partials import ID_SENTINEL, finalize, log_normalizer, topk_select
-from .reference import gumbel_noise
+from .ops import (
+    MAX_K,
+    CrossEntropyFunction,
+    LossOptions,
+    ShardCall,
+    global_partials,
+    reject_on_all_ranks,
+    sample_ids,
+)
+from .partials import finalize, log_normalizer
 
 
 class SoftmaxStats(NamedTuple):
@@ -255,7 +262,7 @@ def sample(
     (seed, offset + row, global id), so the same seed gives the same tokens for any number of
     shards and any split. ``offset`` shifts the row counter (e.g. the decode step times the batch).
     Rows with no finite logit give -1."""
-    call = ShardCall("sample", top_k or 1, temperature, softcap, -100, vocab_size, vocab_start)
+    call = ShardCall("sample", top_k or 0, temperature, softcap, -100, vocab_size, vocab_start)
 
     def checks():
         V.check_logits(logits)
@@ -266,29 +273,6 @@ def sample(
         V.check_layout_args(vocab_size, vocab_start)
 
     _checked(call, process_group, checks)
-    lead = logits.shape[:-1]
     x2, _ = _flatten(logits, None)
-    counters = offset + torch.arange(x2.shape[0], device=x2.device)
     with torch.no_grad():
-        if top_k is None:
-
-            def pieces(layout):
-                return backend.shard_gumbel_argmax(
-                    x2, seed=seed, row_offset=offset, n_valid_cols=layout.n_valid_cols,
-                    vocab_start=layout.vocab_start, softcap=softcap, temperature=temperature,
-                )  # fmt: skip
-
-            ids = global_partials(x2, None, call, process_group, pieces_fn=pieces)[0].topk_ids[:, 0]
-        else:
-            fin, _ = global_partials(x2, None, call, process_group)
-            noisy = fin.topk_vals.float() + gumbel_noise(seed, counters, fin.topk_ids)
-            noisy = torch.where(noisy.isnan(), torch.full_like(noisy, float("inf")), noisy)
-            _, best = topk_select(noisy, fin.topk_ids, 1)
-            real = torch.gather(fin.topk_vals, 1, _first_index(fin.topk_ids, best)) > float("-inf")
-            ids = torch.where(real[:, 0], best[:, 0], torch.full_like(best[:, 0], ID_SENTINEL))
-    return torch.where(ids == ID_SENTINEL, torch.full_like(ids, -1), ids).reshape(lead)
-
-
-def _first_index(ids: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    """Column of ``chosen`` [N, 1] within ``ids`` [N, k] (ids are distinct within a row)."""
-    return (ids == chosen).long().argmax(dim=1, keepdim=True)
+        return sample_ids(x2, call, process_group, seed=seed, offset=offset).reshape(logits.shape[:-1])

@@ -3,15 +3,15 @@ global per-row results, and the cross-entropy autograd Function built on them.""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 
-from . import backend, collective
+from . import backend, collective, reference
 from .collective import Header, Layout
 from .kernels import MAX_K  # noqa: F401  (re-exported for the public layer)
-from .partials import Partials, log_normalizer, merge_stacked, target_logit
+from .partials import Partials, log_normalizer, merge_stacked, target_logit, topk_select
 
 
 @dataclass(frozen=True)
@@ -145,3 +145,26 @@ class CrossEntropyFunction(torch.autograd.Function):
             out=logits2d if opts.inplace_backward else None,
         )
         return grad, None, None, None, None
+
+
+def sample_ids(x2: torch.Tensor, call: ShardCall, process_group, *, seed: int, offset: int) -> torch.Tensor:
+    """Gumbel-max sample of each row over the global vocabulary, one collective: [N] int64 ids,
+    -1 for a row with no finite logit. ``call.k`` > 0 restricts to the global top-k first (the
+    noise of those ids is recomputed here; it is a pure function of seed, offset + row and id)."""
+    if call.k == 0:
+
+        def pieces(layout: Layout) -> Partials:
+            return backend.shard_gumbel_argmax(
+                x2, seed=seed, row_offset=offset, n_valid_cols=layout.n_valid_cols,
+                vocab_start=layout.vocab_start, softcap=call.softcap, temperature=call.temperature,
+            )  # fmt: skip
+
+        merged, _ = global_partials(x2, None, replace(call, k=1), process_group, pieces_fn=pieces)
+        vals, ids = merged.topk_vals, merged.topk_ids
+    else:
+        merged, _ = global_partials(x2, None, call, process_group)
+        counters = offset + torch.arange(x2.shape[0], device=x2.device)
+        noisy = merged.topk_vals.float() + reference.gumbel_noise(seed, counters, merged.topk_ids)
+        noisy = torch.where(noisy.isnan(), float("inf"), noisy)  # NaN logits win, as in the kernel
+        vals, ids = topk_select(noisy, merged.topk_ids, 1)
+    return torch.where(vals[:, 0] > float("-inf"), ids[:, 0], -1)
