@@ -29,7 +29,6 @@ from . import backend
 from .ops import (
     MAX_K,
     CrossEntropyFunction,
-    LossOptions,
     ShardCall,
     global_partials,
     reject_on_all_ranks,
@@ -81,9 +80,7 @@ def softmax_stats(
     shard. ``target``: ``[...]`` integer ids; rows equal to ``ignore_index`` get target_logprob 0;
     a target outside ``[0, vocab_size)`` gets NaN (loud, and no out-of-bounds read).
     ``0 <= k <= min(1024, vocab_size)``. Not differentiable (use ``cross_entropy`` for gradients)."""
-    call = ShardCall(
-        "stats", k, temperature, softcap, ignore_index, vocab_size, vocab_start, need_entropy=True
-    )
+    call = ShardCall("stats", k, temperature, softcap, ignore_index, vocab_size, vocab_start)
 
     def checks():
         V.check_logits(logits)
@@ -140,7 +137,7 @@ def cross_entropy(
     """
     call = ShardCall(
         "cross_entropy", 0, temperature, softcap, ignore_index, vocab_size, vocab_start,
-        need_sum_x=isinstance(label_smoothing, (int, float)) and label_smoothing > 0,
+        label_smoothing, z_loss,
     )  # fmt: skip
 
     def checks():
@@ -154,9 +151,8 @@ def cross_entropy(
             raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
 
     _checked(call, process_group, checks)
-    opts = LossOptions(reduction, float(label_smoothing), float(z_loss), inplace_backward)
     x2, t1 = _flatten(logits, target)
-    rows = CrossEntropyFunction.apply(x2, t1, call, opts, process_group)
+    rows = CrossEntropyFunction.apply(x2, t1, call, inplace_backward, process_group)
     if reduction == "none":
         return rows.reshape(target.shape)
     if reduction == "sum":

@@ -19,6 +19,7 @@ Protocol (keeps every rank's buffer size equal, so no input can hang the group):
 
 from __future__ import annotations
 
+import numbers
 import struct
 from dataclasses import dataclass
 
@@ -42,6 +43,8 @@ HEADER_FIELDS = (
     "ignore_index",
     "temperature_bits",
     "softcap_bits",
+    "label_smoothing_bits",
+    "z_loss_bits",
 )
 H = len(HEADER_FIELDS)
 _DTYPES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4}
@@ -51,8 +54,30 @@ OPS = {"stats": 1, "cross_entropy": 2, "softmax": 3, "log_softmax": 4, "topk": 5
 ERR_INVALID_INPUT = 1
 
 
-def _float_bits(x: float | None) -> int:
-    return -1 if x is None else struct.unpack("<q", struct.pack("<d", float(x)))[0]
+def _float_bits(x) -> int:
+    """The float64 bits of ``x`` as an int64; -1 for None, -2 for something not a number (a rank
+    reporting bad input still sends a well-formed header)."""
+    if x is None:
+        return -1
+    try:
+        return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+    except (TypeError, ValueError):
+        return -2
+
+
+def _shown(field: str, value: int):
+    """A header value as the user wrote it (floats travel as their bits)."""
+    if field.endswith("_bits") and value >= 0:
+        return struct.unpack("<d", struct.pack("<q", value))[0]
+    if field == "dtype":
+        return next((str(d) for d, code in _DTYPES.items() if code == value), value)
+    if field == "op":
+        return next((name for name, code in OPS.items() if code == value), value)
+    return {-1: None, -2: "invalid"}.get(value, value) if field.endswith("_bits") else value
+
+
+def _int_or(x, default: int = -2) -> int:
+    return int(x) if isinstance(x, numbers.Integral) else default
 
 
 @dataclass(frozen=True)
@@ -68,25 +93,30 @@ class Header:
     ignore_index: int
     temperature_bits: int
     softcap_bits: int
+    label_smoothing_bits: int
+    z_loss_bits: int
     error: int = 0
     magic: int = MAGIC
 
     @classmethod
     def make(
-        cls, op, n_rows, k, dtype, has_target, width, start, vocab_size, ignore_index, temperature, softcap
-    ):
+        cls, op, n_rows, k, dtype, has_target, width, start, vocab_size, ignore_index, temperature, softcap,
+        label_smoothing, z_loss,
+    ):  # fmt: skip
         return cls(
             op=OPS[op],
             n_rows=int(n_rows),
-            k=int(k),
+            k=_int_or(k),
             dtype=_DTYPES.get(dtype, 0),
             has_target=int(has_target),
             width=int(width),
-            start=-1 if start is None else int(start),
-            vocab_size=-1 if vocab_size is None else int(vocab_size),
-            ignore_index=int(ignore_index),
+            start=-1 if start is None else _int_or(start),
+            vocab_size=-1 if vocab_size is None else _int_or(vocab_size),
+            ignore_index=_int_or(ignore_index),
             temperature_bits=_float_bits(temperature),
             softcap_bits=_float_bits(softcap),
+            label_smoothing_bits=_float_bits(label_smoothing),
+            z_loss_bits=_float_bits(z_loss),
         )
 
     def as_list(self) -> list[int]:
@@ -188,13 +218,16 @@ def _check_consistent(headers: list[Header]) -> tuple[tuple[int, ...], int, int]
         "ignore_index": "ignore_index",
         "temperature_bits": "temperature",
         "softcap_bits": "softcap",
+        "label_smoothing_bits": "label_smoothing",
+        "z_loss_bits": "z_loss",
     }
     for r, h in enumerate(headers[1:], start=1):
         for f, what in names.items():
             if getattr(h, f) != getattr(h0, f):
+                mine, theirs = _shown(f, getattr(h0, f)), _shown(f, getattr(h, f))
                 raise ValueError(
-                    f"shardsoftmax: ranks disagree on {what}: rank 0 has {getattr(h0, f)}, rank {r} has "
-                    f"{getattr(h, f)}. Every rank must call with the same rows, options and dtype."
+                    f"shardsoftmax: ranks disagree on {what}: rank 0 has {mine}, rank {r} has {theirs}. "
+                    "Every rank must call with the same rows, options and dtype."
                 )
     widths = [h.width for h in headers]
     total = sum(widths)

@@ -25,15 +25,24 @@ class ShardCall:
     ignore_index: int = -100
     vocab_size: int | None = None
     vocab_start: int | None = None
-    need_entropy: bool = False  # the kernel may skip sums nobody reads (they come back as NaN)
-    need_sum_x: bool = False
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+
+    # The kernel skips sums nobody reads (they come back as NaN).
+    @property
+    def need_entropy(self) -> bool:
+        return self.op == "stats"
+
+    @property
+    def need_sum_x(self) -> bool:
+        return self.label_smoothing > 0
 
     def header(self, logits2d: torch.Tensor | None, has_target: bool) -> Header:
         n_rows, width = (-1, -1) if logits2d is None else logits2d.shape
         dtype = None if logits2d is None else logits2d.dtype
         return Header.make(
             self.op, n_rows, self.k, dtype, has_target, width, self.vocab_start, self.vocab_size,
-            self.ignore_index, self.temperature, self.softcap,
+            self.ignore_index, self.temperature, self.softcap, self.label_smoothing, self.z_loss,
         )  # fmt: skip
 
 
@@ -90,23 +99,15 @@ def check_k(k: int, n_classes: int) -> None:
         raise ValueError(f"k={k} is larger than the vocabulary ({n_classes} real columns)")
 
 
-@dataclass(frozen=True)
-class LossOptions:
-    reduction: str = "mean"
-    label_smoothing: float = 0.0
-    z_loss: float = 0.0
-    inplace_backward: bool = False
-
-
-def rows_loss(merged: Partials, lse: torch.Tensor, valid: torch.Tensor, opts: LossOptions) -> torch.Tensor:
+def rows_loss(merged: Partials, lse: torch.Tensor, valid: torch.Tensor, call: ShardCall) -> torch.Tensor:
     """Per-row loss: (1 - eps)(lse - x_t) + eps (lse - sum_x / C) + z lse^2; 0 on ignored rows,
     NaN where the target lies outside the vocabulary."""
-    eps = opts.label_smoothing
+    eps = call.label_smoothing
     loss = lse - target_logit(merged)
     if eps > 0:
         loss = (1.0 - eps) * loss + eps * (lse - merged.sum_x / merged.count)
-    if opts.z_loss > 0:
-        loss = loss + opts.z_loss * lse * lse
+    if call.z_loss > 0:
+        loss = loss + call.z_loss * lse * lse
     return torch.where(valid, loss, 0.0)
 
 
@@ -115,19 +116,19 @@ class CrossEntropyFunction(torch.autograd.Function):
     per-row lse and whether each row's target was found; backward needs no collective."""
 
     @staticmethod
-    def forward(ctx, logits2d, target1d, call: ShardCall, opts: LossOptions, process_group):
+    def forward(ctx, logits2d, target1d, call: ShardCall, inplace_backward: bool, process_group):
         merged, layout = global_partials(logits2d, target1d, call, process_group)
         lse = log_normalizer(merged)
         valid = target1d != call.ignore_index
         ctx.save_for_backward(logits2d, target1d, lse, valid, merged.target_hits)
-        ctx.call, ctx.opts, ctx.layout = call, opts, layout
+        ctx.call, ctx.inplace_backward, ctx.layout = call, inplace_backward, layout
         ctx.mark_non_differentiable(target1d)
-        return rows_loss(merged, lse, valid, opts)
+        return rows_loss(merged, lse, valid, call)
 
     @staticmethod
     def backward(ctx, grad_rows):
         logits2d, target1d, lse, valid, hits = ctx.saved_tensors
-        call, opts, layout = ctx.call, ctx.opts, ctx.layout
+        call, layout = ctx.call, ctx.layout
         # 0 on ignored rows; NaN where the target was in no shard (its loss was NaN too).
         row_scale = torch.where(valid, torch.where(hits > 0, grad_rows.to(lse.dtype), float("nan")), 0.0)
         grad = backend.shard_cross_entropy_backward(
@@ -137,12 +138,12 @@ class CrossEntropyFunction(torch.autograd.Function):
             row_scale,
             n_valid_cols=layout.n_valid_cols,
             vocab_start=layout.vocab_start,
-            label_smoothing=opts.label_smoothing,
+            label_smoothing=call.label_smoothing,
             vocab_size=layout.n_classes,  # C of the smoothing term, = merged.count of the forward
-            z_loss=opts.z_loss,
+            z_loss=call.z_loss,
             softcap=call.softcap,
             temperature=call.temperature,
-            out=logits2d if opts.inplace_backward else None,
+            out=logits2d if ctx.inplace_backward else None,
         )
         return grad, None, None, None, None
 

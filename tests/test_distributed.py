@@ -383,6 +383,12 @@ def errors_rank(ctx, backend: str) -> dict:
         "vocab_start on some ranks": lambda: ss.softmax_stats(
             shard, vocab_start=start if rank == 0 else None, process_group=g
         ),
+        "label_smoothing": lambda: ss.cross_entropy(
+            shard, td, label_smoothing=0.1 if rank == 1 else 0.0, process_group=g
+        ),
+        "temperature of the wrong type": lambda: ss.softmax_stats(
+            shard, temperature="hot" if rank == 0 else 1.0, process_group=g
+        ),
     }
     out = {}
     for name, call in bad.items():
@@ -410,8 +416,10 @@ EXPECTED_ERRORS = {
     "operation": "ranks disagree on operation",
     "k > vocabulary": "larger than the vocabulary",
     "vocab_start on some ranks": "vocab_start must be given on every rank or on none",
+    "label_smoothing": "ranks disagree on label_smoothing: rank 0 has 0.0, rank 1 has 0.1",
+    "temperature of the wrong type": ("temperature must be a positive number", "rank 0 rejected its input"),
 }
-BAD_RANK = {"target shape": 1, "target dtype": 0}
+BAD_RANK = {"target shape": 1, "target dtype": 0, "temperature of the wrong type": 0}
 
 
 # ------------------------------------------------------------------------------------------------
