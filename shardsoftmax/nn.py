@@ -194,7 +194,6 @@ class VocabParallelLMHead(nn.Module):
         V.check_int(vocab_size, "vocab_size", low=1)
         padded = vocab_size if vocab_size_padded is None else vocab_size_padded
         V.check_int(padded, "vocab_size_padded", low=vocab_size)
-        _check_loss_kwargs(ignore_index, reduction, label_smoothing, z_loss, temperature, softcap)
         self.rank, self.world_size = _group_rank_and_size(process_group, rank, world_size)
         sizes = shard_sizes(padded, self.world_size)
         self.hidden_size = hidden_size
@@ -203,12 +202,18 @@ class VocabParallelLMHead(nn.Module):
         self.vocab_start = sum(sizes[: self.rank])
         self.shard_size = sizes[self.rank]
         self.process_group = process_group
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = float(label_smoothing)
-        self.z_loss = float(z_loss)
-        self.temperature = float(temperature)
-        self.softcap = None if softcap is None else float(softcap)
+        # The loss over this rank's logit shard; its options also serve the statistics path.
+        self.loss_fn = VocabParallelCrossEntropy(
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            temperature=temperature,
+            softcap=softcap,
+            vocab_size=vocab_size,
+            vocab_start=self.vocab_start,
+            process_group=process_group,
+        )
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(self.shard_size, hidden_size, **factory))
         self.bias = nn.Parameter(torch.empty(self.shard_size, **factory)) if bias else None
@@ -293,27 +298,17 @@ class VocabParallelLMHead(nn.Module):
             raise ValueError(
                 f"k={k} applies to statistics only (return_stats=True or no target); the loss has no top-k"
             )
-        layout = {
-            "vocab_size": self.vocab_size,
-            "vocab_start": self.vocab_start,
-            "process_group": self.process_group,
-        }
-        transform = {"temperature": self.temperature, "softcap": self.softcap}
         if not loss:
             with torch.no_grad():
                 logits = F.linear(hidden, self.weight, self.bias)
-            return softmax_stats(logits, target, k=k, ignore_index=self.ignore_index, **transform, **layout)
+            opts = self.loss_fn
+            return softmax_stats(
+                logits, target, k=k, ignore_index=opts.ignore_index, temperature=opts.temperature,
+                softcap=opts.softcap, vocab_size=self.vocab_size, vocab_start=self.vocab_start,
+                process_group=self.process_group,
+            )  # fmt: skip
         logits = F.linear(copy_to_vocab_parallel(hidden, self.process_group), self.weight, self.bias)
-        return cross_entropy(
-            logits,
-            target,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            label_smoothing=self.label_smoothing,
-            z_loss=self.z_loss,
-            **transform,
-            **layout,
-        )
+        return self.loss_fn(logits, target)
 
     def extra_repr(self) -> str:
         return (
