@@ -459,10 +459,7 @@ class DistBench:
             f"matmul {mm_desc} {flops / 1e12:.1f} "
             f"TFLOP/s; csv: {self.csv.path}; took {time.perf_counter() - t0:.0f}s"
         )
-        text = "\n".join(lines)
-        with open(self.csv.path[: -len(".csv")] + ".txt", "w") as f:
-            f.write(text + "\n")
-        C.log(text)
+        C.write_report(lines, self.csv.path)
 
 
 def main(argv: list[str], process_group=None) -> int:

@@ -473,10 +473,7 @@ class Bench:
             f"matmul {mm_desc} {mm_flops / 1e12:.1f} "
             f"TFLOP/s; csv: {self.csv.path}; took {time.perf_counter() - t_start:.0f}s"
         )
-        text = "\n".join(tail)
-        with open(self.csv.path[: -len(".csv")] + ".txt", "w") as f:
-            f.write(text + "\n")
-        C.log(text)
+        C.write_report(tail, self.csv.path)
         return 0
 
     def bars(self) -> list[str]:

@@ -570,6 +570,14 @@ def format_table(results: Sequence[Result]) -> str:
     return "\n".join(lines)
 
 
+def write_report(lines: Sequence[str], csv_path: str) -> None:
+    """Print the final report and save it beside the CSV (same name, .txt)."""
+    text = "\n".join(lines)
+    with open(csv_path[: -len(".csv")] + ".txt", "w") as f:
+        f.write(text + "\n")
+    log(text)
+
+
 def skip_summary(skips: Sequence[tuple[str, str]], limit: int = 1500) -> str:
     """'skipped: reason: what, what; reason: what' with each reason once."""
     by_reason: dict[str, list[str]] = {}
