@@ -5,6 +5,7 @@ Tensor in, tensor out: no autograd and no torch.distributed here. The math layer
 """
 
 from .elementwise import cross_entropy_backward, softmax_write
+from .linear import linear_cross_entropy_backward, linear_logits, linear_partials
 from .partials import FIELDS, MAX_K, N_FIELDS, shard_partials
 from .sample import gumbel_argmax
 
@@ -15,6 +16,9 @@ __all__ = [
     "cross_entropy_backward",
     "gumbel_argmax",
     "interpreted",
+    "linear_cross_entropy_backward",
+    "linear_logits",
+    "linear_partials",
     "shard_partials",
     "softmax_write",
 ]

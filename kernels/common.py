@@ -32,6 +32,31 @@ def transform_grad(x, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def cross_entropy_grad(
+    raw,
+    cols,
+    local_target,
+    lse,
+    scale,
+    smooth_per_class,
+    target_weight,
+    two_z_loss,
+    softcap,
+    inv_temperature,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_TEMPERATURE: tl.constexpr,
+):
+    """d(scale * loss_row)/d raw: scale * (p (1 + 2 z lse) - eps / C - (1 - eps) [col == target])
+    * dx'/dx, with x' = transform(raw) and p = exp(x' - lse). Elementwise with broadcasting (per-row
+    ``local_target``, ``lse``, ``scale``); fp32. The caller masks padding columns and scale-0 rows."""
+    x = transform_logits(raw, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
+    p = tl.exp2((x - lse) * 1.4426950408889634)
+    g = p * (1.0 + two_z_loss * lse) - smooth_per_class
+    g = g - tl.where(cols == local_target, target_weight, 0.0)
+    return g * scale * transform_grad(raw, softcap, inv_temperature, HAS_SOFTCAP)
+
+
+@triton.jit
 def safe_max(m):
     """m, with -inf replaced by 0 so that exp(x - m) never forms -inf - -inf."""
     return tl.where(m == float("-inf"), 0.0, m)

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import transform_grad, transform_logits
+from .common import cross_entropy_grad, transform_logits
 
 BLOCK_COLS = 2048
 
@@ -85,14 +85,13 @@ def _cross_entropy_backward_kernel(
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     in_row = cols < n_cols
     raw = tl.load(logits_ptr + row * stride_logits_row + cols, mask=in_row, other=0.0).to(tl.float32)
-    x = transform_logits(raw, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
     lse = tl.load(lse_ptr + row)
     scale = tl.load(row_scale_ptr + row)
     local_target = tl.load(target_ptr + row).to(tl.int64) - vocab_start
-    p = tl.exp2((x - lse) * 1.4426950408889634)
-    g = p * (1.0 + two_z_loss * lse) - smooth_per_class
-    g = g - tl.where(cols == local_target, target_weight, 0.0)
-    g = g * scale * transform_grad(raw, softcap, inv_temperature, HAS_SOFTCAP)
+    g = cross_entropy_grad(
+        raw, cols, local_target, lse, scale, smooth_per_class, target_weight, two_z_loss, softcap,
+        inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE,
+    )  # fmt: skip
     # two wheres, not `block & scalar`: the Triton 3.8 interpreter cannot `&` a block with a scalar
     g = tl.where(cols < n_valid_cols, g, 0.0)
     g = tl.where(scale != 0.0, g, 0.0)

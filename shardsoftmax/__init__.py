@@ -5,7 +5,17 @@ ranks, one collective) turns them into exact global results.
 """
 
 from . import nn as nn  # re-exported: ss.nn
-from .api import SoftmaxStats, cross_entropy, log_softmax, sample, softmax, softmax_stats, topk
+from .api import (
+    SoftmaxStats,
+    cross_entropy,
+    linear_cross_entropy,
+    linear_softmax_stats,
+    log_softmax,
+    sample,
+    softmax,
+    softmax_stats,
+    topk,
+)
 from .backend import get_backend, set_backend, use_backend
 
 __version__ = "0.1.0"
@@ -14,6 +24,8 @@ __all__ = [
     "SoftmaxStats",
     "cross_entropy",
     "get_backend",
+    "linear_cross_entropy",
+    "linear_softmax_stats",
     "log_softmax",
     "set_backend",
     "sample",

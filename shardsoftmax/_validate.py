@@ -21,18 +21,50 @@ def check_logits(logits, name: str = "logits") -> None:
         raise ValueError(f"{name} must have at least one dimension (the vocabulary), got a 0-d tensor")
 
 
-def check_target(target, logits: torch.Tensor, name: str = "target") -> None:
+def check_target(target, logits: torch.Tensor, name: str = "target", of: str = "logits") -> None:
+    """``of``: what ``logits`` is called in messages (the fused head passes its hidden states)."""
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of integer class ids, got {type(target).__name__}")
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
         raise TypeError(f"{name} must have an integer dtype (int64, int32, ...), got {target.dtype}")
     if tuple(target.shape) != tuple(logits.shape[:-1]):
         raise ValueError(
-            f"{name} must have shape {tuple(logits.shape[:-1])} (logits' shape without the last dim), "
+            f"{name} must have shape {tuple(logits.shape[:-1])} ({of}' shape without the last dim), "
             f"got {tuple(target.shape)}"
         )
     if target.device != logits.device:
-        raise ValueError(f"{name} is on {target.device} but logits are on {logits.device}")
+        raise ValueError(f"{name} is on {target.device}, {of} on {logits.device}")
+
+
+def check_linear(hidden, weight, bias) -> None:
+    """The fused LM head's inputs: hidden [..., H], weight [V_shard, H] and bias [V_shard] or None,
+    one float dtype and one device."""
+    check_logits(hidden, "hidden")
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"hidden must have a non-empty last dimension (H), got shape {tuple(hidden.shape)}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor [V_shard, H], got {type(weight).__name__}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must have shape [V_shard, {hidden.shape[-1]}] (H = hidden's last dimension), "
+            f"got {tuple(weight.shape)}"
+        )
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor [V_shard] or None, got {type(bias).__name__}")
+    if bias.dtype != weight.dtype:
+        raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
+    if tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(
+            f"bias must have shape ({weight.shape[0]},) (weight's V_shard), got {tuple(bias.shape)}"
+        )
+    if bias.device != weight.device:
+        raise ValueError(f"bias is on {bias.device} but weight is on {weight.device}")
 
 
 def check_int(value, name: str, *, low: int | None = None, high: int | None = None, allow_none=False) -> None:

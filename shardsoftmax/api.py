@@ -26,6 +26,7 @@ import torch
 
 from . import _validate as V
 from . import backend
+from .linear import LinearCrossEntropyFunction, linear_global_partials
 from .ops import (
     MAX_K,
     CrossEntropyFunction,
@@ -34,7 +35,7 @@ from .ops import (
     reject_on_all_ranks,
     sample_ids,
 )
-from .partials import finalize, log_normalizer
+from .partials import Finalized, finalize, log_normalizer
 
 
 class SoftmaxStats(NamedTuple):
@@ -92,10 +93,13 @@ def softmax_stats(
         V.check_layout_args(vocab_size, vocab_start)
 
     _checked(call, process_group, checks)
-    lead = logits.shape[:-1]
     x2, t1 = _flatten(logits, target)
     with torch.no_grad():
         fin = finalize(global_partials(x2, t1, call, process_group)[0])
+    return _stats(fin, t1, ignore_index, logits.shape[:-1], k)
+
+
+def _stats(fin: Finalized, t1: torch.Tensor | None, ignore_index: int, lead, k: int) -> SoftmaxStats:
     target_logprob = None
     if t1 is not None:
         tlp = fin.target_logit - fin.lse
@@ -153,8 +157,12 @@ def cross_entropy(
     _checked(call, process_group, checks)
     x2, t1 = _flatten(logits, target)
     rows = CrossEntropyFunction.apply(x2, t1, call, inplace_backward, process_group)
+    return _reduce(rows, t1, reduction, ignore_index, target.shape)
+
+
+def _reduce(rows: torch.Tensor, t1: torch.Tensor, reduction: str, ignore_index: int, shape) -> torch.Tensor:
     if reduction == "none":
-        return rows.reshape(target.shape)
+        return rows.reshape(shape)
     if reduction == "sum":
         return rows.sum()
     return rows.sum() / (t1 != ignore_index).sum()
@@ -272,3 +280,103 @@ def sample(
     x2, _ = _flatten(logits, None)
     with torch.no_grad():
         return sample_ids(x2, call, process_group, seed=seed, offset=offset).reshape(logits.shape[:-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# The fused LM head: hidden states and this rank's weight slice in, no [N, V_shard] logits stored.
+# ------------------------------------------------------------------------------------------------
+
+
+def _flatten_hidden(hidden: torch.Tensor, target: torch.Tensor | None):
+    h2 = hidden.reshape(math.prod(hidden.shape[:-1]), hidden.shape[-1])
+    return h2, (None if target is None else target.reshape(-1))
+
+
+def linear_softmax_stats(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    k: int = 0,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    vocab_size: int | None = None,
+    vocab_start: int | None = None,
+    process_group=None,
+) -> SoftmaxStats:
+    """``softmax_stats`` of the logits ``hidden @ weight.T (+ bias)`` without storing them.
+
+    ``hidden``: ``[..., H]`` (float16, bfloat16, float32 or float64), the same on every rank of a
+    group; ``weight``: this rank's ``[V_shard, H]`` slice of the output projection, in hidden's
+    dtype; ``bias``: ``[V_shard]`` or None. The logits are accumulated in fp32 (fp64 for fp64
+    inputs) and never rounded to the inputs' dtype. Everything else (``target``, ``k``, the
+    transform, ignored and padded columns, the group, one collective) is as ``softmax_stats``;
+    results are ``[...]`` / ``[..., k]``. ``k > 0`` computes fp32 logits a chunk of rows at a time
+    (at most 256 MiB) on the Triton path; ``k = 0`` never writes any. Not differentiable."""
+    call = ShardCall("linear_stats", k, temperature, softcap, ignore_index, vocab_size, vocab_start)
+
+    def checks():
+        V.check_linear(hidden, weight, bias)
+        if target is not None:
+            V.check_target(target, hidden, of="hidden")
+        V.check_int(k, "k", low=0, high=MAX_K)
+        V.check_int(ignore_index, "ignore_index")
+        V.check_transform(temperature, softcap)
+        V.check_layout_args(vocab_size, vocab_start)
+
+    _checked(call, process_group, checks)
+    h2, t1 = _flatten_hidden(hidden, target)
+    with torch.no_grad():
+        fin = finalize(linear_global_partials(h2, weight, bias, t1, call, process_group)[0])
+    return _stats(fin, t1, ignore_index, hidden.shape[:-1], k)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    vocab_size: int | None = None,
+    vocab_start: int | None = None,
+    process_group=None,
+    reduce_hidden_grad: bool = True,
+) -> torch.Tensor:
+    """``cross_entropy`` of the logits ``hidden @ weight.T (+ bias)`` without storing them;
+    differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
+
+    Shapes, dtypes and options as ``linear_softmax_stats`` and ``cross_entropy`` (reductions,
+    ignored tokens, label smoothing over the true vocabulary, z-loss); the loss is float32
+    (float64 for float64 inputs). Forward: one collective in a group. Backward recomputes the
+    logits from hidden and weight with the saved per-row lse (no [N, V_shard] buffer is saved);
+    weight and bias get this shard's gradient (padding rows: 0). ``hidden`` gets this shard's
+    contribution, summed over the group by one all-reduce (in fp32) when ``reduce_hidden_grad``
+    (the column-parallel rule, for hidden states replicated on every rank); pass False to reduce
+    it yourself."""
+    call = ShardCall(
+        "linear_cross_entropy", 0, temperature, softcap, ignore_index, vocab_size, vocab_start,
+        label_smoothing, z_loss,
+    )  # fmt: skip
+
+    def checks():
+        V.check_linear(hidden, weight, bias)
+        V.check_target(target, hidden, of="hidden")
+        V.check_int(ignore_index, "ignore_index")
+        V.check_loss_options(reduction, label_smoothing, z_loss)
+        V.check_transform(temperature, softcap)
+        V.check_layout_args(vocab_size, vocab_start)
+        if not isinstance(reduce_hidden_grad, bool):
+            raise TypeError(f"reduce_hidden_grad must be a bool, got {reduce_hidden_grad!r}")
+
+    _checked(call, process_group, checks)
+    h2, t1 = _flatten_hidden(hidden, target)
+    rows = LinearCrossEntropyFunction.apply(h2, weight, bias, t1, call, process_group, reduce_hidden_grad)
+    return _reduce(rows, t1, reduction, ignore_index, target.shape)

@@ -54,15 +54,37 @@ def uses_triton(logits: torch.Tensor) -> bool:
     return runnable
 
 
+def _merge_splits(stats: torch.Tensor, vals: torch.Tensor, ids: torch.Tensor) -> Partials:
+    """A kernel's per-split partials ([N_FIELDS, S, N], [S, N, k]) merged into one piece."""
+    if stats.shape[1] == 1:
+        return Partials(*stats[:, 0].unbind(0), vals[0], ids[0])
+    return merge_stacked(Partials(*stats.unbind(0), vals, ids))
+
+
 def shard_partials(logits: torch.Tensor, target: torch.Tensor | None, **kw) -> Partials:
     """Partials of one 2-D shard ([N] and [N, k] fields), merged over the kernel's column splits."""
     if uses_triton(logits):
-        stats, vals, ids = kernels.shard_partials(logits, target, **kw)
-        if stats.shape[1] == 1:
-            return Partials(*stats[:, 0].unbind(0), vals[0], ids[0])
-        return merge_stacked(Partials(*stats.unbind(0), vals, ids))
+        return _merge_splits(*kernels.shard_partials(logits, target, **kw))
     kw.pop("need_entropy", None), kw.pop("need_sum_x", None)  # the reference computes every field
     return reference.shard_partials(logits, target, **kw)
+
+
+def linear_partials(hidden, weight, bias, target, **kw) -> Partials:
+    """Partials of the logit shard ``hidden @ weight^T (+ bias)``, never stored whole: the fused
+    kernel, or the PyTorch reference a chunk of rows at a time."""
+    if uses_triton(hidden):
+        return _merge_splits(*kernels.linear_partials(hidden, weight, bias, target, **kw))
+    kw.pop("need_entropy", None), kw.pop("need_sum_x", None)
+    return reference.shard_linear_partials(hidden, weight, bias, target, **kw)
+
+
+def linear_cross_entropy_backward(hidden, weight, bias, target, lse, row_scale, **kw):
+    """(grad_hidden in the compute dtype, grad_weight, grad_bias) of the fused LM head's loss."""
+    if uses_triton(hidden):
+        return kernels.linear_cross_entropy_backward(
+            hidden, weight, bias, target, lse.float(), row_scale.float(), **kw
+        )
+    return reference.shard_linear_cross_entropy_backward(hidden, weight, bias, target, lse, row_scale, **kw)
 
 
 def shard_softmax(logits: torch.Tensor, lse: torch.Tensor, **kw) -> torch.Tensor:

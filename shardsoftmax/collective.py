@@ -48,7 +48,8 @@ HEADER_FIELDS = (
 )
 H = len(HEADER_FIELDS)
 _DTYPES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4}
-OPS = {"stats": 1, "cross_entropy": 2, "softmax": 3, "log_softmax": 4, "topk": 5, "sample": 6, "linear": 7}
+OPS = {"stats": 1, "cross_entropy": 2, "softmax": 3, "log_softmax": 4, "topk": 5, "sample": 6,
+       "linear_stats": 7, "linear_cross_entropy": 8}  # fmt: skip
 
 # Error codes a rank can report instead of its partials.
 ERR_INVALID_INPUT = 1

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _validate as V
-from .api import SoftmaxStats, cross_entropy, softmax_stats
+from . import backend
+from .api import SoftmaxStats, cross_entropy, linear_cross_entropy, linear_softmax_stats, softmax_stats
 
 __all__ = ["VocabParallelCrossEntropy", "VocabParallelLMHead", "copy_to_vocab_parallel", "shard_sizes"]
 
@@ -159,6 +160,14 @@ class VocabParallelLMHead(nn.Module):
     The loss options (``ignore_index``, ``reduction``, ``label_smoothing``, ``z_loss``,
     ``temperature``, ``softcap``) are those of ``shardsoftmax.cross_entropy``.
 
+    ``fused``: compute the loss and statistics with ``linear_cross_entropy`` /
+    ``linear_softmax_stats`` (the logits are never stored; backward recomputes them) instead of
+    ``F.linear`` + ``cross_entropy`` / ``softmax_stats``. ``None`` (default): fused when the
+    Triton backend runs for the weight (``ss.use_backend``, CUDA or the interpreter) and
+    ``k == 0`` (the fused top-k path computes chunks of logits anyway). Both paths give the same
+    results up to the rounding of the matmul (the fused one accumulates the logits in fp32 and
+    never rounds them to the weight's dtype), the same collectives, and the same gradients.
+
     ``forward(hidden, target=None, *, k=0, return_stats=False)``:
 
     * ``hidden``: ``[..., H]``, the same on every rank, in the weight's dtype.
@@ -186,11 +195,15 @@ class VocabParallelLMHead(nn.Module):
         z_loss: float = 0.0,
         temperature: float = 1.0,
         softcap: float | None = None,
+        fused: bool | None = None,
         device=None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         V.check_int(hidden_size, "hidden_size", low=1)
+        if fused is not None and not isinstance(fused, bool):
+            raise TypeError(f"fused must be True, False or None, got {fused!r}")
+        self.fused = fused
         V.check_int(vocab_size, "vocab_size", low=1)
         padded = vocab_size if vocab_size_padded is None else vocab_size_padded
         V.check_int(padded, "vocab_size_padded", low=vocab_size)
@@ -298,10 +311,23 @@ class VocabParallelLMHead(nn.Module):
             raise ValueError(
                 f"k={k} applies to statistics only (return_stats=True or no target); the loss has no top-k"
             )
+        opts = self.loss_fn
+        if self.uses_fused(k):
+            layout = {"vocab_size": self.vocab_size, "vocab_start": self.vocab_start}
+            transform = {"temperature": opts.temperature, "softcap": opts.softcap}
+            if not loss:
+                return linear_softmax_stats(
+                    hidden, self.weight, target, bias=self.bias, k=k, ignore_index=opts.ignore_index,
+                    process_group=self.process_group, **transform, **layout,
+                )  # fmt: skip
+            return linear_cross_entropy(
+                hidden, self.weight, target, bias=self.bias, ignore_index=opts.ignore_index,
+                reduction=opts.reduction, label_smoothing=opts.label_smoothing, z_loss=opts.z_loss,
+                process_group=self.process_group, reduce_hidden_grad=True, **transform, **layout,
+            )  # fmt: skip
         if not loss:
             with torch.no_grad():
                 logits = F.linear(hidden, self.weight, self.bias)
-            opts = self.loss_fn
             return softmax_stats(
                 logits, target, k=k, ignore_index=opts.ignore_index, temperature=opts.temperature,
                 softcap=opts.softcap, vocab_size=self.vocab_size, vocab_start=self.vocab_start,
@@ -310,9 +336,16 @@ class VocabParallelLMHead(nn.Module):
         logits = F.linear(copy_to_vocab_parallel(hidden, self.process_group), self.weight, self.bias)
         return self.loss_fn(logits, target)
 
+    def uses_fused(self, k: int = 0) -> bool:
+        """Whether ``forward(..., k=k)`` takes the fused path (see ``fused`` in the class docstring)."""
+        if self.fused is not None:
+            return self.fused
+        return k == 0 and backend.uses_triton(self.weight)
+
     def extra_repr(self) -> str:
         return (
             f"hidden_size={self.hidden_size}, vocab_size={self.vocab_size}, "
             f"vocab_size_padded={self.vocab_size_padded}, rank={self.rank}/{self.world_size}, "
             f"rows=[{self.vocab_start}, {self.vocab_start + self.shard_size}), bias={self.bias is not None}"
+            + ("" if self.fused is None else f", fused={self.fused}")
         )

@@ -4,6 +4,7 @@ global per-row results, and the cross-entropy autograd Function built on them.""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -31,7 +32,7 @@ class ShardCall:
     # The kernel skips sums nobody reads (they come back as NaN).
     @property
     def need_entropy(self) -> bool:
-        return self.op == "stats"
+        return self.op in ("stats", "linear_stats")
 
     @property
     def need_sum_x(self) -> bool:
@@ -44,6 +45,15 @@ class ShardCall:
             self.op, n_rows, self.k, dtype, has_target, width, self.vocab_start, self.vocab_size,
             self.ignore_index, self.temperature, self.softcap, self.label_smoothing, self.z_loss,
         )  # fmt: skip
+
+
+class ShardShape(NamedTuple):
+    """What ``global_partials`` needs to know of a logit shard that is never stored (the fused LM
+    head): its ``shape`` (rows, V_shard), ``dtype`` and ``device``."""
+
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    device: torch.device
 
 
 def group_device(process_group) -> torch.device:
@@ -66,7 +76,8 @@ def global_partials(
 ) -> tuple[Partials, Layout]:
     """Merged partials of the whole vocabulary for every row, and this shard's layout. One
     collective when ``process_group`` is given, none otherwise (a merge over one shard, which is
-    that shard's partials). ``pieces_fn(layout)`` replaces the default shard pass."""
+    that shard's partials). ``pieces_fn(layout)`` replaces the default shard pass; with it,
+    ``logits2d`` may be a ``ShardShape`` instead of the logits."""
 
     def compute(layout: Layout) -> Partials:
         if pieces_fn is not None:

@@ -122,6 +122,75 @@ def shard_cross_entropy_backward(
 
 
 # ----------------------------------------------------------------------------------------------
+# The fused LM head on the PyTorch path: logits = hidden @ weight^T (+ bias) in the compute dtype,
+# a chunk of rows at a time (never more than LINEAR_CHUNK_ELEMENTS logits at once).
+# ----------------------------------------------------------------------------------------------
+
+LINEAR_CHUNK_ELEMENTS = 1 << 24
+
+
+def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """hidden [n, H] @ weight [V, H]^T (+ bias) in the compute dtype of hidden (fp32, or fp64)."""
+    dt = compute_dtype(hidden.dtype)
+    x = hidden.to(dt) @ weight.to(dt).T
+    return x if bias is None else x + bias.to(dt)
+
+
+def _row_chunks(n_rows: int, n_cols: int):
+    step = max(1, LINEAR_CHUNK_ELEMENTS // max(1, n_cols))
+    return [(r0, min(n_rows, r0 + step)) for r0 in range(0, n_rows, step)] or [(0, 0)]
+
+
+def shard_linear_partials(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor | None,
+    **kw,
+) -> Partials:
+    """``shard_partials`` of the logits hidden @ weight^T (+ bias), computed a chunk of rows at a time."""
+    pieces = []
+    for r0, r1 in _row_chunks(hidden.shape[0], weight.shape[0]):
+        logits = linear_logits(hidden[r0:r1], weight, bias)
+        pieces.append(shard_partials(logits, None if target is None else target[r0:r1], **kw))
+    return Partials(*(torch.cat(f) for f in zip(*pieces)))
+
+
+def shard_linear_cross_entropy_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    lse: torch.Tensor,
+    row_scale: torch.Tensor,
+    *,
+    need_hidden_grad: bool = True,
+    need_weight_grad: bool = True,
+    **kw,
+):
+    """Gradients of sum_rows row_scale * loss_row w.r.t. hidden (compute dtype, this shard's
+    partial sum), weight and bias (their dtypes): the logit gradient of
+    ``shard_cross_entropy_backward`` for a chunk of rows at a time, times hidden / weight."""
+    dt = compute_dtype(hidden.dtype)
+    w = weight.to(dt)
+    grad_hidden = torch.zeros(hidden.shape, dtype=dt, device=hidden.device)
+    grad_weight = torch.zeros(weight.shape, dtype=dt, device=hidden.device)
+    grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=dt, device=hidden.device)
+    for r0, r1 in _row_chunks(hidden.shape[0], weight.shape[0]):
+        logits = linear_logits(hidden[r0:r1], weight, bias)
+        g = shard_cross_entropy_backward(logits, target[r0:r1], lse[r0:r1], row_scale[r0:r1], **kw)
+        grad_hidden[r0:r1] = g @ w
+        grad_weight += g.T @ hidden[r0:r1].to(dt)
+        if grad_bias is not None:
+            grad_bias += g.sum(dim=0)
+    return (
+        grad_hidden if need_hidden_grad else None,
+        grad_weight.to(weight.dtype) if need_weight_grad or bias is not None else None,
+        None if bias is None else grad_bias.to(bias.dtype),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
 # Oracles: final answers from the full logits, ordinary PyTorch, meant to run in float64.
 # ----------------------------------------------------------------------------------------------
 
@@ -248,3 +317,24 @@ def shard_gumbel_argmax(
     vals, top = topk_select(y, ids, 1)
     real = vals[:, 0] > float("-inf")
     return vals[:, 0], torch.where(real, top[:, 0], torch.full_like(top[:, 0], ID_SENTINEL))
+
+
+# ----------------------------------------------------------------------------------------------
+# Oracles of the fused LM head: the float64 matmul, then the oracles above.
+# ----------------------------------------------------------------------------------------------
+
+
+def oracle_linear_logits(hidden, weight, bias=None):
+    """float64 hidden @ weight^T (+ bias); differentiable."""
+    x = hidden.double() @ weight.double().T
+    return x if bias is None else x + bias.double()
+
+
+def oracle_linear_stats(hidden, weight, target=None, *, bias=None, **kw):
+    """``oracle_stats`` of the float64 logits of ``hidden [..., H]`` and ``weight [V, H]``."""
+    return oracle_stats(oracle_linear_logits(hidden, weight, bias), target, **kw)
+
+
+def oracle_linear_cross_entropy(hidden, weight, target, *, bias=None, **kw):
+    """``oracle_cross_entropy`` of the float64 logits; differentiable w.r.t. hidden, weight, bias."""
+    return oracle_cross_entropy(oracle_linear_logits(hidden, weight, bias), target, **kw)

@@ -1,0 +1,718 @@
+"""The fused LM head: ``hidden [N, H] @ weight[V_shard, H]^T (+ bias)`` straight into per-row partials
+(forward) and into the gradients of hidden, weight and bias (cross-entropy backward), without ever
+writing the ``[N, V_shard]`` logits.
+
+Kernels (each a tiled ``tl.dot`` loop over H with fp32 accumulation, sharing ``_logit_tile``):
+
+* ``_linear_partials_kernel``: one program per (block of BLOCK_N rows, vocabulary split); it loops
+  over the split's BLOCK_V-column tiles and runs the online partials update of
+  ``partials._shard_partials_kernel`` on each logit tile in registers (max, sum exp, and when
+  needed sum exp*x, sum x, the target logit). Output: the same ``[N_FIELDS, S, N]`` stats as
+  ``shard_partials``, so the merge over splits and ranks is the one in ``shardsoftmax.partials``.
+* ``_linear_tile_kernel``: one program per [BLOCK_N, BLOCK_V] tile; writes either the raw fp32
+  logit tile (top-k path, below) or the cross-entropy gradient tile dloss/dlogit (backward).
+* ``_matmul_kernel``: C (+)= A @ B with fp32 accumulation and any strides (backward GEMMs).
+
+Top-k (``k > 0``): exact and simple rather than fused. The logits of a chunk of rows (at most
+``TOPK_CHUNK_BYTES`` of fp32) are written by ``_linear_tile_kernel`` and handed to the existing
+``shard_partials`` kernel; every field then comes from those fp32 logits. ``k = 0`` is fully
+fused.
+
+Backward (deterministic, no atomics): the vocabulary is processed in chunks of ``C`` columns
+(``N * C`` gradient elements at most ``GRAD_CHUNK_BYTES``). Per chunk, ``_linear_tile_kernel``
+recomputes the logit tiles from hidden and weight with the saved per-row lse and writes
+G = dloss/dlogits [N, C] in the inputs' dtype (the unfused path's gradient, one chunk of it);
+then ``grad_hidden += G @ W[chunk]`` (fp32 accumulator [N, H]) and
+``grad_weight[chunk] = G^T @ hidden`` (one fp32-accumulated GEMM over all N, rounded once), and
+``grad_bias[chunk] = sum_rows G``. Extra memory: the fp32 [N, H] accumulator plus one G chunk.
+A scheme that never stores G needs either atomics or, for each of the H/BLOCK output columns,
+a recomputation of the logits (H = 4096: 16-64x the matmul FLOPs).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import cross_entropy_grad, rescale_factor, safe_max, transform_logits
+from .partials import N_FIELDS, default_splits, shard_partials, tile_shape
+
+LOG2E = tl.constexpr(1.4426950408889634)
+TOPK_CHUNK_BYTES = 256 << 20  # fp32 logits of one chunk of rows on the top-k path
+GRAD_CHUNK_BYTES = 256 << 20  # one chunk of the gradient G in backward
+GROUP_N = 16  # row blocks that run side by side (their hidden rows stay in L2)
+# On CUDA the kernels are autotuned over a few configs (one tuning per key, at the first call);
+# SHARDSOFTMAX_AUTOTUNE=0 (or setting this to False) runs the first config of each list instead.
+AUTOTUNE = os.environ.get("SHARDSOFTMAX_AUTOTUNE", "1") != "0"
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------------
+# Configurations: autotuned on CUDA (a few configs, key (H, V)), one fixed small one in the interpreter
+# ------------------------------------------------------------------------------------------------
+
+
+def _tile_configs() -> list[triton.Config]:
+    """Tiles of the logit matmul (forward partials and the backward tile kernel), for H100/H200."""
+    shapes = [  # BLOCK_N, BLOCK_V, BLOCK_H, warps, stages
+        (128, 128, 64, 8, 3),
+        (128, 128, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+    ]
+    return [
+        triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_H": h}, num_warps=w, num_stages=s)
+        for n, v, h, w, s in shapes
+    ]
+
+
+def _matmul_configs() -> list[triton.Config]:
+    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
+        (128, 128, 64, 8, 3),
+        (128, 256, 64, 8, 3),
+        (128, 128, 32, 4, 4),
+        (64, 128, 64, 4, 4),
+    ]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+        for m, n, k, w, s in shapes
+    ]
+
+
+# The interpreter runs each program in Python: few, small tiles (still several per test shape).
+INTERPRETER_TILE = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16}
+INTERPRETER_MATMUL = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}
+_EVEN_H = {"EVEN_H": lambda a: a["hidden_size"] % a["BLOCK_H"] == 0}
+
+
+def _interpreted() -> bool:
+    from . import interpreted
+
+    return interpreted()
+
+
+def _dot_meta(dtype: torch.dtype) -> dict:
+    """fp32 inputs are multiplied in full fp32 (as torch.matmul by default), not TF32. In the
+    interpreter, 16-bit operands are widened to fp32 first (exact products; its bf16 dot is wrong)."""
+    upcast = dtype != torch.float32 and _interpreted()
+    return {"INPUT_PRECISION": "ieee" if dtype == torch.float32 or upcast else "tf32", "UPCAST": upcast}
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _logit_tile(
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    rows,  # [BLOCK_N] row ids, already clamped into [0, n_rows)
+    cols,  # [BLOCK_V] weight rows, already clamped into [0, n_cols)
+    hidden_size,
+    stride_h_row,
+    stride_h_col,
+    stride_w_row,
+    stride_w_col,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    EVEN_H: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Raw fp32 logits hidden[rows] @ weight[cols]^T (+ bias[cols]): a [BLOCK_N, BLOCK_V] tile."""
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ptrs = hidden_ptr + rows.to(tl.int64)[:, None] * stride_h_row + offs_h[None, :] * stride_h_col
+    w_ptrs = weight_ptr + cols.to(tl.int64)[None, :] * stride_w_row + offs_h[:, None] * stride_w_col
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    for k0 in range(0, hidden_size, BLOCK_H):
+        if EVEN_H:
+            a = tl.load(h_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            k_ok = offs_h < hidden_size - k0
+            a = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        h_ptrs += BLOCK_H * stride_h_col
+        w_ptrs += BLOCK_H * stride_w_col
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.heuristics(_EVEN_H)
+@triton.jit
+def _linear_partials_kernel(
+    # pointers
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    target_ptr,
+    stats_ptr,
+    # sizes
+    n_rows,
+    n_cols,  # weight rows of this shard (padding included)
+    n_valid_cols,  # columns whose global id is < vocab_size; later columns are padding
+    hidden_size,
+    n_splits,
+    vocab_start,
+    ignore_index,
+    # strides
+    stride_h_row,
+    stride_h_col,
+    stride_w_row,
+    stride_w_col,
+    # transform
+    softcap,
+    inv_temperature,
+    # meta
+    HAS_BIAS: tl.constexpr,
+    HAS_TARGET: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_TEMPERATURE: tl.constexpr,
+    NEED_ENTROPY: tl.constexpr,
+    NEED_SUM_X: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,  # fp32 operands for tl.dot (Triton 3.8's interpreter gets bf16 dots wrong)
+    GROUP: tl.constexpr,  # row blocks per group of programs (L2 reuse of hidden)
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    EVEN_H: tl.constexpr,
+):
+    """Grid: (cdiv(n_rows, BLOCK_N) * n_splits,); one program per (row block, vocabulary split),
+    ordered so that the programs running side by side share GROUP row blocks (kept in L2) and
+    stream the weight tiles of consecutive splits.
+
+    For each BLOCK_V-column tile of the split: x = transform(hidden @ W^T + b) in fp32, then the
+    online update m' = max(m, max_j x), s' = s exp(m - m') + sum_j exp(x - m') (t and sum x alike).
+    """
+    pid = tl.program_id(0)
+    n_row_blocks = tl.cdiv(n_rows, BLOCK_N)
+    per_group = GROUP * n_splits
+    first_block = (pid // per_group) * GROUP
+    group_rows = tl.minimum(n_row_blocks - first_block, GROUP)
+    row_block = first_block + (pid % per_group) % group_rows
+    split = (pid % per_group) // group_rows
+
+    n_tiles = tl.cdiv(n_valid_cols, BLOCK_V)
+    cols_per_split = tl.cdiv(n_tiles, n_splits) * BLOCK_V
+    col_lo = split * cols_per_split
+    col_hi = tl.minimum(col_lo + cols_per_split, n_valid_cols)
+
+    rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    rows_in = tl.where(row_ok, rows, 0)
+
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_N], tl.float32)
+    t = tl.zeros([BLOCK_N], tl.float32)
+    sum_x = tl.zeros([BLOCK_N], tl.float32)
+    tgt_logit = tl.zeros([BLOCK_N], tl.float32)
+    if HAS_TARGET:
+        tgt = tl.load(target_ptr + rows_in).to(tl.int64)
+        local = tgt - vocab_start
+        tgt_here = (tgt != ignore_index) & (local >= col_lo) & (local < col_hi)
+        local = tl.where(tgt_here, local, -1)
+
+    for start in range(col_lo, col_hi, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        col_ok = cols < col_hi
+        raw = _logit_tile(
+            hidden_ptr, weight_ptr, bias_ptr, rows_in, tl.where(col_ok, cols, 0), hidden_size,
+            stride_h_row, stride_h_col, stride_w_row, stride_w_col,
+            HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H, INPUT_PRECISION, UPCAST,
+        )  # fmt: skip
+        x = transform_logits(raw, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
+        x = tl.where(col_ok[None, :], x, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        alpha = rescale_factor(m, m_new)
+        e = tl.exp2(x * LOG2E - (safe_max(m_new) * LOG2E)[:, None])
+        s = s * alpha + tl.sum(e, axis=1)
+        if NEED_ENTROPY:
+            # max(x, -FLT_MAX) keeps e * x = 0 (not NaN) for -inf columns.
+            t = t * alpha + tl.sum(e * tl.maximum(x, -3.4028234663852886e38), axis=1)
+        if NEED_SUM_X:
+            sum_x += tl.sum(tl.where(col_ok[None, :], x, 0.0), axis=1)
+        if HAS_TARGET:
+            tgt_logit += tl.sum(tl.where(cols[None, :] == local[:, None], x, 0.0), axis=1)
+        m = m_new
+
+    count = tl.zeros([BLOCK_N], tl.float32) + tl.maximum(col_hi - col_lo, 0).to(tl.float32)
+    if HAS_TARGET:
+        tgt_hits = tl.where(tgt_here, 1.0, 0.0)
+    else:
+        tgt_hits = tl.zeros([BLOCK_N], tl.float32)
+    if not NEED_ENTROPY:
+        t = t + float("nan")
+    if not NEED_SUM_X:
+        sum_x = sum_x + float("nan")
+    out = stats_ptr + split * n_rows + rows
+    plane = n_splits * n_rows
+    tl.store(out + 0 * plane, m, mask=row_ok)
+    tl.store(out + 1 * plane, s, mask=row_ok)
+    tl.store(out + 2 * plane, t, mask=row_ok)
+    tl.store(out + 3 * plane, sum_x, mask=row_ok)
+    tl.store(out + 4 * plane, count, mask=row_ok)
+    tl.store(out + 5 * plane, tgt_logit, mask=row_ok)
+    tl.store(out + 6 * plane, tgt_hits, mask=row_ok)
+
+
+@triton.heuristics(_EVEN_H)
+@triton.jit
+def _linear_tile_kernel(
+    # pointers
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    target_ptr,
+    lse_ptr,
+    row_scale_ptr,
+    out_ptr,
+    # sizes
+    n_rows,
+    n_cols,  # weight rows given to this launch (= out columns)
+    n_valid_cols,
+    hidden_size,
+    vocab_start,  # global id of column 0 of this launch
+    # strides
+    stride_h_row,
+    stride_h_col,
+    stride_w_row,
+    stride_w_col,
+    stride_out_row,
+    # loss options
+    smooth_per_class,  # label_smoothing / vocab_size
+    target_weight,  # 1 - label_smoothing
+    two_z_loss,  # 2 * z_loss
+    # transform
+    softcap,
+    inv_temperature,
+    # meta
+    GRAD: tl.constexpr,  # write dloss/dlogit (else the raw logits)
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_TEMPERATURE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,  # fp32 operands for tl.dot (Triton 3.8's interpreter gets bf16 dots wrong)
+    GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    EVEN_H: tl.constexpr,
+):
+    """Grid: (cdiv(n_rows, BLOCK_N) * cdiv(n_cols, BLOCK_V),); one program per output tile, GROUP
+    row blocks side by side. GRAD: out = row_scale (p (1 + 2 z lse) - eps/C - (1 - eps) [j = t])
+    dx'/dx with p = exp(x' - lse) (``common.cross_entropy_grad``), 0 on padding columns and on rows
+    with row_scale 0. Else: out = hidden @ W^T + b (raw, untransformed)."""
+    pid = tl.program_id(0)
+    n_row_blocks = tl.cdiv(n_rows, BLOCK_N)
+    n_col_blocks = tl.cdiv(n_cols, BLOCK_V)
+    per_group = GROUP * n_col_blocks
+    first_block = (pid // per_group) * GROUP
+    group_rows = tl.minimum(n_row_blocks - first_block, GROUP)
+    row_block = first_block + (pid % per_group) % group_rows
+    col_block = (pid % per_group) // group_rows
+
+    rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = col_block * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+    rows_in = tl.where(row_ok, rows, 0)
+    raw = _logit_tile(
+        hidden_ptr, weight_ptr, bias_ptr, rows_in, tl.where(col_ok, cols, 0), hidden_size,
+        stride_h_row, stride_h_col, stride_w_row, stride_w_col,
+        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H, INPUT_PRECISION, UPCAST,
+    )  # fmt: skip
+    if GRAD:
+        lse = tl.load(lse_ptr + rows_in)
+        scale = tl.load(row_scale_ptr + rows_in)
+        local_target = tl.load(target_ptr + rows_in).to(tl.int64) - vocab_start
+        g = cross_entropy_grad(
+            raw, cols[None, :], local_target[:, None], lse[:, None], scale[:, None],
+            smooth_per_class, target_weight, two_z_loss, softcap, inv_temperature,
+            HAS_SOFTCAP, HAS_TEMPERATURE,
+        )  # fmt: skip
+        g = tl.where(cols[None, :] < n_valid_cols, g, 0.0)
+        out = tl.where(scale[:, None] != 0.0, g, 0.0)
+    else:
+        out = raw
+    ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_out_row + cols[None, :]
+    tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _matmul_kernel(
+    # pointers
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    # sizes
+    M,
+    N,
+    K,
+    # strides
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    stride_cm,
+    stride_cn,
+    # meta
+    ACCUMULATE: tl.constexpr,  # C += A @ B (C fp32) instead of C = A @ B
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,  # fp32 operands for tl.dot (Triton 3.8's interpreter gets bf16 dots wrong)
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),); one program per C tile, fp32 accumulation
+    over K (any strides: A may be a transposed view)."""
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP * n_n
+    first = (pid // per_group) * GROUP
+    group_m = tl.minimum(n_m - first, GROUP)
+    pid_m = first + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_in = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
+    n_in = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
+    a_ptrs = a_ptr + m_in[:, None] * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + n_in[None, :] * stride_bn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    c_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=c_mask, other=0.0)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+# Keys: (H, V_shard) for the forward. The backward kernels see chunks of varying width, so they are
+# keyed on H (and what they compute) only: one tuning per model, not per chunk width. The
+# accumulating GEMM adds into its output, so tuning runs restore it.
+_partials_tuned = triton.autotune(_tile_configs(), key=["hidden_size", "n_cols"])(_linear_partials_kernel)
+_tile_tuned = triton.autotune(_tile_configs(), key=["hidden_size", "GRAD"])(_linear_tile_kernel)
+_matmul_tuned = triton.autotune(_matmul_configs(), key=["N", "ACCUMULATE"], restore_value=["c_ptr"])(
+    _matmul_kernel
+)
+
+
+def _config_dict(config: triton.Config) -> dict:
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def _launch(kernel, tuned, grid, args, meta, config, default):
+    """Run ``tuned`` (autotuned) on CUDA, else ``kernel`` with ``config``, or without one the
+    interpreter's fixed small ``default`` / the first config of ``tuned`` (AUTOTUNE off).
+    ``grid(meta) -> tuple``."""
+    if config is None and not _interpreted():
+        if AUTOTUNE:
+            tuned[grid](*args, **meta)
+            return
+        config = _config_dict(tuned.configs[0])
+    cfg = dict(default if config is None else config)
+    launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
+    kernel[grid({**meta, **cfg})](*args, **meta, **cfg, **launch)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=256)
+def _choose_splits(n_row_blocks: int, n_tiles: int, sms: int) -> int:
+    """Vocabulary splits S for the partials kernel: at least ceil(sms / GROUP_N) (so that the
+    programs running side by side share few row blocks), then the S minimizing waves x tiles per
+    program (the tail of the last wave), ties to the smaller S."""
+    lo = min(n_tiles, triton.cdiv(sms, GROUP_N))
+    best, best_cost = lo, None
+    for s in range(lo, min(n_tiles, 1024) + 1):
+        cost = triton.cdiv(n_row_blocks * s, sms) * triton.cdiv(n_tiles, s)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = s, cost
+    return best
+
+
+def default_linear_splits(n_rows: int, n_valid_cols: int, device: torch.device) -> int:
+    """Splits of the vocabulary for the fused forward (1 off CUDA)."""
+    if device.type != "cuda" or n_rows == 0:
+        return 1
+    block = 128  # the BLOCK_N and BLOCK_V of most configs
+    n_tiles = max(1, triton.cdiv(n_valid_cols, block))
+    return _choose_splits(triton.cdiv(n_rows, block), n_tiles, _sm_count(device.index or 0))
+
+
+def _transform_args(softcap, temperature):
+    return float(softcap) if softcap is not None else 1.0, 1.0 / float(temperature)
+
+
+def linear_partials(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor | None,
+    *,
+    k: int,
+    n_valid_cols: int,
+    vocab_start: int,
+    ignore_index: int,
+    softcap: float | None,
+    temperature: float,
+    n_splits: int | None = None,
+    need_entropy: bool = True,
+    need_sum_x: bool = True,
+    config: dict | None = None,
+):
+    """Partials of the logits ``hidden [N, H] @ weight [V_shard, H]^T (+ bias [V_shard])``, as
+    ``shard_partials`` returns them for those logits: ``(stats [N_FIELDS, S, N] fp32, topk_vals
+    [S, N, k] fp32, topk_ids [S, N, k] int64)``. ``k = 0``: one fused kernel; ``k > 0``: fp32
+    logits of a chunk of rows at a time, then ``shard_partials`` (see the module docstring).
+    Checks are the caller's. ``config``: fixed kernel config (tuning), else autotuned on CUDA."""
+    n_rows, hidden_size = hidden.shape
+    n_cols = weight.shape[0]
+    device = hidden.device
+    if k > 0:
+        return _linear_partials_topk(
+            hidden, weight, bias, target, k=k, n_valid_cols=n_valid_cols, vocab_start=vocab_start,
+            ignore_index=ignore_index, softcap=softcap, temperature=temperature, n_splits=n_splits,
+            need_entropy=need_entropy, need_sum_x=need_sum_x, config=config,
+        )  # fmt: skip
+    if n_splits is None:
+        n_splits = default_linear_splits(n_rows, n_valid_cols, device)
+    n_splits = max(1, n_splits)
+    stats = torch.empty((N_FIELDS, n_splits, n_rows), dtype=torch.float32, device=device)
+    topk_vals = torch.empty((n_splits, n_rows, 0), dtype=torch.float32, device=device)
+    topk_ids = torch.empty((n_splits, n_rows, 0), dtype=torch.int64, device=device)
+    if n_rows == 0:
+        return stats, topk_vals, topk_ids
+    softcap_v, inv_t = _transform_args(softcap, temperature)
+    args = (
+        hidden, weight, bias if bias is not None else stats, target if target is not None else stats, stats,
+        n_rows, n_cols, n_valid_cols, hidden_size, n_splits, vocab_start, ignore_index,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), softcap_v, inv_t,
+    )  # fmt: skip
+    meta = dict(
+        HAS_BIAS=bias is not None,
+        HAS_TARGET=target is not None,
+        HAS_SOFTCAP=softcap is not None,
+        HAS_TEMPERATURE=float(temperature) != 1.0,
+        NEED_ENTROPY=need_entropy,
+        NEED_SUM_X=need_sum_x,
+        **_dot_meta(hidden.dtype),
+        GROUP=GROUP_N,
+    )
+
+    def grid(meta):
+        return (triton.cdiv(n_rows, meta["BLOCK_N"]) * n_splits,)
+
+    _launch(_linear_partials_kernel, _partials_tuned, grid, args, meta, config, INTERPRETER_TILE)
+    return stats, topk_vals, topk_ids
+
+
+def linear_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """fp32 ``hidden @ weight^T (+ bias)``, [N, V_shard], from the same tiles as the fused kernels."""
+    n_rows, hidden_size = hidden.shape
+    n_cols = weight.shape[0]
+    if out is None:
+        out = torch.empty((n_rows, n_cols), dtype=torch.float32, device=hidden.device)
+    _tile_launch(hidden, weight, bias, None, None, None, out, grad=False, n_valid_cols=n_cols,
+                 vocab_start=0, config=config)  # fmt: skip
+    return out
+
+
+def _tile_launch(hidden, weight, bias, target, lse, row_scale, out, *, grad, n_valid_cols, vocab_start,
+                 label_smoothing=0.0, vocab_size=1, z_loss=0.0, softcap=None, temperature=1.0,
+                 config=None):  # fmt: skip
+    n_rows, hidden_size = hidden.shape
+    n_cols = weight.shape[0]
+    if n_rows == 0 or n_cols == 0:
+        return
+    softcap_v, inv_t = _transform_args(softcap, temperature)
+    dummy = out
+    args = (
+        hidden, weight, bias if bias is not None else dummy, target if target is not None else dummy,
+        lse if lse is not None else dummy, row_scale if row_scale is not None else dummy, out,
+        n_rows, n_cols, n_valid_cols, hidden_size, vocab_start,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
+        float(label_smoothing) / float(vocab_size), 1.0 - float(label_smoothing), 2.0 * float(z_loss),
+        softcap_v, inv_t,
+    )  # fmt: skip
+    meta = dict(
+        GRAD=grad,
+        HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=softcap is not None,
+        HAS_TEMPERATURE=float(temperature) != 1.0,
+        **_dot_meta(hidden.dtype),
+        GROUP=GROUP_N,
+    )
+
+    def grid(meta):
+        return (triton.cdiv(n_rows, meta["BLOCK_N"]) * triton.cdiv(n_cols, meta["BLOCK_V"]),)
+
+    _launch(_linear_tile_kernel, _tile_tuned, grid, args, meta, config, INTERPRETER_TILE)
+
+
+def _linear_partials_topk(hidden, weight, bias, target, *, k, n_valid_cols, vocab_start, ignore_index,
+                          softcap, temperature, n_splits, need_entropy, need_sum_x, config):  # fmt: skip
+    """k > 0: fp32 logits of chunks of rows, each handed to ``shard_partials`` (same split count)."""
+    n_rows, n_cols = hidden.shape[0], weight.shape[0]
+    device = hidden.device
+    chunk = max(1, min(n_rows, TOPK_CHUNK_BYTES // max(1, 4 * n_cols)))
+    chunk = max(1, chunk // 64 * 64) if chunk >= 64 else chunk
+    buf = torch.empty((min(chunk, n_rows), n_cols), dtype=torch.float32, device=device)
+    stats = vals = ids = None
+    if n_splits is None:
+        rows_, chunk_, _ = tile_shape(n_cols, k)
+        n_tiles = max(1, triton.cdiv(max(n_valid_cols, 1), rows_ * chunk_))
+        n_splits = default_splits(min(chunk, n_rows), n_tiles, device)
+    for r0 in range(0, max(n_rows, 1), chunk):
+        r1 = min(n_rows, r0 + chunk)
+        logits = buf[: r1 - r0]
+        if r1 > r0:
+            linear_logits(hidden[r0:r1], weight, bias, out=logits, config=config)
+        st, tv, ti = shard_partials(
+            logits, None if target is None else target[r0:r1], k=k, n_valid_cols=n_valid_cols,
+            vocab_start=vocab_start, ignore_index=ignore_index, softcap=softcap, temperature=temperature,
+            n_splits=n_splits, need_entropy=need_entropy, need_sum_x=need_sum_x,
+        )  # fmt: skip
+        if stats is None:
+            s = st.shape[1]
+            stats = torch.empty((N_FIELDS, s, n_rows), dtype=torch.float32, device=device)
+            vals = torch.empty((s, n_rows, k), dtype=torch.float32, device=device)
+            ids = torch.empty((s, n_rows, k), dtype=torch.int64, device=device)
+        stats[:, :, r0:r1] = st
+        vals[:, r0:r1] = tv
+        ids[:, r0:r1] = ti
+    return stats, vals, ids
+
+
+def _matmul(a, b, c, *, accumulate: bool, config=None) -> None:
+    """c (+)= a @ b with fp32 accumulation (c fp32 when accumulating)."""
+    M, K = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        return
+    if K == 0:
+        if not accumulate:
+            c.zero_()
+        return
+    args = (a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
+    meta = dict(ACCUMULATE=accumulate, **_dot_meta(a.dtype), GROUP=8)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _launch(_matmul_kernel, _matmul_tuned, grid, args, meta, config, INTERPRETER_MATMUL)
+
+
+def linear_cross_entropy_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    lse: torch.Tensor,
+    row_scale: torch.Tensor,
+    *,
+    n_valid_cols: int,
+    vocab_start: int,
+    label_smoothing: float,
+    vocab_size: int,
+    z_loss: float,
+    softcap: float | None,
+    temperature: float,
+    need_hidden_grad: bool = True,
+    need_weight_grad: bool = True,
+    chunk_cols: int | None = None,
+    config: dict | None = None,
+):
+    """Gradients of sum_rows row_scale * loss_row w.r.t. hidden, weight and bias, where the logits
+    are ``hidden @ weight^T (+ bias)``: ``(grad_hidden [N, H] fp32, grad_weight [V_shard, H] in the
+    weight's dtype, grad_bias [V_shard] in the bias' dtype or None)``; grad_hidden is this shard's
+    partial sum (the caller reduces it over ranks). ``lse``, ``row_scale``: [N] fp32. Gradients not
+    needed come back as None. ``chunk_cols``: vocabulary columns per chunk (default: G chunk of at
+    most GRAD_CHUNK_BYTES)."""
+    n_rows, hidden_size = hidden.shape
+    n_cols = weight.shape[0]
+    device = hidden.device
+    grad_hidden = torch.zeros((n_rows, hidden_size), dtype=torch.float32, device=device)
+    need_weight_grad = need_weight_grad or bias is not None
+    grad_weight = (
+        torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight_grad else None
+    )
+    grad_bias = torch.empty_like(bias, memory_format=torch.contiguous_format) if bias is not None else None
+    if n_cols == 0:
+        return grad_hidden if need_hidden_grad else None, grad_weight, grad_bias
+    if n_rows == 0:
+        if grad_weight is not None:
+            grad_weight.zero_()
+        if grad_bias is not None:
+            grad_bias.zero_()
+        return grad_hidden if need_hidden_grad else None, grad_weight, grad_bias
+    if chunk_cols is None:
+        chunk_cols = max(256, GRAD_CHUNK_BYTES // (hidden.element_size() * n_rows) // 256 * 256)
+    chunk_cols = min(chunk_cols, n_cols)
+    g = torch.empty((n_rows, chunk_cols), dtype=hidden.dtype, device=device)
+    for c0 in range(0, n_cols, chunk_cols):
+        c1 = min(n_cols, c0 + chunk_cols)
+        gc = g[:, : c1 - c0]
+        wc = weight[c0:c1]
+        _tile_launch(
+            hidden, wc, None if bias is None else bias[c0:c1], target, lse, row_scale, gc, grad=True,
+            n_valid_cols=max(0, min(c1, n_valid_cols) - c0), vocab_start=vocab_start + c0,
+            label_smoothing=label_smoothing, vocab_size=vocab_size, z_loss=z_loss, softcap=softcap,
+            temperature=temperature, config=config,
+        )  # fmt: skip
+        if need_hidden_grad:
+            _matmul(gc, wc, grad_hidden, accumulate=True)
+        if grad_weight is not None:
+            _matmul(gc.t(), hidden, grad_weight[c0:c1], accumulate=False)
+        if grad_bias is not None:
+            grad_bias[c0:c1] = gc.sum(dim=0, dtype=torch.float32).to(grad_bias.dtype)
+    return grad_hidden if need_hidden_grad else None, grad_weight, grad_bias
+
+
+__all__ = [
+    "default_linear_splits",
+    "linear_cross_entropy_backward",
+    "linear_logits",
+    "linear_partials",
+]

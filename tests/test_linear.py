@@ -1,0 +1,542 @@
+"""The fused LM head: ``linear_softmax_stats`` / ``linear_cross_entropy`` against the float64 oracle
+(``hidden.double() @ weight.double().T (+ bias)`` then the existing oracles), on every core tier.
+
+Accuracy rule (as in test_core / test_grad): our error against float64 is at most 4x the error of
+PyTorch's own computation of the same thing in the inputs' precision, plus a few fp32 epsilons.
+PyTorch's computation here is the unfused path: ``F.linear`` in the inputs' dtype (so bf16/fp16
+logits are rounded, as they would be in a model), then the oracle formulas in fp32, and autograd
+back through that matmul. Top-k ids are compared exactly on inputs whose top logits are well
+separated (the test checks the gap); the fused path never rounds the logits, so near-ties could
+legitimately order differently from a rounded copy.
+
+Also: vocabulary splits and chunking inside the kernels, what backward saves, the nn head's fused
+and unfused paths, argument errors, and gloo process groups of 2 and 3 ranks (uneven, padded).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+from shardsoftmax.kernels import linear as KL
+
+import shardsoftmax as ss
+from shardsoftmax import kernels
+from shardsoftmax import reference as R
+from shardsoftmax.nn import VocabParallelLMHead
+from shardsoftmax.partials import Partials, merge_stacked
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dist_utils import count_collectives, run_ranks  # noqa: E402
+from test_core import assert_ids_equal, assert_like_torch, row_scale  # noqa: E402
+from test_grad import assert_grad_like_torch  # noqa: E402
+
+IGNORE = -100
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+class Case(NamedTuple):
+    name: str
+    n: int
+    h: int
+    v: int  # weight rows (V_shard), padding included
+    dtype: str
+    bias: bool
+    opts: dict  # transform / loss options
+    vocab_size: int | None = None  # real columns (global), None: all
+    vocab_start: int = 0
+    k: int = 0
+
+
+def make_inputs(case: Case, seed: int = 0):
+    """hidden [n, h], weight [v, h], bias [v] or None, targets (every 4th ignored) in the case's
+    real vocabulary. Logits ~ N(0, 2^2); padding rows of weight and bias are 0, as in a model."""
+    g = torch.Generator().manual_seed(seed)
+    dt = DTYPES[case.dtype]
+    hidden = torch.randn(case.n, case.h, generator=g, dtype=torch.float64).to(dt)
+    weight = (torch.randn(case.v, case.h, generator=g, dtype=torch.float64) * 2 / case.h**0.5).to(dt)
+    bias = (torch.randn(case.v, generator=g, dtype=torch.float64) * 0.5).to(dt) if case.bias else None
+    real = (case.vocab_size or case.vocab_start + case.v) - case.vocab_start
+    weight[real:] = 0
+    if bias is not None:
+        bias[real:] = 0
+    target = torch.randint(0, real, (case.n,), generator=g) + case.vocab_start
+    target[3::4] = case.opts.get("ignore_index", IGNORE)
+    return hidden, weight, bias, target
+
+
+def layout(case: Case) -> dict:
+    kw = {}
+    if case.vocab_size is not None:
+        kw["vocab_size"] = case.vocab_size
+    if case.vocab_start:
+        kw["vocab_start"] = case.vocab_start
+    return kw
+
+
+def oracle_logits(case: Case, hidden, weight, bias, dtype=torch.float64):
+    """The real columns of the logits: float64 truth, or PyTorch's F.linear in ``dtype``."""
+    real = (case.vocab_size or case.vocab_start + case.v) - case.vocab_start
+    if dtype == torch.float64:
+        x = R.oracle_linear_logits(hidden, weight, bias)
+    else:
+        x = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    return x[..., :real]
+
+
+def local_target(case: Case, target: torch.Tensor) -> torch.Tensor:
+    ignore = case.opts.get("ignore_index", IGNORE)
+    return torch.where(target == ignore, target, target - case.vocab_start)
+
+
+def on(tier, *tensors):
+    return tuple(None if t is None else t.to(tier.device) for t in tensors)
+
+
+# ------------------------------------------------------------------------------------------------
+# linear_softmax_stats
+# ------------------------------------------------------------------------------------------------
+
+STATS_CASES = [
+    Case("tiny", 1, 16, 7, "fp32", True, {}),
+    Case(
+        "bf16-padded-softcap", 5, 40, 100, "bf16", False, {"softcap": 5.0, "temperature": 0.8}, vocab_size=97
+    ),
+    Case("fp16-offset-ignore5", 33, 16, 257, "fp16", True, {"ignore_index": 5}, vocab_start=11),
+    Case("fp32-topk", 5, 40, 257, "fp32", True, {"temperature": 1.3}, k=5),
+    Case("bf16-topk-padded", 5, 16, 100, "bf16", False, {}, vocab_size=90, k=3),
+    Case("fp64", 5, 40, 100, "fp64", True, {"softcap": 3.0}, k=2),
+]
+
+
+@pytest.mark.parametrize("case", STATS_CASES, ids=lambda c: c.name)
+def test_linear_stats_match_oracle(core_tier, case):
+    hidden, weight, bias, target = make_inputs(case, seed=len(case.name))
+    tf = {k: v for k, v in case.opts.items() if k in ("softcap", "temperature")}
+    ignore = case.opts.get("ignore_index", IGNORE)
+    h, w, b, t = on(core_tier, hidden, weight, bias, target)
+    got = ss.linear_softmax_stats(h, w, t, bias=b, k=case.k, ignore_index=ignore, **tf, **layout(case))
+    assert got.lse.device.type == core_tier.device and got.topk_ids.shape == (case.n, case.k)
+    want_dtype = torch.float64 if case.dtype == "fp64" else torch.float32
+    assert got.lse.dtype == want_dtype
+
+    tl = local_target(case, target)
+    x64 = oracle_logits(case, hidden, weight, bias)
+    ref = R.oracle_stats(x64, tl, k=case.k, ignore_index=ignore, **tf)
+    if case.dtype == "fp64":
+        for f in ("lse", "max", "entropy", "target_logprob", "topk_logprobs"):
+            torch.testing.assert_close(getattr(got, f).cpu(), ref[f], rtol=1e-12, atol=1e-12, msg=f)
+        assert_ids_equal(got.topk_ids - case.vocab_start, ref["topk_ids"], "topk_ids")
+        return
+    base = R.oracle_stats(oracle_logits(case, hidden, weight, bias, DTYPES[case.dtype]), tl, k=case.k,
+                          ignore_index=ignore, **tf)  # fmt: skip
+    rs = row_scale(ref)
+    for f in ("lse", "max", "entropy"):
+        assert_like_torch(getattr(got, f), ref[f], base[f], rs, what=f"{case.name} {f}")
+    tl_scale = ref["target_logprob"].abs() + rs
+    assert_like_torch(got.target_logprob, ref["target_logprob"], base["target_logprob"], tl_scale,
+                      what=f"{case.name} target_logprob")  # fmt: skip
+    assert torch.all(got.target_logprob.cpu()[target == ignore] == 0)
+    if case.k:
+        top = torch.sort(x64, dim=-1, descending=True).values[:, : case.k + 1]
+        assert (top[:, :-1] - top[:, 1:]).min() > 1e-3, "test inputs: top logits not well separated"
+        assert_ids_equal(got.topk_ids.cpu() - case.vocab_start, ref["topk_ids"], f"{case.name} topk_ids")
+        lp_scale = ref["topk_logprobs"].abs() + rs[:, None]
+        assert_like_torch(got.topk_logprobs, ref["topk_logprobs"], base["topk_logprobs"], lp_scale,
+                          what=f"{case.name} topk_logprobs")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# linear_cross_entropy: loss and the gradients of hidden, weight and bias
+# ------------------------------------------------------------------------------------------------
+
+CE_CASES = [
+    Case("plain-bias", 5, 40, 100, "fp32", True, {}),
+    Case("tiny", 1, 16, 7, "fp32", True, {"label_smoothing": 0.1}),
+    Case("bf16-smooth-z", 33, 16, 257, "bf16", False, {"label_smoothing": 0.1, "z_loss": 1e-3}),
+    Case("fp16-softcap-temp-padded-offset", 5, 40, 100, "fp16", True,
+         {"softcap": 4.0, "temperature": 0.7, "z_loss": 1e-2}, vocab_size=107, vocab_start=10),
+    Case("bf16-all-padded", 5, 40, 100, "bf16", True,
+         {"label_smoothing": 0.2, "softcap": 3.0, "temperature": 1.5, "ignore_index": 2}, vocab_size=96),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("case", CE_CASES, ids=lambda c: c.name)
+def test_linear_cross_entropy_and_grads_match_oracle(core_tier, case, reduction):
+    hidden, weight, bias, target = make_inputs(case, seed=len(case.name) + 1)
+    real = (case.vocab_size or case.vocab_start + case.v) - case.vocab_start
+    h, w, b, t = on(core_tier, hidden, weight, bias, target)
+    h.requires_grad_(True)
+    w.requires_grad_(True)
+    if b is not None:
+        b.requires_grad_(True)
+    loss = ss.linear_cross_entropy(h, w, t, bias=b, reduction=reduction, **case.opts, **layout(case))
+    up = torch.linspace(0.5, 1.5, case.n, dtype=torch.float64) if reduction == "none" else torch.tensor(1.0)
+    loss.backward(up.to(loss.dtype).to(loss.device))
+    got = {"hidden": h.grad, "weight": w.grad, "bias": None if b is None else b.grad}
+    assert got["hidden"].dtype == hidden.dtype and got["weight"].dtype == weight.dtype
+
+    tl = local_target(case, target)
+    results = {}
+    for dt in (torch.float64, DTYPES[case.dtype]):  # the truth, and PyTorch's unfused path
+        leaves = [
+            x.detach().clone().requires_grad_(True) if x is not None else None for x in (hidden, weight, bias)
+        ]
+        x = oracle_logits(case, *leaves, dtype=dt)
+        ref_loss = R.oracle_cross_entropy(x, tl, reduction=reduction, **case.opts)
+        ref_loss.backward(up.to(ref_loss.dtype))
+        results[dt] = (
+            ref_loss.detach(),
+            dict(zip(("hidden", "weight", "bias"), [None if v is None else v.grad for v in leaves])),
+        )
+    (loss64, g64), (loss_low, g_low) = results[torch.float64], results[DTYPES[case.dtype]]
+    assert_like_torch(loss.detach(), loss64, loss_low, loss64.abs() + 1, what=f"{case.name} loss")
+    for name in ("hidden", "weight", "bias"):
+        if got[name] is None:
+            assert not case.bias and name == "bias"
+            continue
+        mine, ref, base = got[name].cpu(), g64[name], g_low[name]
+        assert_grad_like_torch(mine, ref, base, f"{case.name} {reduction} grad {name}")
+    assert torch.all(got["weight"].cpu()[real:] == 0), "padding rows of weight get no gradient"
+    if case.bias:
+        assert torch.all(got["bias"].cpu()[real:] == 0), "padding entries of bias get no gradient"
+    ignored = target == case.opts.get("ignore_index", IGNORE)
+    assert torch.all(got["hidden"].cpu()[ignored] == 0), "ignored rows get no gradient"
+
+
+def test_linear_matches_unfused_api(core_tier):
+    """fp32: the fused functions and F.linear + the unfused API agree (loss, stats, gradients)."""
+    case = Case("unfused", 6, 40, 100, "fp32", True, {"label_smoothing": 0.1, "z_loss": 1e-3})
+    hidden, weight, bias, target = on(core_tier, *make_inputs(case, seed=9))
+    opts = {**case.opts, "softcap": 6.0, "vocab_size": 98}
+    grads = []
+    for fused in (True, False):
+        leaves = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
+        if fused:
+            loss = ss.linear_cross_entropy(leaves[0], leaves[1], target, bias=leaves[2], **opts)
+        else:
+            loss = ss.cross_entropy(F.linear(*leaves), target, **opts)
+        loss.backward()
+        grads.append((loss.detach(), *(x.grad for x in leaves)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    st = ss.linear_softmax_stats(hidden, weight, target, bias=bias, k=4, softcap=6.0, vocab_size=98)
+    ref = ss.softmax_stats(F.linear(hidden, weight, bias), target, k=4, softcap=6.0, vocab_size=98)
+    for f in ("lse", "max", "entropy", "target_logprob", "topk_logprobs"):
+        torch.testing.assert_close(getattr(st, f), getattr(ref, f), rtol=1e-5, atol=1e-6, msg=f)
+    assert torch.equal(st.topk_ids, ref.topk_ids)
+
+
+def test_backward_saves_no_logits(core_tier):
+    """Forward saves hidden, weight and bias themselves and per-row tensors; nothing of size N x V."""
+    case = Case("saved", 8, 16, 300, "fp32", True, {})
+    hidden, weight, bias, target = on(core_tier, *make_inputs(case))
+    leaves = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        loss = ss.linear_cross_entropy(leaves[0], leaves[1], target, bias=leaves[2])
+    inputs = {x.data_ptr() for x in leaves}
+    others = [s for s in saved if s.data_ptr() not in inputs]
+    assert sum(s.numel() for s in others) <= 8 * case.n, [tuple(s.shape) for s in others]
+    loss.backward()
+    assert all(torch.isfinite(x.grad).all() for x in leaves)
+
+
+def test_out_of_range_target_gives_nan_in_its_row(core_tier):
+    case = Case("oor", 4, 16, 50, "fp32", False, {})
+    hidden, weight, _, target = make_inputs(case, seed=3)
+    target[1] = 50  # outside [0, 50) and not ignore_index
+    h, w, t = on(core_tier, hidden, weight, target)
+    h.requires_grad_(True)
+    rows = ss.linear_cross_entropy(h, w, t, reduction="none")
+    assert rows[1].isnan() and torch.isfinite(rows[[0, 2]]).all()
+    rows.sum().backward()
+    assert h.grad[1].isnan().all() and torch.isfinite(h.grad[[0, 2, 3]]).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Inside the kernels and the PyTorch path: vocabulary splits, chunks of columns / rows
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.core_tiers("cpu-triton", "cuda-triton")
+def test_kernel_splits_and_chunks_agree(core_tier, monkeypatch):
+    """Several vocabulary splits in the fused forward, several column chunks in backward and
+    several row chunks on the top-k path give the results of one split / chunk."""
+    case = Case("chunks", 7, 40, 150, "bf16", True, {})
+    hidden, weight, bias, target = on(core_tier, *make_inputs(case, seed=5))
+    kw = dict(n_valid_cols=140, vocab_start=0, ignore_index=IGNORE, softcap=None, temperature=1.0)
+    merged = {}
+    for splits in (1, 3):
+        st, vals, ids = kernels.linear_partials(hidden, weight, bias, target, k=0, n_splits=splits, **kw)
+        assert st.shape == (kernels.N_FIELDS, splits, case.n)
+        merged[splits] = merge_stacked(Partials(*st.unbind(0), vals, ids))
+    for f in Partials._fields[:7]:
+        torch.testing.assert_close(getattr(merged[3], f), getattr(merged[1], f), rtol=1e-6, atol=1e-6, msg=f)
+
+    lse = merged[1].max + merged[1].sumexp.log()
+    scale = torch.where(target != IGNORE, 1.0, 0.0)
+    bkw = dict(n_valid_cols=140, vocab_start=0, label_smoothing=0.1, vocab_size=140, z_loss=0.0,
+               softcap=None, temperature=1.0)  # fmt: skip
+    one = kernels.linear_cross_entropy_backward(hidden, weight, bias, target, lse, scale, **bkw)
+    many = kernels.linear_cross_entropy_backward(
+        hidden, weight, bias, target, lse, scale, chunk_cols=64, **bkw
+    )
+    torch.testing.assert_close(many[0], one[0], rtol=1e-6, atol=1e-6)  # summed over chunks in fp32
+    assert torch.equal(many[1], one[1]) and torch.equal(many[2], one[2])  # one chunk's own rows
+
+    full = kernels.linear_partials(hidden, weight, bias, target, k=3, **kw)
+    monkeypatch.setattr(KL, "TOPK_CHUNK_BYTES", 3 * 4 * case.v)  # 3 rows per chunk
+    chunked = kernels.linear_partials(hidden, weight, bias, target, k=3, **kw)
+    for a, b in zip(full, chunked):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+
+
+@pytest.mark.core_tiers("cpu-triton")
+@pytest.mark.parametrize("autotune", [True, False])
+def test_cuda_launch_path_in_interpreter(core_tier, monkeypatch, autotune):
+    """The launch path CUDA takes (autotuned kernels, or their first configs with AUTOTUNE off),
+    run in the interpreter with small configs and a CPU timer: tuning runs must not leave their
+    partial sums in the accumulating grad_hidden GEMM (restore_value). fp32: without the
+    interpreter's upcast, its bf16 dot is wrong."""
+
+    def cpu_bench(fn, quantiles=None, **kw):
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    tile = [triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16}),
+            triton.Config({"BLOCK_N": 32, "BLOCK_V": 16, "BLOCK_H": 32})]  # fmt: skip
+    mm = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}),
+          triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32})]  # fmt: skip
+    tune = functools.partial(triton.autotune, do_bench=cpu_bench)
+    monkeypatch.setattr(
+        KL, "_partials_tuned", tune(tile, key=["hidden_size", "n_cols"])(KL._linear_partials_kernel)
+    )
+    monkeypatch.setattr(KL, "_tile_tuned", tune(tile, key=["hidden_size", "GRAD"])(KL._linear_tile_kernel))
+    monkeypatch.setattr(
+        KL, "_matmul_tuned", tune(mm, key=["N", "ACCUMULATE"], restore_value=["c_ptr"])(KL._matmul_kernel)
+    )
+    monkeypatch.setattr(KL, "_interpreted", lambda: False)
+    monkeypatch.setattr(KL, "AUTOTUNE", autotune)
+
+    case = Case("launch", 21, 40, 150, "fp32", True, {})
+    hidden, weight, bias, target = make_inputs(case, seed=8)
+    fwd = dict(n_valid_cols=150, vocab_start=0, ignore_index=IGNORE, softcap=None, temperature=1.0)
+    st, _, _ = kernels.linear_partials(hidden, weight, bias, target, k=0, n_splits=2, **fwd)
+    x64 = R.oracle_linear_logits(hidden, weight, bias)
+    lse = (st[0] + st[1].log()).double()  # per split: max + log sum exp
+    lse = torch.logsumexp(lse, dim=0)
+    torch.testing.assert_close(lse, torch.logsumexp(x64, -1), rtol=1e-6, atol=1e-6)
+    scale = torch.where(target != IGNORE, 1.0, 0.0)
+    kw = dict(n_valid_cols=150, vocab_start=0, label_smoothing=0.0, vocab_size=150, z_loss=0.0, softcap=None,
+              temperature=1.0)  # fmt: skip
+    got = kernels.linear_cross_entropy_backward(
+        hidden, weight, bias, target, lse.float(), scale, chunk_cols=64, **kw
+    )
+    want = R.shard_linear_cross_entropy_backward(hidden.double(), weight.double(), bias.double(), target, lse,
+                                                 scale.double(), **kw)  # fmt: skip
+    for name, a, b in zip(("hidden", "weight", "bias"), got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_torch_path_chunks_rows(monkeypatch):
+    """The PyTorch path computes LINEAR_CHUNK_ELEMENTS logits at a time; chunking changes nothing."""
+    case = Case("rows", 9, 16, 50, "fp32", True, {"label_smoothing": 0.1})
+    hidden, weight, bias, target = make_inputs(case, seed=6)
+    out = []
+    for chunk in (R.LINEAR_CHUNK_ELEMENTS, 2 * case.v):
+        monkeypatch.setattr(R, "LINEAR_CHUNK_ELEMENTS", chunk)
+        leaves = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
+        with ss.use_backend("torch"):
+            loss = ss.linear_cross_entropy(leaves[0], leaves[1], target, bias=leaves[2], label_smoothing=0.1)
+            loss.backward()
+            st = ss.linear_softmax_stats(hidden, weight, target, bias=bias, k=2)
+        out.append([loss.detach(), *(x.grad for x in leaves), st.lse, st.entropy, st.topk_ids])
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------
+# nn.VocabParallelLMHead: fused and unfused paths
+# ------------------------------------------------------------------------------------------------
+
+
+def test_lm_head_fused_and_unfused_agree(core_tier):
+    torch.manual_seed(0)
+    kw = dict(vocab_size_padded=70, bias=True, label_smoothing=0.1, z_loss=1e-3, softcap=8.0)
+    heads = {f: VocabParallelLMHead(24, 67, fused=f, device=core_tier.device, **kw) for f in (True, False)}
+    heads[False].load_state_dict(heads[True].state_dict())
+    hidden = torch.randn(2, 5, 24, device=core_tier.device)
+    target = torch.randint(0, 67, (2, 5), device=core_tier.device)
+    target[0, 1] = IGNORE
+    out = {}
+    for fused, head in heads.items():
+        h = hidden.clone().requires_grad_(True)
+        loss = head(h, target)
+        loss.backward()
+        st = head(hidden, target, k=3, return_stats=True)
+        out[fused] = [loss.detach(), h.grad, head.weight.grad, head.bias.grad, st.lse, st.target_logprob]
+        ids = st.topk_ids
+    for a, b in zip(out[True], out[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert torch.equal(ids, heads[False](hidden, k=3).topk_ids)
+    assert torch.all(heads[True].weight.grad[67:] == 0)
+    # the default: fused exactly when the Triton backend runs and k == 0
+    auto = VocabParallelLMHead(24, 67, device=core_tier.device)
+    assert auto.uses_fused(0) == (core_tier.backend == "triton") and not auto.uses_fused(3)
+    assert "fused=True" in repr(heads[True])
+    with pytest.raises(TypeError, match="fused must be"):
+        VocabParallelLMHead(24, 67, fused="yes")
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad arguments
+# ------------------------------------------------------------------------------------------------
+
+H, V = 8, 10
+
+
+def _good():
+    return torch.randn(3, H), torch.randn(V, H), torch.randn(V), torch.tensor([1, 2, 3])
+
+
+BAD = [
+    # (id, replacements, extra kwargs, exception, text in the message)
+    ("H-mismatch", {"weight": torch.randn(V, H + 1)}, {}, ValueError, "weight must have shape [V_shard, 8]"),
+    ("weight-1d", {"weight": torch.randn(V)}, {}, ValueError, "weight must have shape"),
+    ("weight-dtype", {"weight": torch.randn(V, H).double()}, {}, TypeError, "weight must have hidden's"),
+    ("weight-not-tensor", {"weight": [[1.0] * H] * V}, {}, TypeError, "weight must be a torch.Tensor"),
+    ("hidden-int", {"hidden": torch.ones(3, H, dtype=torch.int64)}, {}, TypeError, "hidden must be float16"),
+    ("hidden-empty-H", {"hidden": torch.randn(3, 0), "weight": torch.randn(V, 0)}, {}, ValueError,
+     "hidden must have a non-empty last dimension"),
+    ("bias-shape", {"bias": torch.randn(V + 1)}, {}, ValueError, "bias must have shape (10,)"),
+    ("bias-dtype", {"bias": torch.randn(V).half()}, {}, TypeError, "bias must have weight's dtype"),
+    ("target-shape", {"target": torch.tensor([1, 2])}, {}, ValueError, "must have shape (3,) (hidden'"),
+    ("target-float", {"target": torch.tensor([1.0, 2.0, 3.0])}, {}, TypeError, "target must have an integer"),
+    ("k-negative", {}, {"k": -1}, ValueError, "k must be >= 0"),
+    ("k-over-vocab", {}, {"k": V + 1}, ValueError, "k=11 is larger than the vocabulary"),
+    ("reduce_hidden_grad", {}, {"reduce_hidden_grad": 1}, TypeError, "reduce_hidden_grad must be a bool"),
+    ("label_smoothing", {}, {"label_smoothing": 1.0}, ValueError, "label_smoothing must be in [0, 1)"),
+    ("temperature", {}, {"temperature": 0.0}, ValueError, "temperature must be a finite number > 0"),
+    ("vocab_size", {}, {"vocab_size": V + 1}, ValueError, "vocab_size=11 is larger"),
+]  # fmt: skip
+ONLY = {"k": "stats", "reduce_hidden_grad": "loss", "label_smoothing": "loss"}  # options of one function
+BAD_CALLS = [(fn, b) for b in BAD for fn in ("stats", "loss") if ONLY.get(next(iter(b[2]), fn), fn) == fn]
+
+
+@pytest.mark.parametrize(("fn", "bad"), BAD_CALLS, ids=[f"{fn}-{b[0]}" for fn, b in BAD_CALLS])
+def test_bad_arguments_raise(fn, bad):
+    _, repl, extra, exc, text = bad
+    hidden, weight, bias, target = _good()
+    args = {"hidden": hidden, "weight": weight, "bias": bias, "target": target, **repl}
+    call = ss.linear_softmax_stats if fn == "stats" else ss.linear_cross_entropy
+    with ss.use_backend("torch"), pytest.raises(exc) as err:
+        call(args["hidden"], args["weight"], args["target"], bias=args["bias"], **extra)
+    assert text in str(err.value), str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Process groups (gloo): 2 and 3 ranks, uneven and padded shards, both backends in each rank
+# ------------------------------------------------------------------------------------------------
+
+DIST_N, DIST_H, DIST_V_PADDED, DIST_VOCAB = 6, 16, 101, 99
+DIST_OPTS = {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 6.0}
+
+
+def _dist_inputs():
+    g = torch.Generator().manual_seed(77)
+    hidden = torch.randn(DIST_N, DIST_H, generator=g, dtype=torch.float64)
+    weight = torch.randn(DIST_V_PADDED, DIST_H, generator=g, dtype=torch.float64) * 0.5
+    bias = torch.randn(DIST_V_PADDED, generator=g, dtype=torch.float64) * 0.5
+    weight[DIST_VOCAB:] = 0
+    bias[DIST_VOCAB:] = 0
+    target = torch.randint(0, DIST_VOCAB, (DIST_N,), generator=g)
+    target[1] = IGNORE
+    return hidden, weight, bias, target
+
+
+def _dist_oracle():
+    """The unsplit model in float64: loss, the three gradients, and d loss / d logits."""
+    hidden, weight, bias, target = _dist_inputs()
+    h, w, b = (x.clone().requires_grad_(True) for x in (hidden, weight, bias))
+    logits = R.oracle_linear_logits(h, w, b)
+    logits.retain_grad()
+    loss = R.oracle_cross_entropy(logits, target, vocab_size=DIST_VOCAB, **DIST_OPTS)
+    loss.backward()
+    st = R.oracle_stats(logits.detach(), target, k=3, vocab_size=DIST_VOCAB, softcap=DIST_OPTS["softcap"])
+    return loss.detach(), h.grad, w.grad, b.grad, logits.grad, st
+
+
+def dist_rank(ctx, widths):
+    from shardsoftmax.nn import shard_sizes
+
+    assert list(widths) == shard_sizes(DIST_V_PADDED, ctx.world_size)
+    hidden, weight, bias, target = (x.float() if x.is_floating_point() else x for x in _dist_inputs())
+    start = sum(widths[: ctx.rank])
+    cols = slice(start, start + widths[ctx.rank])
+    out = {}
+    for backend in ("torch", "triton"):
+        ss.set_backend(backend)
+        res = {}
+        kw = dict(bias=bias[cols], vocab_size=DIST_VOCAB, process_group=ctx.group, **DIST_OPTS)
+        ss.linear_cross_entropy(hidden, weight[cols], target, **kw)  # agrees the layout (first call only)
+        for reduce in (True, False):
+            h, w, b = (x.clone().requires_grad_(True) for x in (hidden, weight[cols], bias[cols]))
+            with count_collectives() as calls:
+                loss = ss.linear_cross_entropy(h, w, target, **{**kw, "bias": b}, reduce_hidden_grad=reduce)
+                forward = sum(calls.values())
+                calls.clear()
+                loss.backward()
+                backward = dict(calls)
+            res[reduce] = (loss.detach(), h.grad, w.grad, b.grad, forward, backward)
+        st = ss.linear_softmax_stats(
+            hidden, weight[cols], target, k=3, bias=bias[cols], vocab_size=DIST_VOCAB,
+            softcap=DIST_OPTS["softcap"], process_group=ctx.group,
+        )  # fmt: skip
+        out[backend] = {"ce": res, "stats": st}
+    return {"start": start, "width": widths[ctx.rank], **out}
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_process_group_matches_unsplit_model(world_size):
+    """Vocabulary 99 padded to 101 over 2 (51 + 50) or 3 (34 + 34 + 33) gloo ranks: the loss and
+    every gradient equal the unsplit float64 model (hidden's after the all-reduce; without it, this
+    rank's share dL/dlogits[:, shard] @ W[shard]); one collective forward, one all-reduce backward
+    (none with reduce_hidden_grad=False); stats and top-k ids equal the oracle on every rank."""
+    from shardsoftmax.nn import shard_sizes
+
+    widths = shard_sizes(DIST_V_PADDED, world_size)
+    out = run_ranks(dist_rank, world_size, widths, timeout=150)
+    loss64, gh64, gw64, gb64, glogits64, st64 = _dist_oracle()
+    _, weight, _, _ = _dist_inputs()
+    tol = {"rtol": 2e-5, "atol": 2e-6}
+    partial_sum = torch.zeros_like(gh64)
+    for r in out:
+        cols = slice(r["start"], r["start"] + r["width"])
+        share = glogits64[:, cols] @ weight[cols]
+        partial_sum += share
+        for backend in ("torch", "triton"):
+            what = f"rank {out.index(r)} {backend}"
+            for reduce, (loss, gh, gw, gb, fwd_calls, bwd_calls) in r[backend]["ce"].items():
+                torch.testing.assert_close(loss.double(), loss64, **tol, msg=f"{what} loss")
+                torch.testing.assert_close(
+                    gh.double(), gh64 if reduce else share, **tol, msg=f"{what} hidden"
+                )
+                torch.testing.assert_close(gw.double(), gw64[cols], **tol, msg=f"{what} weight")
+                torch.testing.assert_close(gb.double(), gb64[cols], **tol, msg=f"{what} bias")
+                assert fwd_calls == 1, f"{what}: forward made {fwd_calls} collectives"
+                assert bwd_calls == ({"all_reduce": 1} if reduce else {}), f"{what}: backward {bwd_calls}"
+            st = r[backend]["stats"]
+            assert torch.equal(st.topk_ids, st64["topk_ids"]), what
+            torch.testing.assert_close(st.lse.double(), st64["lse"], **tol, msg=f"{what} lse")
+            torch.testing.assert_close(st.entropy.double(), st64["entropy"], **tol, msg=f"{what} entropy")
+    torch.testing.assert_close(partial_sum, gh64, rtol=1e-10, atol=1e-12)  # the shares sum to the whole
