@@ -1,0 +1,386 @@
+"""The fused LM head on one GPU: correctness checks, then timings against the matmul floor.
+
+    python benchmarks/bench_linear.py [--out DIR] [--n 8192] [--h 4096] [--v 32064 128256]
+    TRITON_INTERPRET=1 python benchmarks/bench_linear.py --device cpu     # smoke test of every path
+
+(1) Checks, bf16 inputs, a few shapes (odd H, bias, padding, softcap, smoothing, z-loss, ignored
+tokens): ``ss.linear_softmax_stats`` and ``ss.linear_cross_entropy`` (forward and the gradients of
+hidden, weight, bias) against a float32 ``torch`` matmul of the same inputs followed by the unfused
+API (``ss.softmax_stats`` / ``ss.cross_entropy``) and autograd. One PASS/FAIL line per quantity.
+
+(2) Timings (``triton.testing.do_bench``, median) at N x H x V_shard, bf16: the bf16 matmul
+``hidden @ weight.T`` of the same sizes first (its rate sets the floors: forward 2 N H V FLOPs =
+one matmul, forward + backward 6 N H V = three), then per op and provider the time, the fraction
+of the floor reached (floor_ms / ms) and the extra peak memory (``max_memory_allocated`` during
+one call, beyond the inputs and the returned outputs). Providers: ``fused`` (ours), ``unfused``
+(cuBLAS bf16 logits + our unfused API), ``torch`` (bf16 logits + ``F.cross_entropy`` on fp32
+logits), and where importable ``liger`` (LigerFusedLinearCrossEntropyLoss), ``cce`` (Cut
+Cross-Entropy) and ``torch.lce`` (``F.linear_cross_entropy``); each is checked against ours
+before it is timed. Writes a CSV and the table under --out (default $OUT or ./bench_out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common as C  # noqa: E402
+
+import shardsoftmax as ss  # noqa: E402
+
+COLUMNS = [
+    "date", "commit", "gpu", "torch", "triton", "op", "provider", "dtype", "n", "h", "v_shard", "k",
+    "check", "ms", "tflops", "floor_ms", "frac_of_floor", "extra_mem_bytes", "note",
+]  # fmt: skip
+STATS_TOL = 1e-4  # normwise, fp32 per-row results: the same bf16 products, another summation order
+LOSS_TOL = 1e-4
+GRAD_TOL = 1e-2  # normwise, bf16 gradients (one bf16 rounding of dloss/dlogits, one of the output)
+UNFUSED_LOSS_TOL = 2e-3  # timed shapes: against the unfused path on bf16-rounded logits
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.environ.get("OUT") or "bench_out", help="folder for the CSV")
+    p.add_argument("--device", default=None, help="cuda (default when available) or cpu (smoke sizes)")
+    p.add_argument("--n", type=int, default=None, help="tokens (default 8192)")
+    p.add_argument("--h", type=int, default=None, help="hidden size (default 4096)")
+    p.add_argument("--v", type=int, nargs="+", default=None, help="V_shard values (default 32064 128256)")
+    p.add_argument("--k", type=int, default=50, help="k of the top-k row (0: skip it)")
+    p.add_argument("--skip-checks", action="store_true", help="timings only")
+    p.add_argument("--no-peers", action="store_true", help="skip Liger / CCE / F.linear_cross_entropy")
+    p.add_argument("--seed", type=int, default=1234)
+    return p.parse_args(argv)
+
+
+def normwise(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|got - ref| / max|ref| in float64; inf if got has a NaN/inf where ref is finite."""
+    got, ref = got.double(), ref.double()
+    fin = torch.isfinite(ref)
+    if not torch.equal(torch.isfinite(got), fin):
+        return float("inf")
+    if not fin.any():
+        return 0.0
+    return ((got - ref)[fin].abs().max() / ref[fin].abs().max().clamp_min(1e-30)).item()
+
+
+# ------------------------------------------------------------------------------------------------
+# (1) Checks against fp32 torch matmul + the unfused API
+# ------------------------------------------------------------------------------------------------
+
+
+def make_inputs(n, h, v, dtype, device, *, seed, bias=False, ignore_frac=0.1, vocab=None, scale=2.0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, device=device).to(dtype)
+    weight = (torch.randn(v, h, generator=g, device=device) * (scale / math.sqrt(h))).to(dtype)
+    b = (torch.randn(v, generator=g, device=device) * 0.5).to(dtype) if bias else None
+    vocab = vocab or v
+    target = torch.randint(0, vocab, (n,), generator=g, device=device)
+    target[torch.rand(n, generator=g, device=device) < ignore_frac] = -100
+    return hidden, weight, b, target
+
+
+def run_checks(device, dtype, shapes, report: Callable[[str, bool, str], None]) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for i, (n, h, v, bias, vocab, opts) in enumerate(shapes):
+        name = f"N={n} H={h} V={v}" + (" bias" if bias else "") + (f" vocab={vocab}" if vocab else "")
+        name += "".join(f" {k}={val}" for k, val in opts.items())
+        hidden, weight, b, target = make_inputs(n, h, v, dtype, device, seed=100 + i, bias=bias, vocab=vocab)
+        lay = {"vocab_size": vocab} if vocab else {}
+        tf = {k: opts[k] for k in ("softcap", "temperature") if k in opts}
+        logits32 = F.linear(hidden.float(), weight.float(), None if b is None else b.float())
+        for k in (0, 5):
+            st = ss.linear_softmax_stats(hidden, weight, target, bias=b, k=k, **tf, **lay)
+            ref = ss.softmax_stats(logits32, target, k=k, **tf, **lay)
+            errs = {
+                f: normwise(getattr(st, f), getattr(ref, f)) for f in ("lse", "entropy", "target_logprob")
+            }
+            ok = all(e <= STATS_TOL for e in errs.values())
+            detail = ", ".join(f"{f} {e:.1e}" for f, e in errs.items())
+            if k:
+                # our ids must hold the reference's top-k values (ties may order either way)
+                xt = ss.log_softmax(logits32, **tf, **lay)
+                picked = xt.gather(1, st.topk_ids)
+                want = ref.topk_logprobs
+                e_ids = normwise(picked, want)
+                e_lp = normwise(st.topk_logprobs, want)
+                same = (st.topk_ids == ref.topk_ids).float().mean().item()
+                ok = ok and e_ids <= STATS_TOL and e_lp <= STATS_TOL
+                detail += f", top-{k} values at our ids {e_ids:.1e}, logprobs {e_lp:.1e}, same ids {same:.1%}"
+            report(f"stats k={k} {name}", ok, detail + f" (tol {STATS_TOL:g})")
+
+        leaves = [x.clone().requires_grad_(True) if x is not None else None for x in (hidden, weight, b)]
+        loss = ss.linear_cross_entropy(leaves[0], leaves[1], target, bias=leaves[2], **opts, **lay)
+        loss.backward()
+        refs = [
+            x.detach().float().requires_grad_(True) if x is not None else None for x in (hidden, weight, b)
+        ]
+        ref_loss = ss.cross_entropy(F.linear(*refs), target, **opts, **lay)
+        ref_loss.backward()
+        e_loss = normwise(loss.detach(), ref_loss.detach())
+        report(f"loss {name}", e_loss <= LOSS_TOL, f"{e_loss:.1e} (tol {LOSS_TOL:g})")
+        for what, mine, theirs in zip(("hidden", "weight", "bias"), leaves, refs):
+            if mine is None:
+                continue
+            e = normwise(mine.grad, theirs.grad)
+            dt_ok = mine.grad.dtype == mine.dtype
+            report(f"grad {what} {name}", e <= GRAD_TOL and dt_ok, f"{e:.1e} (tol {GRAD_TOL:g})")
+
+
+# ------------------------------------------------------------------------------------------------
+# (2) Timings
+# ------------------------------------------------------------------------------------------------
+
+
+class Run:
+    def __init__(self, args, device, meta):
+        self.args, self.device, self.meta = args, device, meta
+        os.makedirs(args.out, exist_ok=True)
+        self.path = C.out_path(args.out, "bench_linear", meta)
+        self._f = open(self.path, "w", newline="")
+        self._w = csv.DictWriter(self._f, fieldnames=COLUMNS)
+        self._w.writeheader()
+        self.rows: list[dict] = []
+        self.checks: list[tuple[str, bool, str]] = []
+
+    def report(self, what: str, ok: bool, detail: str) -> None:
+        self.checks.append((what, ok, detail))
+        C.log(f"  {'PASS' if ok else 'FAIL'} {what}: {detail}")
+
+    def row(self, op, provider, n, h, v, k, ms, flops, floor_ms, mem, check="", note=""):
+        r = {**{c: self.meta.get(c, "") for c in ("date", "commit", "gpu", "torch", "triton")}}
+        r.update(op=op, provider=provider, dtype="bf16", n=n, h=h, v_shard=v, k=k, check=check, note=note)
+        r["ms"], r["floor_ms"], r["extra_mem_bytes"] = ms, floor_ms, mem
+        r["tflops"] = None if not ms else flops / (ms * 1e-3) / 1e12
+        r["frac_of_floor"] = None if not ms or not floor_ms else floor_ms / ms
+        self.rows.append(r)
+        self._w.writerow(
+            {k: ("" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)) for k, v in r.items()}
+        )
+        self._f.flush()
+        frac = "-" if r["frac_of_floor"] is None else f"{r['frac_of_floor']:.0%}"
+        mem_s = "-" if mem is None else f"{mem / 2**20:.0f} MiB"
+        C.log(
+            f"  {op:<12} {provider:<10} V={v:<6} k={k:<3} {ms or float('nan'):8.3f} ms"
+            f"  floor {frac:>5}  +{mem_s}"
+        )
+
+    def close(self):
+        self._f.close()
+
+
+def _peers(no_peers: bool) -> dict[str, Callable]:
+    """loss_fn(hidden, weight, target) of the peers that import here."""
+    out: dict[str, Callable] = {}
+    if no_peers:
+        return out
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss()
+        out["liger"] = lambda h, w, t: liger(w, h, t)
+    except Exception as err:  # noqa: BLE001 - not installed or incompatible here
+        C.log(f"  (liger not available: {type(err).__name__})")
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        out["cce"] = lambda h, w, t: cce(h, w, t)
+    except Exception as err:  # noqa: BLE001
+        C.log(f"  (cut_cross_entropy not available: {type(err).__name__})")
+    if hasattr(F, "linear_cross_entropy"):
+        out["torch.lce"] = lambda h, w, t: F.linear_cross_entropy(h, w, t)
+    return out
+
+
+def time_shape(run: Run, n: int, h: int, v: int, k_top: int, peers: dict) -> None:
+    dev = run.device
+    hidden, weight, _, target = make_inputs(n, h, v, torch.bfloat16, dev, seed=run.args.seed, ignore_frac=0.0,
+                                            scale=3.0)  # fmt: skip
+    inputs = (hidden, weight)
+    fwd_flops, all_flops = 2.0 * n * h * v, 6.0 * n * h * v
+    mm_ms = C.bench(lambda: hidden @ weight.T, dev)
+    run.row("matmul", "torch", n, h, v, 0, mm_ms, fwd_flops, mm_ms, None, note="bf16 hidden @ weight.T")
+    floors = {"fwd": mm_ms, "fwd+bwd": 3 * mm_ms}
+
+    def timed(op, provider, fn, flops, floor, k=0, check="", note=""):
+        try:
+            ms = C.bench(fn, dev)
+            mem = C.extra_peak_memory(lambda: _as_tuple(fn()), dev, inputs)
+        except C.OOM:
+            run.row(op, provider, n, h, v, k, None, flops, floor, None, check, "out of memory")
+            C.empty_cache(dev)
+            return
+        run.row(op, provider, n, h, v, k, ms, flops, floor, mem, check, note)
+
+    # forward statistics
+    timed(
+        "stats_fwd",
+        "fused",
+        lambda: ss.linear_softmax_stats(hidden, weight, target),
+        fwd_flops,
+        floors["fwd"],
+    )
+    timed(
+        "stats_fwd", "unfused", lambda: ss.softmax_stats(hidden @ weight.T, target), fwd_flops, floors["fwd"]
+    )
+    if k_top:
+        note = "k > 0: fp32 logits a chunk of rows at a time + shard_partials"
+        fused_k = lambda: ss.linear_softmax_stats(hidden, weight, target, k=k_top)  # noqa: E731
+        unfused_k = lambda: ss.softmax_stats(hidden @ weight.T, target, k=k_top)  # noqa: E731
+        timed("stats_fwd", "fused", fused_k, fwd_flops, floors["fwd"], k=k_top, note=note)
+        timed("stats_fwd", "unfused", unfused_k, fwd_flops, floors["fwd"], k=k_top)
+
+    # cross-entropy, forward and forward + backward (gradients of hidden and weight)
+    h_req = hidden.detach().requires_grad_(True)
+    w_req = weight.detach().requires_grad_(True)
+    losses: dict[str, Callable] = {
+        "fused": lambda: ss.linear_cross_entropy(h_req, w_req, target),
+        "unfused": lambda: ss.cross_entropy(F.linear(h_req, w_req), target),
+        "torch": lambda: F.cross_entropy(F.linear(h_req, w_req).float(), target),
+    }
+    losses.update({name: (lambda fn=fn: fn(h_req, w_req, target)) for name, fn in peers.items()})
+
+    def grads(loss_fn):
+        return lambda: torch.autograd.grad(loss_fn(), (h_req, w_req))
+
+    # check every provider against ours (and ours against the unfused path) at this shape first
+    ours_loss = losses["fused"]().detach().float()
+    ours_grads = grads(losses["fused"])()
+    ok_providers = {}
+    for name, loss_fn in losses.items():
+        if name == "fused":
+            continue
+        try:
+            loss = loss_fn()
+            g = torch.autograd.grad(loss, (h_req, w_req))
+            e_loss = normwise(ours_loss, loss.detach().float())
+            e_g = max(normwise(a, b) for a, b in zip(ours_grads, g))
+            ok = e_loss <= UNFUSED_LOSS_TOL and e_g <= 2 * GRAD_TOL
+            run.report(f"V={v} fused vs {name}", ok, f"loss {e_loss:.1e} (tol {UNFUSED_LOSS_TOL:g}), "
+                       f"grads {e_g:.1e} (tol {2 * GRAD_TOL:g})")  # fmt: skip
+            ok_providers[name] = ok
+            del loss, g
+        except Exception as err:  # noqa: BLE001 - a peer that cannot run here
+            C.log(
+                f"  skip {name}: {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+            )
+            C.empty_cache(dev)
+    del ours_grads
+    for name, loss_fn in losses.items():
+        if name != "fused" and name not in ok_providers:
+            continue
+        check = "" if name == "fused" else ("PASS" if ok_providers[name] else "FAIL")
+        timed("ce_fwd", name, loss_fn, fwd_flops, floors["fwd"], check=check)
+        timed("ce_fwd+bwd", name, grads(loss_fn), all_flops, floors["fwd+bwd"], check=check)
+
+
+def _as_tuple(x):
+    if isinstance(x, torch.Tensor):
+        return (x,)
+    return tuple(t for t in x if isinstance(t, torch.Tensor))
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'op':<11} {'provider':<10} {'V_shard':>7} {'k':>3} {'ms':>9} {'TFLOP/s':>8} {'floor':>6}"
+    head += f" {'xmem MiB':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ms = "-" if r["ms"] is None else f"{r['ms']:.3f}"
+        tf = "-" if r["tflops"] is None else f"{r['tflops']:.0f}"
+        fr = "-" if r["frac_of_floor"] is None else f"{r['frac_of_floor']:.0%}"
+        mem = "-" if r["extra_mem_bytes"] is None else f"{r['extra_mem_bytes'] / 2**20:.0f}"
+        lines.append(
+            f"{r['op']:<11} {r['provider']:<10} {r['v_shard']:>7} {r['k']:>3} {ms:>9} {tf:>8} {fr:>6}"
+            f" {mem:>9}"
+        )
+    return "\n".join(lines)
+
+
+def bars(rows: list[dict], k_top: int) -> list[str]:
+    """The issue's bars (informational): fused forward <= 1.15x its floor, forward + backward <=
+    1.25x, top-k k=50 <= 1.10x the k=0 forward."""
+
+    def find(op, provider, v, k=0):
+        return next(
+            (r for r in rows if (r["op"], r["provider"], r["v_shard"], r["k"]) == (op, provider, v, k)), None
+        )
+
+    out = []
+    for v in sorted({r["v_shard"] for r in rows}):
+        for op, limit in (("stats_fwd", 1.15), ("ce_fwd", 1.15), ("ce_fwd+bwd", 1.25)):
+            r = find(op, "fused", v)
+            if r and r["ms"] and r["floor_ms"]:
+                x = r["ms"] / r["floor_ms"]
+                out.append(
+                    f"{'PASS' if x <= limit else 'FAIL'} bar V={v} {op} fused <= {limit}x floor: {x:.2f}x"
+                )
+        k0, kk = find("stats_fwd", "fused", v), find("stats_fwd", "fused", v, k_top)
+        if k_top and k0 and kk and k0["ms"] and kk["ms"]:
+            x = kk["ms"] / k0["ms"]
+            out.append(
+                f"{'PASS' if x <= 1.10 else 'FAIL'} bar V={v} top-{k_top} fused <= 1.10x k=0: {x:.2f}x"
+            )
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = C.is_cuda(device)
+    meta = C.run_meta(device, 1)
+    n = args.n or (8192 if cuda else 64)
+    h = args.h or (4096 if cuda else 48)
+    vs = args.v or ([32064, 128256] if cuda else [100, 257])
+    run = Run(args, device, meta)
+    t0 = time.perf_counter()
+    C.log(
+        f"== bench_linear | {meta['gpu']} | torch {meta['torch']} | triton {meta['triton']}"
+        f" | commit {meta['commit']}"
+    )
+    C.log(f"   backend: {'triton' if ss.backend.uses_triton(torch.empty(0, device=device)) else 'torch'}")
+    if not args.skip_checks:
+        C.log("(1) checks: fused vs float32 torch matmul + unfused API, bf16 inputs")
+        shapes = (
+            [  # (N, H, V_shard, bias, vocab_size, options)
+                (1000, 1000, 5003, True, 5000, {"label_smoothing": 0.1, "z_loss": 1e-4, "softcap": 30.0}),
+                (4096, 4096, 32064, False, None, {}),
+                (3, 512, 1000, True, None, {"temperature": 0.7}),
+            ]
+            if cuda
+            else [(37, 40, 101, True, 99, {"label_smoothing": 0.1, "z_loss": 1e-4, "softcap": 30.0})]
+        )
+        from shardsoftmax.kernels import linear as kernels_linear
+
+        tune, kernels_linear.AUTOTUNE = kernels_linear.AUTOTUNE, False  # fewer compiles: first configs
+        try:
+            run_checks(device, torch.bfloat16, shapes, run.report)
+        finally:
+            kernels_linear.AUTOTUNE = tune
+        C.log(f"   checks took {time.perf_counter() - t0:.0f} s")
+    C.log(f"(2) timings: N={n} H={h} bf16, floors from the bf16 matmul rate of this run")
+    peers = _peers(args.no_peers)
+    for v in vs:
+        time_shape(run, n, h, v, args.k, peers)
+        C.empty_cache(device)
+    run.close()
+    failed = [c for c in run.checks if not c[1]]
+    lines = ["", f"== bench_linear: N={n} H={h} bf16 on {meta['gpu']} ({time.perf_counter() - t0:.0f} s)",
+             table(run.rows), "", *bars(run.rows, args.k),
+             f"checks: {len(run.checks) - len(failed)} PASS, {len(failed)} FAIL",
+             *(f"  FAIL {w}: {d}" for w, d in ((c[0], c[2]) for c in failed)),
+             "PASS all checks" if not failed else "FAIL", f"csv: {run.path}"]  # fmt: skip
+    C.write_report(lines, run.path)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
