@@ -661,32 +661,32 @@ def linear_cross_entropy_backward(
     temperature: float,
     need_hidden_grad: bool = True,
     need_weight_grad: bool = True,
+    need_bias_grad: bool = True,
     chunk_cols: int | None = None,
     config: dict | None = None,
 ):
     """Gradients of sum_rows row_scale * loss_row w.r.t. hidden, weight and bias, where the logits
     are ``hidden @ weight^T (+ bias)``: ``(grad_hidden [N, H] fp32, grad_weight [V_shard, H] in the
-    weight's dtype, grad_bias [V_shard] in the bias' dtype or None)``; grad_hidden is this shard's
-    partial sum (the caller reduces it over ranks). ``lse``, ``row_scale``: [N] fp32. Gradients not
-    needed come back as None. ``chunk_cols``: vocabulary columns per chunk (default: G chunk of at
-    most GRAD_CHUNK_BYTES)."""
+    weight's dtype, grad_bias [V_shard] in the bias' dtype)``; grad_hidden is this shard's partial
+    sum (the caller reduces it over ranks). ``lse``, ``row_scale``: [N] fp32. A gradient not needed
+    (``need_*_grad``, or no bias) comes back as None; the bias always enters the logits.
+    ``chunk_cols``: vocabulary columns per chunk (default: a G chunk of at most GRAD_CHUNK_BYTES)."""
     n_rows, hidden_size = hidden.shape
     n_cols = weight.shape[0]
     device = hidden.device
-    grad_hidden = torch.zeros((n_rows, hidden_size), dtype=torch.float32, device=device)
-    need_weight_grad = need_weight_grad or bias is not None
-    grad_weight = (
-        torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight_grad else None
-    )
-    grad_bias = torch.empty_like(bias, memory_format=torch.contiguous_format) if bias is not None else None
-    if n_cols == 0:
-        return grad_hidden if need_hidden_grad else None, grad_weight, grad_bias
-    if n_rows == 0:
-        if grad_weight is not None:
-            grad_weight.zero_()
-        if grad_bias is not None:
-            grad_bias.zero_()
-        return grad_hidden if need_hidden_grad else None, grad_weight, grad_bias
+
+    def new(like, needed, shape=None):
+        if not needed:
+            return None
+        if shape is not None:
+            return torch.zeros(shape, dtype=torch.float32, device=device)
+        return torch.zeros_like(like, memory_format=torch.contiguous_format)
+
+    grad_hidden = new(None, need_hidden_grad, (n_rows, hidden_size))
+    grad_weight = new(weight, need_weight_grad)
+    grad_bias = new(bias, need_bias_grad and bias is not None)
+    if n_cols == 0 or n_rows == 0 or (grad_hidden is None and grad_weight is None and grad_bias is None):
+        return grad_hidden, grad_weight, grad_bias
     if chunk_cols is None:
         chunk_cols = max(256, GRAD_CHUNK_BYTES // (hidden.element_size() * n_rows) // 256 * 256)
     chunk_cols = min(chunk_cols, n_cols)
@@ -701,13 +701,13 @@ def linear_cross_entropy_backward(
             label_smoothing=label_smoothing, vocab_size=vocab_size, z_loss=z_loss, softcap=softcap,
             temperature=temperature, config=config,
         )  # fmt: skip
-        if need_hidden_grad:
+        if grad_hidden is not None:
             _matmul(gc, wc, grad_hidden, accumulate=True)
         if grad_weight is not None:
             _matmul(gc.t(), hidden, grad_weight[c0:c1], accumulate=False)
         if grad_bias is not None:
             grad_bias[c0:c1] = gc.sum(dim=0, dtype=torch.float32).to(grad_bias.dtype)
-    return grad_hidden if need_hidden_grad else None, grad_weight, grad_bias
+    return grad_hidden, grad_weight, grad_bias
 
 
 __all__ = [

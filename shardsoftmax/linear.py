@@ -75,7 +75,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias = backend.linear_cross_entropy_backward(
             hidden2d,
             weight,
-            bias if need_bias else None,
+            bias,
             target1d,
             lse,
             row_scale,
@@ -88,6 +88,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             temperature=call.temperature,
             need_hidden_grad=need_hidden,
             need_weight_grad=need_weight,
+            need_bias_grad=need_bias,
         )
         if grad_hidden is not None:
             group = ctx.process_group

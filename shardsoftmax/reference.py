@@ -166,6 +166,7 @@ def shard_linear_cross_entropy_backward(
     *,
     need_hidden_grad: bool = True,
     need_weight_grad: bool = True,
+    need_bias_grad: bool = True,
     **kw,
 ):
     """Gradients of sum_rows row_scale * loss_row w.r.t. hidden (compute dtype, this shard's
@@ -185,8 +186,8 @@ def shard_linear_cross_entropy_backward(
             grad_bias += g.sum(dim=0)
     return (
         grad_hidden if need_hidden_grad else None,
-        grad_weight.to(weight.dtype) if need_weight_grad or bias is not None else None,
-        None if bias is None else grad_bias.to(bias.dtype),
+        grad_weight.to(weight.dtype) if need_weight_grad else None,
+        grad_bias.to(bias.dtype) if need_bias_grad and bias is not None else None,
     )
 
 

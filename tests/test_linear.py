@@ -235,6 +235,24 @@ def test_linear_matches_unfused_api(core_tier):
     assert torch.equal(st.topk_ids, ref.topk_ids)
 
 
+def test_frozen_parameters(core_tier):
+    """Only hidden (or only weight) needs a gradient, the bias is frozen: the bias still enters the
+    recomputed logits, and the frozen tensors get no gradient."""
+    case = Case("frozen", 6, 16, 60, "fp32", True, {"z_loss": 1e-2})
+    hidden, weight, bias, target = make_inputs(case, seed=10)
+    for trained in ("hidden", "weight"):
+        leaves = {"hidden": hidden.clone(), "weight": weight.clone()}
+        leaves[trained].requires_grad_(True)
+        h, w, b, t = on(core_tier, leaves["hidden"], leaves["weight"], bias, target)
+        ss.linear_cross_entropy(h, w, t, bias=b, z_loss=1e-2).backward()
+        ref = {k: v.detach().double().requires_grad_(k == trained) for k, v in leaves.items()}
+        loss64 = R.oracle_linear_cross_entropy(ref["hidden"], ref["weight"], target, bias=bias, z_loss=1e-2)
+        (g64,) = torch.autograd.grad(loss64, ref[trained])
+        got = (h if trained == "hidden" else w).grad
+        torch.testing.assert_close(got.cpu().double(), g64, rtol=1e-5, atol=1e-6)
+        assert (w if trained == "hidden" else h).grad is None and b.grad is None
+
+
 def test_backward_saves_no_logits(core_tier):
     """Forward saves hidden, weight and bias themselves and per-row tensors; nothing of size N x V."""
     case = Case("saved", 8, 16, 300, "fp32", True, {})
