@@ -2,7 +2,8 @@
 # One call on a GPU machine: install, GPU test tier, one-GPU benchmark, torchrun self-check and the
 # distributed benchmark on every GPU. Logs and CSVs under $OUT (default ./gpu_out); each step's
 # tail is printed as it ends. Usage (from the repository root):
-#     bash benchmarks/gpu_session.sh [steps...]     # steps: install tests bench dist (default: all)
+#     bash benchmarks/gpu_session.sh [steps...]     # steps: install tests bench dist (default: all),
+#                                                   # linear (the fused LM head; not in the default)
 # Carried wheels (optional): .wheels/*.whl (e.g. liger-kernel) are installed too.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -39,6 +40,9 @@ if has tests; then
 fi
 if has bench; then
     step bench_ops "${BENCH_LIMIT:-240}" python -P benchmarks/bench_ops.py --compile none --out "$OUT"
+fi
+if has linear; then
+    step bench_linear "${LINEAR_LIMIT:-300}" python -P benchmarks/bench_linear.py --out "$OUT"
 fi
 if has dist && [ "$NGPU" -ge 2 ]; then
     step torchrun_tests 120 torchrun --standalone --nproc-per-node "$NGPU" --no-python \
