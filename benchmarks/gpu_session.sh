@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# One call on a GPU machine (fits ~9 minutes on 4 GPUs): install, the CUDA test tier, the one-GPU
-# benchmark (--preset bars), the distributed benchmark on 2 GPUs (--preset bars) and on 4 GPUs
-# (--preset scaling: TP = 4, 2, 1, which includes the TP = 4 bars), the figures, and a summary of
-# every bar. Each step has its own time limit (and passes a slightly smaller --max-seconds to the
-# benchmark, so it stops cleanly and still prints its report); logs, CSVs, reports (.txt), README
-# tables (.md) and figures go under $OUT (default ./gpu_out).
+# One call on a GPU machine (the step limits sum to ~9 minutes on 4 GPUs): install, the CUDA test
+# tier, the one-GPU benchmark (--preset bars), the distributed benchmark on 2 GPUs (--preset bars)
+# and on 4 GPUs (--preset scaling: TP = 4, 2, 1, which includes the TP = 4 bars), the figures, and
+# a summary of every bar. Each step has its own time limit (and passes a smaller --max-seconds to
+# the benchmark, so it stops cleanly and still prints its report); logs, CSVs, reports (.txt),
+# README tables (.md) and figures go under $OUT (default ./gpu_out).
 #
 #     bash benchmarks/gpu_session.sh [steps...]   # steps: install tests bench dist2 dist4 plot summary
 #                                                 # (default: all of them); optional: selftest
 #
-# Limits (seconds, environment): TEST_LIMIT=90 BENCH_LIMIT=220 DIST2_LIMIT=55 DIST4_LIMIT=105.
+# Limits (seconds, environment): TEST_LIMIT=80 BENCH_LIMIT=210 DIST2_LIMIT=70 DIST4_LIMIT=120.
 # Carried wheels: .wheels/*.whl (liger-kernel 0.8.5) are installed too; without them the Liger
 # peers are skipped with the reason printed.
 set -uo pipefail
@@ -49,12 +49,12 @@ fi
 NGPU=$(python -P -c "import torch; print(torch.cuda.device_count())")
 
 if has tests; then
-    step pytest_gpu "${TEST_LIMIT:-90}" python -P -m pytest -q -x -p no:cacheprovider -m "not slow" \
+    step pytest_gpu "${TEST_LIMIT:-80}" python -P -m pytest -q -x -p no:cacheprovider -m "not slow" \
         tests/test_core.py tests/test_grad.py tests/test_distributed.py -k "cuda or nccl or gpu"
 fi
 if has bench; then
-    limit=${BENCH_LIMIT:-220}
-    step bench_ops "$limit" python -P benchmarks/bench_ops.py --preset bars --max-seconds $((limit - 30)) --out "$OUT"
+    limit=${BENCH_LIMIT:-210}
+    step bench_ops "$limit" python -P benchmarks/bench_ops.py --preset bars --max-seconds $((limit - 45)) --out "$OUT"
 fi
 run_dist() {  # run_dist NAME NPROC LIMIT ARGS...
     local name=$1 nproc=$2 limit=$3
@@ -64,13 +64,13 @@ run_dist() {  # run_dist NAME NPROC LIMIT ARGS...
         return
     fi
     step "$name" "$limit" python -P -m torch.distributed.run --standalone --nproc-per-node "$nproc" \
-        benchmarks/bench_dist.py --max-seconds $((limit - 25)) --out "$OUT" "$@"
+        benchmarks/bench_dist.py --max-seconds $((limit - 35)) --out "$OUT" "$@"
 }
 if has dist2; then
-    run_dist bench_dist2 2 "${DIST2_LIMIT:-55}" --preset bars
+    run_dist bench_dist2 2 "${DIST2_LIMIT:-70}" --preset bars
 fi
 if has dist4; then
-    run_dist bench_dist4 4 "${DIST4_LIMIT:-105}" --preset scaling
+    run_dist bench_dist4 4 "${DIST4_LIMIT:-120}" --preset scaling
 fi
 if has selftest && [ "$NGPU" -ge 2 ]; then
     step torchrun_tests 120 python -P -m torch.distributed.run --standalone --nproc-per-node "$NGPU" \
