@@ -123,7 +123,7 @@ def _finalize_stats_kernel(
     HAS_TARGET: tl.constexpr,  # only with SCALARS
     LOGPROBS: tl.constexpr,  # top-k out = value - lse (else the raw value); only with SCALARS
     K: tl.constexpr,  # top-k size (0: none)
-    KP: tl.constexpr,  # next power of two >= K
+    KP: tl.constexpr,  # next power of two >= max(K, 2)
     MERGE_TOPK: tl.constexpr,  # S > 1: merge the S sorted lists (MP >= S * K candidates)
     MP: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -293,6 +293,8 @@ def finalize_stats(
     merge = n_splits > 1 and k > 0
     if merge and not can_merge_topk(n_splits, k):
         raise ValueError(f"{n_splits} splits of top-{k} are too many to merge in-kernel")
+    if merge and topk_ids.stride() != topk_vals.stride():
+        raise ValueError("topk_vals and topk_ids must have the same strides")
     device = topk_vals.device
     rows_out = torch.empty((4, n_rows), dtype=torch.float32, device=device) if scalars else None
     topk_out = torch.empty((n_rows, k), dtype=torch.float32, device=device)

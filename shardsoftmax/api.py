@@ -15,6 +15,9 @@ Common conventions:
 * Rows whose every logit is -inf: lse = max = -inf, entropy and log-probs NaN (as PyTorch).
   Rows with a NaN (or +inf) logit: lse, entropy and log-probs NaN.
 * Top-k: ids are global int64, ordered by descending logit; equal logits: the lower id first.
+* ``process_group=None``: no host sync and no per-call host tensor, so calls can be captured in a
+  CUDA graph (after one warm-up call). With a group, the header exchange reads the gathered
+  headers back to the host (see ``collective``): not capturable.
 """
 
 from __future__ import annotations

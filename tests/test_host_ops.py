@@ -1,9 +1,10 @@
 """Host cost of one-process calls (``process_group=None``).
 
-* CPU: each public call makes at most a budgeted number of torch dispatcher ops and Triton launches
-  on the Triton path (launches stubbed out, see ``host_ops.py``), and nothing that syncs with or
-  copies from the device. The budgets are the counts measured when the finalize kernel went in,
-  plus a margin of 2, so that a regression (a torch op per call creeping back) fails here.
+* Op counts (CPU tensors, or CUDA tensors where there is a GPU): each public call makes at most
+  a budgeted number of torch dispatcher ops and Triton launches on the Triton path (launches
+  stubbed out, see ``host_ops.py``), and nothing that syncs with or copies from the device.
+  The budgets are the counts measured when the finalize kernel went in, plus a margin of 2, so
+  that a regression (a torch op per call creeping back) fails here.
 * GPU: every call can be captured in a CUDA graph; replays on new data copied into the static
   inputs equal eager calls bit for bit.
 """
@@ -141,7 +142,7 @@ def test_calls_capture_in_a_cuda_graph_and_replay_on_new_data(n):
 
 @needs_cuda
 @pytest.mark.parametrize("n", [1, 1024])
-def test_cross_entropy_forward_and_backward_capture(n):
+def test_cross_entropy_forward_and_backward_capture_in_a_cuda_graph(n):
     v = 32064
     x0, static_t = _inputs(n, v, seed=0)
     static_x = x0.clone().requires_grad_(True)
