@@ -7,7 +7,7 @@
 # README tables (.md) and figures go under $OUT (default ./gpu_out).
 #
 #     bash benchmarks/gpu_session.sh [steps...]   # steps: install tests bench dist2 dist4 plot summary
-#                                                 # (default: all of them); optional: selftest
+#                                                 # (default: all of them); optional: host selftest
 #
 # Limits (seconds, environment): TEST_LIMIT=80 BENCH_LIMIT=210 DIST2_LIMIT=70 DIST4_LIMIT=120.
 # Carried wheels: .wheels/*.whl (liger-kernel 0.8.5) are installed too; without them the Liger
@@ -50,11 +50,15 @@ NGPU=$(python -P -c "import torch; print(torch.cuda.device_count())")
 
 if has tests; then
     step pytest_gpu "${TEST_LIMIT:-80}" python -P -m pytest -q -x -p no:cacheprovider -m "not slow" \
-        tests/test_core.py tests/test_grad.py tests/test_distributed.py -k "cuda or nccl or gpu"
+        tests/test_core.py tests/test_grad.py tests/test_merge.py tests/test_finalize.py \
+        tests/test_host_ops.py tests/test_distributed.py -k "cuda or nccl or gpu or host_ops"
 fi
 if has bench; then
     limit=${BENCH_LIMIT:-210}
     step bench_ops "$limit" python -P benchmarks/bench_ops.py --preset bars --max-seconds $((limit - 45)) --out "$OUT"
+fi
+if has host; then
+    step bench_host "${HOST_LIMIT:-150}" python -P benchmarks/bench_host.py --out "$OUT"
 fi
 run_dist() {  # run_dist NAME NPROC LIMIT ARGS...
     local name=$1 nproc=$2 limit=$3

@@ -8,7 +8,8 @@ import contextlib
 import torch
 
 from . import kernels, reference
-from .partials import Partials, identity, merge_stacked
+from . import partials as P
+from .partials import Partials, Pieces, StatsRows, identity, merge_stacked
 
 _BACKENDS = ("auto", "triton", "torch")
 _backend = "auto"
@@ -65,16 +66,79 @@ def shard_partials(logits: torch.Tensor, target: torch.Tensor | None, **kw) -> P
     return reference.shard_partials(logits, target, **kw)
 
 
-def shard_softmax(logits: torch.Tensor, lse: torch.Tensor, **kw) -> torch.Tensor:
+def shard_pieces(logits: torch.Tensor, target: torch.Tensor | None, **kw) -> Pieces:
+    """Partials of one 2-D shard as pieces for finalize: the Triton kernel's column splits as it
+    wrote them (finalize merges them), or the reference's partials as one piece."""
     if uses_triton(logits):
-        return kernels.softmax_write(logits, lse.float(), **kw)
-    return reference.shard_softmax(logits, lse, **kw)
+        return Pieces(*kernels.shard_partials(logits, target, **kw))
+    kw.pop("need_entropy", None), kw.pop("need_sum_x", None)
+    return P.pack(reference.shard_partials(logits, target, **kw))
 
 
-def shard_cross_entropy_backward(logits, target, lse, row_scale, **kw) -> torch.Tensor:
-    if uses_triton(logits):
-        return kernels.cross_entropy_backward(logits, target, lse.float(), row_scale.float(), **kw)
-    return reference.shard_cross_entropy_backward(logits, target, lse, row_scale, **kw)
+def _kernel_finalize(logits: torch.Tensor, pieces: Pieces) -> bool:
+    return uses_triton(logits) and pieces.stats.dtype == torch.float32
+
+
+def finalize_stats(
+    logits: torch.Tensor, pieces: Pieces, target: torch.Tensor | None, *, vocab_start: int, ignore_index: int
+) -> StatsRows:
+    """The per-row results of ``softmax_stats``: one finalize launch, or ``partials.stats_rows``."""
+    if not _kernel_finalize(logits, pieces):
+        return P.stats_rows(pieces.merged(), target, ignore_index)
+    if not kernels.can_merge_topk(pieces.n_splits, pieces.topk_vals.shape[-1]):
+        pieces = P.pack(pieces.merged())
+    rows, topk, ids = kernels.finalize_stats(
+        pieces.stats,
+        pieces.topk_vals,
+        pieces.topk_ids,
+        target,
+        vocab_start=vocab_start,
+        ignore_index=ignore_index,
+    )
+    lse, row_max, entropy, target_logprob = rows.unbind(0)
+    return StatsRows(lse, row_max, entropy, None if target is None else target_logprob, topk, ids)
+
+
+def merged_topk(
+    logits: torch.Tensor, pieces: Pieces, *, vocab_start: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merged top-k (values, ids) of the pieces."""
+    if pieces.n_splits == 1:
+        return pieces.topk_vals[0], pieces.topk_ids[0]
+    if _kernel_finalize(logits, pieces) and kernels.can_merge_topk(
+        pieces.n_splits, pieces.topk_vals.shape[-1]
+    ):
+        return kernels.finalize_topk(pieces.topk_vals, pieces.topk_ids, vocab_start=vocab_start)
+    merged = pieces.merged()
+    return merged.topk_vals, merged.topk_ids
+
+
+def finalize_cross_entropy(
+    logits: torch.Tensor, pieces: Pieces, target: torch.Tensor, **kw
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, lse_bwd)`` (see ``partials.cross_entropy_rows``): one launch, or PyTorch."""
+    if _kernel_finalize(logits, pieces):
+        return kernels.finalize_cross_entropy(pieces.stats, target, **kw)
+    return P.cross_entropy_rows(pieces.merged(), target, **kw)
+
+
+def shard_softmax(logits: torch.Tensor, pieces: Pieces, **kw) -> torch.Tensor:
+    """This shard of the (log-)softmax; the kernel merges the pieces' lse itself."""
+    if _kernel_finalize(logits, pieces):
+        return kernels.softmax_write(logits, pieces.stats, **kw)
+    return reference.shard_softmax(logits, P.log_normalizer(pieces.merged()), **kw)
+
+
+def shard_cross_entropy_backward(
+    logits, target, lse_bwd, grad_out, *, ignore_index: int, **kw
+) -> torch.Tensor:
+    """The gradient w.r.t. this shard's logits, from what ``finalize_cross_entropy`` saved."""
+    if uses_triton(logits) and lse_bwd.dtype == torch.float32:
+        return kernels.cross_entropy_backward(
+            logits, target, lse_bwd, grad_out, ignore_index=ignore_index, **kw
+        )
+    row_scale = P.backward_row_scale(lse_bwd, grad_out, target != ignore_index)
+    return reference.shard_cross_entropy_backward(logits, target, lse_bwd[:-1], row_scale, **kw)
 
 
 def shard_gumbel_argmax(logits: torch.Tensor, **kw) -> Partials:
