@@ -1,16 +1,21 @@
-"""Multi-GPU benchmark: shardsoftmax over a vocabulary split across the ranks, against a
-Megatron-style vocab-parallel cross-entropy, gathering all logits, and Liger-Kernel's
-vocab-parallel cross-entropy (when installed).
+"""Multi-GPU benchmark: shardsoftmax over a vocabulary split across ranks, against a Megatron-style
+vocab-parallel cross-entropy (three all-reduces on fp32, written here), gathering all logits
+then computing, and Liger-Kernel's vocab-parallel cross-entropy (when installed).
 
-    torchrun --standalone --nproc-per-node G -m shardsoftmax.launch.torchrun bench [--quick] [--out DIR]
-    torchrun --standalone --nproc-per-node G benchmarks/bench_dist.py [--quick] [--out DIR]
-    torchrun --standalone --nproc-per-node 2 benchmarks/bench_dist.py --device cpu --quick   # gloo smoke
+    torchrun --standalone --nproc-per-node 4 benchmarks/bench_dist.py                    # --preset bars
+    torchrun --standalone --nproc-per-node 4 benchmarks/bench_dist.py --preset scaling   # TP = 4, 2, 1
+    torchrun --standalone --nproc-per-node 4 -m shardsoftmax.launch.torchrun bench [options]
+    torchrun --standalone --nproc-per-node 2 benchmarks/bench_dist.py --dry-run          # CPU, gloo
 
 Every provider is checked on every rank against a float64 reference of the full logits first;
-a provider that fails on any rank is skipped on all of them. Timing: a FIXED number of calls,
-each between CUDA events, after a barrier (do_bench would choose a different repeat count on
-each rank and deadlock in the collectives); per-rank median, then the MAX over the ranks.
-Rank 0 prints progress, a table and the acceptance bars at the end, and writes a CSV.
+a provider that fails on any rank is recorded (wrong / error) and skipped on all of them.
+Timing: a FIXED number of calls, each between CUDA events, after a barrier (do_bench would
+choose a different repeat count on each rank and deadlock in the collectives); per-rank median,
+then the MAX over the ranks. The same run measures the single-shard kernel (no collective) and
+one all-gather of the partials-sized buffer. ``--preset scaling`` (issue 6) runs the same at
+TP = every power of two up to the world size on sub-groups of ranks 0..TP-1, at a fixed global
+vocabulary (strong scaling). Rank 0 prints progress, a table, the bars of issues 3 and 5, the
+strong-scaling table and a markdown speed-up table at the end, and writes the CSV.
 """
 
 from __future__ import annotations
@@ -32,53 +37,13 @@ from shardsoftmax.collective import H as HEADER_WORDS  # noqa: E402
 from shardsoftmax.collective import payload_words  # noqa: E402
 
 OURS = C.OURS
+FAMILIES = ("ours", "megatron", "liger", "gather")
 _all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 # ----------------------------------------------------------------------------------------------
-# Baselines written here
+# Gather-then-compute baseline
 # ----------------------------------------------------------------------------------------------
-
-
-class MegatronVocabParallelCE(torch.autograd.Function):
-    """Megatron-LM's vocab-parallel cross-entropy (tensor_parallel/cross_entropy.py), as commonly
-    used: on fp32 logits (the caller passes ``logits.float()``); all_reduce MAX of the row max,
-    subtract, exp, all_reduce SUM of the sum of exps and of the masked target logit; saves the fp32
-    softmax for a backward that works in place on it (no collective)."""
-
-    @staticmethod
-    def forward(ctx, logits, target, vocab_start, group):
-        n_rows, width = logits.shape
-        logits_max = logits.max(dim=-1)[0]
-        dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
-        logits = logits - logits_max.unsqueeze(-1)
-        target_mask = (target < vocab_start) | (target >= vocab_start + width)
-        masked_target = target - vocab_start
-        masked_target[target_mask] = 0
-        rows = torch.arange(n_rows, device=logits.device)
-        predicted = logits[rows, masked_target]
-        predicted[target_mask] = 0.0
-        dist.all_reduce(predicted, op=dist.ReduceOp.SUM, group=group)
-        exp_logits = torch.exp(logits, out=logits)
-        sum_exp = exp_logits.sum(dim=-1)
-        dist.all_reduce(sum_exp, op=dist.ReduceOp.SUM, group=group)
-        loss = torch.log(sum_exp) - predicted
-        exp_logits.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(exp_logits, target_mask, masked_target)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        softmax, target_mask, masked_target = ctx.saved_tensors
-        grad = softmax  # in place, as Megatron
-        rows = torch.arange(grad.shape[0], device=grad.device)
-        grad[rows, masked_target] -= 1.0 - target_mask.to(grad.dtype)
-        grad.mul_(grad_output.unsqueeze(-1))
-        return grad, None, None, None
-
-
-def megatron_ce(shard, target, vocab_start, group):
-    return MegatronVocabParallelCE.apply(shard.float(), target, vocab_start, group).mean()
 
 
 def gather_full(shard: torch.Tensor, widths: list[int], group) -> torch.Tensor:
@@ -87,34 +52,140 @@ def gather_full(shard: torch.Tensor, widths: list[int], group) -> torch.Tensor:
     wmax = max(widths)
     buf = shard if w == wmax else torch.nn.functional.pad(shard, (0, wmax - w))
     out = torch.empty(len(widths) * n * wmax * shard.element_size(), dtype=torch.uint8, device=shard.device)
-    _all_gather_into(
-        out, buf.contiguous().view(torch.uint8).reshape(-1), group=group
-    )  # raw bytes (gloo: no bf16)
+    # raw bytes: gloo has no bf16
+    _all_gather_into(out, buf.contiguous().view(torch.uint8).reshape(-1), group=group)
     out = out.view(shard.dtype).view(len(widths), n, wmax)
     return torch.cat([out[r, :, : widths[r]] for r in range(len(widths))], dim=1)
 
 
 def gather_stats(shard, widths, k, group):
     full = gather_full(shard, widths, group)
-    return torch.logsumexp(full.float(), dim=-1), torch.topk(full, k, dim=-1)
-
-
-def find_liger_vocab_parallel(device):
-    if not C.is_cuda(device):
-        return None, "Liger-Kernel's Triton kernels need CUDA"
-    try:
-        from liger_kernel.transformers import LigerVocabParallelCrossEntropy
-    except Exception as err:
-        return (
-            None,
-            f"liger_kernel.transformers.LigerVocabParallelCrossEntropy not importable ({type(err).__name__})",
-        )
-    return LigerVocabParallelCrossEntropy(), ""
+    lse = torch.logsumexp(full.float(), dim=-1)
+    return lse if k == 0 else (lse, torch.topk(full, k, dim=-1))
 
 
 def split(v: int, world: int) -> list[int]:
     base, extra = divmod(v, world)
     return [base + (r < extra) for r in range(world)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets and bars
+# ----------------------------------------------------------------------------------------------
+
+
+def preset_plan(preset: str, world: int) -> tuple[list[int], list[int], int]:
+    """(TPs in the order they run, global vocabulary sizes, N)."""
+    pow2 = [t for t in (1, 2, 4, 8, 16, 32, 64) if t <= world]
+    every = sorted(set(pow2) | {world}, reverse=True)
+    if preset == "bars":
+        return [world], [128256, 256000], 8192
+    if preset == "scaling":
+        return every, [128256, 256000], 8192
+    return every, [1030, 301], 37  # smoke: tiny, an even and an uneven split
+
+
+I3_GRID = ((2, 4), (128256, 256000), 8192, "bf16")
+I5_GRID = ((4,), (256000,), 8192, "bf16")
+
+
+def dist_bars(got: dict, *, any_size: bool, k: int) -> list[C.Bar]:
+    """``got[(tp, V, n, dtype)]`` holds the block's measured times (ms) and memory. One line per
+    bar and block of the issue's grid (``any_size``: every measured block)."""
+
+    def blocks(grid):
+        if any_size:
+            return sorted(got)
+        tps, vs, n, dt = grid
+        return [(tp, v, n, dt) for tp in tps for v in vs]
+
+    def val(b, key):
+        return got.get(b, {}).get(key)
+
+    bars: list[C.Bar] = []
+
+    def add(issue, grid, name, limit, compute):
+        lines = []
+        for b in blocks(grid):
+            tp, v, n, dt = b
+            what = f"{name} [TP={tp} V={v} N={n} {dt}]"
+            status = next((val(b, f"status:{key}") for key in compute.keys if val(b, f"status:{key}")), "")
+            value, ok, shown = compute(b)
+            lines.append(C.judge(issue, what, limit, value, ok, shown, status))
+        if lines and all(x.status == "MISSING" for x in lines):
+            tps, vs, n, dt = grid
+            lines = [C.Bar(issue, f"{name} [TP={tps} V={vs} N={n} {dt}]", limit, "MISSING")]
+        bars.extend(lines)
+
+    class Rule:
+        """A bar's computation from the block's measurements ``keys``: fn(block, *values) ->
+        (value, ok, shown); nothing measured -> MISSING."""
+
+        def __init__(self, keys, fn):
+            self.keys, self.fn = keys, fn
+
+        def __call__(self, b):
+            vals = [val(b, key) for key in self.keys]
+            if any(x is None for x in vals):
+                return None, None, ""
+            return self.fn(b, *vals)
+
+    def latency(extra_ms):
+        def fn(b, s0, local0, ag0):
+            budget = local0 + ag0 + extra_ms
+            return s0, s0 <= budget, f"{s0:.3f} vs {budget:.3f} ms ({local0:.3f}+{ag0:.3f}+{extra_ms:.3f})"
+
+        return Rule(["stats0", "local0", "allgather0"], fn)
+
+    def faster(ours_key, peer_key, factor):
+        def fn(b, ours, peer):
+            return peer / ours, peer >= factor * ours, f"{peer / ours:.2f}x ({ours:.3f} vs {peer:.3f} ms)"
+
+        return Rule([ours_key, peer_key], fn)
+
+    def memory(b, mem):
+        limit = b[2] * 64  # N * (64 + 16k) bytes with k = 0
+        return mem, mem <= limit, f"{mem / 1024:.0f} KiB vs {limit / 1024:.0f} KiB"
+
+    add(3, I3_GRID, "softmax_stats k=0 fwd", "<= local kernel + one all-gather + 60 us", latency(0.060))
+    add(
+        3,
+        I3_GRID,
+        "cross_entropy fwd vs Liger vocab-parallel fwd",
+        ">= 2x faster",
+        faster("ce_fwd:shardsoftmax", "ce_fwd:liger", 2.0),
+    )
+    add(
+        3,
+        I3_GRID,
+        "cross_entropy fwd vs Megatron-style fwd",
+        ">= 8x faster",
+        faster("ce_fwd:shardsoftmax", "ce_fwd:megatron", 8.0),
+    )
+    add(
+        3,
+        I3_GRID,
+        "cross_entropy fwd+bwd vs Liger vocab-parallel",
+        ">= 2x faster",
+        faster("ce_fb:shardsoftmax", "ce_fb:liger", 2.0),
+    )
+    add(
+        3,
+        I3_GRID,
+        f"softmax_stats k={k} fwd vs k=0",
+        "<= 1.5x the k=0 time",
+        Rule([f"stats{k}", "stats0"], lambda b, sk, s0: (sk / s0, sk <= 1.5 * s0, f"{sk / s0:.2f}x")),
+    )
+
+    add(
+        3,
+        I3_GRID,
+        "cross_entropy fwd+bwd extra memory per rank",
+        "<= N*(64+16k) bytes, k=0",
+        Rule(["ce_mem:shardsoftmax"], memory),
+    )
+    add(5, I5_GRID, "softmax_stats k=0 fwd", "<= one-GPU kernel + one all-gather + 40 us", latency(0.040))
+    return bars
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,340 +197,553 @@ def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="bench_dist", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--quick", action="store_true", help="fewer iterations (CPU: tiny sizes)")
-    p.add_argument("--out", default="bench_out", help="folder for the CSV and the table (rank 0)")
+    p.add_argument(
+        "--preset",
+        choices=("bars", "scaling", "smoke"),
+        default=None,
+        help="bars (default): TP = world size, V in {128256, 256000}; scaling: TP = 1, 2, 4, 8 "
+        "up to the world size; smoke: tiny sizes (the --dry-run default)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="CPU + gloo, PyTorch backend, smoke sizes: every provider's check and the CSV, "
+        "bars and tables; the numbers mean nothing",
+    )
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=0,
+        help="stop starting blocks / providers when this budget would be exceeded (0: none)",
+    )
+    p.add_argument("--out", default="bench_out", help="folder for the CSV, .txt and .md (rank 0)")
     p.add_argument("--device", default=None, help="cuda or cpu; must match the group (NCCL: cuda, gloo: cpu)")
-    p.add_argument("--n", type=int, default=None, help="tokens (default 8192; CPU smoke 37)")
+    p.add_argument(
+        "--backend",
+        choices=("auto", "triton", "torch"),
+        default=None,
+        help="shardsoftmax backend (default auto; torch with --dry-run)",
+    )
+    p.add_argument("--tp", type=int, nargs="+", default=None, help="replace the preset's TP sizes (<= world)")
+    p.add_argument("--n", type=int, default=None, help="tokens (default 8192; smoke 37)")
     p.add_argument(
         "--v", type=int, nargs="+", default=None, help="global vocab sizes (default 128256 256000)"
     )
     p.add_argument("--k", type=int, default=50, help="top-k of the k>0 case (default 50)")
     p.add_argument("--dtype", default="bf16", choices=sorted(C.DTYPES))
-    p.add_argument("--iters", type=int, default=None, help="timed calls per provider (default 20; quick 10)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 5; quick 3)")
+    p.add_argument("--providers", nargs="+", choices=FAMILIES, default=None, help="only these providers")
+    p.add_argument("--iters", type=int, default=None, help="timed calls per provider (default 20; CPU 2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 5; CPU 1)")
     p.add_argument("--seed", type=int, default=1234)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.dry_run:
+        args.backend = args.backend or "torch"
+        args.preset = args.preset or "smoke"
+    args.preset = args.preset or "bars"
+    args.backend = args.backend or "auto"
+    return args
+
+
+class Stop(Exception):
+    """The budget ran out: the block ends here on every rank of its group."""
 
 
 class DistBench:
     def __init__(self, args, group, device):
-        self.args, self.group, self.device = args, group, device
+        self.args, self.world_group, self.device = args, group, device
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.cpu = not C.is_cuda(device)
         self.results: list[C.Result] = []
         self.skips: list[tuple[str, str]] = []
-        self.bars: list[str] = []
-        self.liger, self.liger_reason = find_liger_vocab_parallel(device)
-        quick = args.quick or self.cpu
-        self.iters = args.iters or (3 if self.cpu else 10 if quick else 20)
-        self.warmup = args.warmup or (1 if self.cpu else 3 if quick else 5)
+        self.got: dict[tuple, dict] = {}
+        self.liger_mod, self.liger_reason = C.find_liger(device)
+        self.iters = args.iters or (2 if self.cpu else 20)
+        self.warmup = args.warmup or (1 if self.cpu else 5)
+        self.budget = C.Budget(args.max_seconds)
+        self.durations: dict[str, float] = {}
+        self.families = args.providers or FAMILIES
+
+    # -- helpers over the block's group ---------------------------------------------------------
 
     def say(self, *a) -> None:
         if self.rank == 0:
             C.log(*a)
 
-    def agree(self, ok: bool) -> bool:
-        """True only if ``ok`` on every rank (so all ranks skip a provider together)."""
+    def agree(self, ok: bool, group=None) -> bool:
+        """True only if ``ok`` on every rank of the group (so all ranks skip together)."""
         t = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group or self.group)
         return bool(t.item())
 
-    def reduce_max(self, value: float | int | None):
-        if value is None:
-            return None
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return t.item()
-
-    def reduce_min(self, value: float) -> float:
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
-        return t.item()
+    def reduce(self, value: float | None, op) -> float | None:
+        t = torch.tensor(
+            [float("nan") if value is None else float(value)], dtype=torch.float64, device=self.device
+        )
+        dist.all_reduce(t, op=op, group=self.group)
+        x = t.item()
+        return None if x != x else x
 
     def timed(self, fn) -> float:
         return C.time_fixed(fn, self.device, iters=self.iters, warmup=self.warmup, group=self.group)
 
+    def go(self, what: str, expected_s: float | None = None) -> None:
+        """Rank 0 decides whether ``what`` still fits the budget; every rank of the group follows."""
+        expected = (
+            self.durations.get(what, 3.0 if not self.cpu else 0.0) if expected_s is None else expected_s
+        )
+        if not self.agree(self.budget.allows(expected) if self.rank == 0 else True):
+            raise Stop(what)
+
+    def fits(self, what: str, need_bytes: int) -> bool:
+        """Skip (on every rank) a provider that would not fit in free memory: an OOM on one rank in
+        the middle of a collective would leave the others waiting until the group's timeout."""
+        free = C.free_bytes(self.device)
+        ok = self.agree(free is None or need_bytes * 1.15 + (1 << 30) <= free)
+        if not ok:
+            reason = f"would not fit: needs ~{need_bytes / 2**30:.1f} GiB per rank"
+            self.skips.append((what, reason))
+            self.say(f"  skip {what}: {reason}")
+        return ok
+
     def record(
-        self, op, provider, pass_, ms, floor_bytes, *, k=0, extra_mem=None, note="", sizes=None
+        self, op, provider, pass_, ms, floor_bytes, *, k=0, extra_mem=None, note="", status="ok", sizes=None
     ) -> C.Result:
-        n, v_shard = sizes if sizes is not None else (self.n, max(self.widths))
+        n, v, v_shard, tp = sizes if sizes is not None else (self.n, self.v, max(self.widths), self.tp)
+        mem = None if extra_mem is None else int(extra_mem)
         r = C.Result(op, provider, C.dtype_name(self.dtype), n, v_shard, k, pass_, ms, floor_bytes,
-                     self.copy_bw, None if extra_mem is None else int(extra_mem), note)  # fmt: skip
+                     self.copy_bw, extra_mem=mem, note=note, status=status, tp=tp, vocab=v)  # fmt: skip
         self.results.append(r)
         if self.rank == 0:
             self.csv.write(r)
-            frac = "" if r.frac is None else f"  {100 * r.frac:5.1f}% of copy"
-            mem = "" if r.extra_mem is None else f"  extra mem {r.extra_mem / 2**20:.2f} MiB"
-            C.log(f"  {op:<13} {pass_:<7} V={self.v} k={k:<3} {provider:<20} {ms:9.3f} ms{frac}{mem}"
-                  f"{'  (' + note + ')' if note else ''}")  # fmt: skip
+            if r.ok:
+                frac = "" if r.frac is None else f"  {100 * r.frac:5.1f}% of copy"
+                mem = "" if r.extra_mem is None else f"  extra mem {r.extra_mem / 2**20:.2f} MiB"
+                val = f"{ms:9.3f} ms{frac}{mem}"
+            else:
+                val = status.upper()
+            C.log(
+                f"  {op:<13} {pass_:<7} TP={tp} V={v} k={k:<4} {provider:<14} {val}"
+                f"{'  (' + note + ')' if note else ''}"
+            )
         return r
 
-    def check(self, what: str, fn) -> bool:
-        ok = C.checked(what, fn) if self.rank == 0 else self._quiet_check(what, fn)
-        ok = self.agree(ok)
-        if not ok:
-            self.skips.append((what, "failed its check"))
-            self.say(f"  skip {what}: failed its check on at least one rank")
-        return ok
+    def keep(self, key: str, r: C.Result, value=None) -> None:
+        """Remember a block's measurement for the bars and the scaling table."""
+        d = self.got.setdefault((self.tp, self.v, self.n, C.dtype_name(self.dtype)), {})
+        if r.ok:
+            d[key] = r.ms if value is None else value
+        else:
+            d[f"status:{key}"] = r.status
 
-    def _quiet_check(self, what, fn) -> bool:
-        try:
-            fn()
-            return True
-        except Exception as err:
-            print(f"[rank {self.rank}] check {what} failed: {type(err).__name__}: {err}"[:400], flush=True)
-            return False
+    def check(self, what: str, fn) -> tuple[str, str]:
+        """Run ``fn`` on every rank; ("ok", "") only if it passed everywhere."""
+        status, reason = C.run_check(fn)
+        if status != "ok":
+            print(f"[rank {self.rank}] check {what}: {reason}"[:400], flush=True)
+        if self.agree(status == "ok"):
+            return "ok", ""
+        # every rank learns the worst status (wrong > oom > error) from rank-wise codes
+        code = {"ok": 0, "error": 1, "oom": 2, "wrong": 3}[status]
+        worst = int(self.reduce(code, dist.ReduceOp.MAX))
+        status = {1: "error", 2: "oom", 3: "wrong"}[worst]
+        reason = reason or f"failed its check on another rank ({status})"
+        self.skips.append((what, reason))
+        self.say(f"  skip {what}: {reason}")
+        return status, reason
 
-    # -- one vocabulary size --------------------------------------------------------------------
+    # -- one block: a TP size and a vocabulary size -------------------------------------------
 
     def setup(self, v: int) -> None:
-        n, dtype = self.n, self.dtype
+        n, dtype, g = self.n, self.dtype, self.group
         self.v = v
-        self.widths = split(v, self.world)
+        self.widths = split(v, self.tp)
         self.start = sum(self.widths[: self.rank])
         w = self.widths[self.rank]
         # The full logits, identical on every rank (made on rank 0, broadcast as raw bytes), for the
         # reference; each rank keeps only its slice.
         full = C.random_logits(n, v, dtype, self.device, seed=self.args.seed + v)
         target = C.random_targets(n, v, self.device, seed=self.args.seed + v)
-        dist.broadcast(full.view(torch.uint8), src=0, group=self.group)  # raw bytes (gloo: no bf16)
-        dist.broadcast(target, src=0, group=self.group)
+        dist.broadcast(full.view(torch.uint8), src=0, group=g)  # raw bytes (gloo: no bf16)
+        dist.broadcast(target, src=0, group=g)
         self.ref = C.build_reference(full, target, k_max=self.args.k)
         self.x_rows = full[self.ref.rows].contiguous()
         count = C.n_buffers(n * max(self.widths) * full.element_size() * 2)
         cols = slice(self.start, self.start + w)
         self.shards = [full[:, cols].contiguous()]
+        del full
+        C.empty_cache(self.device)
         for i in range(1, count):  # other sets: fresh values, same shape (timing only)
             self.shards.append(C.random_logits(n, w, dtype, self.device, seed=self.args.seed + v + 17 * i))
         self.target = target
         self.grad_ref = self.ref.grad_rows(n)[:, cols]
         self.rot = C.Rotation(count)
-        del full
-        C.empty_cache(self.device)
 
     def nxt(self):
         return self.shards[self.rot.next()]
 
-    def run_v(self, v: int) -> None:
+    def run_block(self, v: int) -> None:
         g, n, k, es = self.group, self.n, self.args.k, self.dtype.itemsize
+        self.setup(v)
         ref, rows, t = self.ref, self.ref.rows, self.target
         w = self.widths[self.rank]
         floor = n * max(self.widths) * es
         x0 = self.shards[0]
-        tag = f"V={v}"
-        got: dict[str, float] = {}
+        tag = f"TP={self.tp} V={v}"
+        fam = self.families
 
-        # (1) softmax_stats k=0 and k=K, one collective each
-        def check_stats(kk):
-            def run():
-                s = ss.softmax_stats(x0, k=kk, process_group=g)
-                C.expect_close(f"{tag} lse", s.lse, ref.lse)
-                if kk:
-                    raw = (s.topk_logprobs + s.lse[:, None])[rows]
-                    C.expect_topk(tag, s.topk_ids[rows], raw, self.x_rows, ref, exact_ids=True)
+        def stats_check(kk, out, exact):
+            lse = out.lse if exact else (out if kk == 0 else out[0])
+            C.expect_close(f"{tag} lse", lse, ref.lse)
+            if kk:
+                if exact:
+                    raw = (out.topk_logprobs + out.lse[:, None])[rows]
+                    C.expect_topk(tag, out.topk_ids[rows], raw, self.x_rows, ref, exact_ids=True)
+                else:
+                    vals, ids = out[1]
+                    C.expect_topk(tag, ids[rows], vals[rows], self.x_rows, ref, exact_ids=False)
 
-            return run
+        if "ours" in fam:
+            for kk in (0, k):
+                # (1) the kernel on this rank's shard alone: the one-GPU kernel time (no collective)
+                self.go("local")
+                ms = C.bench(lambda kk=kk: ss.softmax_stats(self.nxt(), k=kk), self.device, quick=True)
+                ms = self.reduce(ms, dist.ReduceOp.MAX)
+                note = "process_group=None on this rank's shard; max over ranks"
+                self.keep(f"local{kk}", self.record("local_stats", OURS, "fwd", ms, floor, k=kk, note=note))
+                # (2) one all-gather of what our collective sends: header + partials, per rank
+                words = payload_words(torch.float32, n, kk) + 2 * HEADER_WORDS
+                buf = torch.ones(words, dtype=torch.int32, device=self.device)
+                out = torch.empty(self.tp * words, dtype=torch.int32, device=self.device)
+                ms = self.timed(lambda buf=buf, out=out: _all_gather_into(out, buf, group=g))
+                r = self.record(
+                    "allgather",
+                    dist.get_backend(g),
+                    "fwd",
+                    ms,
+                    words * 4,
+                    k=kk,
+                    note=f"{words * 4} bytes per rank",
+                )
+                self.keep(f"allgather{kk}", r)
+                # (3) softmax_stats over the group: one shard pass, one all-gather, the merge
+                self.go("stats")
+                what = f"softmax_stats k={kk} {tag}"
+                status, reason = self.check(
+                    what, lambda kk=kk: stats_check(kk, ss.softmax_stats(x0, k=kk, process_group=g), True)
+                )
+                if status == "ok":
+                    ms = self.timed(lambda kk=kk: ss.softmax_stats(self.nxt(), k=kk, process_group=g))
+                    self.keep(f"stats{kk}", self.record("softmax_stats", OURS, "fwd", ms, floor, k=kk))
+                else:
+                    r = self.record(
+                        "softmax_stats", OURS, "fwd", None, floor, k=kk, status=status, note=reason
+                    )
+                    self.keep(f"stats{kk}", r)
 
-        for kk in (0, k):
-            if self.check(f"softmax_stats k={kk} {tag}", check_stats(kk)):
-                ms = self.timed(lambda kk=kk: ss.softmax_stats(self.nxt(), k=kk, process_group=g))
-                got[f"stats{kk}"] = self.record("softmax_stats", OURS, "fwd", ms, floor, k=kk).ms
-
-        # (2) the same kernel on this rank's shard alone (no collective), and one all-gather of the
-        # bytes our collective sends: N * (7 + 3k) words of partials + the header, per rank.
-        for kk in (0, k):
-            ms_local = C.bench(lambda kk=kk: ss.softmax_stats(self.nxt(), k=kk), self.device, quick=True)
-            ms_local = self.reduce_max(ms_local)
-            note = "process_group=None on this rank's shard; max over ranks"
-            got[f"local{kk}"] = self.record("local_stats", OURS, "fwd", ms_local, floor, k=kk, note=note).ms
-            words = payload_words(torch.float32, n, kk) + 2 * HEADER_WORDS
-            buf = torch.ones(words, dtype=torch.int32, device=self.device)
-            out = torch.empty(self.world * words, dtype=torch.int32, device=self.device)
-            ms_ag = self.timed(lambda buf=buf, out=out: _all_gather_into(out, buf, group=g))
-            note = f"{words * 4} bytes per rank"
-            backend = dist.get_backend(g)
-            got[f"allgather{kk}"] = self.record(
-                "allgather", backend, "fwd", ms_ag, words * 4, k=kk, note=note
-            ).ms
-
-        # (3) gather all logits, then logsumexp + topk on the full [N, V]
-        def check_gather():
-            lse, (vals, ids) = gather_stats(x0, self.widths, k, g)
-            C.expect_close(f"{tag} gather lse", lse, ref.lse)
-            C.expect_topk(f"{tag} gather", ids[rows], vals[rows], self.x_rows, ref, exact_ids=False)
-
-        if self.check(f"gather+torch {tag}", check_gather):
-            ms = self.timed(lambda: gather_stats(self.nxt(), self.widths, k, g))
-            self.record("softmax_stats", "gather+torch", "fwd", ms, floor, k=k,
-                        note="all_gather bf16 shards, logsumexp(float) + topk")  # fmt: skip
-
-        # (4) cross-entropy: ours, Megatron-style, Liger's vocab-parallel; forward and forward+backward
-        provs = [
-            (OURS, lambda x, tt: ss.cross_entropy(x, tt, process_group=g)),
-            ("megatron", lambda x, tt: megatron_ce(x, tt, self.start, g)),
-        ]
-        if self.liger is None:
-            self.skips.append((f"liger {tag}", self.liger_reason))
-            self.say(f"  skip liger {tag}: {self.liger_reason}")
-        elif len(set(self.widths)) != 1:
-            reason = (
-                f"needs equal shards (its vocab_start = rank * V_local); widths {sorted(set(self.widths))}"
+        # (4) cross-entropy: ours, Megatron-style, Liger's vocab-parallel; fwd and fwd+bwd
+        provs = []
+        if "ours" in fam:
+            provs.append((OURS, lambda x, tt: ss.cross_entropy(x, tt, process_group=g), n * w * es))
+        if "megatron" in fam:
+            provs.append(
+                ("megatron", lambda x, tt: C.megatron_ce(x, tt, self.start, g), C.megatron_memory(n, w))
             )
-            self.skips.append((f"liger {tag}", reason))
-            self.say(f"  skip liger {tag}: {reason}")
-        else:
-            liger = self.liger
-            provs.append(("liger", lambda x, tt: liger(x.view(n, 1, w), tt.view(n, 1), tp_group=g).sum() / n))
-
-        for name, loss_fn in provs:
-
-            def check_ce(loss_fn=loss_fn):
-                x = x0.detach().clone().requires_grad_(True)
-                loss = loss_fn(x, t)
-                (gr,) = torch.autograd.grad(loss, x)
-                C.expect_close(f"{tag} loss", loss.reshape(()), ref.loss_mean)
-                C.expect_close(f"{tag} grad", gr[rows], self.grad_ref)
-
-            if not self.check(f"cross_entropy {name} {tag}", check_ce):
-                continue
-            leaves = [s.detach().requires_grad_(True) for s in self.shards]
-            rot = C.Rotation(len(leaves))
-
-            def fwd(loss_fn=loss_fn, leaves=leaves, rot=rot):
-                return loss_fn(leaves[rot.next()], t)
-
-            def fwd_bwd(loss_fn=loss_fn, leaves=leaves, rot=rot):
-                x = leaves[rot.next()]
-                return torch.autograd.grad(loss_fn(x, t), x)
-
-            got[f"ce_fwd_{name}"] = self.record("cross_entropy", name, "fwd", self.timed(fwd), floor).ms
-            ms_fb = self.timed(fwd_bwd)
-            x_m = leaves[0]
-
-            def once(loss_fn=loss_fn, x_m=x_m):
-                loss = loss_fn(x_m, t)
-                (gr,) = torch.autograd.grad(loss, x_m)
-                return (loss, gr)
-
-            mem = (
-                self.reduce_max(C.extra_peak_memory(once, self.device, inputs=[x_m, t]))
-                if not self.cpu
-                else None
-            )
-            if self.cpu:
-                once()  # keep the ranks in step with the CUDA path (and exercise it)
-            r = self.record("cross_entropy", name, "fwd+bwd", ms_fb, 3 * floor, extra_mem=mem)
-            got[f"ce_fb_{name}"] = r.ms
-            got[f"ce_mem_{name}"] = r.extra_mem
-            del leaves
+        if "liger" in fam:
+            if self.liger_mod is None:
+                self.skips.append((f"liger {tag}", self.liger_reason))
+                self.say(f"  skip liger {tag}: {self.liger_reason}")
+            elif len(set(self.widths)) != 1:
+                widths = sorted(set(self.widths))
+                reason = f"Liger needs equal shards (its vocab_start = rank * V_local); widths {widths}"
+                self.skips.append((f"liger {tag}", reason))
+                self.say(f"  skip liger {tag}: {reason}")
+            else:
+                liger = self.liger_mod.LigerVocabParallelCrossEntropy()
+                provs.append(
+                    (
+                        "liger",
+                        lambda x, tt: liger(x.view(n, 1, w), tt.view(n, 1), tp_group=g).sum() / n,
+                        n * w * (4 + es),
+                    )
+                )
+        for name, loss_fn, need in provs:
+            self.go(f"ce {name}")
+            self.run_ce(name, loss_fn, need, tag, floor, t, x0, rows)
             C.empty_cache(self.device)
 
-        self.add_bars(v, got)
+        # (5) gather all logits, then logsumexp (+ topk) on the full [N, V]
+        if "gather" in fam:
+            for kk in (0, k):
+                self.go("gather")
+                what = f"gather+torch k={kk} {tag}"
+                if not self.fits(what, n * v * (2 * es + 4) + 2 * n * max(self.widths) * es * self.tp):
+                    self.record(
+                        "softmax_stats",
+                        "gather+torch",
+                        "fwd",
+                        None,
+                        floor,
+                        k=kk,
+                        status="skip",
+                        note="would not fit in free memory",
+                    )
+                    continue
+                status, reason = self.check(
+                    what, lambda kk=kk: stats_check(kk, gather_stats(x0, self.widths, kk, g), False)
+                )
+                note = "all_gather of the shards, logsumexp(float)" + (" + topk" if kk else "")
+                if status == "ok":
+                    ms = self.timed(lambda kk=kk: gather_stats(self.nxt(), self.widths, kk, g))
+                    self.keep(
+                        f"gather{kk}",
+                        self.record("softmax_stats", "gather+torch", "fwd", ms, floor, k=kk, note=note),
+                    )
+                else:
+                    self.record(
+                        "softmax_stats", "gather+torch", "fwd", None, floor, k=kk, status=status, note=reason
+                    )
 
-    def add_bars(self, v, got) -> None:
-        k, n = self.args.k, self.n
-        cfg = f"[V={v}, {self.world} ranks]"
+    def run_ce(self, name, loss_fn, need, tag, floor, t, x0, rows) -> None:
+        what = f"cross_entropy {name} {tag}"
+        if not self.fits(what, need + 2 * x0.numel() * x0.element_size()):
+            for pass_ in ("fwd", "fwd+bwd"):
+                r = self.record(
+                    "cross_entropy",
+                    name,
+                    pass_,
+                    None,
+                    floor * (1 if pass_ == "fwd" else 3),
+                    status="skip",
+                    note="would not fit in free memory",
+                )
+                self.keep(f"ce_{'fwd' if pass_ == 'fwd' else 'fb'}:{name}", r)
+            return
 
-        def bar(text, ok, value):
-            self.bars.append(f"{'PASS' if ok else 'FAIL'}  {text:<64} {value}")
+        def check_ce():
+            x = x0.detach().clone().requires_grad_(True)
+            loss = loss_fn(x, t)
+            (gr,) = torch.autograd.grad(loss, x)
+            C.expect_close(f"{tag} loss", loss.reshape(()), self.ref.loss_mean)
+            C.expect_close(f"{tag} grad", gr[rows], self.grad_ref)
 
-        def na(text, why):
-            self.bars.append(f"N/A   {text:<64} {why}")
+        status, reason = self.check(what, check_ce)
+        if status != "ok":
+            for pass_, key in (("fwd", "ce_fwd"), ("fwd+bwd", "ce_fb")):
+                r = self.record("cross_entropy", name, pass_, None, floor, status=status, note=reason)
+                self.keep(f"{key}:{name}", r)
+            return
+        leaves = [s.detach().requires_grad_(True) for s in self.shards]
+        rot = C.Rotation(len(leaves))
 
-        s0, sk = got.get("stats0"), got.get(f"stats{k}")
-        if s0 is not None and "local0" in got and "allgather0" in got:
-            budget = got["local0"] + got["allgather0"] + 0.060
-            parts = f"{got['local0']:.3f} + {got['allgather0']:.3f} + 0.060"
-            bar(f"fwd(k=0) <= local kernel + one all-gather + 60us {cfg}", s0 <= budget,
-                f"{s0:.3f} ms vs {budget:.3f} ms ({parts})")  # fmt: skip
-        fb, fb_l = got.get(f"ce_fb_{OURS}"), got.get("ce_fb_liger")
-        if fb is not None and fb_l is not None:
-            bar(
-                f"ce fwd+bwd >= 2x faster than Liger vocab-parallel {cfg}",
-                fb_l >= 2 * fb,
-                f"{fb_l / fb:.2f}x",
-            )
-        else:
-            na(f"ce fwd+bwd >= 2x faster than Liger vocab-parallel {cfg}", "no Liger measurement")
-        if s0 is not None and sk is not None:
-            bar(f"fwd(k={k}) <= 1.5x fwd(k=0) {cfg}", sk <= 1.5 * s0, f"{sk / s0:.2f}x")
-        meg = got.get("ce_fwd_megatron")
-        if sk is not None and meg is not None:
-            bar(f"fwd(k={k}) >= 8x faster than Megatron-style fwd {cfg}", meg >= 8 * sk, f"{meg / sk:.2f}x")
-        ce_f = got.get(f"ce_fwd_{OURS}")
-        if ce_f is not None and meg is not None:
-            self.bars.append(f"info  {'ce fwd vs Megatron-style fwd ' + cfg:<64} {meg / ce_f:.2f}x faster")
-        mem = got.get(f"ce_mem_{OURS}")
-        limit = n * 64
+        def fwd():
+            return loss_fn(leaves[rot.next()], t)
+
+        def fwd_bwd():
+            x = leaves[rot.next()]
+            return torch.autograd.grad(loss_fn(x, t), x)
+
+        note = "gradient computed in the backward from its saved fp32 buffer" if name == "liger" else ""
+        self.keep(
+            f"ce_fwd:{name}", self.record("cross_entropy", name, "fwd", self.timed(fwd), floor, note=note)
+        )
+        ms_fb = self.timed(fwd_bwd)
+        x_m = leaves[0]
+
+        def once():
+            loss = loss_fn(x_m, t)
+            (gr,) = torch.autograd.grad(loss, x_m)
+            return (loss, gr)
+
+        mem = C.extra_peak_memory(once, self.device, inputs=[x_m, t])
+        mem = self.reduce(mem, dist.ReduceOp.MAX)
+        r = self.record(
+            "cross_entropy",
+            name,
+            "fwd+bwd",
+            ms_fb,
+            3 * floor,
+            extra_mem=mem,
+            note="extra_mem: peak beyond inputs, loss and gradient; max over ranks",
+        )
+        self.keep(f"ce_fb:{name}", r)
         if mem is not None:
-            bar(f"ce fwd+bwd extra memory <= N*64 B per rank {cfg}", mem <= limit,
-                f"{mem / 1024:.0f} KiB vs {limit / 1024:.0f} KiB")  # fmt: skip
-        else:
-            na(f"ce fwd+bwd extra memory <= N*64 B per rank {cfg}", "no CUDA memory statistics")
+            self.keep(f"ce_mem:{name}", r, value=mem)
 
     # -- whole run ------------------------------------------------------------------------------
 
     def run(self) -> int:
-        args = self.args
-        t0 = time.perf_counter()
+        args, wg = self.args, self.world_group
         self.dtype = C.DTYPES[args.dtype]
-        self.n = args.n or (37 if self.cpu else 8192)
-        vs = self.vs = args.v or ([301, 1031] if self.cpu else [128256, 256000])
-        meta = C.run_meta(self.device, self.world)
+        tps, vs, n = preset_plan(args.preset, self.world)
+        if args.tp:
+            bad = [t for t in args.tp if not 1 <= t <= self.world]
+            if bad:
+                raise SystemExit(f"bench_dist: --tp {bad} outside 1..{self.world} (the world size)")
+            tps = list(args.tp)
+        self.vs = vs = args.v or vs
+        self.n = n = args.n or n
+        self.tps = tps
+        meta = C.run_meta(self.device, bench="dist", world_size=self.world, preset=args.preset)
         if self.rank == 0:
             os.makedirs(args.out, exist_ok=True)
             self.csv = C.CsvWriter(C.out_path(args.out, f"dist{self.world}", meta), meta)
         self.say(f"measuring copy bandwidth and matmul rate on every rank ({meta['gpu']}) ...")
-        bw, copy_ms, moved = C.copy_bandwidth(self.device, quick=True)
-        self.copy_bw = self.reduce_min(bw)
-        flops, mm_ms, mm_n, mm_dt = C.matmul_rate(self.device, quick=True)
-        flops = self.reduce_min(flops)
+        self.group = wg
+        bw, _copy_ms, moved = C.copy_bandwidth(self.device, quick=True)
+        self.copy_bw = self.reduce(bw, dist.ReduceOp.MIN)
+        flops, _mm_ms, mm_n, mm_dt = C.matmul_rate(self.device, quick=True)
+        flops = self.reduce(flops, dist.ReduceOp.MIN)
         mm_desc = f"{C.dtype_name(mm_dt)} {mm_n}^3"
         if self.rank == 0:
-            title = f"bench_dist ({self.world} ranks, {dist.get_backend(self.group)})"
+            title = f"bench_dist --preset {args.preset} ({self.world} ranks, {dist.get_backend(wg)})"
             C.print_header(title, meta, self.copy_bw, flops, mm_desc)
-        self.v = 0
         self.record(
-            "copy", "torch", "fwd", moved / self.copy_bw * 1e3, moved, note="min over ranks", sizes=(0, 0)
+            "copy",
+            "torch",
+            "fwd",
+            moved / self.copy_bw * 1e3,
+            moved,
+            note="min over ranks",
+            sizes=(0, 0, 0, self.world),
         )
+        if self.liger_mod is None:
+            self.say(f"liger: skipped everywhere: {self.liger_reason}")
         self.say(
-            f"plan: N={self.n} V={vs} k=0,{args.k} dtype={args.dtype} iters={self.iters} warmup={self.warmup}"
+            f"plan: TP={tps} V={vs} N={n} k=0,{args.k} {args.dtype} providers={list(self.families)} "
+            f"iters={self.iters} warmup={self.warmup} budget="
+            f"{'none' if self.budget.max_seconds is None else f'{self.budget.max_seconds:g}s'}"
         )
-        for v in vs:
-            self.say(f"-- V={v} split {split(v, self.world)}  (t={time.perf_counter() - t0:.0f}s)")
-            self.setup(v)
-            self.run_v(v)
-            del self.shards, self.ref, self.x_rows, self.grad_ref
-            C.empty_cache(self.device)
+        # Every rank creates every sub-group, in the same order (new_group is collective).
+        groups = {
+            tp: (wg if tp == self.world else dist.new_group(list(range(tp)))) for tp in sorted(set(tps))
+        }
+        stopped = []
+        for tp in tps:
+            for v in vs:
+                key = f"block TP={tp} V={v}"
+                expected = self.durations.get(f"block{tp}", 10.0 if not self.cpu else 0.0)
+                if not self.agree(self.budget.allows(expected) if self.rank == 0 else True, group=wg):
+                    stopped.append(key)
+                    continue
+                t0 = time.perf_counter()
+                if self.rank < tp:
+                    self.tp, self.group = tp, groups[tp]
+                    self.say(f"-- {key}: split {split(v, tp)}  (t={self.budget.elapsed():.0f}s)")
+                    try:
+                        self.run_block(v)
+                    except Stop as stop:
+                        stopped.append(f"{key} from {stop}")
+                        self.say(f"  budget: {key} stops before {stop}")
+                    finally:
+                        for attr in ("shards", "ref", "x_rows", "grad_ref", "target"):
+                            self.__dict__.pop(attr, None)
+                        C.empty_cache(self.device)
+                dist.barrier(group=wg)
+                self.durations[f"block{tp}"] = max(
+                    self.durations.get(f"block{tp}", 0.0), time.perf_counter() - t0
+                )
+        self.group = wg
         if self.rank == 0:
             self.csv.close()
-            self.finish(meta, flops, mm_desc, t0)
-        dist.barrier(group=self.group)
+            self.finish(meta, flops, mm_desc, stopped)
+        dist.barrier(group=wg)
         return 0
 
-    def finish(self, meta, flops, mm_desc, t0) -> None:
+    def scaling_markdown(self) -> str:
+        """Strong scaling (issue 6): per vocabulary size, one line per TP."""
+        lines = []
+        cols = [
+            ("TP", None),
+            ("V_shard", None),
+            ("read floor ms", None),
+            ("all-gather ms", "allgather0"),
+            ("local k=0 ms", "local0"),
+            ("stats k=0 ms", "stats0"),
+            (f"stats k={self.args.k} ms", f"stats{self.args.k}"),
+            ("CE fwd ms", "ce_fwd:shardsoftmax"),
+            ("CE fwd+bwd ms", "ce_fb:shardsoftmax"),
+            ("fwd+bwd floor ms", None),
+            ("Megatron fwd", "ce_fwd:megatron"),
+            ("Megatron fwd+bwd", "ce_fb:megatron"),
+            ("Liger fwd", "ce_fwd:liger"),
+            ("Liger fwd+bwd", "ce_fb:liger"),
+            ("gather k=0", "gather0"),
+        ]
+        es = self.dtype.itemsize
+        for v in self.vs:
+            tps = sorted(tp for (tp, vv, _, _) in self.got if vv == v)
+            if not tps:
+                continue
+            lines += [
+                f"V = {v}, N = {self.n}, {self.args.dtype}:",
+                "",
+                "| " + " | ".join(c for c, _ in cols) + " |",
+                "|" + "---|" * len(cols),
+            ]
+            for tp in tps:
+                d = self.got[(tp, v, self.n, C.dtype_name(self.dtype))]
+                wmax = max(split(v, tp))
+                floor = self.n * wmax * es / self.copy_bw * 1e3
+                cells = []
+                for name, key in cols:
+                    if name == "TP":
+                        cells.append(str(tp))
+                    elif name == "V_shard":
+                        cells.append(str(wmax))
+                    elif name == "read floor ms":
+                        cells.append(f"{floor:.3f}")
+                    elif name == "fwd+bwd floor ms":
+                        cells.append(f"{3 * floor:.3f}")
+                    elif key in d:
+                        cells.append(f"{d[key]:.3f}")
+                    else:
+                        cells.append(d.get(f"status:{key}", "-"))
+                lines.append("| " + " | ".join(cells) + " |")
+            lines.append("")
+        return "\n".join(lines)
+
+    def finish(self, meta, flops, mm_desc, stopped) -> None:
+        cond = C.conditions_line(
+            meta, self.copy_bw, f", {self.world} ranks ({dist.get_backend(self.world_group)})"
+        )
         lines = [
             "",
-            f"== results: {self.world} ranks, {meta['gpu']}, N={self.n}, {self.args.dtype}, "
-            f"torch {meta['torch']}, "
-            f"triton {meta['triton']}, commit {meta['commit']}, {meta['date']}",
+            f"== results: N={self.n}, {self.args.dtype}; {cond}",
             f"ms: median over {self.iters} calls per rank (CUDA events, after a barrier), max over ranks; "
-            "GB/s and "
-            "%copy count the floor bytes of the widest shard; ours_x = that row's ms / shardsoftmax's ms",
+            "local_stats: do_bench per rank, max; GB/s and %copy count the floor bytes of the widest shard; "
+            "ours_x = that row's ms / shardsoftmax's ms",
         ]
+        if self.args.dry_run:
+            lines.append(
+                "DRY RUN on the CPU: the numbers mean nothing; the bars below only exercise the code"
+            )
         for v in self.vs:
-            lines.append(f"V={v}: shard widths {split(v, self.world)}; V_shard below is the widest")
-        table = C.format_table([r for r in self.results if r.op != "copy"])
-        lines.append(table)
+            lines.append(f"V={v}: shard widths " + ", ".join(f"TP={tp}: {split(v, tp)}" for tp in self.tps))
+        lines.append(C.format_table([r for r in self.results if r.op != "copy"]))
         if self.skips:
             lines.append(C.skip_summary(self.skips))
-        lines += ["", "== bars (issue acceptance)", *self.bars, ""]
-        lines.append(
-            f"copy bandwidth {self.copy_bw / 1e9:.0f} GB/s (min over ranks), "
-            f"matmul {mm_desc} {flops / 1e12:.1f} "
-            f"TFLOP/s; csv: {self.csv.path}; took {time.perf_counter() - t0:.0f}s"
+        if stopped:
+            lines.append(f"not run (budget of {self.budget.max_seconds:g}s): {'; '.join(stopped)}")
+        bars = dist_bars(self.got, any_size=self.args.dry_run, k=self.args.k)
+        lines += ["", "== bars (issues 3 and 5, distributed)", *C.bar_lines(bars)]
+        scaling = self.scaling_markdown()
+        speed = C.speedup_markdown(
+            self.results, f"bench_dist --preset {self.args.preset}, N={self.n}: {cond}"
         )
-        C.write_report(lines, self.csv.path)
+        md = "## Strong scaling\n\n" + scaling + "\n## Speed-up over each peer\n\n" + speed
+        lines += [
+            "",
+            "== strong scaling (markdown; also in the .md file)",
+            scaling,
+            "== speed-up over each peer (markdown)",
+            speed,
+            "",
+        ]
+        lines.append(
+            f"copy bandwidth {self.copy_bw / 1e9:.0f} GB/s (min over ranks), matmul {mm_desc} "
+            f"{flops / 1e12:.1f} TFLOP/s; csv: {self.csv.path}; took {self.budget.elapsed():.0f}s"
+        )
+        C.write_report(lines, self.csv.path, markdown=md)
 
 
 def main(argv: list[str], process_group=None) -> int:
@@ -474,21 +758,25 @@ def main(argv: list[str], process_group=None) -> int:
         raise SystemExit(
             f"bench_dist: --device {args.device} does not match the {dist.get_backend(group)} group"
         )
+    if args.dry_run and device.type != "cpu":
+        raise SystemExit(
+            "bench_dist: --dry-run runs on the CPU (gloo): start it without CUDA or with --device cpu"
+        )
     torch.manual_seed(args.seed)
-    return DistBench(args, group, device).run()
+    with ss.use_backend(args.backend):
+        return DistBench(args, group, device).run()
 
 
 def _init_from_torchrun(argv: list[str]):
     """``torchrun benchmarks/bench_dist.py``: join the group torchrun describes (NCCL on
-    cuda:LOCAL_RANK, or gloo with --device cpu or without CUDA)."""
+    cuda:LOCAL_RANK, or gloo with --device cpu / --dry-run or without CUDA)."""
     import datetime
 
-    cpu = "cpu" in [a.split("=", 1)[-1] for a in argv if a.startswith("--device")] or (
-        "--device" in argv
-        and argv.index("--device") + 1 < len(argv)
-        and argv[argv.index("--device") + 1] == "cpu"
+    cpu = "--dry-run" in argv or any(
+        a in ("--device=cpu",) or (a == "--device" and i + 1 < len(argv) and argv[i + 1] == "cpu")
+        for i, a in enumerate(argv)
     )
-    timeout = datetime.timedelta(seconds=300)
+    timeout = datetime.timedelta(seconds=600)
     if cpu or not torch.cuda.is_available():
         dist.init_process_group("gloo", timeout=timeout)
     else:

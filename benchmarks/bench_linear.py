@@ -336,7 +336,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = C.is_cuda(device)
-    meta = C.run_meta(device, 1)
+    meta = C.run_meta(device, bench="linear", world_size=1, preset="default")
     n = args.n or (8192 if cuda else 64)
     h = args.h or (4096 if cuda else 48)
     vs = args.v or ([32064, 128256] if cuda else [100, 257])

@@ -1,8 +1,9 @@
 """Shared pieces of the benchmarks: timers, the copy-bandwidth and matmul baselines of the run,
-input generation, a float64 reference with per-dtype checks, the CSV writer and the table.
+input generation, a float64 reference with per-dtype checks, the baselines both scripts use
+(Megatron-style cross-entropy, Liger-Kernel), CSV rows, the tables, the bars and the time budget.
 
-Everything that needs CUDA sits behind ``device.type == "cuda"``; on the CPU (``--device cpu``
-smoke mode) timers fall back to ``time.perf_counter`` and memory measurements return None.
+Everything that needs CUDA sits behind ``device.type == "cuda"``; on the CPU (``--dry-run``)
+timers fall back to ``time.perf_counter`` and memory measurements return None.
 """
 
 from __future__ import annotations
@@ -45,13 +46,31 @@ def empty_cache(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def free_bytes(device: torch.device) -> int | None:
+    """Free device memory (driver's view plus what PyTorch caches), None on the CPU."""
+    if not is_cuda(device):
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
 def git_commit() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
         )
-        return out.stdout.strip() or "unknown"
+        commit = out.stdout.strip()
+        if not commit:
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
     except Exception:
         return "unknown"
 
@@ -71,7 +90,11 @@ def triton_version() -> str:
         return "none"
 
 
-def run_meta(device: torch.device, world_size: int) -> dict:
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def run_meta(device: torch.device, *, bench: str, world_size: int, preset: str) -> dict:
     """The columns shared by every CSV row of one run."""
     return {
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -79,13 +102,14 @@ def run_meta(device: torch.device, world_size: int) -> dict:
         "gpu": device_name(device),
         "torch": torch.__version__,
         "triton": triton_version(),
+        "bench": bench,
+        "preset": preset,
         "world_size": world_size,
     }
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
 
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
@@ -94,15 +118,40 @@ def dtype_name(dtype: torch.dtype) -> str:
     return DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
 
+def short_error(err: BaseException, limit: int = 160) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}"[:limit]
+
+
+# ----------------------------------------------------------------------------------------------
+# Time budget
+# ----------------------------------------------------------------------------------------------
+
+
+class Budget:
+    """Wall-clock budget of a run (``--max-seconds``): a task starts only if the time it is
+    expected to take still fits. None = no limit."""
+
+    def __init__(self, max_seconds: float | None):
+        self.max_seconds = max_seconds if max_seconds and max_seconds > 0 else None
+        self.t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def allows(self, expected_s: float) -> bool:
+        return self.max_seconds is None or self.elapsed() + expected_s <= self.max_seconds
+
+
 # ----------------------------------------------------------------------------------------------
 # Timers
 # ----------------------------------------------------------------------------------------------
 
 
 def cpu_bench(
-    fn: Callable[[], object], *, min_reps: int = 3, max_reps: int = 50, budget_s: float = 0.2
+    fn: Callable[[], object], *, min_reps: int = 1, max_reps: int = 10, budget_s: float = 0.02
 ) -> float:
-    """Median wall time in ms of ``fn`` (CPU smoke mode: one warm-up call, then a few timed calls)."""
+    """Median wall time in ms of ``fn`` (CPU dry run: one warm-up call, then a few timed calls)."""
     fn()
     times: list[float] = []
     stop = time.perf_counter() + budget_s
@@ -171,6 +220,43 @@ def time_fixed(
     return ms
 
 
+def wall_per_call(
+    fn: Callable[[], object], device: torch.device, *, calls: int = 100, reps: int = 5, warmup: int = 10
+) -> float:
+    """End-to-end ms per call: the host wall time of ``calls`` back-to-back calls followed by one
+    synchronize, divided by ``calls`` (so it is max(host launch time, GPU time) per call); median
+    over ``reps`` repetitions. What a decode loop that launches one call per step sees."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    per_call = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+        per_call.append((time.perf_counter() - t0) * 1e3 / calls)
+    return statistics.median(per_call)
+
+
+def capture_graph(fn: Callable[[], object], device: torch.device):
+    """(graph, outputs): ``fn`` captured in a torch.cuda.CUDAGraph after three warm-up calls on a
+    side stream (kernels compiled, caches filled). Raises whatever the capture raises."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    return graph, out
+
+
 # ----------------------------------------------------------------------------------------------
 # Machine baselines of this run
 # ----------------------------------------------------------------------------------------------
@@ -178,11 +264,11 @@ def time_fixed(
 
 def copy_bandwidth(device: torch.device, *, quick: bool = False) -> tuple[float, float, int]:
     """(bytes/s, ms, bytes moved) of one large device-to-device copy, counting bytes read plus bytes
-    written (2 GiB each way on CUDA, 2 x 256 MiB with --quick; 2 x 64 MiB on the CPU)."""
+    written (2 GiB each way on CUDA, 2 x 256 MiB with quick; 2 x 16 MiB on the CPU)."""
     if is_cuda(device):
         nbytes = (256 << 20) if quick else (2 << 30)
     else:
-        nbytes = 64 << 20
+        nbytes = 16 << 20
     src = torch.randn(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     ms = bench(lambda: dst.copy_(src), device, quick=quick)
@@ -191,11 +277,11 @@ def copy_bandwidth(device: torch.device, *, quick: bool = False) -> tuple[float,
 
 
 def matmul_rate(device: torch.device, *, quick: bool = False) -> tuple[float, float, int, torch.dtype]:
-    """(FLOP/s, ms, n, dtype) of one n x n x n matmul: bf16 8192^3 on CUDA, fp32 256^3 on the CPU."""
+    """(FLOP/s, ms, n, dtype) of one n x n x n matmul: bf16 8192^3 on CUDA, fp32 128^3 on the CPU."""
     if is_cuda(device):
         n, dtype = (4096 if quick else 8192), torch.bfloat16
     else:
-        n, dtype = 256, torch.float32
+        n, dtype = 128, torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     ms = bench(lambda: a @ b, device, quick=quick)
@@ -220,12 +306,18 @@ def n_buffers(set_bytes: int, *, max_sets: int = 8) -> int:
 def random_logits(
     n: int, v: int, dtype: torch.dtype, device: torch.device, *, seed: int, scale: float = 3.0
 ) -> torch.Tensor:
-    """Fresh ``randn * scale`` logits [n, v] in ``dtype`` (never zeros, so no kernel can shortcut)."""
+    """Fresh ``randn * scale`` logits [n, v] in ``dtype`` (never zeros, so no kernel can shortcut),
+    drawn in blocks of rows so that no full-size float32 temporary exists (N=32768, V=256000 in
+    bf16 is 16 GB; its float32 draw would be 32 GB more)."""
     g = torch.Generator(device=device)
     g.manual_seed(seed)
-    x = torch.randn(n, v, generator=g, device=device, dtype=torch.float32)
-    x.mul_(scale)
-    return x.to(dtype)
+    out = torch.empty(n, v, dtype=dtype, device=device)
+    rows = max(1, (1 << 27) // max(v, 1))  # 512 MB of float32 per block
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        block = torch.randn(r1 - r0, v, generator=g, device=device, dtype=torch.float32)
+        out[r0:r1] = block.mul_(scale)
+    return out
 
 
 def random_targets(n: int, v: int, device: torch.device, *, seed: int) -> torch.Tensor:
@@ -314,9 +406,9 @@ def build_reference(
 def rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     """max|got - ref| / max|ref| in float64 (inf where got has NaN/inf that ref has not)."""
     got = got.double()
-    ref = ref.double()
+    ref = ref.double().to(got.device)
     if got.shape != ref.shape:
-        raise ValueError(f"shape {tuple(got.shape)} != reference shape {tuple(ref.shape)}")
+        raise CheckFailed(f"shape {tuple(got.shape)} != reference shape {tuple(ref.shape)}")
     if not torch.isfinite(got).all():
         return float("inf")
     scale = ref.abs().max().item() if ref.numel() else 0.0
@@ -367,21 +459,18 @@ def expect_topk(
         raise CheckFailed(f"{what}: repeated top-{k} ids")
 
 
-def checked(name: str, check: Callable[[], None], *, on_fail: Callable[[str], None] | None = None) -> bool:
-    """Run ``check``; print a skip reason and return False if it fails or raises."""
+def run_check(check: Callable[[], None]) -> tuple[str, str]:
+    """Run ``check``: ("ok", "") or (status, reason) with status "wrong" (a result outside the
+    tolerance), "oom" or "error" (it raised)."""
     try:
         check()
-        return True
+        return "ok", ""
     except CheckFailed as err:
-        reason = f"WRONG RESULT: {err}"
+        return "wrong", f"WRONG RESULT: {err}"
     except OOM:
-        reason = "out of memory during the check"
+        return "oom", "out of memory during the check"
     except Exception as err:  # a provider that cannot run here at all
-        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
-    log(f"  skip {name}: {reason}")
-    if on_fail is not None:
-        on_fail(reason)
-    return False
+        return "error", short_error(err, 240)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,13 +512,82 @@ def extra_peak_memory(
 
 
 # ----------------------------------------------------------------------------------------------
-# Results: CSV rows and the table
+# Baselines used by both scripts
+# ----------------------------------------------------------------------------------------------
+
+
+class MegatronVocabParallelCE(torch.autograd.Function):
+    """Megatron-LM's vocab-parallel cross-entropy (tensor_parallel/cross_entropy.py), as commonly
+    used: on fp32 logits (the caller passes ``logits.float()``); all_reduce MAX of the row max,
+    subtract, exp, all_reduce SUM of the masked target logit and of the sum of exps (three
+    all-reduces); saves the fp32 softmax for a backward that works in place on it (no collective).
+    ``group=None``: one process, the all-reduces are skipped (the same math at TP=1)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, vocab_start, group):
+        import torch.distributed as dist
+
+        n_rows, width = logits.shape
+        logits_max = logits.max(dim=-1)[0]
+        if group is not None:
+            dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+        logits = logits - logits_max.unsqueeze(-1)
+        target_mask = (target < vocab_start) | (target >= vocab_start + width)
+        masked_target = target - vocab_start
+        masked_target[target_mask] = 0
+        rows = torch.arange(n_rows, device=logits.device)
+        predicted = logits[rows, masked_target]
+        predicted[target_mask] = 0.0
+        if group is not None:
+            dist.all_reduce(predicted, op=dist.ReduceOp.SUM, group=group)
+        exp_logits = torch.exp(logits, out=logits)
+        sum_exp = exp_logits.sum(dim=-1)
+        if group is not None:
+            dist.all_reduce(sum_exp, op=dist.ReduceOp.SUM, group=group)
+        loss = torch.log(sum_exp) - predicted
+        exp_logits.div_(sum_exp.unsqueeze(-1))
+        ctx.save_for_backward(exp_logits, target_mask, masked_target)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        softmax, target_mask, masked_target = ctx.saved_tensors
+        grad = softmax  # in place, as Megatron
+        rows = torch.arange(grad.shape[0], device=grad.device)
+        grad[rows, masked_target] -= 1.0 - target_mask.to(grad.dtype)
+        grad.mul_(grad_output.unsqueeze(-1))
+        return grad, None, None, None
+
+
+def megatron_ce(shard: torch.Tensor, target: torch.Tensor, vocab_start: int = 0, group=None) -> torch.Tensor:
+    """Mean Megatron-style cross-entropy of this shard (fp32 upcast, three all-reduces)."""
+    return MegatronVocabParallelCE.apply(shard.float(), target, vocab_start, group).mean()
+
+
+def find_liger(device: torch.device):
+    """(liger_kernel.transformers module, "") or (None, why not)."""
+    if not is_cuda(device) and not triton_interpreted():
+        return None, "Liger-Kernel's Triton kernels need CUDA (or TRITON_INTERPRET=1 on the CPU)"
+    try:
+        import liger_kernel.transformers as lt
+    except Exception as err:
+        return None, f"liger_kernel not importable ({short_error(err, 120)})"
+    return lt, ""
+
+
+def megatron_memory(n: int, width: int) -> int:
+    """Bytes the Megatron-style CE allocates for one fwd+bwd (fp32 copy, shifted fp32, a little)."""
+    return 2 * n * width * 4 + 64 * n
+
+
+# ----------------------------------------------------------------------------------------------
+# Results: CSV rows and the tables
 # ----------------------------------------------------------------------------------------------
 
 CSV_COLUMNS = [
-    "date", "commit", "gpu", "torch", "triton", "world_size",
-    "op", "provider", "dtype", "n", "v_shard", "k", "pass",
-    "ms", "bytes", "gb_s", "frac_of_copy_bw", "floor_ms", "x_floor", "extra_mem_bytes", "note",
+    "date", "commit", "gpu", "torch", "triton", "bench", "preset", "world_size", "tp",
+    "op", "provider", "dtype", "n", "vocab", "v_shard", "k", "pass", "status",
+    "ms", "bytes", "gb_s", "frac_of_copy_bw", "floor_ms", "x_floor", "copy_gb_s", "extra_mem_bytes", "note",
 ]  # fmt: skip
 
 OURS = "shardsoftmax"
@@ -449,10 +607,21 @@ class Result:
     copy_bw: float  # bytes/s measured in this run
     extra_mem: int | None = None
     note: str = ""
+    status: str = "ok"
+    tp: int = 1
+    vocab: int | None = None  # the global vocabulary (default: v_shard)
 
     @property
     def key(self) -> tuple:
-        return (self.op, self.pass_, self.dtype, self.n, self.v_shard, self.k)
+        return (self.op, self.pass_, self.dtype, self.n, self.vocab_total, self.v_shard, self.k, self.tp)
+
+    @property
+    def vocab_total(self) -> int:
+        return self.v_shard if self.vocab is None else self.vocab
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok" and self.ms is not None
 
     @property
     def floor_ms(self) -> float | None:
@@ -462,7 +631,7 @@ class Result:
 
     @property
     def gb_s(self) -> float | None:
-        if not self.ms or not self.floor_bytes:
+        if not self.ok or not self.ms or not self.floor_bytes:
             return None
         return self.floor_bytes / (self.ms * 1e-3) / 1e9
 
@@ -474,7 +643,7 @@ class Result:
 
     @property
     def x_floor(self) -> float | None:
-        if not self.ms or not self.floor_ms:
+        if not self.ok or not self.ms or not self.floor_ms:
             return None
         return self.ms / self.floor_ms
 
@@ -484,21 +653,25 @@ class Result:
 
         return {
             **meta,
+            "tp": self.tp,
             "op": self.op,
             "provider": self.provider,
             "dtype": self.dtype,
             "n": self.n,
+            "vocab": self.vocab_total,
             "v_shard": self.v_shard,
             "k": self.k,
             "pass": self.pass_,
-            "ms": fmt(self.ms),
+            "status": self.status,
+            "ms": fmt(self.ms) if self.ok else "",
             "bytes": self.floor_bytes or "",
             "gb_s": fmt(self.gb_s),
             "frac_of_copy_bw": fmt(self.frac, 4),
             "floor_ms": fmt(self.floor_ms),
             "x_floor": fmt(self.x_floor, 4),
+            "copy_gb_s": fmt(self.copy_bw / 1e9 if self.copy_bw else None, 5),
             "extra_mem_bytes": "" if self.extra_mem is None else self.extra_mem,
-            "note": self.note,
+            "note": self.note.replace("\n", " "),
         }
 
 
@@ -530,21 +703,24 @@ def out_path(out_dir: str, stem: str, meta: dict) -> str:
 
 def speedups(results: Sequence[Result]) -> dict[int, float]:
     """For every non-ours result with a measured time: its ms / ours' ms in the same group."""
-    ours = {r.key: r.ms for r in results if r.provider == OURS and r.ms}
-    return {id(r): r.ms / ours[r.key] for r in results if r.provider != OURS and r.ms and r.key in ours}
+    ours = {r.key: r.ms for r in results if r.provider == OURS and r.ok}
+    return {id(r): r.ms / ours[r.key] for r in results if r.provider != OURS and r.ok and r.key in ours}
 
 
 def format_table(results: Sequence[Result]) -> str:
     """Compact table; 'ours_x' = how many times faster shardsoftmax is than that row's provider.
-    Columns that hold one value for every row (dtype, N) are stated once above the table."""
+    Columns that hold one value for every row (dtype, N, TP) are stated once above the table."""
     sp = speedups(results)
     one_dtype = len({r.dtype for r in results}) <= 1
     one_n = len({r.n for r in results}) <= 1
+    one_tp = len({r.tp for r in results}) <= 1
     above = []
     if results and one_dtype:
         above.append(f"dtype {results[0].dtype}")
     if results and one_n:
         above.append(f"N={results[0].n}")
+    if results and one_tp:
+        above.append(f"TP={results[0].tp}")
 
     def f(v, spec):
         return format(v, spec) if v is not None else "-"
@@ -553,33 +729,124 @@ def format_table(results: Sequence[Result]) -> str:
         f"{'op':<13} {'pass':<7} "
         + ("" if one_dtype else f"{'dt':<4} ")
         + ("" if one_n else f"{'N':>5} ")
-        + f"{'V_shard':>7} {'k':>4} {'provider':<17} {'ms':>8} {'GB/s':>6} {'%copy':>5} {'xfloor':>6} "
+        + ("" if one_tp else f"{'TP':>2} ")
+        + f"{'V_shard':>7} {'k':>4} {'provider':<17} {'ms':>9} {'GB/s':>6} {'%copy':>5} {'xfloor':>6} "
         + f"{'ours_x':>6} {'xmemMB':>7}"
     )
     lines = ([", ".join(above)] if above else []) + [head, "-" * len(head)]
     for r in results:
         mem = None if r.extra_mem is None else r.extra_mem / 2**20
+        ms = f(r.ms, "9.3f") if r.ok else r.status
         lines.append(
             f"{r.op[:13]:<13} {r.pass_:<7} "
             + ("" if one_dtype else f"{r.dtype:<4} ")
             + ("" if one_n else f"{r.n:>5} ")
-            + f"{r.v_shard:>7} {r.k:>4} {r.provider[:17]:<17} {f(r.ms, '8.3f'):>8} {f(r.gb_s, '6.0f'):>6} "
+            + ("" if one_tp else f"{r.tp:>2} ")
+            + f"{r.v_shard:>7} {r.k:>4} {r.provider[:17]:<17} {ms:>9} {f(r.gb_s, '6.0f'):>6} "
             + f"{f(None if r.frac is None else 100 * r.frac, '5.1f'):>5} {f(r.x_floor, '6.2f'):>6} "
             + f"{f(sp.get(id(r)), '6.2f'):>6} {f(mem, '7.1f'):>7}"
         )
     return "\n".join(lines)
 
 
-def write_report(lines: Sequence[str], csv_path: str) -> None:
-    """Print the final report and save it beside the CSV (same name, .txt)."""
+def speedup_markdown(results: Sequence[Result], conditions: str) -> str:
+    """Markdown table for the README: one line per measured (op, pass, dtype, N, V, k, TP) of
+    shardsoftmax, its time and floor ratio, then for every peer in the run how many times faster
+    shardsoftmax is (peer ms / ours ms), or that peer's status (oom, wrong, error)."""
+    ours = [r for r in results if r.provider == OURS and r.ok]
+    peers = []
+    for r in results:
+        if r.provider != OURS and r.provider not in peers and r.op not in ("copy", "matmul", "allgather"):
+            peers.append(r.provider)
+    by_key: dict[tuple, dict[str, Result]] = {}
+    for r in results:
+        by_key.setdefault(r.key, {})[r.provider] = r
+    multi_tp = len({r.tp for r in results if r.op not in ("copy", "matmul")}) > 1 or any(
+        r.tp > 1 for r in ours
+    )
+    head = ["op", "pass", "dtype", "N"] + (["TP", "V"] if multi_tp else []) + ["V_shard", "k"]
+    head += ["shardsoftmax ms (x floor)"] + [f"vs {p}" for p in peers]
+    lines = [f"_{conditions}_", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in ours:
+        if r.op in ("local_stats",):
+            continue
+        cells = [r.op, r.pass_, r.dtype, str(r.n)]
+        if multi_tp:
+            cells += [str(r.tp), str(r.vocab_total)]
+        cells += [str(r.v_shard), str(r.k)]
+        xf = f" ({r.x_floor:.2f}x)" if r.x_floor is not None else ""
+        cells.append(f"{r.ms:.4g}{xf}")
+        for p in peers:
+            other = by_key.get(r.key, {}).get(p)
+            if other is None:
+                cells.append("-")
+            elif other.ok:
+                cells.append(f"{other.ms / r.ms:.2f}x")
+            else:
+                cells.append(other.status)
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        "vs X = X's time / shardsoftmax's time in the same run (above 1: shardsoftmax is faster); "
+        "oom / wrong / error: that peer ran out of memory, failed its float64 check, or raised."
+    )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bars
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Bar:
+    issue: int
+    what: str  # the measurement and its configuration
+    limit: str  # the bar, in words
+    status: str  # PASS, FAIL or MISSING (not measured in this run)
+    value: str = ""  # what was measured
+
+
+def bar_lines(bars: Sequence[Bar]) -> list[str]:
+    width = max([54] + [len(b.what) + 1 for b in bars])
+    lines = [f"{b.status:<7} #{b.issue} {b.what:<{width}} {b.value:<30} bar: {b.limit}" for b in bars]
+    counts = {s: sum(b.status == s for b in bars) for s in ("PASS", "FAIL", "MISSING")}
+    summary = f"bars: {counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['MISSING']} MISSING"
+    lines.append(summary + " (MISSING: not measured in this run)")
+    return lines
+
+
+def judge(
+    issue: int, what: str, limit: str, value: float | None, ok: bool | None, shown: str, status=""
+) -> Bar:
+    """A bar line: MISSING when nothing was measured, else PASS/FAIL; ``status`` (oom, wrong,
+    error) of the measured row makes it a FAIL that says why."""
+    if status and status != "ok":
+        return Bar(issue, what, limit, "FAIL", status)
+    if value is None or ok is None:
+        return Bar(issue, what, limit, "MISSING", "")
+    return Bar(issue, what, limit, "PASS" if ok else "FAIL", shown)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports
+# ----------------------------------------------------------------------------------------------
+
+
+def write_report(lines: Sequence[str], csv_path: str, markdown: str | None = None) -> None:
+    """Print the final report and save it beside the CSV (same name, .txt; the README table .md)."""
     text = "\n".join(lines)
-    with open(csv_path[: -len(".csv")] + ".txt", "w") as f:
+    stem = csv_path[: -len(".csv")]
+    with open(stem + ".txt", "w") as f:
         f.write(text + "\n")
+    if markdown is not None:
+        with open(stem + ".md", "w") as f:
+            f.write(markdown + "\n")
     log(text)
 
 
-def skip_summary(skips: Sequence[tuple[str, str]], limit: int = 1500) -> str:
-    """'skipped: reason: what, what; reason: what' with each reason once."""
+def skip_summary(skips: Sequence[tuple[str, str]], limit: int = 2000) -> str:
+    """'skipped: reason [what, what]; reason [what]' with each reason once."""
     by_reason: dict[str, list[str]] = {}
     for what, reason in skips:
         by_reason.setdefault(reason, [])
@@ -590,9 +857,17 @@ def skip_summary(skips: Sequence[tuple[str, str]], limit: int = 1500) -> str:
 
 
 def print_header(title: str, meta: dict, copy_bw: float, mm_flops: float, mm_desc: str) -> None:
-    log(f"== {title} | {meta['gpu']} | torch {meta['torch']} | triton {meta['triton']}")
+    versions = f"torch {meta['torch']} | triton {meta['triton']} | python {python_version()}"
+    log(f"== {title} | {meta['gpu']} | {versions}")
     log(f"   commit {meta['commit']}; copy bandwidth (read + write): {copy_bw / 1e9:.0f} GB/s;")
     log(f"   matmul {mm_desc}: {mm_flops / 1e12:.1f} TFLOP/s")
+
+
+def conditions_line(meta: dict, copy_bw: float, extra: str = "") -> str:
+    return (
+        f"{meta['gpu']}, {meta['date'][:10]}, torch {meta['torch']}, triton {meta['triton']}, "
+        f"commit {meta['commit']}, copy bandwidth {copy_bw / 1e9:.0f} GB/s (read+write){extra}"
+    )
 
 
 def python_version() -> str:

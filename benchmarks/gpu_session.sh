@@ -1,54 +1,98 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: install, GPU test tier, one-GPU benchmark, torchrun self-check and the
-# distributed benchmark on every GPU. Logs and CSVs under $OUT (default ./gpu_out); each step's
-# tail is printed as it ends. Usage (from the repository root):
-#     bash benchmarks/gpu_session.sh [steps...]     # steps: install tests bench dist (default: all),
-#                                                   # linear (the fused LM head; not in the default)
-# Carried wheels (optional): .wheels/*.whl (e.g. liger-kernel) are installed too.
+# One call on a GPU machine (the step limits sum to ~9 minutes on 4 GPUs): install, the CUDA test
+# tier, the one-GPU benchmark (--preset bars), the distributed benchmark on 2 GPUs (--preset bars)
+# and on 4 GPUs (--preset scaling: TP = 4, 2, 1, which includes the TP = 4 bars), the figures, and
+# a summary of every bar. Each step has its own time limit (and passes a smaller --max-seconds to
+# the benchmark, so it stops cleanly and still prints its report); logs, CSVs, reports (.txt),
+# README tables (.md) and figures go under $OUT (default ./gpu_out).
+#
+#     bash benchmarks/gpu_session.sh [steps...]   # steps: install tests bench dist2 dist4 plot summary
+#                                                 # (default: all of them); optional: host selftest
+#                                                 # linear (the fused LM head, bench_linear.py)
+#
+# Limits (seconds, environment): TEST_LIMIT=80 BENCH_LIMIT=210 DIST2_LIMIT=70 DIST4_LIMIT=120;
+# LINEAR_LIMIT=300 (opt-in step).
+# Carried wheels: .wheels/*.whl (liger-kernel 0.8.5) are installed too; without them the Liger
+# peers are skipped with the reason printed.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
+# NVLink multicast (NVLS) off: it is not available on these machines.
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=/tmp/ss_site${PYTHONPATH:+:$PYTHONPATH}
-steps=${*:-install tests bench dist}
+steps=${*:-install tests bench dist2 dist4 plot summary}
+T0=$SECONDS
 
 step() {  # step NAME SECONDS CMD...
     local name=$1 limit=$2
     shift 2
-    echo "=== $name (limit ${limit}s)"
+    echo "=== $name (limit ${limit}s, session at $((SECONDS - T0))s)"
     local t0=$SECONDS
-    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
     local rc=$?
-    echo "=== $name rc=$rc in $((SECONDS - t0))s"
-    tail -n "${TAIL:-20}" "$OUT/$name.log"
+    echo "=== $name rc=$rc in $((SECONDS - t0))s$([ $rc -eq 124 ] && echo ' (TIME LIMIT: rows written so far are in the CSV)')"
+    tail -n "${TAIL:-12}" "$OUT/$name.log"
 }
 
 has() { [[ " $steps " == *" $1 "* ]]; }
 
 if has install; then
     # A non-editable install into a folder, imported with python -P so that the source folder
-    # (where kernels/ is not yet inside shardsoftmax/) never shadows it.
+    # (where kernels/ is not inside shardsoftmax/) never shadows it.
     pip install -q --no-deps --no-build-isolation --target /tmp/ss_site . >"$OUT/install.log" 2>&1 || cat "$OUT/install.log"
-    ls .wheels/*.whl >/dev/null 2>&1 && pip install -q --no-index --no-deps --target /tmp/ss_site .wheels/*.whl
+    if ls .wheels/*.whl >/dev/null 2>&1; then
+        pip install -q --no-index --no-deps --target /tmp/ss_site .wheels/*.whl >>"$OUT/install.log" 2>&1 || tail -5 "$OUT/install.log"
+    fi
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
     python -P -c "import torch, triton, shardsoftmax; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
+    python -P -c "import liger_kernel; print('liger-kernel', getattr(liger_kernel, '__version__', 'installed'))" 2>/dev/null \
+        || echo "liger-kernel: not installed (carry .wheels/ to compare against it)"
 fi
 NGPU=$(python -P -c "import torch; print(torch.cuda.device_count())")
+
 if has tests; then
-    step pytest_gpu "${TEST_LIMIT:-300}" python -P -m pytest -q -x -p no:cacheprovider -m "not slow" \
-        tests/test_core.py tests/test_grad.py tests/test_distributed.py -k "cuda or nccl or gpu"
+    step pytest_gpu "${TEST_LIMIT:-80}" python -P -m pytest -q -x -p no:cacheprovider -m "not slow" \
+        tests/test_core.py tests/test_grad.py tests/test_merge.py tests/test_finalize.py \
+        tests/test_host_ops.py tests/test_distributed.py -k "cuda or nccl or gpu or host_ops"
 fi
 if has bench; then
-    step bench_ops "${BENCH_LIMIT:-240}" python -P benchmarks/bench_ops.py --compile none --out "$OUT"
+    limit=${BENCH_LIMIT:-210}
+    step bench_ops "$limit" python -P benchmarks/bench_ops.py --preset bars --max-seconds $((limit - 45)) --out "$OUT"
+fi
+if has host; then
+    step bench_host "${HOST_LIMIT:-150}" python -P benchmarks/bench_host.py --out "$OUT"
 fi
 if has linear; then
     step bench_linear "${LINEAR_LIMIT:-300}" python -P benchmarks/bench_linear.py --out "$OUT"
 fi
-if has dist && [ "$NGPU" -ge 2 ]; then
-    step torchrun_tests 120 torchrun --standalone --nproc-per-node "$NGPU" --no-python \
-        python -P -m shardsoftmax.launch.torchrun tests
-    step bench_dist "${DIST_LIMIT:-200}" torchrun --standalone --nproc-per-node "$NGPU" benchmarks/bench_dist.py --out "$OUT"
-    if [ "$NGPU" -gt 2 ]; then
-        step bench_dist2 "${DIST_LIMIT:-200}" torchrun --standalone --nproc-per-node 2 benchmarks/bench_dist.py --out "$OUT"
+run_dist() {  # run_dist NAME NPROC LIMIT ARGS...
+    local name=$1 nproc=$2 limit=$3
+    shift 3
+    if [ "$NGPU" -lt "$nproc" ]; then
+        echo "=== $name: skipped ($NGPU GPUs, needs $nproc)"
+        return
     fi
+    step "$name" "$limit" python -P -m torch.distributed.run --standalone --nproc-per-node "$nproc" \
+        benchmarks/bench_dist.py --max-seconds $((limit - 35)) --out "$OUT" "$@"
+}
+if has dist2; then
+    run_dist bench_dist2 2 "${DIST2_LIMIT:-70}" --preset bars
+fi
+if has dist4; then
+    run_dist bench_dist4 4 "${DIST4_LIMIT:-120}" --preset scaling
+fi
+if has selftest && [ "$NGPU" -ge 2 ]; then
+    step torchrun_tests 120 python -P -m torch.distributed.run --standalone --nproc-per-node "$NGPU" \
+        --no-python python -P -m shardsoftmax.launch.torchrun tests
+fi
+if has plot; then
+    step plot 40 python -P benchmarks/plot.py "$OUT"/*.csv --out "$OUT/figures"
+fi
+if has summary; then
+    echo "=== summary of the bars (every report under $OUT), session took $((SECONDS - T0))s"
+    for f in "$OUT"/*.txt; do
+        [ -e "$f" ] || continue
+        echo "--- $(basename "$f")"
+        grep -E "^(PASS|FAIL|MISSING) |^bars: |^not run|^== results" "$f"
+    done
 fi

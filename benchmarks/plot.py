@@ -2,13 +2,17 @@
 
     python benchmarks/plot.py bench_out/*.csv --out docs/figures
 
-One-GPU rows (world_size 1, from bench_ops.py), per GPU, dtype and N:
+One-GPU rows (bench_ops.py), per GPU, dtype and N:
   ops_frac_*.png     fraction of the copy bandwidth measured in the same run, per op and provider, vs V_shard
-  ops_speedup_*.png  how many times faster shardsoftmax is than each baseline, per op, at each V_shard
-Multi-GPU rows (from bench_dist.py), per GPU, world size, dtype and N:
-  dist*_ms_*.png     milliseconds per op and provider (max over ranks), per vocabulary size
+  ops_speedup_*.png  how many times faster shardsoftmax is than each peer, per op, at each V_shard
+  ops_decode_*.png   decode-sized calls: microseconds per call (kernel, eager end-to-end, CUDA graph)
+Multi-GPU rows (bench_dist.py), per GPU, TP, dtype and N:
+  dist_tp*_ms_*.png  milliseconds per op and provider (max over ranks), per vocabulary size
+  dist_scaling_*.png strong scaling: ms against TP at a fixed vocabulary, next to the shard-read
+                     floor and the measured all-gather (issue 6)
 The run's conditions (GPU, date, dtype, N, versions, commit, copy bandwidth) are written under each
-figure. Where several CSVs hold the same measurement, the last file given wins.
+figure. Only rows with status ok are drawn. Where several CSVs hold the same measurement, the last
+file given wins.
 """
 
 from __future__ import annotations
@@ -20,20 +24,24 @@ import sys
 from collections import defaultdict
 
 OURS = "shardsoftmax"
+KEY_COLUMNS = ("gpu", "bench", "tp", "op", "provider", "dtype", "n", "vocab", "v_shard", "k", "pass")
 
 
 def load(paths: list[str]) -> list[dict]:
+    """Rows with a time and status ok (older CSVs without the status, bench, tp or vocab columns
+    are read too)."""
     rows: dict[tuple, dict] = {}
     for path in paths:
         with open(path, newline="") as f:
             for r in csv.DictReader(f):
-                if not r.get("ms"):
+                if not r.get("ms") or r.get("status", "ok") not in ("ok", ""):
                     continue
-                key = tuple(
-                    r[c]
-                    for c in ("gpu", "world_size", "op", "provider", "dtype", "n", "v_shard", "k", "pass")
-                )
-                rows[key] = r  # the last file wins
+                r.setdefault("bench", "ops" if r.get("world_size", "1") == "1" else "dist")
+                if not r.get("tp"):
+                    r["tp"] = "1" if r["bench"] == "ops" else r.get("world_size", "1")
+                if not r.get("vocab"):
+                    r["vocab"] = r["v_shard"]
+                rows[tuple(r.get(c, "") for c in KEY_COLUMNS)] = r  # the last file wins
     return list(rows.values())
 
 
@@ -47,7 +55,8 @@ def panel_name(op: str, pass_: str, k: str) -> str:
 
 
 PANEL_ORDER = ["softmax_stats", "local_stats", "cross_entropy", "softmax", "log_softmax", "allgather"]
-PASS_ORDER = {"fwd": 0, "bwd": 1, "fwd+bwd": 2}
+PASS_ORDER = {"fwd": 0, "bwd": 1, "fwd+bwd": 2, "e2e": 3, "graph": 4}
+DECODE_PASSES = ("e2e", "graph")
 
 
 def panel_key(p: tuple[str, str, str]) -> tuple:
@@ -58,8 +67,10 @@ def panel_key(p: tuple[str, str, str]) -> tuple:
 def conditions(rows: list[dict], extra: str = "") -> str:
     r = rows[0]
     dates = sorted({x["date"][:10] for x in rows})
-    copy = next((x for x in rows if x["op"] == "copy"), None)
-    bw = f", copy bandwidth {float(copy['gb_s']):.0f} GB/s (read+write)" if copy and copy.get("gb_s") else ""
+    bws = sorted({x["copy_gb_s"] for x in rows if x.get("copy_gb_s")})
+    bw = f", copy bandwidth {float(bws[0]):.0f} GB/s (read+write)" if len(bws) == 1 else ""
+    if len(bws) > 1:
+        bw = f", copy bandwidth {float(bws[0]):.0f}-{float(bws[-1]):.0f} GB/s"
     return (
         f"{r['gpu']}, {', '.join(dates)}; {r['dtype']}, N={r['n']}{extra}; "
         f"torch {r['torch']}, triton {r['triton']}, commit {r['commit']}{bw}"
@@ -72,26 +83,37 @@ def style(provider: str) -> dict:
     return {"linewidth": 1.2, "marker": ".", "alpha": 0.85}
 
 
+def finish(fig, note: str, path: str, plt, rect=(0, 0.05, 1, 0.95)) -> str:
+    fig.text(0.5, 0.005, note, ha="center", va="bottom", fontsize=8, wrap=True)
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def grid_axes(plt, count: int):
+    cols = min(4, count)
+    nrows = (count + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows + 0.7), squeeze=False)
+    for ax in list(axes.flat)[count:]:
+        ax.axis("off")
+    return fig, list(axes.flat)
+
+
 def plot_ops(rows: list[dict], out: str, plt) -> list[str]:
     made = []
-    copy_rows = defaultdict(list)
-    for r in rows:
-        if r["op"] == "copy":
-            copy_rows[r["gpu"]].append(r)
     groups = defaultdict(list)
     for r in rows:
-        if r["op"] not in ("copy", "matmul"):
+        if r["op"] not in ("copy", "matmul") and r["pass"] not in DECODE_PASSES:
             groups[(r["gpu"], r["dtype"], int(r["n"]))].append(r)
     for (gpu, dtype, n), rs in sorted(groups.items()):
         panels = sorted({(r["op"], r["pass"], r["k"]) for r in rs}, key=panel_key)
-        note = conditions(rs + copy_rows[gpu][-1:])
+        note = conditions(rs)
         stem = f"{slug(gpu)}_{dtype}_N{n}"
 
         # fraction of the copy bandwidth vs V
-        cols = min(4, len(panels))
-        nrows = (len(panels) + cols - 1) // cols
-        fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows + 0.6), squeeze=False)
-        for ax, p in zip(axes.flat, panels):
+        fig, axes = grid_axes(plt, len(panels))
+        for ax, p in zip(axes, panels):
             sel = [r for r in rs if (r["op"], r["pass"], r["k"]) == p and r.get("frac_of_copy_bw")]
             for prov in sorted({r["provider"] for r in sel}, key=lambda s: (s != OURS, s)):
                 pts = sorted(
@@ -104,23 +126,16 @@ def plot_ops(rows: list[dict], out: str, plt) -> list[str]:
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-        for ax in list(axes.flat)[len(panels) :]:
-            ax.axis("off")
         fig.suptitle(
             "Effective bandwidth (op's floor bytes / time) as a fraction of the copy bandwidth", fontsize=11
         )
-        fig.text(0.5, 0.005, note, ha="center", va="bottom", fontsize=8, wrap=True)
-        fig.tight_layout(rect=(0, 0.04, 1, 0.96))
-        path = os.path.join(out, f"ops_frac_{stem}.png")
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        made.append(path)
+        made.append(finish(fig, note, os.path.join(out, f"ops_frac_{stem}.png"), plt))
 
-        # speed-up over each baseline, grouped by panel, one bar per (baseline, V)
+        # speed-up over each peer, grouped by panel, one bar per (peer, V)
         ours = {
             (r["op"], r["pass"], r["k"], r["v_shard"]): float(r["ms"]) for r in rs if r["provider"] == OURS
         }
-        bars = defaultdict(dict)  # (panel) -> {(provider, v): speedup}
+        bars = defaultdict(dict)  # panel -> {(provider, v): speedup}
         for r in rs:
             key = (r["op"], r["pass"], r["k"], r["v_shard"])
             if r["provider"] != OURS and key in ours:
@@ -146,16 +161,61 @@ def plot_ops(rows: list[dict], out: str, plt) -> list[str]:
             ax.set_yscale("log")
         ax.set_xticks(range(len(bar_panels)))
         ax.set_xticklabels([panel_name(*p) for p in bar_panels], rotation=20, ha="right", fontsize=8)
-        ax.set_ylabel("speed-up of shardsoftmax (baseline ms / ours)")
-        ax.set_title("shardsoftmax vs each baseline (higher: shardsoftmax faster)", fontsize=11)
+        ax.set_ylabel("speed-up of shardsoftmax (peer ms / ours)")
+        ax.set_title("shardsoftmax vs each peer (higher: shardsoftmax faster)", fontsize=11)
         ax.legend(fontsize=6, ncol=2)
         ax.grid(axis="y", alpha=0.3)
-        fig.text(0.5, 0.005, note, ha="center", va="bottom", fontsize=8, wrap=True)
-        fig.tight_layout(rect=(0, 0.05, 1, 1))
-        path = os.path.join(out, f"ops_speedup_{stem}.png")
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        made.append(path)
+        made.append(
+            finish(fig, note, os.path.join(out, f"ops_speedup_{stem}.png"), plt, rect=(0, 0.06, 1, 1))
+        )
+    return made
+
+
+def plot_decode(rows: list[dict], out: str, plt) -> list[str]:
+    """Decode-sized calls: us per call of each provider for the kernel (fwd), eager end-to-end and
+    CUDA-graph replay, per (N, k); the 30 us bar as a line."""
+    made = []
+    groups = defaultdict(list)
+    decode_keys = {
+        (r["gpu"], r["dtype"], r["n"], r["v_shard"], r["k"]) for r in rows if r["pass"] in DECODE_PASSES
+    }
+    for r in rows:
+        if (r["gpu"], r["dtype"], r["n"], r["v_shard"], r["k"]) in decode_keys:
+            groups[(r["gpu"], r["dtype"], r["v_shard"])].append(r)
+    for (gpu, dtype, v), rs in sorted(groups.items()):
+        cases = sorted({(int(r["n"]), int(r["k"])) for r in rs})
+        provs = sorted({r["provider"] for r in rs}, key=lambda s: (s != OURS, s))
+        fig, axes = grid_axes(plt, len(cases))
+        cmap = plt.get_cmap("tab10")
+        for ax, (n, k) in zip(axes, cases):
+            sel = [r for r in rs if (int(r["n"]), int(r["k"])) == (n, k)]
+            passes = [p for p in ("fwd", "e2e", "graph") if any(r["pass"] == p for r in sel)]
+            width = 0.8 / max(1, len(provs))
+            for i, prov in enumerate(provs):
+                pts = {r["pass"]: float(r["ms"]) * 1e3 for r in sel if r["provider"] == prov}
+                xs = [j + (i - (len(provs) - 1) / 2) * width for j, p in enumerate(passes) if p in pts]
+                ax.bar(
+                    xs,
+                    [pts[p] for p in passes if p in pts],
+                    width,
+                    label=prov,
+                    color="black" if prov == OURS else cmap(i % 10),
+                )
+            ax.axhline(30.0, color="red", linewidth=0.8, linestyle="--", label="30 us bar")
+            ax.set_xticks(range(len(passes)))
+            ax.set_xticklabels(["kernel (do_bench)" if p == "fwd" else p for p in passes], fontsize=8)
+            ax.set_ylabel("us per call")
+            ax.set_title(f"softmax_stats N={n} k={k}", fontsize=10)
+            ax.grid(axis="y", alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(
+            f"Decode-sized calls, V={v}: e2e = wall time per call back to back; graph = CUDA-graph replay",
+            fontsize=10,
+        )
+        note = conditions(rs, extra=f", V={v}").replace(
+            f"N={rs[0]['n']}", "N=" + "/".join(sorted({r["n"] for r in rs}))
+        )
+        made.append(finish(fig, note, os.path.join(out, f"ops_decode_{slug(gpu)}_{dtype}_V{v}.png"), plt))
     return made
 
 
@@ -164,44 +224,107 @@ def plot_dist(rows: list[dict], out: str, plt) -> list[str]:
     groups = defaultdict(list)
     for r in rows:
         if r["op"] not in ("copy", "matmul"):
-            groups[(r["gpu"], int(r["world_size"]), r["dtype"], int(r["n"]))].append(r)
-    copy_rows = defaultdict(list)
-    for r in rows:
-        if r["op"] == "copy":
-            copy_rows[(r["gpu"], int(r["world_size"]))].append(r)
-    for (gpu, ws, dtype, n), rs in sorted(groups.items()):
+            groups[(r["gpu"], int(r["tp"]), r["dtype"], int(r["n"]))].append(r)
+    for (gpu, tp, dtype, n), rs in sorted(groups.items()):
         panels = sorted({(r["op"], r["pass"], r["k"]) for r in rs}, key=panel_key)
-        vs = sorted({int(r["v_shard"]) for r in rs})
-        cols = min(4, len(panels))
-        nrows = (len(panels) + cols - 1) // cols
-        fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows + 0.6), squeeze=False)
+        vs = sorted({int(r["vocab"]) for r in rs})
+        fig, axes = grid_axes(plt, len(panels))
         cmap = plt.get_cmap("tab10")
-        for ax, p in zip(axes.flat, panels):
+        for ax, p in zip(axes, panels):
             sel = [r for r in rs if (r["op"], r["pass"], r["k"]) == p]
             provs = sorted({r["provider"] for r in sel}, key=lambda s: (s != OURS, s))
             width = 0.8 / max(1, len(provs))
             for i, prov in enumerate(provs):
-                pts = {int(r["v_shard"]): float(r["ms"]) for r in sel if r["provider"] == prov}
+                pts = {int(r["vocab"]): float(r["ms"]) for r in sel if r["provider"] == prov}
                 xs = [j + (i - (len(provs) - 1) / 2) * width for j, v in enumerate(vs) if v in pts]
-                ax.bar(xs, [pts[v] for v in vs if v in pts], width, label=prov,
-                       color="black" if prov == OURS else cmap(i % 10))  # fmt: skip
+                ax.bar(
+                    xs,
+                    [pts[v] for v in vs if v in pts],
+                    width,
+                    label=prov,
+                    color="black" if prov == OURS else cmap(i % 10),
+                )
             ax.set_xticks(range(len(vs)))
-            ax.set_xticklabels([f"{v}\n(x{ws} ranks)" for v in vs], fontsize=8)
-            ax.set_xlabel("V_shard (widest)")
+            ax.set_xticklabels([f"V={v}\n({tp} shards)" for v in vs], fontsize=8)
             ax.set_ylabel("ms (max over ranks)")
             ax.set_title(panel_name(*p), fontsize=10)
             ax.grid(axis="y", alpha=0.3)
             ax.legend(fontsize=7)
-        for ax in list(axes.flat)[len(panels) :]:
-            ax.axis("off")
-        fig.suptitle(f"{ws} ranks: time per call (lower is better)", fontsize=11)
-        note = conditions(rs + copy_rows[(gpu, ws)][-1:], extra=f", {ws} ranks")
-        fig.text(0.5, 0.005, note, ha="center", va="bottom", fontsize=8, wrap=True)
-        fig.tight_layout(rect=(0, 0.04, 1, 0.96))
-        path = os.path.join(out, f"dist{ws}_ms_{slug(gpu)}_{dtype}_N{n}.png")
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        made.append(path)
+        fig.suptitle(f"TP={tp}: time per call (lower is better)", fontsize=11)
+        note = conditions(rs, extra=f", TP={tp}")
+        made.append(finish(fig, note, os.path.join(out, f"dist_tp{tp}_ms_{slug(gpu)}_{dtype}_N{n}.png"), plt))
+    return made
+
+
+SCALING_SERIES = [  # (label, op, provider, pass, k or None for any)
+    ("shardsoftmax softmax_stats k=0", "softmax_stats", OURS, "fwd", "0"),
+    ("shardsoftmax CE fwd", "cross_entropy", OURS, "fwd", None),
+    ("shardsoftmax CE fwd+bwd", "cross_entropy", OURS, "fwd+bwd", None),
+    ("Megatron-style CE fwd", "cross_entropy", "megatron", "fwd", None),
+    ("Megatron-style CE fwd+bwd", "cross_entropy", "megatron", "fwd+bwd", None),
+    ("Liger vocab-parallel CE fwd", "cross_entropy", "liger", "fwd", None),
+    ("Liger vocab-parallel CE fwd+bwd", "cross_entropy", "liger", "fwd+bwd", None),
+    ("gather + logsumexp", "softmax_stats", "gather+torch", "fwd", "0"),
+    ("all-gather of the partials (k=0)", "allgather", None, "fwd", "0"),
+]
+
+
+def plot_scaling(rows: list[dict], out: str, plt) -> list[str]:
+    """Strong scaling: for each (GPU, dtype, N, global V) measured at 2+ TP sizes, ms against TP."""
+    made = []
+    groups = defaultdict(list)
+    for r in rows:
+        if r["op"] not in ("copy", "matmul"):
+            groups[(r["gpu"], r["dtype"], int(r["n"]), int(r["vocab"]))].append(r)
+    for (gpu, dtype, n, v), rs in sorted(groups.items()):
+        tps = sorted({int(r["tp"]) for r in rs})
+        if len(tps) < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(8, 5.2))
+        for label, op, prov, pass_, k in SCALING_SERIES:
+            pts = sorted(
+                (int(r["tp"]), float(r["ms"]))
+                for r in rs
+                if r["op"] == op
+                and (prov is None or r["provider"] == prov)
+                and r["pass"] == pass_
+                and (k is None or r["k"] == k)
+            )
+            if pts:
+                ax.plot(
+                    [t for t, _ in pts],
+                    [m for _, m in pts],
+                    label=label,
+                    **(style(OURS) if label.startswith("shardsoftmax") else style(label)),
+                )
+        floor = sorted(
+            (int(r["tp"]), float(r["floor_ms"]))
+            for r in rs
+            if r["op"] == "softmax_stats" and r["provider"] == OURS and r["k"] == "0" and r.get("floor_ms")
+        )
+        if floor:
+            ax.plot(
+                [t for t, _ in floor], [m for _, m in floor], "k--", linewidth=1, label="shard-read floor"
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(tps)
+        ax.set_xticklabels([str(t) for t in tps])
+        ax.set_xlabel("TP (GPUs the vocabulary is split over)")
+        ax.set_ylabel("ms per call (max over ranks)")
+        ax.set_title(f"Strong scaling at V={v}, N={n}", fontsize=11)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+        note = conditions(rs, extra=f", V={v}, TP={'/'.join(map(str, tps))}")
+        made.append(
+            finish(
+                fig,
+                note,
+                os.path.join(out, f"dist_scaling_{slug(gpu)}_{dtype}_N{n}_V{v}.png"),
+                plt,
+                rect=(0, 0.06, 1, 1),
+            )
+        )
     return made
 
 
@@ -223,8 +346,10 @@ def main(argv=None) -> int:
         print("no rows with a time in the given CSVs", file=sys.stderr)
         return 1
     os.makedirs(args.out, exist_ok=True)
-    made = plot_ops([r for r in rows if r["world_size"] == "1"], args.out, plt)
-    made += plot_dist([r for r in rows if r["world_size"] != "1"], args.out, plt)
+    ops = [r for r in rows if r["bench"] == "ops"]
+    dist = [r for r in rows if r["bench"] == "dist"]
+    made = plot_ops(ops, args.out, plt) + plot_decode(ops, args.out, plt)
+    made += plot_dist(dist, args.out, plt) + plot_scaling(dist, args.out, plt)
     for path in made:
         print(path)
     return 0

@@ -1,4 +1,6 @@
-"""Small Triton helpers shared by the shard kernels: the logit transform and the top-k sort keys.
+"""Small Triton helpers shared by the shard kernels: the logit transform and the top-k sort keys;
+and the launchers' integer arithmetic (plain Python: ``triton.cdiv`` is a constexpr function
+whose host call costs about a microsecond).
 
 Sort keys pack (value, column) into one int64 whose signed order is "value descending, then
 column ascending": the high 32 bits are the fp32 value mapped to an order-preserving int32
@@ -106,3 +108,12 @@ def key_col(key):
 def min_key_like(shape: tl.constexpr):
     """A key below every real key (the identity of the top-k monoid)."""
     return tl.full(shape, -2147483648, tl.int64) << 32
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(0, (n - 1).bit_length())

@@ -277,8 +277,8 @@ def _linear_tile_kernel(
     weight_ptr,
     bias_ptr,
     target_ptr,
-    lse_ptr,
-    row_scale_ptr,
+    lse_ptr,  # [n_rows + 1]: lse per row (NaN: target found nowhere), then the reduction's scale
+    grad_out_ptr,  # the loss's gradient: one per row (stride_grad_out) or one value (stride 0)
     out_ptr,
     # sizes
     n_rows,
@@ -286,12 +286,14 @@ def _linear_tile_kernel(
     n_valid_cols,
     hidden_size,
     vocab_start,  # global id of column 0 of this launch
+    ignore_index,
     # strides
     stride_h_row,
     stride_h_col,
     stride_w_row,
     stride_w_col,
     stride_out_row,
+    stride_grad_out,
     # loss options
     smooth_per_class,  # label_smoothing / vocab_size
     target_weight,  # 1 - label_smoothing
@@ -314,8 +316,10 @@ def _linear_tile_kernel(
 ):
     """Grid: (cdiv(n_rows, BLOCK_N) * cdiv(n_cols, BLOCK_V),); one program per output tile, GROUP
     row blocks side by side. GRAD: out = row_scale (p (1 + 2 z lse) - eps/C - (1 - eps) [j = t])
-    dx'/dx with p = exp(x' - lse) (``common.cross_entropy_grad``), 0 on padding columns and on rows
-    with row_scale 0. Else: out = hidden @ W^T + b (raw, untransformed)."""
+    dx'/dx with p = exp(x' - lse) (``common.cross_entropy_grad``), row_scale = grad_out * (the
+    reduction's scale), read in-kernel as ``elementwise._cross_entropy_backward_kernel`` does; 0 on
+    padding columns and on rows with row_scale 0 (ignored rows). Else: out = hidden @ W^T + b (raw,
+    untransformed)."""
     pid = tl.program_id(0)
     n_row_blocks = tl.cdiv(n_rows, BLOCK_N)
     n_col_blocks = tl.cdiv(n_cols, BLOCK_V)
@@ -337,10 +341,11 @@ def _linear_tile_kernel(
     )  # fmt: skip
     if GRAD:
         lse = tl.load(lse_ptr + rows_in)
-        scale = tl.load(row_scale_ptr + rows_in)
-        local_target = tl.load(target_ptr + rows_in).to(tl.int64) - vocab_start
+        target = tl.load(target_ptr + rows_in).to(tl.int64)
+        scale = tl.load(grad_out_ptr + rows_in * stride_grad_out).to(tl.float32) * tl.load(lse_ptr + n_rows)
+        scale = tl.where(target == ignore_index, 0.0, scale)
         g = cross_entropy_grad(
-            raw, cols[None, :], local_target[:, None], lse[:, None], scale[:, None],
+            raw, cols[None, :], (target - vocab_start)[:, None], lse[:, None], scale[:, None],
             smooth_per_class, target_weight, two_z_loss, softcap, inv_temperature,
             HAS_SOFTCAP, HAS_TEMPERATURE,
         )  # fmt: skip
@@ -555,12 +560,12 @@ def linear_logits(
     if out is None:
         out = torch.empty((n_rows, n_cols), dtype=torch.float32, device=hidden.device)
     _tile_launch(hidden, weight, bias, None, None, None, out, grad=False, n_valid_cols=n_cols,
-                 vocab_start=0, config=config)  # fmt: skip
+                 vocab_start=0, ignore_index=0, config=config)  # fmt: skip
     return out
 
 
-def _tile_launch(hidden, weight, bias, target, lse, row_scale, out, *, grad, n_valid_cols, vocab_start,
-                 label_smoothing=0.0, vocab_size=1, z_loss=0.0, softcap=None, temperature=1.0,
+def _tile_launch(hidden, weight, bias, target, lse_bwd, grad_out, out, *, grad, n_valid_cols, vocab_start,
+                 ignore_index, label_smoothing=0.0, vocab_size=1, z_loss=0.0, softcap=None, temperature=1.0,
                  config=None):  # fmt: skip
     n_rows, hidden_size = hidden.shape
     n_cols = weight.shape[0]
@@ -570,9 +575,10 @@ def _tile_launch(hidden, weight, bias, target, lse, row_scale, out, *, grad, n_v
     dummy = out
     args = (
         hidden, weight, bias if bias is not None else dummy, target if target is not None else dummy,
-        lse if lse is not None else dummy, row_scale if row_scale is not None else dummy, out,
-        n_rows, n_cols, n_valid_cols, hidden_size, vocab_start,
+        lse_bwd if lse_bwd is not None else dummy, grad_out if grad_out is not None else dummy, out,
+        n_rows, n_cols, n_valid_cols, hidden_size, vocab_start, ignore_index,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
+        grad_out.stride(0) if grad_out is not None and grad_out.dim() == 1 else 0,
         float(label_smoothing) / float(vocab_size), 1.0 - float(label_smoothing), 2.0 * float(z_loss),
         softcap_v, inv_t,
     )  # fmt: skip
@@ -601,7 +607,7 @@ def _linear_partials_topk(hidden, weight, bias, target, *, k, n_valid_cols, voca
     buf = torch.empty((min(chunk, n_rows), n_cols), dtype=torch.float32, device=device)
     stats = vals = ids = None
     if n_splits is None:
-        rows_, chunk_, _ = tile_shape(n_cols, k)
+        rows_, chunk_ = tile_shape(n_cols, k)
         n_tiles = max(1, triton.cdiv(max(n_valid_cols, 1), rows_ * chunk_))
         n_splits = default_splits(min(chunk, n_rows), n_tiles, device)
     for r0 in range(0, max(n_rows, 1), chunk):
@@ -649,9 +655,10 @@ def linear_cross_entropy_backward(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     target: torch.Tensor,
-    lse: torch.Tensor,
-    row_scale: torch.Tensor,
+    lse_bwd: torch.Tensor,
+    grad_out: torch.Tensor,
     *,
+    ignore_index: int,
     n_valid_cols: int,
     vocab_start: int,
     label_smoothing: float,
@@ -665,10 +672,12 @@ def linear_cross_entropy_backward(
     chunk_cols: int | None = None,
     config: dict | None = None,
 ):
-    """Gradients of sum_rows row_scale * loss_row w.r.t. hidden, weight and bias, where the logits
-    are ``hidden @ weight^T (+ bias)``: ``(grad_hidden [N, H] fp32, grad_weight [V_shard, H] in the
-    weight's dtype, grad_bias [V_shard] in the bias' dtype)``; grad_hidden is this shard's partial
-    sum (the caller reduces it over ranks). ``lse``, ``row_scale``: [N] fp32. A gradient not needed
+    """Gradients of the loss w.r.t. hidden, weight and bias, where the logits are ``hidden @
+    weight^T (+ bias)``: ``(grad_hidden [N, H] fp32, grad_weight [V_shard, H] in the weight's
+    dtype, grad_bias [V_shard] in the bias' dtype)``; grad_hidden is this shard's partial sum (the
+    caller reduces it over ranks). ``lse_bwd`` [N + 1] fp32 is what ``finalize_cross_entropy``
+    wrote; ``grad_out`` the loss's gradient, [N] (any stride) or [] (the reduced loss), read
+    in-kernel as ``elementwise.cross_entropy_backward`` reads them. A gradient not needed
     (``need_*_grad``, or no bias) comes back as None; the bias always enters the logits.
     ``chunk_cols``: vocabulary columns per chunk (default: a G chunk of at most GRAD_CHUNK_BYTES)."""
     n_rows, hidden_size = hidden.shape
@@ -696,8 +705,9 @@ def linear_cross_entropy_backward(
         gc = g[:, : c1 - c0]
         wc = weight[c0:c1]
         _tile_launch(
-            hidden, wc, None if bias is None else bias[c0:c1], target, lse, row_scale, gc, grad=True,
+            hidden, wc, None if bias is None else bias[c0:c1], target, lse_bwd, grad_out, gc, grad=True,
             n_valid_cols=max(0, min(c1, n_valid_cols) - c0), vocab_start=vocab_start + c0,
+            ignore_index=ignore_index,
             label_smoothing=label_smoothing, vocab_size=vocab_size, z_loss=z_loss, softcap=softcap,
             temperature=temperature, config=config,
         )  # fmt: skip

@@ -29,25 +29,121 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _insert_chunks(best, thr, ck, KP: tl.constexpr):
-    """Insert the chunk keys ``ck`` that beat ``thr`` = min(best), the smallest key of the unsorted
-    top-KP set ``best``, one at a time (few per tile once the set has filled). Returns the new
-    set and its new minimum."""
-    slot = tl.arange(0, KP)
-    cand = tl.where(ck > thr, ck, min_key_like(ck.shape))
-    c = tl.max(cand, axis=0)
-    while c > thr:
-        best = tl.where(slot == tl.argmin(best, axis=0), c, best)
-        cand = tl.where(cand == c, min_key_like(ck.shape), cand)
-        thr = tl.min(best, axis=0)
-        c = tl.max(cand, axis=0)
-    return best, thr
+def _compact(vals, cand, dst_ptr, base, CAP: tl.constexpr):
+    """Append ``vals[cand]`` (1-D, any order) to ``dst_ptr[base:CAP]``; returns the new count,
+    which may exceed CAP (the caller then takes its exact fallback; nothing is written past CAP)."""
+    c = cand.to(tl.int32)
+    pos = base + tl.cumsum(c, axis=0) - c
+    tl.store(dst_ptr + pos, vals, mask=cand & (pos < CAP))
+    return base + tl.sum(c, axis=0)
 
 
 @triton.jit
-def _threshold_value(thr):
-    """The fp32 value of the key ``thr``; -inf while the set is not full (thr is the sentinel)."""
-    return tl.where(thr == min_key_like([]), float("-inf"), key_value(thr))
+def _load_transformed(row_ptr, cols, mask, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr,
+                      HAS_TEMPERATURE: tl.constexpr):  # fmt: skip
+    x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    x = transform_logits(x, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
+    return tl.where(mask, x, float("-inf"))
+
+
+@triton.jit
+def _merge_top(best, new, KP: tl.constexpr):
+    """The KP largest keys of two sets of KP keys."""
+    return tl.topk(tl.reshape(tl.join(best, new), [2 * KP]), KP)
+
+
+@triton.jit
+def _chunk_elements(row_ptr, chunks, valid, col_lo, col_hi, softcap, inv_temperature,
+                    HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr,
+                    CHUNK: tl.constexpr):  # fmt: skip
+    """The transformed values, keys and validity of the elements of ``chunks`` ([BC] indices
+    relative to the split), flattened to [BC * CHUNK]."""
+    cols = col_lo + chunks[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
+    mask = valid[:, None] & (cols < col_hi)
+    x = _load_transformed(row_ptr, cols, mask, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
+    n: tl.constexpr = chunks.shape[0] * CHUNK
+    return tl.reshape(x, [n]), tl.reshape(make_key(x, cols), [n]), tl.reshape(mask, [n])
+
+
+@triton.jit
+def _brute_force_topk(row_ptr, cm_ptr, chunks_ptr, n_chunks, col_lo, col_hi, softcap,
+                      inv_temperature, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr,
+                      K: tl.constexpr, KP: tl.constexpr, CHUNK: tl.constexpr, CB: tl.constexpr,
+                      BC: tl.constexpr):  # fmt: skip
+    """Exact top-KP keys of a split without thresholds: rank every chunk by (chunk max, index),
+    then rank the elements of the K best chunks, both by streaming merges. Taken only when the
+    thresholds of ``_select_topk`` admit too many candidates (heavy ties)."""
+    best = min_key_like([KP])
+    for c0 in range(0, n_chunks, CB):
+        ci = c0 + tl.arange(0, CB)
+        live = ci < n_chunks
+        cm = tl.load(cm_ptr + ci, mask=live, other=float("-inf"))
+        best = _merge_top(best, tl.topk(tl.where(live, make_key(cm, ci), min_key_like([CB])), KP), KP)
+    kk = tl.arange(0, KP)
+    tl.store(chunks_ptr + kk, key_col(best), mask=(kk < K) & (best != min_key_like([KP])))
+    n_best = tl.sum(((kk < K) & (best != min_key_like([KP]))).to(tl.int32), axis=0)
+    tl.debug_barrier()
+    top = min_key_like([KP])
+    for b in range(0, n_best, BC):
+        r = b + tl.arange(0, BC)
+        ch = tl.load(chunks_ptr + r, mask=r < n_best, other=0)
+        _, keys, mask = _chunk_elements(row_ptr, ch, r < n_best, col_lo, col_hi, softcap,
+                                        inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE, CHUNK)  # fmt: skip
+        top = _merge_top(top, tl.topk(tl.where(mask, keys, min_key_like([BC * CHUNK])), KP), KP)
+    return top
+
+
+@triton.jit
+def _select_topk(row_ptr, cm_ptr, gmax_ptr, chunks_ptr, cands_ptr, col_lo, col_hi, softcap,
+                 inv_temperature, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr,
+                 K: tl.constexpr, KP: tl.constexpr, CHUNK: tl.constexpr, NGP: tl.constexpr,
+                 C2: tl.constexpr, CB: tl.constexpr, GB: tl.constexpr, CAPC: tl.constexpr,
+                 CAPE: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+    """The exact top-KP keys (sorted, descending) of one split, from its chunk maxima ``cm_ptr``.
+
+    Every top-K element lies in a top-K chunk (ranked by (chunk max, index)). With tau the K-th
+    largest maximum over NGP groups of C2 consecutive chunks, at least K elements are >= tau, so
+    every top-K element is >= tau and lies in a chunk whose max is >= tau. Step 1 finds tau;
+    step 2 compacts the chunks with max >= tau (about K of them unless values tie); step 3
+    re-reads those chunks and compacts their elements >= tau (again about K); step 4 ranks that
+    small set exactly. If a step admits more than its capacity, ``_brute_force_topk`` gives the
+    same result. Every step works on blocks of at most CB values, so registers stay few.
+    """
+    n_chunks = tl.cdiv(col_hi - col_lo, CHUNK)
+    for g0 in range(0, tl.cdiv(n_chunks, C2), GB):
+        ci = (g0 + tl.arange(0, GB))[:, None] * C2 + tl.arange(0, C2)[None, :]
+        cm = tl.load(cm_ptr + ci, mask=ci < n_chunks, other=float("-inf"))
+        tl.store(gmax_ptr + g0 + tl.arange(0, GB), tl.max(cm, axis=1))
+    tl.debug_barrier()
+    gi = tl.arange(0, NGP)
+    gmax = tl.load(gmax_ptr + gi, mask=gi < tl.cdiv(n_chunks, C2), other=float("-inf"))
+    group_top = tl.topk(gmax, KP)
+    tau = tl.max(tl.where(tl.arange(0, KP) == K - 1, group_top, float("-inf")), axis=0)
+    n_c = tl.zeros([], tl.int32)
+    for c0 in range(0, n_chunks, CB):
+        ci = c0 + tl.arange(0, CB)
+        live = ci < n_chunks
+        cm = tl.load(cm_ptr + ci, mask=live, other=float("-inf"))
+        n_c = _compact(ci, live & (cm >= tau), chunks_ptr, n_c, CAPC)
+    tl.debug_barrier()
+    n_e = tl.zeros([], tl.int32)
+    if n_c <= CAPC:
+        for b in range(0, n_c, BC):
+            r = b + tl.arange(0, BC)
+            ch = tl.load(chunks_ptr + r, mask=r < n_c, other=0)
+            x, keys, mask = _chunk_elements(row_ptr, ch, r < n_c, col_lo, col_hi, softcap,
+                                            inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE, CHUNK)  # fmt: skip
+            ranked = tl.where(x != x, float("inf"), x)  # NaN ranks highest
+            n_e = _compact(keys, mask & (ranked >= tau), cands_ptr, n_e, CAPE)
+        tl.debug_barrier()
+    if (n_c <= CAPC) & (n_e <= CAPE):
+        idx = tl.arange(0, CAPE)
+        top = tl.topk(tl.load(cands_ptr + idx, mask=idx < n_e, other=min_key_like([])), KP)
+    else:
+        top = _brute_force_topk(row_ptr, cm_ptr, chunks_ptr, n_chunks, col_lo, col_hi, softcap,
+                                inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE, K, KP, CHUNK, CB,
+                                BC)  # fmt: skip
+    return top
 
 
 @triton.jit
@@ -58,6 +154,9 @@ def _shard_partials_kernel(
     stats_ptr,
     topk_vals_ptr,
     topk_ids_ptr,
+    scratch_cm_ptr,  # [programs, n_splits, NGP * C2 + NGP] fp32: chunk and group maxima (K > 0)
+    scratch_chunks_ptr,  # [programs, n_splits, CAPC] int32: candidate chunks (K > 0)
+    scratch_cands_ptr,  # [programs, n_splits, CAPE] int64: candidate element keys (K > 0)
     # sizes
     n_rows,
     n_valid_cols,  # columns whose global id is < vocab_size; later columns are padding
@@ -73,156 +172,156 @@ def _shard_partials_kernel(
     HAS_SOFTCAP: tl.constexpr,
     HAS_TARGET: tl.constexpr,
     K: tl.constexpr,  # top-k size, 0 skips top-k entirely
-    KP: tl.constexpr,  # next power of two >= K (>= 2): size of the candidate-chunk set
+    KP: tl.constexpr,  # next power of two >= K (>= 2)
     ROWS: tl.constexpr,  # chunks per tile
     CHUNK: tl.constexpr,  # columns per chunk
-    BITONIC: tl.constexpr,  # merge chunk keys by bitonic top-k (needs ROWS == KP) instead of insertion
+    NGP: tl.constexpr,  # groups of chunks for the top-k threshold (power of two >= 2 * KP)
+    C2: tl.constexpr,  # chunks per group; NGP * C2 >= chunks per split
+    CB: tl.constexpr,  # chunk maxima handled at once (a multiple of C2)
+    GB: tl.constexpr,  # groups handled at once: min(CB / C2, NGP)
+    CAPC: tl.constexpr,  # capacity of the candidate-chunk list
+    CAPE: tl.constexpr,  # capacity of the candidate-element list
+    BC: tl.constexpr,  # candidate chunks re-read at once
     HAS_TEMPERATURE: tl.constexpr,  # temperature != 1
     NEED_ENTROPY: tl.constexpr,  # compute t (else it is written as NaN)
     NEED_SUM_X: tl.constexpr,  # compute sum x (else it is written as NaN)
 ):
-    """Grid: (n_rows, n_splits); one program per (row, column split).
+    """Grid: (programs, n_splits); each program handles rows pid, pid + programs, ... of one
+    column split (programs = n_rows when K = 0; fewer when K > 0, so the top-k scratch stays small).
 
     Each tile of ROWS x CHUNK columns updates ROWS independent online states (m = max x,
     s = sum exp(x - m), t = sum exp(x - m) x, sum x; x the transformed logit), so no tile needs a
     cross-warp reduction; the ROWS states are combined once at the end with the monoid's rescale.
-    Top-k: the KP best chunks by (chunk max desc, chunk index asc) hold every top-K element, so
-    while streaming only chunk maxima (a by-product of the max) are ranked; the selected chunks are
-    re-read once at the end and ranked exactly.
+    Top-k: the chunk maxima (a by-product of the max) are written to a per-program scratch while
+    streaming, at no extra reduction; after the row, ``_select_topk`` finds the exact top-k from
+    them with a few small compactions and sorts (see there).
     """
-    row = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
     split = tl.program_id(1)
+    n_programs = tl.num_programs(0)
     n_splits = tl.num_programs(1)
     col_lo = split * cols_per_split
     col_hi = tl.minimum(col_lo + cols_per_split, n_valid_cols)
-    row_ptr = logits_ptr + row * stride_logits_row
     BLOCK_V: tl.constexpr = ROWS * CHUNK
     tile_offs = tl.arange(0, ROWS)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
+    slot = pid * n_splits + split
+    cm_ptr = scratch_cm_ptr + slot * (NGP * C2 + NGP)
 
-    m = tl.full([ROWS], float("-inf"), tl.float32)
-    s = tl.zeros([ROWS], tl.float32)
-    t = tl.zeros([ROWS], tl.float32)
-    sum_x = tl.zeros([ROWS], tl.float32)
-    if K > 0:
-        best = min_key_like([KP])  # keys of the best chunks so far (chunk max, chunk index)
-        thr = min_key_like([])  # min(best)
-        thr_val = tl.full([], float("-inf"), tl.float32)
+    for r in range(pid, n_rows, n_programs):
+        row = r + tl.zeros([], tl.int64)  # int64 offsets (r is a plain int in the interpreter)
+        row_ptr = logits_ptr + row * stride_logits_row
+        m = tl.full([ROWS], float("-inf"), tl.float32)
+        s = tl.zeros([ROWS], tl.float32)
+        t = tl.zeros([ROWS], tl.float32)
+        sum_x = tl.zeros([ROWS], tl.float32)
+        for start in range(col_lo, col_hi, BLOCK_V):
+            cols = start + tile_offs
+            mask = cols < col_hi
+            x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            x = transform_logits(x, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
+            if HAS_SOFTCAP:
+                x = tl.where(mask, x, float("-inf"))  # softcap maps the -inf fill to -softcap
+            if K > 0:
+                # NaN counts as the largest value for ranking (as torch.topk does).
+                chunk_max = tl.max(tl.where(x != x, float("inf"), x), axis=1)
+                tl.store(cm_ptr + (start - col_lo) // CHUNK + tl.arange(0, ROWS), chunk_max)
+            else:
+                chunk_max = tl.max(x, axis=1)
+            m_new = tl.maximum(m, chunk_max)
+            alpha = rescale_factor(m, m_new)
+            # exp(x - m) as exp2(x log2e - m log2e): one FMA and one MUFU op per element.
+            e = tl.exp2(x * LOG2E - (safe_max(m_new) * LOG2E)[:, None])
+            s = s * alpha + tl.sum(e, axis=1)
+            if NEED_ENTROPY:
+                # max(x, -FLT_MAX) keeps e * x = 0 (not NaN) for -inf columns.
+                t = t * alpha + tl.sum(e * tl.maximum(x, -3.4028234663852886e38), axis=1)
+            if NEED_SUM_X:
+                sum_x += tl.sum(tl.where(mask, x, 0.0), axis=1)
+            m = m_new
 
-    for start in range(col_lo, col_hi, BLOCK_V):
-        cols = start + tile_offs
-        mask = cols < col_hi
-        x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        x = transform_logits(x, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
-        if HAS_SOFTCAP:
-            x = tl.where(mask, x, float("-inf"))  # softcap maps the -inf fill to -softcap: re-mask
+        # Combine the ROWS states (the same rescale as the monoid's merge).
+        m_all = tl.max(m, axis=0)
+        alpha = rescale_factor(m, m_all)
+        s_all = tl.sum(s * alpha, axis=0)
+        t_all = tl.sum(t * alpha, axis=0) if NEED_ENTROPY else float("nan")
+        sum_x_all = tl.sum(sum_x, axis=0) if NEED_SUM_X else float("nan")
+        count = tl.maximum(col_hi - col_lo, 0).to(tl.float32)
+        tgt_logit = tl.zeros([], tl.float32)
+        tgt_hits = tl.zeros([], tl.float32)
+        if HAS_TARGET:
+            tgt = tl.load(target_ptr + row).to(tl.int64)
+            local = tgt - vocab_start
+            hit = (tgt != ignore_index) & (local >= col_lo) & (local < col_hi)
+            xt = tl.load(row_ptr + tl.where(hit, local, 0), mask=hit, other=0.0).to(tl.float32)
+            xt = transform_logits(xt, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
+            tgt_logit = tl.where(hit, xt, 0.0)
+            tgt_hits = tl.where(hit, 1.0, 0.0)
+
+        out = stats_ptr + split * n_rows + row
+        plane = n_splits * n_rows
+        tl.store(out + 0 * plane, m_all)
+        tl.store(out + 1 * plane, s_all)
+        tl.store(out + 2 * plane, t_all)
+        tl.store(out + 3 * plane, sum_x_all)
+        tl.store(out + 4 * plane, count)
+        tl.store(out + 5 * plane, tgt_logit)
+        tl.store(out + 6 * plane, tgt_hits)
+
         if K > 0:
-            # NaN counts as the largest value for ranking (as torch.topk does).
-            chunk_max = tl.max(tl.where(x != x, float("inf"), x), axis=1)
-            # Only tiles with a chunk max at or above the set's minimum can change the set.
-            if tl.max(chunk_max, axis=0) >= thr_val:
-                ck = make_key(chunk_max, (start - col_lo) // CHUNK + tl.arange(0, ROWS))
-                if BITONIC:
-                    best = tl.topk(tl.reshape(tl.join(best, ck), [2 * KP]), KP)
-                    thr = tl.min(best, axis=0)
-                elif ROWS >= KP:
-                    if start == col_lo:  # the first tile's best chunks fill the set directly
-                        best = ck if ROWS == KP else tl.topk(ck, KP)
-                        thr = tl.min(best, axis=0)
-                    else:
-                        best, thr = _insert_chunks(best, thr, ck, KP)
-                else:
-                    best, thr = _insert_chunks(best, thr, ck, KP)
-                thr_val = _threshold_value(thr)
-        else:
-            chunk_max = tl.max(x, axis=1)
-        m_new = tl.maximum(m, chunk_max)
-        alpha = rescale_factor(m, m_new)
-        # exp(x - m) as exp2(x log2e - m log2e): one FMA and one MUFU op per element.
-        e = tl.exp2(x * LOG2E - (safe_max(m_new) * LOG2E)[:, None])
-        s = s * alpha + tl.sum(e, axis=1)
-        if NEED_ENTROPY:
-            # max(x, -FLT_MAX) keeps e * x = 0 (not NaN) for -inf columns.
-            t = t * alpha + tl.sum(e * tl.maximum(x, -3.4028234663852886e38), axis=1)
-        if NEED_SUM_X:
-            sum_x += tl.sum(tl.where(mask, x, 0.0), axis=1)
-        m = m_new
-
-    # Combine the ROWS states (the same rescale as the monoid's merge).
-    m_all = tl.max(m, axis=0)
-    alpha = rescale_factor(m, m_all)
-    s_all = tl.sum(s * alpha, axis=0)
-    t_all = tl.sum(t * alpha, axis=0) if NEED_ENTROPY else float("nan")
-    sum_x_all = tl.sum(sum_x, axis=0) if NEED_SUM_X else float("nan")
-    count = tl.maximum(col_hi - col_lo, 0).to(tl.float32)
-    tgt_logit = tl.zeros([], tl.float32)
-    tgt_hits = tl.zeros([], tl.float32)
-    if HAS_TARGET:
-        tgt = tl.load(target_ptr + row).to(tl.int64)
-        local = tgt - vocab_start
-        hit = (tgt != ignore_index) & (local >= col_lo) & (local < col_hi)
-        xt = tl.load(row_ptr + tl.where(hit, local, 0), mask=hit, other=0.0).to(tl.float32)
-        xt = transform_logits(xt, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
-        tgt_logit = tl.where(hit, xt, 0.0)
-        tgt_hits = tl.where(hit, 1.0, 0.0)
-
-    out = stats_ptr + split * n_rows + row
-    plane = n_splits * n_rows
-    tl.store(out + 0 * plane, m_all)
-    tl.store(out + 1 * plane, s_all)
-    tl.store(out + 2 * plane, t_all)
-    tl.store(out + 3 * plane, sum_x_all)
-    tl.store(out + 4 * plane, count)
-    tl.store(out + 5 * plane, tgt_logit)
-    tl.store(out + 6 * plane, tgt_hits)
-
-    if K > 0:
-        # Re-read the KP selected chunks (KP * CHUNK elements) and rank them exactly.
-        chunk_start = col_lo + (key_col(best) * CHUNK)
-        cols2 = chunk_start[:, None] + tl.arange(0, CHUNK)[None, :]
-        mask2 = (best != min_key_like([KP]))[:, None] & (cols2 < col_hi)
-        x2 = tl.load(row_ptr + cols2, mask=mask2, other=0.0).to(tl.float32)
-        x2 = transform_logits(x2, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
-        keys = tl.where(mask2, make_key(x2, cols2), min_key_like([KP, CHUNK]))
-        keys = tl.reshape(keys, [KP * CHUNK])
-        base = (split * n_rows + row) * K
-        if BITONIC:
-            top = tl.topk(keys, KP)
+            tl.debug_barrier()  # the chunk maxima stored above are read by other threads
+            top = _select_topk(row_ptr, cm_ptr, cm_ptr + NGP * C2, scratch_chunks_ptr + slot * CAPC,
+                               scratch_cands_ptr + slot * CAPE, col_lo, col_hi, softcap,
+                               inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE, K, KP, CHUNK, NGP,
+                               C2, CB, GB, CAPC, CAPE, BC)  # fmt: skip
             real = top != min_key_like([KP])
-            vals = tl.where(real, key_value(top), float("-inf"))
-            ids = tl.where(real, vocab_start + key_col(top).to(tl.int64), 9223372036854775807)
             kk = tl.arange(0, KP)
-            tl.store(topk_vals_ptr + base + kk, vals, mask=kk < K)
+            base = (split * n_rows + row) * K
+            tl.store(topk_vals_ptr + base + kk, tl.where(real, key_value(top), float("-inf")),
+                     mask=kk < K)  # fmt: skip
+            ids = tl.where(real, vocab_start + key_col(top).to(tl.int64), 9223372036854775807)
             tl.store(topk_ids_ptr + base + kk, ids, mask=kk < K)
-        else:
-            # Small k: take out the largest key K times (K reductions, no sort).
-            for i in range(K):
-                top = tl.max(keys, axis=0)
-                keys = tl.where(keys == top, min_key_like([KP * CHUNK]), keys)
-                real = top != min_key_like([])
-                tl.store(topk_vals_ptr + base + i, tl.where(real, key_value(top), float("-inf")))
-                tl.store(
-                    topk_ids_ptr + base + i,
-                    tl.where(real, vocab_start + key_col(top).to(tl.int64), 9223372036854775807),
-                )
+            tl.debug_barrier()  # the next row overwrites the scratch
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def tile_shape(n_cols: int, k: int) -> tuple[int, int, bool]:
-    """(ROWS, CHUNK, BITONIC) for a shard of ``n_cols`` columns and top-``k`` (tuned on an H200,
-    docs/performance.md): k = 0: tiles of 64 x 64 columns. k <= 128: chunks of 32 columns (the
-    final re-read is KP * 32 elements), insertion merge. Larger k: KP chunks per tile, bitonic."""
+def tile_shape(n_cols: int, k: int) -> tuple[int, int]:
+    """(ROWS, CHUNK) for a shard of ``n_cols`` columns and top-``k`` (tuned on an H200,
+    docs/performance.md): k = 0: tiles of 64 x 64 columns. k <= 128: 128 chunks of 32 columns (one
+    chunk maximum stored per 64 bytes of bf16 read). Larger k: chunks of 8 columns, so that the
+    K best chunks hold few elements besides the top-K."""
     width = _next_pow2(max(n_cols, 1))
     if k == 0:
         chunk = min(64, max(16, width))
-        return max(1, min(64, width // chunk)), chunk, False
-    kp = max(2, _next_pow2(k))
-    if kp <= 128:
+        return max(1, min(64, width // chunk)), chunk
+    if k <= 128:
         chunk = min(32, max(16, width))
-        return max(2, min(64, width // chunk)), chunk, False
-    return kp, 8, True
+        return max(2, min(128, width // chunk)), chunk
+    return max(2, min(256, width // 8)), 8
+
+
+MAX_CHUNKS_PER_SPLIT = 8192  # the top-k path holds a split's chunk maxima in registers once
+
+
+def topk_params(k: int, chunks_per_split: int, chunk: int) -> dict:
+    """The top-k constexprs of the kernel for ``k`` > 0 (see ``_select_topk``)."""
+    kp = max(2, _next_pow2(k))
+    ngp = max(8, 2 * kp)
+    cap = max(8, 2 * kp)
+    c2 = max(1, _next_pow2(chunks_per_split) // ngp)
+    cb = max(c2, kp, 512)
+    return dict(
+        KP=kp,
+        NGP=ngp,
+        C2=c2,
+        CB=cb,
+        GB=min(cb // c2, ngp),
+        CAPC=cap,
+        CAPE=cap,
+        BC=max(1, max(kp, 1024) // chunk),
+    )
 
 
 def shard_partials(
@@ -238,7 +337,7 @@ def shard_partials(
     n_splits: int | None = None,
     need_entropy: bool = True,
     need_sum_x: bool = True,
-    tile: tuple[int, int, bool] | None = None,
+    tile: tuple[int, int] | None = None,
     num_warps: int | None = None,
 ):
     """Launch the partials kernel on a 2-D ``logits`` shard (last dim contiguous).
@@ -250,12 +349,13 @@ def shard_partials(
     """
     n_rows, n_cols = logits.shape
     device = logits.device
-    rows, chunk, bitonic = tile or tile_shape(n_cols, k)
+    rows, chunk = tile or tile_shape(n_cols, k)
     block = rows * chunk
-    kp = max(2, _next_pow2(k)) if k > 0 else 2
     n_tiles = max(1, triton.cdiv(max(n_valid_cols, 1), block))
     if n_splits is None:
         n_splits = default_splits(n_rows, n_tiles, device)
+    if k > 0:  # bound the chunks per split (the top-k scratch and registers)
+        n_splits = max(n_splits, triton.cdiv(n_tiles * rows, MAX_CHUNKS_PER_SPLIT))
     n_splits = max(1, min(n_splits, n_tiles))
     cols_per_split = triton.cdiv(n_tiles, n_splits) * block
     n_splits = max(1, triton.cdiv(max(n_valid_cols, 1), cols_per_split))
@@ -264,15 +364,34 @@ def shard_partials(
     topk_ids = torch.empty((n_splits, n_rows, k), dtype=torch.int64, device=device)
     if n_rows == 0:
         return stats, topk_vals, topk_ids
+    launch = {}
     if num_warps is None:
-        num_warps = 8 if (k == 0 and block >= 4096) else 4
+        num_warps = 8 if (k == 0 and block >= 2048) else 4
+    if k > 0:
+        if device.type == "cuda":
+            # The selection after the row needs many registers for a moment; capping them keeps
+            # 4 programs per SM streaming (a few spills in the selection cost less: +30-45%).
+            launch["maxnreg"] = 128
+        tk = topk_params(k, cols_per_split // chunk, chunk)
+        programs = min(n_rows, max_resident_programs(device))
+        slots = programs * n_splits
+        scratch_cm = torch.empty(slots * tk["NGP"] * (tk["C2"] + 1), dtype=torch.float32, device=device)
+        scratch_chunks = torch.empty(slots * tk["CAPC"], dtype=torch.int32, device=device)
+        scratch_cands = torch.empty(slots * tk["CAPE"], dtype=torch.int64, device=device)
+    else:
+        tk = topk_params(1, 1, chunk)  # unused by the kernel when K = 0
+        programs = n_rows
+        scratch_cm = scratch_chunks = scratch_cands = stats  # never touched when K = 0
     tgt = target if target is not None else stats  # any pointer; unused when HAS_TARGET is False
-    _shard_partials_kernel[(n_rows, n_splits)](
+    _shard_partials_kernel[(programs, n_splits)](
         logits,
         tgt,
         stats,
         topk_vals,
         topk_ids,
+        scratch_cm,
+        scratch_chunks,
+        scratch_cands,
         n_rows,
         n_valid_cols,
         cols_per_split,
@@ -284,14 +403,14 @@ def shard_partials(
         HAS_SOFTCAP=softcap is not None,
         HAS_TARGET=target is not None,
         K=k,
-        KP=kp,
         ROWS=rows,
         CHUNK=chunk,
-        BITONIC=bitonic,
         HAS_TEMPERATURE=float(temperature) != 1.0,
         NEED_ENTROPY=need_entropy,
         NEED_SUM_X=need_sum_x,
         num_warps=num_warps,
+        **launch,
+        **tk,
     )
     return stats, topk_vals, topk_ids
 
@@ -299,16 +418,28 @@ def shard_partials(
 _SM_COUNT: dict = {}
 
 
+def _sm_count(device: torch.device) -> int:
+    if device.index not in _SM_COUNT:
+        _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device.index]
+
+
+def max_resident_programs(device: torch.device) -> int:
+    """Programs of the top-k path (each loops over rows and owns one scratch slot): enough to fill
+    every SM several times over; unbounded off CUDA (the interpreter runs programs one by one)."""
+    if device.type != "cuda":
+        return 1 << 62
+    return 8 * _sm_count(device)
+
+
 def default_splits(n_rows: int, n_tiles: int, device: torch.device) -> int:
     """Split rows over columns only when rows alone cannot fill the GPU (decode-sized batches)."""
     if device.type != "cuda":
         return 1
-    if device.index not in _SM_COUNT:
-        _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    target_programs = 4 * _SM_COUNT[device.index]
+    target_programs = 4 * _sm_count(device)
     if n_rows >= target_programs:
         return 1
     return max(1, min(n_tiles, triton.cdiv(target_programs, max(n_rows, 1))))
 
 
-__all__ = ["FIELDS", "MAX_K", "N_FIELDS", "shard_partials", "tile_shape"]
+__all__ = ["FIELDS", "MAX_K", "N_FIELDS", "shard_partials", "tile_shape", "topk_params"]

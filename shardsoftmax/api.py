@@ -15,6 +15,9 @@ Common conventions:
 * Rows whose every logit is -inf: lse = max = -inf, entropy and log-probs NaN (as PyTorch).
   Rows with a NaN (or +inf) logit: lse, entropy and log-probs NaN.
 * Top-k: ids are global int64, ordered by descending logit; equal logits: the lower id first.
+* ``process_group=None``: no host sync and no per-call host tensor, so calls can be captured in a
+  CUDA graph (after one warm-up call). With a group, the header exchange reads the gathered
+  headers back to the host (see ``collective``): not capturable.
 """
 
 from __future__ import annotations
@@ -26,16 +29,17 @@ import torch
 
 from . import _validate as V
 from . import backend
-from .linear import LinearCrossEntropyFunction, linear_global_partials
+from .linear import LinearCrossEntropyFunction, linear_cross_entropy_forward, linear_global_pieces
 from .ops import (
     MAX_K,
     CrossEntropyFunction,
     ShardCall,
-    global_partials,
+    cross_entropy_forward,
+    global_pieces,
     reject_on_all_ranks,
     sample_ids,
 )
-from .partials import Finalized, finalize, log_normalizer
+from .partials import StatsRows
 
 
 class SoftmaxStats(NamedTuple):
@@ -50,11 +54,28 @@ class SoftmaxStats(NamedTuple):
 
 
 def _flatten(logits: torch.Tensor, target: torch.Tensor | None):
-    # Explicit sizes: reshape(-1, 0) is ambiguous for a shard with no columns.
-    x2 = logits.reshape(math.prod(logits.shape[:-1]), logits.shape[-1])
+    """2-D logits with a contiguous last dim and 1-D contiguous targets (the kernels index rows of
+    the target by position). No op at all for inputs already in that form."""
+    x2 = logits
+    if logits.dim() != 2:  # explicit sizes: reshape(-1, 0) is ambiguous for a shard with no columns
+        x2 = logits.reshape(math.prod(logits.shape[:-1]), logits.shape[-1])
     if x2.shape[1] > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
-    return x2, (None if target is None else target.reshape(-1))
+    return x2, _flatten_target(target)
+
+
+def _flatten_target(target: torch.Tensor | None) -> torch.Tensor | None:
+    t1 = target
+    if target is not None:
+        if target.dim() != 1:
+            t1 = target.reshape(-1)
+        if not t1.is_contiguous():
+            t1 = t1.contiguous()
+    return t1
+
+
+def _unflatten(t: torch.Tensor, shape) -> torch.Tensor:
+    return t if t.shape == shape else t.reshape(shape)
 
 
 def _checked(call: ShardCall, process_group, checks) -> None:
@@ -95,22 +116,22 @@ def softmax_stats(
     _checked(call, process_group, checks)
     x2, t1 = _flatten(logits, target)
     with torch.no_grad():
-        fin = finalize(global_partials(x2, t1, call, process_group)[0])
-    return _stats(fin, t1, ignore_index, logits.shape[:-1], k)
+        pieces, layout = global_pieces(x2, t1, call, process_group)
+        rows = backend.finalize_stats(
+            x2, pieces, t1, vocab_start=layout.vocab_start, ignore_index=ignore_index
+        )
+    return _stats(rows, t1 is not None, logits.shape[:-1], k)
 
 
-def _stats(fin: Finalized, t1: torch.Tensor | None, ignore_index: int, lead, k: int) -> SoftmaxStats:
-    target_logprob = None
-    if t1 is not None:
-        tlp = fin.target_logit - fin.lse
-        target_logprob = torch.where(t1 == ignore_index, 0.0, tlp).reshape(lead)
+def _stats(rows: StatsRows, has_target: bool, lead, k: int) -> SoftmaxStats:
+    lead_k = (*lead, k)
     return SoftmaxStats(
-        lse=fin.lse.reshape(lead),
-        max=fin.max.reshape(lead),
-        entropy=fin.entropy.reshape(lead),
-        target_logprob=target_logprob,
-        topk_ids=fin.topk_ids.reshape(*lead, k),
-        topk_logprobs=(fin.topk_vals - fin.lse[:, None]).reshape(*lead, k),
+        lse=_unflatten(rows.lse, lead),
+        max=_unflatten(rows.max, lead),
+        entropy=_unflatten(rows.entropy, lead),
+        target_logprob=_unflatten(rows.target_logprob, lead) if has_target else None,
+        topk_ids=_unflatten(rows.topk_ids, lead_k),
+        topk_logprobs=_unflatten(rows.topk_logprobs, lead_k),
     )
 
 
@@ -156,16 +177,11 @@ def cross_entropy(
 
     _checked(call, process_group, checks)
     x2, t1 = _flatten(logits, target)
-    rows = CrossEntropyFunction.apply(x2, t1, call, inplace_backward, process_group)
-    return _reduce(rows, t1, reduction, ignore_index, target.shape)
-
-
-def _reduce(rows: torch.Tensor, t1: torch.Tensor, reduction: str, ignore_index: int, shape) -> torch.Tensor:
-    if reduction == "none":
-        return rows.reshape(shape)
-    if reduction == "sum":
-        return rows.sum()
-    return rows.sum() / (t1 != ignore_index).sum()
+    if torch.is_grad_enabled() and logits.requires_grad:
+        loss = CrossEntropyFunction.apply(x2, t1, call, reduction, inplace_backward, process_group)
+    else:  # nothing to differentiate: the same forward without autograd's bookkeeping
+        loss = cross_entropy_forward(x2, t1, call, reduction, process_group)[0]
+    return _unflatten(loss, target.shape) if reduction == "none" else loss
 
 
 def _softmax(logits, log: bool, temperature, softcap, vocab_size, vocab_start, process_group):
@@ -181,16 +197,16 @@ def _softmax(logits, log: bool, temperature, softcap, vocab_size, vocab_start, p
     _checked(call, process_group, checks)
     x2, _ = _flatten(logits, None)
     with torch.no_grad():
-        merged, layout = global_partials(x2, None, call, process_group)
+        pieces, layout = global_pieces(x2, None, call, process_group)
         out = backend.shard_softmax(
             x2,
-            log_normalizer(merged),
+            pieces,
             log=log,
             n_valid_cols=layout.n_valid_cols,
             softcap=softcap,
             temperature=temperature,
         )
-    return out.reshape(logits.shape)
+    return _unflatten(out, logits.shape)
 
 
 def softmax(
@@ -245,8 +261,9 @@ def topk(
     lead = logits.shape[:-1]
     x2, _ = _flatten(logits, None)
     with torch.no_grad():
-        merged, _ = global_partials(x2, None, call, process_group)
-    return merged.topk_vals.reshape(*lead, k), merged.topk_ids.reshape(*lead, k)
+        pieces, layout = global_pieces(x2, None, call, process_group)
+        vals, ids = backend.merged_topk(x2, pieces, vocab_start=layout.vocab_start)
+    return _unflatten(vals, (*lead, k)), _unflatten(ids, (*lead, k))
 
 
 def sample(
@@ -288,8 +305,11 @@ def sample(
 
 
 def _flatten_hidden(hidden: torch.Tensor, target: torch.Tensor | None):
-    h2 = hidden.reshape(math.prod(hidden.shape[:-1]), hidden.shape[-1])
-    return h2, (None if target is None else target.reshape(-1))
+    """2-D hidden states (any strides: the fused kernels take both) and targets as ``_flatten``."""
+    h2 = hidden
+    if hidden.dim() != 2:
+        h2 = hidden.reshape(math.prod(hidden.shape[:-1]), hidden.shape[-1])
+    return h2, _flatten_target(target)
 
 
 def linear_softmax_stats(
@@ -329,8 +349,11 @@ def linear_softmax_stats(
     _checked(call, process_group, checks)
     h2, t1 = _flatten_hidden(hidden, target)
     with torch.no_grad():
-        fin = finalize(linear_global_partials(h2, weight, bias, t1, call, process_group)[0])
-    return _stats(fin, t1, ignore_index, hidden.shape[:-1], k)
+        pieces, layout = linear_global_pieces(h2, weight, bias, t1, call, process_group)
+        rows = backend.finalize_stats(
+            h2, pieces, t1, vocab_start=layout.vocab_start, ignore_index=ignore_index
+        )
+    return _stats(rows, t1 is not None, hidden.shape[:-1], k)
 
 
 def linear_cross_entropy(
@@ -378,5 +401,11 @@ def linear_cross_entropy(
 
     _checked(call, process_group, checks)
     h2, t1 = _flatten_hidden(hidden, target)
-    rows = LinearCrossEntropyFunction.apply(h2, weight, bias, t1, call, process_group, reduce_hidden_grad)
-    return _reduce(rows, t1, reduction, ignore_index, target.shape)
+    inputs = (hidden, weight, bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        loss = LinearCrossEntropyFunction.apply(
+            h2, weight, bias, t1, call, reduction, process_group, reduce_hidden_grad
+        )
+    else:  # nothing to differentiate: the same forward without autograd's bookkeeping
+        loss = linear_cross_entropy_forward(h2, weight, bias, t1, call, reduction, process_group)[0]
+    return _unflatten(loss, target.shape) if reduction == "none" else loss

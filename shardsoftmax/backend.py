@@ -8,7 +8,8 @@ import contextlib
 import torch
 
 from . import kernels, reference
-from .partials import Partials, identity, merge_stacked
+from . import partials as P
+from .partials import Partials, Pieces, StatsRows, identity, merge_stacked
 
 _BACKENDS = ("auto", "triton", "torch")
 _backend = "auto"
@@ -61,6 +62,11 @@ def _merge_splits(stats: torch.Tensor, vals: torch.Tensor, ids: torch.Tensor) ->
     return merge_stacked(Partials(*stats.unbind(0), vals, ids))
 
 
+def merge_pieces(pieces: Pieces) -> Partials:
+    """Pieces merged into one ([N] and [N, k] fields); no op for one piece."""
+    return _merge_splits(*pieces)
+
+
 def shard_partials(logits: torch.Tensor, target: torch.Tensor | None, **kw) -> Partials:
     """Partials of one 2-D shard ([N] and [N, k] fields), merged over the kernel's column splits."""
     if uses_triton(logits):
@@ -69,34 +75,104 @@ def shard_partials(logits: torch.Tensor, target: torch.Tensor | None, **kw) -> P
     return reference.shard_partials(logits, target, **kw)
 
 
-def linear_partials(hidden, weight, bias, target, **kw) -> Partials:
-    """Partials of the logit shard ``hidden @ weight^T (+ bias)``, never stored whole: the fused
-    kernel, or the PyTorch reference a chunk of rows at a time."""
-    if uses_triton(hidden):
-        return _merge_splits(*kernels.linear_partials(hidden, weight, bias, target, **kw))
+def shard_pieces(logits: torch.Tensor, target: torch.Tensor | None, **kw) -> Pieces:
+    """Partials of one 2-D shard as pieces for finalize: the Triton kernel's column splits as it
+    wrote them (finalize merges them), or the reference's partials as one piece."""
+    if uses_triton(logits):
+        return Pieces(*kernels.shard_partials(logits, target, **kw))
     kw.pop("need_entropy", None), kw.pop("need_sum_x", None)
-    return reference.shard_linear_partials(hidden, weight, bias, target, **kw)
+    return P.pack(reference.shard_partials(logits, target, **kw))
 
 
-def linear_cross_entropy_backward(hidden, weight, bias, target, lse, row_scale, **kw):
-    """(grad_hidden in the compute dtype, grad_weight, grad_bias) of the fused LM head's loss."""
-    if uses_triton(hidden):
-        return kernels.linear_cross_entropy_backward(
-            hidden, weight, bias, target, lse.float(), row_scale.float(), **kw
+def _kernel_finalize(logits: torch.Tensor, pieces: Pieces) -> bool:
+    return uses_triton(logits) and pieces.stats.dtype == torch.float32
+
+
+def finalize_stats(
+    logits: torch.Tensor, pieces: Pieces, target: torch.Tensor | None, *, vocab_start: int, ignore_index: int
+) -> StatsRows:
+    """The per-row results of ``softmax_stats``: one finalize launch, or ``partials.stats_rows``."""
+    if not _kernel_finalize(logits, pieces):
+        return P.stats_rows(pieces.merged(), target, ignore_index)
+    if not kernels.can_merge_topk(pieces.n_splits, pieces.topk_vals.shape[-1]):
+        pieces = P.pack(pieces.merged())
+    rows, topk, ids = kernels.finalize_stats(
+        pieces.stats,
+        pieces.topk_vals,
+        pieces.topk_ids,
+        target,
+        vocab_start=vocab_start,
+        ignore_index=ignore_index,
+    )
+    lse, row_max, entropy, target_logprob = rows.unbind(0)
+    return StatsRows(lse, row_max, entropy, None if target is None else target_logprob, topk, ids)
+
+
+def merged_topk(
+    logits: torch.Tensor, pieces: Pieces, *, vocab_start: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The merged top-k (values, ids) of the pieces."""
+    if pieces.n_splits == 1:
+        return pieces.topk_vals[0], pieces.topk_ids[0]
+    if _kernel_finalize(logits, pieces) and kernels.can_merge_topk(
+        pieces.n_splits, pieces.topk_vals.shape[-1]
+    ):
+        return kernels.finalize_topk(pieces.topk_vals, pieces.topk_ids, vocab_start=vocab_start)
+    merged = pieces.merged()
+    return merged.topk_vals, merged.topk_ids
+
+
+def finalize_cross_entropy(
+    logits: torch.Tensor, pieces: Pieces, target: torch.Tensor, **kw
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, lse_bwd)`` (see ``partials.cross_entropy_rows``): one launch, or PyTorch."""
+    if _kernel_finalize(logits, pieces):
+        return kernels.finalize_cross_entropy(pieces.stats, target, **kw)
+    return P.cross_entropy_rows(pieces.merged(), target, **kw)
+
+
+def shard_softmax(logits: torch.Tensor, pieces: Pieces, **kw) -> torch.Tensor:
+    """This shard of the (log-)softmax; the kernel merges the pieces' lse itself."""
+    if _kernel_finalize(logits, pieces):
+        return kernels.softmax_write(logits, pieces.stats, **kw)
+    return reference.shard_softmax(logits, P.log_normalizer(pieces.merged()), **kw)
+
+
+def shard_cross_entropy_backward(
+    logits, target, lse_bwd, grad_out, *, ignore_index: int, **kw
+) -> torch.Tensor:
+    """The gradient w.r.t. this shard's logits, from what ``finalize_cross_entropy`` saved."""
+    if uses_triton(logits) and lse_bwd.dtype == torch.float32:
+        return kernels.cross_entropy_backward(
+            logits, target, lse_bwd, grad_out, ignore_index=ignore_index, **kw
         )
-    return reference.shard_linear_cross_entropy_backward(hidden, weight, bias, target, lse, row_scale, **kw)
+    row_scale = P.backward_row_scale(lse_bwd, grad_out, target != ignore_index)
+    return reference.shard_cross_entropy_backward(logits, target, lse_bwd[:-1], row_scale, **kw)
 
 
-def shard_softmax(logits: torch.Tensor, lse: torch.Tensor, **kw) -> torch.Tensor:
-    if uses_triton(logits):
-        return kernels.softmax_write(logits, lse.float(), **kw)
-    return reference.shard_softmax(logits, lse, **kw)
+def linear_pieces(hidden, weight, bias, target, **kw) -> Pieces:
+    """``shard_pieces`` of the logit shard ``hidden @ weight^T (+ bias)``, never stored whole: the
+    fused kernel's column splits as it wrote them, or the PyTorch reference (a chunk of rows at a
+    time) as one piece."""
+    if uses_triton(hidden):
+        return Pieces(*kernels.linear_partials(hidden, weight, bias, target, **kw))
+    kw.pop("need_entropy", None), kw.pop("need_sum_x", None)
+    return P.pack(reference.shard_linear_partials(hidden, weight, bias, target, **kw))
 
 
-def shard_cross_entropy_backward(logits, target, lse, row_scale, **kw) -> torch.Tensor:
-    if uses_triton(logits):
-        return kernels.cross_entropy_backward(logits, target, lse.float(), row_scale.float(), **kw)
-    return reference.shard_cross_entropy_backward(logits, target, lse, row_scale, **kw)
+def linear_cross_entropy_backward(
+    hidden, weight, bias, target, lse_bwd, grad_out, *, ignore_index: int, **kw
+):
+    """(grad_hidden in the compute dtype, grad_weight, grad_bias) of the fused LM head's loss, from
+    what ``finalize_cross_entropy`` saved (as ``shard_cross_entropy_backward``)."""
+    if uses_triton(hidden) and lse_bwd.dtype == torch.float32:
+        return kernels.linear_cross_entropy_backward(
+            hidden, weight, bias, target, lse_bwd, grad_out, ignore_index=ignore_index, **kw
+        )
+    row_scale = P.backward_row_scale(lse_bwd, grad_out, target != ignore_index)
+    return reference.shard_linear_cross_entropy_backward(
+        hidden, weight, bias, target, lse_bwd[:-1], row_scale, **kw
+    )
 
 
 def shard_gumbel_argmax(logits: torch.Tensor, **kw) -> Partials:

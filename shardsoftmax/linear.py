@@ -1,6 +1,7 @@
 """Math layer of the fused LM head: the partials of ``hidden @ weight^T (+ bias)`` without storing
-the logits, through the same exchange and merge as every other op (``ops.global_partials``), and
-the cross-entropy autograd Function whose backward recomputes the logits from hidden and weight.
+the logits, through the same pieces -> finalize path as every other op (``ops.global_pieces``; one
+process: the fused partials kernel, then the finalize kernel merges its column splits), and the
+cross-entropy autograd Function whose backward recomputes the logits from hidden and weight.
 
 Forward: one collective (the all-gather of the partials), as ``cross_entropy``. Backward: the
 gradients of weight and bias are this shard's own; the gradient of the (replicated) hidden states
@@ -15,70 +16,71 @@ import torch.distributed as dist
 
 from . import backend
 from .collective import Layout
-from .ops import ShardCall, ShardShape, global_partials, rows_loss
-from .partials import Partials, log_normalizer
+from .ops import ShardCall, ShardShape, global_pieces, shard_kwargs
+from .partials import Pieces
 
 
-def linear_global_partials(
+def linear_global_pieces(
     hidden2d: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     target1d: torch.Tensor | None,
     call: ShardCall,
     process_group,
-) -> tuple[Partials, Layout]:
-    """Merged partials of the global vocabulary for the logits ``hidden2d [N, H] @ weight
-    [V_shard, H]^T (+ bias)``, and this shard's layout (see ``ops.global_partials``)."""
+) -> tuple[Pieces, Layout]:
+    """The global vocabulary's partials of the logits ``hidden2d [N, H] @ weight [V_shard, H]^T
+    (+ bias)`` as pieces for finalize, and this shard's layout (see ``ops.global_pieces``)."""
 
-    def pieces(layout: Layout) -> Partials:
-        return backend.linear_partials(
-            hidden2d,
-            weight,
-            bias,
-            target1d,
-            k=call.k,
-            n_valid_cols=layout.n_valid_cols,
-            vocab_start=layout.vocab_start,
-            ignore_index=call.ignore_index,
-            softcap=call.softcap,
-            temperature=call.temperature,
-            need_entropy=call.need_entropy,
-            need_sum_x=call.need_sum_x,
-        )
+    def pieces(layout: Layout) -> Pieces:
+        return backend.linear_pieces(hidden2d, weight, bias, target1d, **shard_kwargs(call, layout))
 
     shape = ShardShape((hidden2d.shape[0], weight.shape[0]), hidden2d.dtype, hidden2d.device)
-    return global_partials(shape, target1d, call, process_group, pieces_fn=pieces)
+    return global_pieces(shape, target1d, call, process_group, pieces_fn=pieces)
+
+
+def linear_cross_entropy_forward(
+    hidden2d, weight, bias, target1d, call: ShardCall, reduction: str, process_group
+) -> tuple[torch.Tensor, torch.Tensor, Layout]:
+    """``(loss, lse_bwd, layout)`` as ``ops.cross_entropy_forward``, for the fused head's logits."""
+    pieces, layout = linear_global_pieces(hidden2d, weight, bias, target1d, call, process_group)
+    loss, lse_bwd = backend.finalize_cross_entropy(
+        hidden2d, pieces, target1d, ignore_index=call.ignore_index, reduction=reduction,
+        label_smoothing=call.label_smoothing, z_loss=call.z_loss,
+    )  # fmt: skip
+    return loss, lse_bwd, layout
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Per-row cross-entropy of the logit shard ``hidden @ weight^T (+ bias)``. Saves hidden,
-    weight, bias (no copies), the targets and per-row lse / target-found flags; no logits."""
+    """The reduced cross-entropy of the logit shard ``hidden @ weight^T (+ bias)``. Saves hidden,
+    weight, bias (no copies), the targets and ``lse_bwd`` ([N + 1]: per-row lse, then the
+    reduction's scale); no logits."""
 
     @staticmethod
-    def forward(ctx, hidden2d, weight, bias, target1d, call: ShardCall, process_group, reduce_hidden_grad):
-        merged, layout = linear_global_partials(hidden2d, weight, bias, target1d, call, process_group)
-        lse = log_normalizer(merged)
-        valid = target1d != call.ignore_index
-        ctx.save_for_backward(hidden2d, weight, bias, target1d, lse, valid, merged.target_hits)
+    def forward(
+        ctx, hidden2d, weight, bias, target1d, call: ShardCall, reduction: str, process_group,
+        reduce_hidden_grad,
+    ):  # fmt: skip
+        loss, lse_bwd, layout = linear_cross_entropy_forward(
+            hidden2d, weight, bias, target1d, call, reduction, process_group
+        )
+        ctx.save_for_backward(hidden2d, weight, bias, target1d, lse_bwd)
         ctx.call, ctx.layout = call, layout
         ctx.process_group, ctx.reduce_hidden_grad = process_group, reduce_hidden_grad
-        ctx.mark_non_differentiable(target1d)
-        return rows_loss(merged, lse, valid, call)
+        return loss
 
     @staticmethod
-    def backward(ctx, grad_rows):
-        hidden2d, weight, bias, target1d, lse, valid, hits = ctx.saved_tensors
+    def backward(ctx, grad_out):
+        hidden2d, weight, bias, target1d, lse_bwd = ctx.saved_tensors
         call, layout = ctx.call, ctx.layout
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        # 0 on ignored rows; NaN where the target was in no shard (its loss was NaN too).
-        row_scale = torch.where(valid, torch.where(hits > 0, grad_rows.to(lse.dtype), float("nan")), 0.0)
         grad_hidden, grad_weight, grad_bias = backend.linear_cross_entropy_backward(
             hidden2d,
             weight,
             bias,
             target1d,
-            lse,
-            row_scale,
+            lse_bwd,
+            grad_out,
+            ignore_index=call.ignore_index,
             n_valid_cols=layout.n_valid_cols,
             vocab_start=layout.vocab_start,
             label_smoothing=call.label_smoothing,
@@ -99,6 +101,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             grad_hidden,
             grad_weight if need_weight else None,
             grad_bias if need_bias else None,
+            None,
             None,
             None,
             None,

@@ -1,5 +1,10 @@
 """Math layer: shard kernels -> partials -> one merge (over column splits, then over ranks) ->
-global per-row results, and the cross-entropy autograd Function built on them."""
+global per-row results, and the cross-entropy autograd Function built on them.
+
+One process (``process_group=None``) with the Triton backend is kernel -> finalize kernel: the
+finalize kernel merges the partials kernel's column splits itself, so a call is two launches and
+a few allocations, with no host sync (CUDA-graph capturable). With a group, the ranks' partials
+are merged by ``merge_stacked`` after the one collective, then finalized the same way."""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import torch.distributed as dist
 from . import backend, collective, reference
 from .collective import Header, Layout
 from .kernels import MAX_K  # noqa: F401  (re-exported for the public layer)
-from .partials import Partials, log_normalizer, merge_stacked, target_logit, topk_select
+from .partials import Partials, Pieces, merge_stacked, pack, topk_select
 
 
 @dataclass(frozen=True)
@@ -82,18 +87,7 @@ def global_partials(
     def compute(layout: Layout) -> Partials:
         if pieces_fn is not None:
             return pieces_fn(layout)
-        return backend.shard_partials(
-            logits2d,
-            target1d,
-            k=call.k,
-            n_valid_cols=layout.n_valid_cols,
-            vocab_start=layout.vocab_start,
-            ignore_index=call.ignore_index,
-            softcap=call.softcap,
-            temperature=call.temperature,
-            need_entropy=call.need_entropy,
-            need_sum_x=call.need_sum_x,
-        )
+        return backend.shard_partials(logits2d, target1d, **shard_kwargs(call, layout))
 
     if process_group is None:
         layout = collective.local_layout(logits2d.shape[1], call.vocab_start, call.vocab_size)
@@ -105,48 +99,84 @@ def global_partials(
     return merge_stacked(parts), layout
 
 
+def shard_kwargs(call: ShardCall, layout: Layout) -> dict:
+    return dict(
+        k=call.k,
+        n_valid_cols=layout.n_valid_cols,
+        vocab_start=layout.vocab_start,
+        ignore_index=call.ignore_index,
+        softcap=call.softcap,
+        temperature=call.temperature,
+        need_entropy=call.need_entropy,
+        need_sum_x=call.need_sum_x,
+    )
+
+
+def global_pieces(
+    logits2d: torch.Tensor, target1d: torch.Tensor | None, call: ShardCall, process_group, pieces_fn=None
+) -> tuple[Pieces, Layout]:
+    """The whole vocabulary's partials of every row as pieces for finalize, and this shard's layout.
+    One process: the shard's own pieces (the kernel's column splits; finalize merges them). A
+    group: the merged partials of every rank (one collective), as one piece. ``pieces_fn(layout)``
+    (-> ``Pieces``) replaces the default shard pass; with it, ``logits2d`` may be a ``ShardShape``."""
+    if process_group is None:
+        layout = collective.local_layout(logits2d.shape[1], call.vocab_start, call.vocab_size)
+        check_k(call.k, layout.n_classes)
+        if pieces_fn is not None:
+            return pieces_fn(layout), layout
+        return backend.shard_pieces(logits2d, target1d, **shard_kwargs(call, layout)), layout
+    partials_fn = None
+    if pieces_fn is not None:
+
+        def partials_fn(layout: Layout) -> Partials:
+            return backend.merge_pieces(pieces_fn(layout))
+
+    merged, layout = global_partials(logits2d, target1d, call, process_group, pieces_fn=partials_fn)
+    return pack(merged), layout
+
+
 def check_k(k: int, n_classes: int) -> None:
     if k > n_classes:
         raise ValueError(f"k={k} is larger than the vocabulary ({n_classes} real columns)")
 
 
-def rows_loss(merged: Partials, lse: torch.Tensor, valid: torch.Tensor, call: ShardCall) -> torch.Tensor:
-    """Per-row loss: (1 - eps)(lse - x_t) + eps (lse - sum_x / C) + z lse^2; 0 on ignored rows,
-    NaN where the target lies outside the vocabulary."""
-    eps = call.label_smoothing
-    loss = lse - target_logit(merged)
-    if eps > 0:
-        loss = (1.0 - eps) * loss + eps * (lse - merged.sum_x / merged.count)
-    if call.z_loss > 0:
-        loss = loss + call.z_loss * lse * lse
-    return torch.where(valid, loss, 0.0)
+def cross_entropy_forward(
+    logits2d: torch.Tensor, target1d: torch.Tensor, call: ShardCall, reduction: str, process_group
+) -> tuple[torch.Tensor, torch.Tensor, Layout]:
+    """``(loss, lse_bwd, layout)``: the reduced loss and what backward reads (see
+    ``partials.cross_entropy_rows``)."""
+    pieces, layout = global_pieces(logits2d, target1d, call, process_group)
+    loss, lse_bwd = backend.finalize_cross_entropy(
+        logits2d, pieces, target1d, ignore_index=call.ignore_index, reduction=reduction,
+        label_smoothing=call.label_smoothing, z_loss=call.z_loss,
+    )  # fmt: skip
+    return loss, lse_bwd, layout
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """Per-row cross-entropy of a vocabulary shard. Saves the logits (no copy), the targets, the
-    per-row lse and whether each row's target was found; backward needs no collective."""
+    """The reduced cross-entropy of a vocabulary shard. Saves the logits (no copy), the targets and
+    ``lse_bwd`` ([N + 1]: per-row lse, then the reduction's scale); backward is one launch and
+    needs no collective."""
 
     @staticmethod
-    def forward(ctx, logits2d, target1d, call: ShardCall, inplace_backward: bool, process_group):
-        merged, layout = global_partials(logits2d, target1d, call, process_group)
-        lse = log_normalizer(merged)
-        valid = target1d != call.ignore_index
-        ctx.save_for_backward(logits2d, target1d, lse, valid, merged.target_hits)
+    def forward(
+        ctx, logits2d, target1d, call: ShardCall, reduction: str, inplace_backward: bool, process_group
+    ):
+        loss, lse_bwd, layout = cross_entropy_forward(logits2d, target1d, call, reduction, process_group)
+        ctx.save_for_backward(logits2d, target1d, lse_bwd)
         ctx.call, ctx.inplace_backward, ctx.layout = call, inplace_backward, layout
-        ctx.mark_non_differentiable(target1d)
-        return rows_loss(merged, lse, valid, call)
+        return loss
 
     @staticmethod
-    def backward(ctx, grad_rows):
-        logits2d, target1d, lse, valid, hits = ctx.saved_tensors
+    def backward(ctx, grad_out):
+        logits2d, target1d, lse_bwd = ctx.saved_tensors
         call, layout = ctx.call, ctx.layout
-        # 0 on ignored rows; NaN where the target was in no shard (its loss was NaN too).
-        row_scale = torch.where(valid, torch.where(hits > 0, grad_rows.to(lse.dtype), float("nan")), 0.0)
         grad = backend.shard_cross_entropy_backward(
             logits2d,
             target1d,
-            lse,
-            row_scale,
+            lse_bwd,
+            grad_out,
+            ignore_index=call.ignore_index,
             n_valid_cols=layout.n_valid_cols,
             vocab_start=layout.vocab_start,
             label_smoothing=call.label_smoothing,
@@ -156,7 +186,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             temperature=call.temperature,
             out=logits2d if ctx.inplace_backward else None,
         )
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def sample_ids(x2: torch.Tensor, call: ShardCall, process_group, *, seed: int, offset: int) -> torch.Tensor:

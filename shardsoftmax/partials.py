@@ -17,6 +17,12 @@ A shard's partials, per row (fp32, or fp64 for fp64 logits):
 ``merge`` is associative and commutative; ``identity`` (an empty shard) is its neutral element.
 It never forms ``-inf - -inf`` and lets NaN through. Every path (one process, column splits
 inside a kernel launch, ranks of a process group, Ray actors) merges with this code.
+
+``Pieces`` is the packed form finalize reads: the scalar fields of S pieces in one [7, S, N]
+tensor (what the partials kernel writes, S its column splits) plus the [S, N, k] top-k. The
+functions at the end (``stats_rows``, ``cross_entropy_rows``) turn merged partials into the
+public per-row results; they are the reference and CPU path of the finalize kernels
+(``shardsoftmax.kernels.finalize``), which merge the S column splits with this module's math.
 """
 
 from __future__ import annotations
@@ -41,6 +47,31 @@ class Partials(NamedTuple):
 
 
 SCALAR_FIELDS = Partials._fields[:7]
+
+
+class Pieces(NamedTuple):
+    """Partials of S pieces of each row, packed: ``stats`` [7, S, N] (fields in ``Partials``
+    order), ``topk_vals`` [S, N, k], ``topk_ids`` [S, N, k]."""
+
+    stats: torch.Tensor
+    topk_vals: torch.Tensor
+    topk_ids: torch.Tensor
+
+    @property
+    def n_splits(self) -> int:
+        return self.stats.shape[1]
+
+    def unpacked(self) -> Partials:
+        """Fields stacked over the pieces ([S, N] and [S, N, k]), for ``merge_stacked``."""
+        return Partials(*self.stats.unbind(0), self.topk_vals, self.topk_ids)
+
+    def merged(self) -> Partials:
+        return merge_stacked(self.unpacked())
+
+
+def pack(p: Partials) -> Pieces:
+    """One piece ([N] / [N, k] fields, e.g. merged partials) in the packed form, S = 1."""
+    return Pieces(torch.stack(list(p[:7]))[:, None], p.topk_vals[None], p.topk_ids[None])
 
 
 def identity(n_rows: int, k: int, *, dtype=torch.float32, device=None) -> Partials:
@@ -142,3 +173,70 @@ def finalize(p: Partials) -> Finalized:
     entropy = lse - p.sumexp_x / p.sumexp
     row_max = torch.where(p.sumexp.isnan(), p.sumexp, p.max)
     return Finalized(lse, row_max, entropy, target_logit(p), p.topk_vals, p.topk_ids)
+
+
+class StatsRows(NamedTuple):
+    """Per-row results of ``softmax_stats`` (flat: [N] and [N, k])."""
+
+    lse: torch.Tensor
+    max: torch.Tensor
+    entropy: torch.Tensor
+    target_logprob: torch.Tensor | None
+    topk_logprobs: torch.Tensor
+    topk_ids: torch.Tensor
+
+
+def stats_rows(p: Partials, target: torch.Tensor | None, ignore_index: int) -> StatsRows:
+    """``finalize`` plus log p(target) (0 where ignored, NaN where no shard held the target) and
+    the top-k as log-probabilities."""
+    fin = finalize(p)
+    target_logprob = None
+    if target is not None:
+        target_logprob = torch.where(target == ignore_index, 0.0, fin.target_logit - fin.lse)
+    return StatsRows(
+        fin.lse, fin.max, fin.entropy, target_logprob, fin.topk_vals - fin.lse[:, None], fin.topk_ids
+    )
+
+
+def rows_loss(p: Partials, lse: torch.Tensor, valid: torch.Tensor, label_smoothing: float, z_loss: float):
+    """Per-row loss: (1 - eps)(lse - x_t) + eps (lse - sum_x / C) + z lse^2; 0 on ignored rows,
+    NaN where the target lies outside the vocabulary."""
+    eps = label_smoothing
+    loss = lse - target_logit(p)
+    if eps > 0:
+        loss = (1.0 - eps) * loss + eps * (lse - p.sum_x / p.count)
+    if z_loss > 0:
+        loss = loss + z_loss * lse * lse
+    return torch.where(valid, loss, 0.0)
+
+
+def cross_entropy_rows(
+    p: Partials,
+    target: torch.Tensor,
+    *,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, lse_bwd)``: the loss reduced as ``reduction`` says ("mean" over non-ignored rows,
+    "sum", "none": [N]) and what backward reads: [N + 1], the lse of each row (NaN where a valid
+    target was found in no shard, so that row's gradient is NaN), then the reduction's gradient
+    scale (1 / non-ignored rows for "mean", else 1)."""
+    lse = log_normalizer(p)
+    valid = target != ignore_index
+    loss = rows_loss(p, lse, valid, label_smoothing, z_loss)
+    scale = torch.ones(1, dtype=lse.dtype, device=lse.device)
+    if reduction == "mean":
+        n_valid = valid.sum()
+        loss, scale = loss.sum() / n_valid, scale / n_valid
+    elif reduction == "sum":
+        loss = loss.sum()
+    lse_bwd = torch.where(valid & (p.target_hits == 0), float("nan"), lse)
+    return loss, torch.cat([lse_bwd, scale])
+
+
+def backward_row_scale(lse_bwd: torch.Tensor, grad_out: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The per-row factor of the cross-entropy gradient: grad_out times the reduction's scale
+    (``lse_bwd[-1]``), 0 on ignored rows."""
+    return torch.where(valid, grad_out * lse_bwd[-1], 0.0)

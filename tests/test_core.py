@@ -638,3 +638,22 @@ def test_non_contiguous_logits(core_tier, layout):
     assert torch.equal(ss.cross_entropy(x, td, reduction="none"), ss.cross_entropy(xc, td, reduction="none"))
     assert torch.equal(ss.log_softmax(x), ss.log_softmax(xc))
     assert torch.equal(ss.topk(x, k)[1], ss.topk(xc, k)[1])
+
+
+def test_strided_target(core_tier):
+    """A target that is a strided view (every other element) reads the right ids, forward and
+    backward (the kernels index the target by row)."""
+    n, v = 5, 300
+    x = on(core_tier, make_logits(n, v, torch.float32, seed=11))
+    wide = on(core_tier, make_target(2 * n, v, seed=11))
+    t = wide[::2]
+    assert not t.is_contiguous()
+    tc = t.contiguous()
+    assert torch.equal(ss.softmax_stats(x, t).target_logprob, ss.softmax_stats(x, tc).target_logprob)
+    grads = []
+    for target in (t, tc):
+        xd = x.clone().requires_grad_(True)
+        loss = ss.cross_entropy(xd, target, reduction="none")
+        loss.backward(torch.linspace(0.5, 1.5, n, device=x.device))
+        grads.append((loss.detach(), xd.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])

@@ -301,12 +301,13 @@ def test_kernel_splits_and_chunks_agree(core_tier, monkeypatch):
         torch.testing.assert_close(getattr(merged[3], f), getattr(merged[1], f), rtol=1e-6, atol=1e-6, msg=f)
 
     lse = merged[1].max + merged[1].sumexp.log()
-    scale = torch.where(target != IGNORE, 1.0, 0.0)
-    bkw = dict(n_valid_cols=140, vocab_start=0, label_smoothing=0.1, vocab_size=140, z_loss=0.0,
-               softcap=None, temperature=1.0)  # fmt: skip
-    one = kernels.linear_cross_entropy_backward(hidden, weight, bias, target, lse, scale, **bkw)
+    lse_bwd = torch.cat([lse, lse.new_full((1,), 0.25)])  # per-row lse, then the reduction's scale
+    grad_out = torch.linspace(0.5, 2.0, 2 * case.n, device=lse.device)[::2]  # per row, strided
+    bkw = dict(ignore_index=IGNORE, n_valid_cols=140, vocab_start=0, label_smoothing=0.1, vocab_size=140,
+               z_loss=0.0, softcap=None, temperature=1.0)  # fmt: skip
+    one = kernels.linear_cross_entropy_backward(hidden, weight, bias, target, lse_bwd, grad_out, **bkw)
     many = kernels.linear_cross_entropy_backward(
-        hidden, weight, bias, target, lse, scale, chunk_cols=64, **bkw
+        hidden, weight, bias, target, lse_bwd, grad_out, chunk_cols=64, **bkw
     )
     torch.testing.assert_close(many[0], one[0], rtol=1e-6, atol=1e-6)  # summed over chunks in fp32
     assert torch.equal(many[1], one[1]) and torch.equal(many[2], one[2])  # one chunk's own rows
@@ -354,14 +355,16 @@ def test_cuda_launch_path_in_interpreter(core_tier, monkeypatch, autotune):
     lse = (st[0] + st[1].log()).double()  # per split: max + log sum exp
     lse = torch.logsumexp(lse, dim=0)
     torch.testing.assert_close(lse, torch.logsumexp(x64, -1), rtol=1e-6, atol=1e-6)
-    scale = torch.where(target != IGNORE, 1.0, 0.0)
+    # the reduced loss's gradient (one value) times the reduction's scale 0.5, 0 on ignored rows
+    lse_bwd = torch.cat([lse.float(), torch.tensor([0.5])])
+    scale = torch.where(target != IGNORE, 0.5, 0.0).double()
     kw = dict(n_valid_cols=150, vocab_start=0, label_smoothing=0.0, vocab_size=150, z_loss=0.0, softcap=None,
               temperature=1.0)  # fmt: skip
     got = kernels.linear_cross_entropy_backward(
-        hidden, weight, bias, target, lse.float(), scale, chunk_cols=64, **kw
+        hidden, weight, bias, target, lse_bwd, torch.tensor(1.0), ignore_index=IGNORE, chunk_cols=64, **kw
     )
     want = R.shard_linear_cross_entropy_backward(hidden.double(), weight.double(), bias.double(), target, lse,
-                                                 scale.double(), **kw)  # fmt: skip
+                                                 scale, **kw)  # fmt: skip
     for name, a, b in zip(("hidden", "weight", "bias"), got, want):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6, msg=name)
 

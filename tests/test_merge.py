@@ -239,15 +239,17 @@ KERNEL_DEVICES = [
         id="cuda-triton",
     ),
 ]
-# (k, tile (ROWS, CHUNK, BITONIC), V): tiles small enough that V spans at least 6 of them.
-# The bitonic merge (k > 128 by default) is exercised at a small KP: ROWS == KP = 8.
+# (k, tile (ROWS, CHUNK), V): tiles small enough that V spans at least 6 of them, and chunks
+# small enough that some splits have more groups of chunks than 2k (the threshold path) and
+# others fewer (every chunk is a candidate).
 SPLIT_CASES = [
-    (0, (2, 64, False), 1000),
-    (5, (2, 32, False), 1000),
-    (5, (8, 16, True), 1000),
-    (33, (4, 16, False), 1000),
+    (0, (2, 64), 1000),
+    (5, (2, 32), 1000),
+    (5, (4, 16), 1000),
+    (33, (4, 16), 1000),
+    (200, (4, 8), 1000),
 ]
-SPLIT_IDS = [f"k{k}-{'bitonic' if tile[2] else 'insertion'}" for k, tile, _ in SPLIT_CASES]
+SPLIT_IDS = [f"k{k}-{tile[0]}x{tile[1]}" for k, tile, _ in SPLIT_CASES]
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)

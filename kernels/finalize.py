@@ -1,0 +1,390 @@
+"""Finalize: the partials kernel's per-split output -> the public per-row results, in one small
+launch. Each kernel merges the S column splits of a row with the monoid's merge (the same math as
+``shardsoftmax.partials.merge_stacked``: the max, NaN if any piece's max is NaN, then each
+piece's sums rescaled by ``exp(m_i - M)``, 0 for an empty piece) and derives from the merged
+partials what ``shardsoftmax.partials`` derives in PyTorch (the reference these kernels are
+tested against):
+
+* ``finalize_stats``: lse = M + log s, max, entropy = lse - t / s, log p(target), and the top-k
+  (merged over splits when S > 1) as log-probabilities or raw values;
+* ``finalize_cross_entropy``: the per-row loss (label smoothing, z-loss, ignored rows, NaN where
+  no piece held the target), reduced in-kernel (mean / sum), plus what backward reads.
+
+Input layout: ``stats`` [N_FIELDS, S, N] fp32 in ``kernels.partials.FIELDS`` order (any field
+and split strides, rows contiguous), ``topk_vals`` / ``topk_ids`` [S, N, k].
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import cdiv, key_col, key_value, make_key, min_key_like, next_pow2, rescale_factor
+from .partials import FIELDS
+
+# Field offsets in ``stats`` (the partials kernel's order).
+assert FIELDS == ("max", "sumexp", "sumexp_x", "sum_x", "count", "target_logit", "target_hits")
+F_MAX, F_SUMEXP, F_SUMEXP_X, F_SUM_X, F_COUNT, F_TARGET_LOGIT, F_TARGET_HITS = (
+    tl.constexpr(i) for i in range(7)
+)
+# The largest candidate set (S * k, rounded up to a power of two) merged in-kernel; larger top-k
+# merges go through ``merge_stacked`` first.
+MAX_MERGE_KEYS = 4096
+ID_SENTINEL = tl.constexpr(9223372036854775807)  # int64 max: a missing top-k entry
+
+
+@triton.jit
+def merge_splits(
+    stats_ptr,
+    rows,
+    mask,
+    n_splits,
+    stride_field,
+    stride_split,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    NEED_T: tl.constexpr,
+    NEED_SUM_X: tl.constexpr,
+    NEED_TARGET: tl.constexpr,
+):
+    """Merged (max, sumexp, sumexp_x, sum_x, count, target_logit, target_hits) of the ``n_splits``
+    pieces of each row in ``rows`` (a block of BLOCK_N), BLOCK_S pieces per load. Fields not
+    needed come back as 0."""
+    # Accumulate [BLOCK_N, BLOCK_S] tiles elementwise and reduce once after each loop.
+    m2 = tl.full([BLOCK_N, BLOCK_S], float("-inf"), tl.float32)
+    nan2 = tl.zeros([BLOCK_N, BLOCK_S], tl.int32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        sp = s0 + tl.arange(0, BLOCK_S)
+        tile_mask = mask[:, None] & (sp < n_splits)[None, :]
+        mi = tl.load(
+            stats_ptr + sp[None, :] * stride_split + rows[:, None], mask=tile_mask, other=float("-inf")
+        )
+        m2 = tl.maximum(m2, mi)
+        nan2 += tl.where(mi != mi, 1, 0)
+    m = tl.where(tl.sum(nan2, axis=1) > 0, float("nan"), tl.max(m2, axis=1))
+    s2 = tl.zeros([BLOCK_N, BLOCK_S], tl.float32)
+    t2 = tl.zeros([BLOCK_N, BLOCK_S], tl.float32)
+    sum_x2 = tl.zeros([BLOCK_N, BLOCK_S], tl.float32)
+    count2 = tl.zeros([BLOCK_N, BLOCK_S], tl.float32)
+    tgt_logit2 = tl.zeros([BLOCK_N, BLOCK_S], tl.float32)
+    tgt_hits2 = tl.zeros([BLOCK_N, BLOCK_S], tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        sp = s0 + tl.arange(0, BLOCK_S)
+        tile_mask = mask[:, None] & (sp < n_splits)[None, :]
+        piece = stats_ptr + sp[None, :] * stride_split + rows[:, None]
+        mi = tl.load(piece + F_MAX * stride_field, mask=tile_mask, other=float("-inf"))
+        f = rescale_factor(mi, m[:, None])  # 0 for empty pieces and masked lanes
+        s2 += tl.load(piece + F_SUMEXP * stride_field, mask=tile_mask, other=0.0) * f
+        if NEED_T:
+            t2 += tl.load(piece + F_SUMEXP_X * stride_field, mask=tile_mask, other=0.0) * f
+        if NEED_SUM_X:
+            sum_x2 += tl.load(piece + F_SUM_X * stride_field, mask=tile_mask, other=0.0)
+            count2 += tl.load(piece + F_COUNT * stride_field, mask=tile_mask, other=0.0)
+        if NEED_TARGET:
+            tgt_logit2 += tl.load(piece + F_TARGET_LOGIT * stride_field, mask=tile_mask, other=0.0)
+            tgt_hits2 += tl.load(piece + F_TARGET_HITS * stride_field, mask=tile_mask, other=0.0)
+    s = tl.sum(s2, axis=1)
+    t = tl.sum(t2, axis=1)
+    sum_x = tl.sum(sum_x2, axis=1)
+    count = tl.sum(count2, axis=1)
+    tgt_logit = tl.sum(tgt_logit2, axis=1)
+    tgt_hits = tl.sum(tgt_hits2, axis=1)
+    return m, s, t, sum_x, count, tgt_logit, tgt_hits
+
+
+def split_block(n_splits: int, block_n: int) -> int:
+    """Pieces per load in ``merge_splits``: all of them up to a [BLOCK_N, BLOCK_S] tile of 4096."""
+    return max(1, min(next_pow2(n_splits), 4096 // block_n))
+
+
+@triton.jit
+def _finalize_stats_kernel(
+    # pointers
+    stats_ptr,
+    topk_vals_ptr,
+    topk_ids_ptr,
+    target_ptr,
+    rows_out_ptr,  # [4, n_rows]: lse, max, entropy, target_logprob
+    topk_out_ptr,  # [n_rows, K] fp32: log-probs (LOGPROBS) or values
+    topk_ids_out_ptr,  # [n_rows, K] int64, written when MERGE_TOPK
+    # sizes
+    n_rows,
+    n_splits,
+    vocab_start,
+    ignore_index,
+    # strides
+    stride_stats_field,
+    stride_stats_split,
+    stride_topk_split,
+    stride_topk_row,
+    # meta
+    SCALARS: tl.constexpr,  # write lse, max, entropy (and target_logprob with HAS_TARGET)
+    HAS_TARGET: tl.constexpr,  # only with SCALARS
+    LOGPROBS: tl.constexpr,  # top-k out = value - lse (else the raw value); only with SCALARS
+    K: tl.constexpr,  # top-k size (0: none)
+    KP: tl.constexpr,  # next power of two >= max(K, 2)
+    MERGE_TOPK: tl.constexpr,  # S > 1: merge the S sorted lists (MP >= S * K candidates)
+    MP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Grid: (cdiv(n_rows, BLOCK_N),); one program per block of rows (BLOCK_N = 1 with MERGE_TOPK).
+    lse = M + log s; entropy = lse - t / s; max = M (NaN where s is NaN); log p(target) = x_t - lse
+    (0 where ignored, NaN where no split held it); top-k: the K best (value, id) of the S splits,
+    value descending, lower id first among equal values, NaN above every number."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = rows < n_rows
+    if SCALARS:
+        m, s, t, _sx, _c, tgt_logit, tgt_hits = merge_splits(
+            stats_ptr, rows, mask, n_splits, stride_stats_field, stride_stats_split,
+            BLOCK_N, BLOCK_S, True, False, HAS_TARGET,
+        )  # fmt: skip
+        lse = m + tl.log(s)
+        tl.store(rows_out_ptr + rows, lse, mask=mask)
+        tl.store(rows_out_ptr + n_rows + rows, tl.where(s != s, s, m), mask=mask)
+        tl.store(rows_out_ptr + 2 * n_rows + rows, lse - t / s, mask=mask)
+        if HAS_TARGET:
+            tgt = tl.load(target_ptr + rows, mask=mask, other=ignore_index).to(tl.int64)
+            x_t = tl.where(tgt_hits > 0, tgt_logit, float("nan"))
+            logprob = tl.where(tgt == ignore_index, 0.0, x_t - lse)
+            tl.store(rows_out_ptr + 3 * n_rows + rows, logprob, mask=mask)
+    if K > 0:
+        kk = tl.arange(0, KP)
+        if MERGE_TOPK:
+            # BLOCK_N == 1: one row per program, its S * K candidates c = split * K + j in one 1-D
+            # sort; keys rank (value desc, local column asc, NaN first) as the partials kernel's.
+            row = tl.program_id(0)
+            c = tl.arange(0, MP)
+            split = c // K
+            in_set = c < n_splits * K
+            offs = split * stride_topk_split + row * stride_topk_row + (c - split * K)
+            vals = tl.load(topk_vals_ptr + offs, mask=in_set, other=float("-inf"))
+            ids = tl.load(topk_ids_ptr + offs, mask=in_set, other=ID_SENTINEL)
+            real = in_set & (ids != ID_SENTINEL)
+            keys = tl.where(real, make_key(vals, ids - vocab_start), min_key_like([MP]))
+            top = tl.topk(keys, KP)
+            found = top != min_key_like([KP])
+            out_vals = tl.where(found, key_value(top), float("-inf"))
+            out_ids = tl.where(found, vocab_start + key_col(top).to(tl.int64), ID_SENTINEL)
+            tl.store(topk_ids_out_ptr + row * K + kk, out_ids, mask=kk < K)
+            if LOGPROBS:
+                out_vals = out_vals - tl.sum(lse, axis=0)  # the row's lse ([1] -> scalar)
+            tl.store(topk_out_ptr + row * K + kk, out_vals, mask=kk < K)
+        else:
+            out_mask = mask[:, None] & (kk < K)[None, :]
+            out_vals = tl.load(
+                topk_vals_ptr + rows[:, None] * stride_topk_row + kk[None, :], mask=out_mask, other=0.0
+            )
+            if LOGPROBS:
+                out_vals = out_vals - lse[:, None]
+            tl.store(topk_out_ptr + rows[:, None] * K + kk[None, :], out_vals, mask=out_mask)
+
+
+REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
+
+
+@triton.jit
+def _finalize_cross_entropy_kernel(
+    # pointers
+    stats_ptr,
+    target_ptr,
+    loss_ptr,  # [n_rows] (REDUCTION none) or [] fp32
+    lse_ptr,  # [n_rows + 1] fp32: lse per row (NaN where no piece held a valid target), then 1 / n
+    # sizes
+    n_rows,
+    n_splits,
+    rows_per_program,
+    ignore_index,
+    # strides
+    stride_stats_field,
+    stride_stats_split,
+    # loss options
+    label_smoothing,
+    z_loss,
+    # meta
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
+    REDUCTION: tl.constexpr,  # 0 none, 1 sum, 2 mean (then one program covers every row)
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Grid: (cdiv(n_rows, rows_per_program),). loss = (1 - eps)(lse - x_t) + eps (lse - sum_x / C)
+    + z lse^2 per row (0 where ignored, NaN where no piece held the target), summed (and divided by
+    the number of non-ignored rows for mean) in-kernel. Writes, for backward, the lse with NaN on
+    rows whose target was found nowhere (their gradient is NaN), and the gradient's scale of the
+    reduction at ``lse_ptr[n_rows]`` (1 / non-ignored rows for mean, else 1)."""
+    pid = tl.program_id(0)
+    row_lo = pid * rows_per_program
+    row_hi = tl.minimum(row_lo + rows_per_program, n_rows)
+    total = tl.zeros([BLOCK_N], tl.float32)
+    n_valid = tl.zeros([BLOCK_N], tl.float32)
+    for start in range(row_lo, row_hi, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        mask = rows < row_hi
+        m, s, _t, sum_x, count, tgt_logit, tgt_hits = merge_splits(
+            stats_ptr, rows, mask, n_splits, stride_stats_field, stride_stats_split,
+            BLOCK_N, BLOCK_S, False, HAS_SMOOTHING, True,
+        )  # fmt: skip
+        lse = m + tl.log(s)
+        tgt = tl.load(target_ptr + rows, mask=mask, other=ignore_index).to(tl.int64)
+        valid = tgt != ignore_index
+        found = tgt_hits > 0
+        loss = lse - tl.where(found, tgt_logit, float("nan"))
+        if HAS_SMOOTHING:
+            loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - sum_x / count)
+        if HAS_Z_LOSS:
+            loss = loss + z_loss * lse * lse
+        loss = tl.where(valid, loss, 0.0)
+        tl.store(lse_ptr + rows, tl.where(valid & (tgt_hits == 0), float("nan"), lse), mask=mask)
+        if REDUCTION == 0:
+            tl.store(loss_ptr + rows, loss, mask=mask)
+        else:
+            total += tl.where(mask, loss, 0.0)
+            n_valid += tl.where(mask & valid, 1.0, 0.0)
+    if REDUCTION == 0:
+        tl.store(lse_ptr + n_rows, tl.full([], 1.0, tl.float32), mask=pid == 0)
+    else:
+        loss_sum = tl.sum(total, axis=0)
+        if REDUCTION == 2:
+            n = tl.sum(n_valid, axis=0)
+            tl.store(loss_ptr, loss_sum / n)
+            tl.store(lse_ptr + n_rows, 1.0 / n)
+        else:
+            tl.store(loss_ptr, loss_sum)
+            tl.store(lse_ptr + n_rows, tl.full([], 1.0, tl.float32))
+
+
+def can_merge_topk(n_splits: int, k: int) -> bool:
+    """Whether ``finalize_stats`` / ``finalize_topk`` merge this many splits' top-k in-kernel."""
+    return n_splits == 1 or k == 0 or next_pow2(n_splits * k) <= MAX_MERGE_KEYS
+
+
+def _check_stats(stats: torch.Tensor) -> None:
+    if stats.dtype != torch.float32 or stats.dim() != 3 or stats.shape[0] != len(FIELDS):
+        raise ValueError(
+            f"stats must be [{len(FIELDS)}, S, N] float32, got {stats.dtype} {tuple(stats.shape)}"
+        )
+    if stats.shape[2] > 1 and stats.stride(2) != 1:
+        raise ValueError("stats rows must be contiguous")
+
+
+def finalize_stats(
+    stats: torch.Tensor | None,
+    topk_vals: torch.Tensor,
+    topk_ids: torch.Tensor,
+    target: torch.Tensor | None,
+    *,
+    vocab_start: int,
+    ignore_index: int,
+    logprobs: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """``(rows [4, N] fp32 = lse, max, entropy, target_logprob, topk [N, k] fp32, topk_ids [N, k]
+    int64)`` from S splits. ``stats=None``: no per-row scalars (``rows`` is None) and the top-k
+    are raw values; else ``logprobs`` chooses value - lse or the raw value. ``target`` [N]
+    (contiguous) or None (row 3 is then left unwritten). With S = 1 the ids are ``topk_ids[0]``
+    itself; with S > 1 the top-k lists are merged here (``can_merge_topk``)."""
+    scalars = stats is not None
+    if scalars:
+        _check_stats(stats)
+    else:
+        logprobs = False
+    n_splits, n_rows, k = topk_vals.shape
+    merge = n_splits > 1 and k > 0
+    if merge and not can_merge_topk(n_splits, k):
+        raise ValueError(f"{n_splits} splits of top-{k} are too many to merge in-kernel")
+    if merge and topk_ids.stride() != topk_vals.stride():
+        raise ValueError("topk_vals and topk_ids must have the same strides")
+    device = topk_vals.device
+    rows_out = torch.empty((4, n_rows), dtype=torch.float32, device=device) if scalars else None
+    topk_out = torch.empty((n_rows, k), dtype=torch.float32, device=device)
+    ids_out = torch.empty((n_rows, k), dtype=torch.int64, device=device) if merge else topk_ids[0]
+    if n_rows == 0 or not (scalars or k > 0):
+        return rows_out, topk_out, ids_out
+    kp = max(2, next_pow2(k))  # tl.topk needs at least 2
+    mp = next_pow2(n_splits * k) if merge else 1
+    block_n = 1 if merge else max(1, min(128, 4096 // kp, next_pow2(n_rows)))
+    any_ptr = rows_out if scalars else topk_out  # for pointers a switched-off path never reads
+    _finalize_stats_kernel[(cdiv(n_rows, block_n),)](
+        stats if scalars else any_ptr,
+        topk_vals if k > 0 else any_ptr,
+        topk_ids if k > 0 else any_ptr,
+        target if target is not None else any_ptr,
+        rows_out if scalars else any_ptr,
+        topk_out if k > 0 else any_ptr,
+        ids_out if merge else any_ptr,
+        n_rows,
+        n_splits,
+        vocab_start,
+        ignore_index,
+        stats.stride(0) if scalars else 0,
+        stats.stride(1) if scalars else 0,
+        topk_vals.stride(0),
+        topk_vals.stride(1),
+        SCALARS=scalars,
+        HAS_TARGET=target is not None,
+        LOGPROBS=logprobs,
+        K=k,
+        KP=kp,
+        MERGE_TOPK=merge,
+        MP=mp,
+        BLOCK_N=block_n,
+        BLOCK_S=split_block(n_splits, block_n),
+        num_warps=8 if mp >= 2048 else 4,
+    )
+    return rows_out, topk_out, ids_out
+
+
+def finalize_cross_entropy(
+    stats: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    z_loss: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, lse_bwd)``: the loss ([N] for reduction "none", else []) fp32 and, for backward,
+    ``lse_bwd`` [N + 1] fp32: each row's lse (NaN where its valid target was found in no split),
+    then the reduction's gradient scale (1 / non-ignored rows for "mean", else 1)."""
+    _check_stats(stats)
+    n_splits, n_rows = stats.shape[1], stats.shape[2]
+    red = REDUCTIONS[reduction]
+    device = stats.device
+    loss = torch.empty((n_rows,) if red == 0 else (), dtype=torch.float32, device=device)
+    lse_bwd = torch.empty((n_rows + 1,), dtype=torch.float32, device=device)
+    if n_rows == 0:  # no launch on empty tensors: mean over no rows is NaN, as PyTorch
+        loss.fill_(float("nan") if red == 2 else 0.0)
+        lse_bwd.fill_(1.0)
+        return loss, lse_bwd
+    # One program loops over every row when the loss is reduced (a deterministic sum); wide blocks
+    # and many warps keep that loop to a few memory round trips.
+    block_n = max(16, min(4096, next_pow2(n_rows)))
+    rows_per_program = n_rows if red else block_n
+    _finalize_cross_entropy_kernel[(cdiv(n_rows, rows_per_program),)](
+        stats,
+        target,
+        loss,
+        lse_bwd,
+        n_rows,
+        n_splits,
+        rows_per_program,
+        ignore_index,
+        stats.stride(0),
+        stats.stride(1),
+        float(label_smoothing),
+        float(z_loss),
+        HAS_SMOOTHING=label_smoothing > 0,
+        HAS_Z_LOSS=z_loss > 0,
+        REDUCTION=red,
+        BLOCK_N=block_n,
+        BLOCK_S=split_block(n_splits, block_n),
+        num_warps=16 if block_n >= 4096 else (8 if block_n >= 1024 else 4),
+    )
+    return loss, lse_bwd
+
+
+def finalize_topk(topk_vals: torch.Tensor, topk_ids: torch.Tensor, *, vocab_start: int):
+    """The top-k of S splits merged: ``(values [N, k] fp32, ids [N, k] int64)``."""
+    _, vals, ids = finalize_stats(None, topk_vals, topk_ids, None, vocab_start=vocab_start, ignore_index=0)
+    return vals, ids
