@@ -242,7 +242,7 @@ def test_partials_kernel_splits_then_finalize_equals_one_split(device, k):
     x, target = make_rows(v=300, seed=5)
     x, target = x.to(device), target.to(device)
     kw = dict(k=k, n_valid_cols=297, vocab_start=START, ignore_index=IGNORE, softcap=None, temperature=1.0)
-    kw["tile"] = (2, 16, False)
+    kw["tile"] = (2, 16)
     out = {}
     for splits in (1, 4):
         stats, vals, ids = kernels.shard_partials(x, target, n_splits=splits, **kw)

@@ -28,13 +28,13 @@ MARGIN = 2
 # case -> (dispatcher ops, Triton launches) measured per call (tests/host_ops.py, N=8, V=64).
 BUDGETS = {
     "softmax_stats k=0": (7, 2),
-    "softmax_stats k=50": (7, 2),
+    "softmax_stats k=50": (10, 2),  # k > 0: + 3 scratch buffers of the top-k selection (a4231eb)
     "cross_entropy fwd": (5, 2),
     "cross_entropy fwd (grad)": (5, 2),
     "cross_entropy bwd": (3, 1),  # ones_like and detach are autograd's own
     "softmax": (4, 2),
     "log_softmax": (4, 2),
-    "topk k=8": (5, 1),
+    "topk k=8": (8, 1),  # the same 3 scratch buffers
 }
 # Ops that read a device value on the host or move data between host and device.
 SYNCING = {"_local_scalar_dense", "item", "_to_copy", "copy_", "to", "cpu", "nonzero", "equal"}
@@ -66,7 +66,7 @@ def test_decode_path_with_column_splits_stays_lean(name, monkeypatch):
     in-kernel, so the count does not grow."""
     v = 20000
     k = {"softmax_stats k=50": 50, "topk k=8": 8}.get(name, 0)
-    rows, chunk, _ = kernels.partials.tile_shape(v, k)
+    rows, chunk = kernels.partials.tile_shape(v, k)
     assert v >= 4 * rows * chunk, "wide enough for 4 column splits"
     monkeypatch.setattr(kernels.partials, "default_splits", lambda n_rows, n_tiles, device: 4)
     counts = counted(name, v=v)
