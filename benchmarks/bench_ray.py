@@ -59,9 +59,9 @@ def torchrun_worker(args) -> None:
     cuda = torch.cuda.is_available()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     args.v = args.v[0]
+    dev = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dev = torch.device("cuda") if cuda else torch.device("cpu")
+        torch.cuda.set_device(dev)  # init_process_group's device_id needs the index
     dist.init_process_group("nccl" if cuda else "gloo", **({"device_id": dev} if cuda else {}))
     b = bounds(args.v, world)
     dtype = torch.bfloat16 if cuda else torch.float32
