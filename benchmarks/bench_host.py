@@ -198,7 +198,7 @@ def main() -> None:
         sys.exit("bench_host.py needs a CUDA GPU")
     t_start = time.perf_counter()
     device = torch.device("cuda", torch.cuda.current_device())
-    meta = C.run_meta(device, bench="host", world_size=1, preset="default")
+    meta = C.run_meta(device, bench="bench_host", world_size=1, preset="host")
     copy_bw, _, _ = C.copy_bandwidth(device, quick=True)
     C.log(
         f"== bench_host | {meta['gpu']} | torch {meta['torch']} | triton {meta['triton']} | {meta['commit']}"

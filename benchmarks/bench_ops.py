@@ -654,9 +654,11 @@ class Bench:
             except C.OOM:
                 raise
             except Exception as err:
-                if ms_f is not None and ms_fb is not None:
-                    ms_b = max(ms_fb - ms_f, 0.0)
+                if ms_f is not None and ms_fb is not None and ms_fb > ms_f:
+                    ms_b = ms_fb - ms_f
                     note = f"derived: fwd+bwd - fwd ({type(err).__name__} with retain_graph)"
+                elif ms_f is not None and ms_fb is not None:  # timing noise: no number to report
+                    note = f"fwd+bwd <= fwd in this run; backward not measurable ({type(err).__name__})"
                 else:
                     note = C.short_error(err)
             losses.clear()
