@@ -1,8 +1,9 @@
 """One-pass per-shard partials: max, normalizer, entropy and smoothing sums, target logit, top-k.
 
-The kernel reads each logit of a ``[n_rows, n_cols]`` shard exactly once (plus, when ``K > 0``, one
-re-read of the ``KP`` candidate chunks of each row, which are still in L2). It writes, per row and
-per column split, the monoid partials that ``shardsoftmax.partials`` merges.
+The kernel reads each logit of a ``[n_rows, n_cols]`` shard exactly once (plus, when ``K > 0``, a
+re-read of the few candidate chunks of each row, and the row's chunk maxima, 4 bytes per CHUNK
+columns, written to and read back from a per-program scratch). It writes, per row and per column
+split, the monoid partials that ``shardsoftmax.partials`` merges.
 """
 
 from __future__ import annotations
