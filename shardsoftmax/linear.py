@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from . import backend
 from .collective import Layout
-from .ops import ShardCall, ShardShape, global_pieces, shard_kwargs
+from .ops import ShardCall, ShardShape, finalize_loss, global_pieces, grad_kwargs, shard_kwargs
 from .partials import Pieces
 
 
@@ -43,10 +43,7 @@ def linear_cross_entropy_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, Layout]:
     """``(loss, lse_bwd, layout)`` as ``ops.cross_entropy_forward``, for the fused head's logits."""
     pieces, layout = linear_global_pieces(hidden2d, weight, bias, target1d, call, process_group)
-    loss, lse_bwd = backend.finalize_cross_entropy(
-        hidden2d, pieces, target1d, ignore_index=call.ignore_index, reduction=reduction,
-        label_smoothing=call.label_smoothing, z_loss=call.z_loss,
-    )  # fmt: skip
+    loss, lse_bwd = finalize_loss(hidden2d, pieces, target1d, call, reduction)
     return loss, lse_bwd, layout
 
 
@@ -80,14 +77,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             target1d,
             lse_bwd,
             grad_out,
-            ignore_index=call.ignore_index,
-            n_valid_cols=layout.n_valid_cols,
-            vocab_start=layout.vocab_start,
-            label_smoothing=call.label_smoothing,
-            vocab_size=layout.n_classes,  # C of the smoothing term, = merged.count of the forward
-            z_loss=call.z_loss,
-            softcap=call.softcap,
-            temperature=call.temperature,
+            **grad_kwargs(call, layout),
             need_hidden_grad=need_hidden,
             need_weight_grad=need_weight,
             need_bias_grad=need_bias,

@@ -146,11 +146,32 @@ def cross_entropy_forward(
     """``(loss, lse_bwd, layout)``: the reduced loss and what backward reads (see
     ``partials.cross_entropy_rows``)."""
     pieces, layout = global_pieces(logits2d, target1d, call, process_group)
-    loss, lse_bwd = backend.finalize_cross_entropy(
-        logits2d, pieces, target1d, ignore_index=call.ignore_index, reduction=reduction,
+    loss, lse_bwd = finalize_loss(logits2d, pieces, target1d, call, reduction)
+    return loss, lse_bwd, layout
+
+
+def finalize_loss(
+    like: torch.Tensor, pieces: Pieces, target1d: torch.Tensor, call: ShardCall, reduction: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, lse_bwd)`` from the global pieces; ``like`` gives the backend (dtype, device)."""
+    return backend.finalize_cross_entropy(
+        like, pieces, target1d, ignore_index=call.ignore_index, reduction=reduction,
         label_smoothing=call.label_smoothing, z_loss=call.z_loss,
     )  # fmt: skip
-    return loss, lse_bwd, layout
+
+
+def grad_kwargs(call: ShardCall, layout: Layout) -> dict:
+    """The options of the cross-entropy gradient kernels (plain and fused head)."""
+    return dict(
+        ignore_index=call.ignore_index,
+        n_valid_cols=layout.n_valid_cols,
+        vocab_start=layout.vocab_start,
+        label_smoothing=call.label_smoothing,
+        vocab_size=layout.n_classes,  # C of the smoothing term, = merged.count of the forward
+        z_loss=call.z_loss,
+        softcap=call.softcap,
+        temperature=call.temperature,
+    )
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -170,22 +191,10 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         logits2d, target1d, lse_bwd = ctx.saved_tensors
-        call, layout = ctx.call, ctx.layout
         grad = backend.shard_cross_entropy_backward(
-            logits2d,
-            target1d,
-            lse_bwd,
-            grad_out,
-            ignore_index=call.ignore_index,
-            n_valid_cols=layout.n_valid_cols,
-            vocab_start=layout.vocab_start,
-            label_smoothing=call.label_smoothing,
-            vocab_size=layout.n_classes,  # C of the smoothing term, = merged.count of the forward
-            z_loss=call.z_loss,
-            softcap=call.softcap,
-            temperature=call.temperature,
+            logits2d, target1d, lse_bwd, grad_out, **grad_kwargs(ctx.call, ctx.layout),
             out=logits2d if ctx.inplace_backward else None,
-        )
+        )  # fmt: skip
         return grad, None, None, None, None, None
 
 
