@@ -57,31 +57,24 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # ------------------------------------------------------------------------------------------------
 
 
+def _configs(names: tuple[str, str, str], shapes: list[tuple[int, ...]]) -> list[triton.Config]:
+    """Autotune configs from (block sizes for ``names``, warps, stages) tuples."""
+    return [triton.Config(dict(zip(names, blocks)), num_warps=w, num_stages=st) for *blocks, w, st in shapes]
+
+
 def _tile_configs() -> list[triton.Config]:
     """Tiles of the logit matmul (forward partials and the backward tile kernel), for H100/H200."""
-    shapes = [  # BLOCK_N, BLOCK_V, BLOCK_H, warps, stages
-        (128, 128, 64, 8, 3),
-        (128, 128, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4),
-    ]
-    return [
-        triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_H": h}, num_warps=w, num_stages=s)
-        for n, v, h, w, s in shapes
-    ]
+    return _configs(
+        ("BLOCK_N", "BLOCK_V", "BLOCK_H"),
+        [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)],
+    )
 
 
 def _matmul_configs() -> list[triton.Config]:
-    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
-        (128, 128, 64, 8, 3),
-        (128, 256, 64, 8, 3),
-        (128, 128, 32, 4, 4),
-        (64, 128, 64, 4, 4),
-    ]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-        for m, n, k, w, s in shapes
-    ]
+    return _configs(
+        ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+        [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4)],
+    )
 
 
 # The interpreter runs each program in Python: few, small tiles (still several per test shape).
