@@ -155,9 +155,9 @@ def _shard_partials_kernel(
     stats_ptr,
     topk_vals_ptr,
     topk_ids_ptr,
-    scratch_cm_ptr,  # [programs, n_splits, NGP * C2 + NGP] fp32: chunk and group maxima (K > 0)
-    scratch_chunks_ptr,  # [programs, n_splits, CAPC] int32: candidate chunks (K > 0)
-    scratch_cands_ptr,  # [programs, n_splits, CAPE] int64: candidate element keys (K > 0)
+    scratch_ptr,  # int64 [programs * n_splits, SLOT_WORDS] (K > 0); each slot holds CAPE int64
+    # candidate element keys, CAPC int32 candidate chunks, NGP * C2 chunk maxima and NGP group
+    # maxima (fp32)
     # sizes
     n_rows,
     n_valid_cols,  # columns whose global id is < vocab_size; later columns are padding
@@ -206,7 +206,10 @@ def _shard_partials_kernel(
     BLOCK_V: tl.constexpr = ROWS * CHUNK
     tile_offs = tl.arange(0, ROWS)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
     slot = pid * n_splits + split
-    cm_ptr = scratch_cm_ptr + slot * (NGP * C2 + NGP)
+    SLOT_WORDS: tl.constexpr = CAPE + CAPC // 2 + NGP * (C2 + 1) // 2
+    cands_ptr = scratch_ptr + slot * SLOT_WORDS
+    chunks_ptr = (cands_ptr + CAPE).to(tl.pointer_type(tl.int32))
+    cm_ptr = (cands_ptr + CAPE + CAPC // 2).to(tl.pointer_type(tl.float32))
 
     for r in range(pid, n_rows, n_programs):
         row = r + tl.zeros([], tl.int64)  # int64 offsets (r is a plain int in the interpreter)
@@ -270,10 +273,9 @@ def _shard_partials_kernel(
 
         if K > 0:
             tl.debug_barrier()  # the chunk maxima stored above are read by other threads
-            top = _select_topk(row_ptr, cm_ptr, cm_ptr + NGP * C2, scratch_chunks_ptr + slot * CAPC,
-                               scratch_cands_ptr + slot * CAPE, col_lo, col_hi, softcap,
-                               inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE, K, KP, CHUNK, NGP,
-                               C2, CB, GB, CAPC, CAPE, BC)  # fmt: skip
+            top = _select_topk(row_ptr, cm_ptr, cm_ptr + NGP * C2, chunks_ptr, cands_ptr, col_lo,
+                               col_hi, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE, K,
+                               KP, CHUNK, NGP, C2, CB, GB, CAPC, CAPE, BC)  # fmt: skip
             real = top != min_key_like([KP])
             kk = tl.arange(0, KP)
             base = (split * n_rows + row) * K
@@ -376,13 +378,12 @@ def shard_partials(
         tk = topk_params(k, cols_per_split // chunk, chunk)
         programs = min(n_rows, max_resident_programs(device))
         slots = programs * n_splits
-        scratch_cm = torch.empty(slots * tk["NGP"] * (tk["C2"] + 1), dtype=torch.float32, device=device)
-        scratch_chunks = torch.empty(slots * tk["CAPC"], dtype=torch.int32, device=device)
-        scratch_cands = torch.empty(slots * tk["CAPE"], dtype=torch.int64, device=device)
+        slot_words = tk["CAPE"] + tk["CAPC"] // 2 + tk["NGP"] * (tk["C2"] + 1) // 2
+        scratch = torch.empty(slots * slot_words, dtype=torch.int64, device=device)
     else:
         tk = topk_params(1, 1, chunk)  # unused by the kernel when K = 0
         programs = n_rows
-        scratch_cm = scratch_chunks = scratch_cands = stats  # never touched when K = 0
+        scratch = stats  # never touched when K = 0
     tgt = target if target is not None else stats  # any pointer; unused when HAS_TARGET is False
     _shard_partials_kernel[(programs, n_splits)](
         logits,
@@ -390,9 +391,7 @@ def shard_partials(
         stats,
         topk_vals,
         topk_ids,
-        scratch_cm,
-        scratch_chunks,
-        scratch_cands,
+        scratch,
         n_rows,
         n_valid_cols,
         cols_per_split,
