@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .partials import Partials
+from .partials import Pieces, merge_stacked
+from .partials import pack as pack_pieces
 
 MAGIC = 0x55AA5501
 HEADER_FIELDS = (
@@ -166,36 +167,45 @@ def local_layout(n_cols: int, vocab_start: int | None, vocab_size: int | None) -
     return Layout(start, size, n_valid, total, n_classes=n_valid)
 
 
-def payload_words(partials_dtype: torch.dtype, n_rows: int, k: int) -> int:
+def _offsets(partials_dtype: torch.dtype, n_rows: int, k: int) -> tuple[int, int, int, int]:
+    """Word offsets in one rank's payload: stats [7, N] end, top-k values [N, k] end, ids start
+    (even, so that they can be viewed as int64 in place), total (even)."""
     w = 2 if partials_dtype == torch.float64 else 1
-    return n_rows * (7 * w + k * w + 2 * k)
+    a = 7 * w * n_rows
+    b = a + w * n_rows * k
+    c = b + b % 2
+    return a, b, c, c + 2 * n_rows * k
 
 
-def pack(p: Partials) -> torch.Tensor:
-    """All fields of one rank's partials as one flat int32 tensor (ids as their int64 bits)."""
-    scalars = torch.stack(list(p[:7]), dim=1)  # [N, 7]
-    parts = [scalars.reshape(-1), p.topk_vals.reshape(-1)]
-    words = [t.contiguous().view(torch.int32) for t in parts]
-    words.append(p.topk_ids.contiguous().reshape(-1).view(torch.int32))
+def payload_words(partials_dtype: torch.dtype, n_rows: int, k: int) -> int:
+    return _offsets(partials_dtype, n_rows, k)[3]
+
+
+def pack(p: Pieces, head: torch.Tensor) -> torch.Tensor:
+    """``head`` (int32 words) then one piece's partials as one flat int32 tensor: the [7, N]
+    stats, the top-k values, a pad word where needed, the ids as their int64 bits."""
+    stats, vals, ids = p.stats[:, 0], p.topk_vals[0], p.topk_ids[0]
+    words = [head, stats.reshape(-1).view(torch.int32), vals.reshape(-1).view(torch.int32)]
+    a, b, c, _ = _offsets(stats.dtype, stats.shape[1], vals.shape[1])
+    if c > b:
+        words.append(torch.zeros(1, dtype=torch.int32, device=head.device))
+    words.append(ids.reshape(-1).view(torch.int32))
     return torch.cat(words)
 
 
-def unpack(words: torch.Tensor, dtype: torch.dtype, n_rows: int, k: int) -> Partials:
-    """Inverse of ``pack`` for a [G, payload] tensor: fields stacked over ranks."""
+def unpack(words: torch.Tensor, dtype: torch.dtype, n_rows: int, k: int) -> Pieces:
+    """Inverse of ``pack`` for the gathered [G, payload] tensor (header words removed): the ranks'
+    partials as G pieces, stats as a view of ``words``."""
     g = words.shape[0]
-    w = 2 if dtype == torch.float64 else 1
-    a = 7 * w * n_rows
-    b = a + k * w * n_rows
-
-    def view(cols: torch.Tensor, as_dtype: torch.dtype, last: int) -> torch.Tensor:
-        if cols.numel() == 0:
-            return torch.empty((g, n_rows, last), dtype=as_dtype, device=words.device)
-        # a fresh copy: with one rank the slice is 'contiguous' but keeps the row stride and offset,
-        # which a view as a wider dtype rejects
-        return cols.clone(memory_format=torch.contiguous_format).view(as_dtype).reshape(g, n_rows, last)
-
-    scalars = view(words[:, :a], dtype, 7)
-    return Partials(*scalars.unbind(-1), view(words[:, a:b], dtype, k), view(words[:, b:], torch.int64, k))
+    a, b, c, _ = _offsets(dtype, n_rows, k)
+    stats = words[:, :a].view(dtype).view(g, 7, n_rows).transpose(0, 1)
+    if n_rows * k == 0:
+        vals = torch.empty((g, n_rows, k), dtype=dtype, device=words.device)
+        ids = torch.empty((g, n_rows, k), dtype=torch.int64, device=words.device)
+    else:  # contiguous copies: finalize reads values and ids with the same strides
+        vals = words[:, a:b].view(dtype).view(g, n_rows, k).contiguous()
+        ids = words[:, c:].view(torch.int64).view(g, n_rows, k).contiguous()
+    return Pieces(stats, vals, ids)
 
 
 def _check_consistent(headers: list[Header]) -> tuple[tuple[int, ...], int, int]:
@@ -264,10 +274,11 @@ def _all_gather(buf: torch.Tensor, group) -> torch.Tensor:
 
 def exchange(
     header: Header, compute, group, *, device, error: BaseException | None = None
-) -> tuple[Partials, Layout]:
-    """Run ``compute(layout) -> Partials`` ([N]/[N, k] fields) on this rank and return the partials
-    of all ranks stacked over dim 0, with this rank's layout. ``error``: this rank's input was
-    rejected; it still takes part, so that every rank raises instead of hanging."""
+) -> tuple[Pieces, Layout]:
+    """Run ``compute(layout) -> Pieces`` on this rank and return the partials of all ranks as G
+    pieces (one per rank; a rank's own pieces are merged first when it has several), with this
+    rank's layout. ``error``: this rank's input was rejected; it still takes part, so that every
+    rank raises instead of hanging."""
     key = id(group)
     rank = dist.get_rank(group)
     if error is not None:
@@ -275,21 +286,22 @@ def exchange(
     for _attempt in range(2):
         agreed = _agreed.get(key)
         fast = error is None and agreed is not None and agreed.headers[rank] == header
+        head = torch.tensor(header.as_list(), dtype=torch.int64).view(torch.int32).to(device)
         if fast:
             layout = agreed.layout(rank)
             local = compute(layout)
-            payload = pack(local)
+            if local.n_splits != 1:
+                local = pack_pieces(merge_stacked(local.unpacked()))
+            buf = pack(local, head)
         else:
             n_words = agreed.payload_words if agreed is not None else 0
-            payload = torch.zeros(n_words, dtype=torch.int32, device=device)
-        head = torch.tensor(header.as_list(), dtype=torch.int64).view(torch.int32).to(device)
-        gathered = _all_gather(torch.cat([head, payload]), group)
+            buf = torch.cat([head, torch.zeros(n_words, dtype=torch.int32, device=device)])
+        gathered = _all_gather(buf, group)
         head_words = gathered[:, : 2 * H].clone(memory_format=torch.contiguous_format)  # see unpack
         headers_raw = head_words.view(torch.int64).cpu().tolist()
         headers = [Header(**dict(zip(HEADER_FIELDS, row))) for row in headers_raw]
         if fast and tuple(headers) == agreed.headers:
-            parts = unpack(gathered[:, 2 * H :], local.max.dtype, header.n_rows, header.k)
-            return parts, layout
+            return unpack(gathered[:, 2 * H :], local.stats.dtype, header.n_rows, header.k), layout
         try:
             starts, total, vocab = _check_consistent(headers)
         except BaseException:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from . import backend, collective, reference
 from .collective import Header, Layout
 from .kernels import MAX_K  # noqa: F401  (re-exported for the public layer)
-from .partials import Partials, Pieces, merge_stacked, pack, topk_select
+from .partials import Partials, Pieces, pack, topk_select
 
 
 @dataclass(frozen=True)
@@ -79,24 +79,9 @@ def reject_on_all_ranks(call: ShardCall, process_group, err: BaseException) -> N
 def global_partials(
     logits2d: torch.Tensor, target1d: torch.Tensor | None, call: ShardCall, process_group, pieces_fn=None
 ) -> tuple[Partials, Layout]:
-    """Merged partials of the whole vocabulary for every row, and this shard's layout. One
-    collective when ``process_group`` is given, none otherwise (a merge over one shard, which is
-    that shard's partials). ``pieces_fn(layout)`` replaces the default shard pass; with it,
-    ``logits2d`` may be a ``ShardShape`` instead of the logits."""
-
-    def compute(layout: Layout) -> Partials:
-        if pieces_fn is not None:
-            return pieces_fn(layout)
-        return backend.shard_partials(logits2d, target1d, **shard_kwargs(call, layout))
-
-    if process_group is None:
-        layout = collective.local_layout(logits2d.shape[1], call.vocab_start, call.vocab_size)
-        check_k(call.k, layout.n_classes)
-        return compute(layout), layout
-    header = call.header(logits2d, target1d is not None)
-    parts, layout = collective.exchange(header, compute, process_group, device=logits2d.device)
-    check_k(call.k, layout.n_classes)
-    return merge_stacked(parts), layout
+    """``global_pieces`` merged into one piece ([N] and [N, k] fields)."""
+    pieces, layout = global_pieces(logits2d, target1d, call, process_group, pieces_fn=pieces_fn)
+    return backend.merge_pieces(pieces), layout
 
 
 def shard_kwargs(call: ShardCall, layout: Layout) -> dict:
@@ -115,24 +100,24 @@ def shard_kwargs(call: ShardCall, layout: Layout) -> dict:
 def global_pieces(
     logits2d: torch.Tensor, target1d: torch.Tensor | None, call: ShardCall, process_group, pieces_fn=None
 ) -> tuple[Pieces, Layout]:
-    """The whole vocabulary's partials of every row as pieces for finalize, and this shard's layout.
-    One process: the shard's own pieces (the kernel's column splits; finalize merges them). A
-    group: the merged partials of every rank (one collective), as one piece. ``pieces_fn(layout)``
-    (-> ``Pieces``) replaces the default shard pass; with it, ``logits2d`` may be a ``ShardShape``."""
+    """The whole vocabulary's partials of every row as pieces for finalize (which merges them),
+    and this shard's layout. One process: the shard's own pieces (the kernel's column splits). A
+    group: one piece per rank (one collective). ``pieces_fn(layout)`` (-> ``Pieces``) replaces
+    the default shard pass; with it, ``logits2d`` may be a ``ShardShape``."""
+
+    def compute(layout: Layout) -> Pieces:
+        if pieces_fn is not None:
+            return pieces_fn(layout)
+        return backend.shard_pieces(logits2d, target1d, **shard_kwargs(call, layout))
+
     if process_group is None:
         layout = collective.local_layout(logits2d.shape[1], call.vocab_start, call.vocab_size)
         check_k(call.k, layout.n_classes)
-        if pieces_fn is not None:
-            return pieces_fn(layout), layout
-        return backend.shard_pieces(logits2d, target1d, **shard_kwargs(call, layout)), layout
-    partials_fn = None
-    if pieces_fn is not None:
-
-        def partials_fn(layout: Layout) -> Partials:
-            return backend.merge_pieces(pieces_fn(layout))
-
-    merged, layout = global_partials(logits2d, target1d, call, process_group, pieces_fn=partials_fn)
-    return pack(merged), layout
+        return compute(layout), layout
+    header = call.header(logits2d, target1d is not None)
+    pieces, layout = collective.exchange(header, compute, process_group, device=logits2d.device)
+    check_k(call.k, layout.n_classes)
+    return pieces, layout
 
 
 def check_k(k: int, n_classes: int) -> None:
@@ -204,11 +189,11 @@ def sample_ids(x2: torch.Tensor, call: ShardCall, process_group, *, seed: int, o
     noise of those ids is recomputed here; it is a pure function of seed, offset + row and id)."""
     if call.k == 0:
 
-        def pieces(layout: Layout) -> Partials:
-            return backend.shard_gumbel_argmax(
+        def pieces(layout: Layout) -> Pieces:
+            return pack(backend.shard_gumbel_argmax(
                 x2, seed=seed, row_offset=offset, n_valid_cols=layout.n_valid_cols,
                 vocab_start=layout.vocab_start, softcap=call.softcap, temperature=call.temperature,
-            )  # fmt: skip
+            ))  # fmt: skip
 
         merged, _ = global_partials(x2, None, replace(call, k=1), process_group, pieces_fn=pieces)
         vals, ids = merged.topk_vals, merged.topk_ids
