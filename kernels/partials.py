@@ -424,12 +424,15 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[device.index]
 
 
+PROGRAMS_PER_SM = 8  # programs of the top-k path per SM (each loops over rows)
+
+
 def max_resident_programs(device: torch.device) -> int:
     """Programs of the top-k path (each loops over rows and owns one scratch slot): enough to fill
     every SM several times over; unbounded off CUDA (the interpreter runs programs one by one)."""
     if device.type != "cuda":
         return 1 << 62
-    return 8 * _sm_count(device)
+    return PROGRAMS_PER_SM * _sm_count(device)
 
 
 def default_splits(n_rows: int, n_tiles: int, device: torch.device) -> int:
