@@ -411,9 +411,9 @@ def test_lm_head_fused_and_unfused_agree(core_tier):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert torch.equal(ids, heads[False](hidden, k=3).topk_ids)
     assert torch.all(heads[True].weight.grad[67:] == 0)
-    # the default: fused exactly when the Triton backend runs and k == 0
+    # the default: unfused (measured faster on an H200; see the class docstring)
     auto = VocabParallelLMHead(24, 67, device=core_tier.device)
-    assert auto.uses_fused(0) == (core_tier.backend == "triton") and not auto.uses_fused(3)
+    assert auto.fused is False
     assert "fused=True" in repr(heads[True])
     with pytest.raises(TypeError, match="fused must be"):
         VocabParallelLMHead(24, 67, fused="yes")
