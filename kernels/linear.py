@@ -144,6 +144,16 @@ def _logit_tile(
     return acc
 
 
+@triton.jit
+def _grouped_tile(pid, n_row_blocks, n_col_blocks, GROUP: tl.constexpr):
+    """(row block, column block) of program ``pid`` when GROUP row blocks run side by side over
+    every column block (the rows' operand tiles stay in L2 while the columns stream)."""
+    per_group = GROUP * n_col_blocks
+    first = (pid // per_group) * GROUP
+    group_rows = tl.minimum(n_row_blocks - first, GROUP)
+    return first + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+
+
 @triton.heuristics(_EVEN_H)
 @triton.jit
 def _linear_partials_kernel(
@@ -193,11 +203,7 @@ def _linear_partials_kernel(
     """
     pid = tl.program_id(0)
     n_row_blocks = tl.cdiv(n_rows, BLOCK_N)
-    per_group = GROUP * n_splits
-    first_block = (pid // per_group) * GROUP
-    group_rows = tl.minimum(n_row_blocks - first_block, GROUP)
-    row_block = first_block + (pid % per_group) % group_rows
-    split = (pid % per_group) // group_rows
+    row_block, split = _grouped_tile(pid, n_row_blocks, n_splits, GROUP)
 
     n_tiles = tl.cdiv(n_valid_cols, BLOCK_V)
     cols_per_split = tl.cdiv(n_tiles, n_splits) * BLOCK_V
@@ -316,11 +322,7 @@ def _linear_tile_kernel(
     pid = tl.program_id(0)
     n_row_blocks = tl.cdiv(n_rows, BLOCK_N)
     n_col_blocks = tl.cdiv(n_cols, BLOCK_V)
-    per_group = GROUP * n_col_blocks
-    first_block = (pid // per_group) * GROUP
-    group_rows = tl.minimum(n_row_blocks - first_block, GROUP)
-    row_block = first_block + (pid % per_group) % group_rows
-    col_block = (pid % per_group) // group_rows
+    row_block, col_block = _grouped_tile(pid, n_row_blocks, n_col_blocks, GROUP)
 
     rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = col_block * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -381,11 +383,7 @@ def _matmul_kernel(
     pid = tl.program_id(0)
     n_m = tl.cdiv(M, BLOCK_M)
     n_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP * n_n
-    first = (pid // per_group) * GROUP
-    group_m = tl.minimum(n_m - first, GROUP)
-    pid_m = first + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
+    pid_m, pid_n = _grouped_tile(pid, n_m, n_n, GROUP)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
