@@ -14,6 +14,7 @@ from .api import (
     sample,
     softmax,
     softmax_stats,
+    synchronize,
     topk,
 )
 from .backend import get_backend, set_backend, use_backend
@@ -31,6 +32,7 @@ __all__ = [
     "sample",
     "softmax",
     "softmax_stats",
+    "synchronize",
     "topk",
     "use_backend",
 ]

@@ -16,8 +16,13 @@ Common conventions:
   Rows with a NaN (or +inf) logit: lse, entropy and log-probs NaN.
 * Top-k: ids are global int64, ordered by descending logit; equal logits: the lower id first.
 * ``process_group=None``: no host sync and no per-call host tensor, so calls can be captured in a
-  CUDA graph (after one warm-up call). With a group, the header exchange reads the gathered
-  headers back to the host (see ``collective``): not capturable.
+  CUDA graph (after one warm-up call). With a group, a call has no host sync in steady state
+  either, but is not capturable (the header exchange allocates pinned memory and records events).
+* With a group on CUDA, a rank whose own call was valid may learn that another rank's call did not
+  match only after its call returns (the header check runs on the device, see ``collective``):
+  that call's results are NaN (ids -1) and the error is raised by the rank's next call on the
+  group or by ``synchronize(process_group)``. ``SHARDSOFTMAX_SYNC_CHECKS=1`` checks within
+  each call instead (a host sync per call).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch
 
 from . import _validate as V
 from . import backend
+from .collective import synchronize as synchronize  # noqa: F401  (public)
 from .linear import LinearCrossEntropyFunction, linear_cross_entropy_forward, linear_global_pieces
 from .ops import (
     MAX_K,

@@ -1,5 +1,5 @@
 """The one collective: every rank's partials, packed with a small header, exchanged by one
-all-gather, then merged by ``partials.merge_stacked`` on every rank.
+all-gather, then merged on every rank (each rank's partials are one more piece for finalize).
 
 Protocol (keeps every rank's buffer size equal, so no input can hang the group):
 
@@ -7,12 +7,15 @@ Protocol (keeps every rank's buffer size equal, so no input can hang the group):
   rank's header (rows, k, dtype, shard width, vocab start, options). All ranks update it from the
   same gathered headers, so it is the same everywhere.
 * Steady state (one collective): if this call's header equals the agreed one, a rank computes its
-  partials with the agreed ``vocab_start`` and sends ``header + payload``; if the gathered
-  headers all equal the agreed ones, the payloads are merged. Reading the headers costs one small
-  device-to-host copy.
+  partials with the agreed ``vocab_start`` and sends ``header + payload``. The gathered headers
+  must all equal the agreed ones; on the CPU that is checked within the call, on a CUDA device on
+  the device without a host sync (see ``_check_fast``: a failed check poisons that call's results
+  and raises at the rank's next call on the group or at ``synchronize``).
 * Otherwise (first call, new shapes, or a rank reporting bad input) a rank sends its header and a
-  zero payload of the agreed size. Every rank then sees the same headers and either raises the same
-  clear error, or adopts the new layout and exchanges again (two collectives for that call only).
+  zero payload of the agreed size and reads every header. If some ranks took the fast path, they
+  will not exchange again, so every rank raises the same clear error. If none did, every rank
+  either raises the same error or adopts the new layout and exchanges again (two collectives for
+  that call only). Buffers are the agreed size in every case, so no input can hang the group.
 * A rank that dies leaves the others in the all-gather until the process group's timeout
   (``timeout=`` of ``init_process_group``) expires; nothing here waits longer than that.
 """
@@ -20,7 +23,9 @@ Protocol (keeps every rank's buffer size equal, so no input can hang the group):
 from __future__ import annotations
 
 import numbers
+import os
 import struct
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -143,6 +148,8 @@ class Agreed:
     total_cols: int
     vocab_size: int
     payload_words: int
+    words: torch.Tensor  # the headers as gathered: [G, H * 2] int32 on the group's device
+    words_host: torch.Tensor  # the same on the host
 
     def layout(self, rank: int) -> Layout:
         start, width = self.starts[rank], self.headers[rank].width
@@ -272,6 +279,105 @@ def _all_gather(buf: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
+def _header_words(headers) -> torch.Tensor:
+    """Headers as the int32 words they travel as: [H * 2] for one, [G, H * 2] for several."""
+    rows = [h.as_list() for h in headers] if isinstance(headers, (list, tuple)) else headers.as_list()
+    return torch.tensor(rows, dtype=torch.int64).view(torch.int32)
+
+
+def _read_headers(words: torch.Tensor) -> list[Header]:
+    """The gathered [G, H * 2] header words (any device) as headers, on the host."""
+    rows = words.cpu().contiguous().view(torch.int64).tolist()
+    return [Header(**dict(zip(HEADER_FIELDS, row))) for row in rows]
+
+
+def _mismatch(headers: list[Header], agreed: Agreed | None) -> BaseException:
+    """The error every rank raises for gathered headers that do not all equal the agreed layout
+    when some ranks took the fast path (they computed with the agreed layout and will not exchange
+    again): a rank's own rejection, the ranks' disagreement, or a partial layout change."""
+    try:
+        _check_consistent(headers)
+    except BaseException as err:  # noqa: BLE001 - returned, raised by the caller
+        return err
+    changed = [r for r, h in enumerate(headers) if agreed is None or h != agreed.headers[r]]
+    return ValueError(
+        f"shardsoftmax: rank(s) {changed} changed their shard (width or vocab_start) in a call where "
+        "the other ranks did not; every rank must change its shard in the same call"
+    )
+
+
+# Steady-state header checks. On a CUDA device the fast path does not read the gathered headers
+# back in the call (that host sync would keep the host from running ahead of the GPU). Instead the
+# call compares them with the agreed ones on the device, poisons its gathered partials if they
+# differ (every payload word -1: NaN values, id -1, so every result of that call is NaN / -1), and
+# queues an asynchronous copy of the headers. The check resolves, raising the same clear error as
+# the ranks whose own call was wrong, at the next call on the group once the copy has landed, or
+# at ``synchronize(group)``. ``SHARDSOFTMAX_SYNC_CHECKS=1`` resolves every check within its call
+# (a host sync per call, like CUDA_LAUNCH_BLOCKING for kernels). On the CPU checks always resolve
+# within the call (nothing to overlap), unless ``DEFER_ON_CPU`` (set by tests of the deferred path).
+SYNC_CHECKS = os.environ.get("SHARDSOFTMAX_SYNC_CHECKS", "0") not in ("", "0")
+DEFER_ON_CPU = False
+MAX_PENDING = 16  # pending checks per group; the oldest is waited for beyond this
+
+
+@dataclass
+class _Check:
+    words: torch.Tensor  # the gathered header words, [G, H * 2] on the host (pinned when CUDA)
+    event: object  # torch.cuda.Event recorded after the copy, or None (already on the host)
+    agreed: Agreed
+
+
+_pending: dict[int, deque] = {}
+
+
+def _resolve(key: int, *, wait: bool) -> None:
+    """Raise the error of the oldest failed check of group ``key`` whose headers have landed (all
+    of them with ``wait``). A failed check clears the queue: later calls of that group have
+    already been poisoned or will resolve on their own."""
+    queue = _pending.get(key)
+    while queue:
+        check = queue[0]
+        if check.event is not None and not wait and len(queue) <= MAX_PENDING and not check.event.query():
+            return
+        if check.event is not None:
+            check.event.synchronize()
+        queue.popleft()
+        if not torch.equal(check.words, check.agreed.words_host):
+            queue.clear()
+            err = _mismatch(_read_headers(check.words), check.agreed)
+            raise type(err)(
+                f"{err} (found by the check of an earlier call on this rank, whose results are "
+                "NaN / id -1)"
+            ) from None
+
+
+def synchronize(process_group) -> None:
+    """Wait for this group's pending header checks (see ``_resolve``) and raise the error of any
+    earlier call whose ranks disagreed. A no-op when none is pending."""
+    _resolve(id(process_group), wait=True)
+
+
+def _check_fast(key: int, gathered: torch.Tensor, agreed: Agreed) -> None:
+    """The fast path's header check: raise now, or poison ``gathered`` and defer (see above)."""
+    words = gathered[:, : 2 * H]
+    cuda = gathered.is_cuda
+    if not cuda and not DEFER_ON_CPU:
+        if not torch.equal(words, agreed.words_host):
+            raise _mismatch(_read_headers(words), agreed)
+        return
+    if cuda:
+        host = torch.empty(words.shape, dtype=words.dtype, pin_memory=True)
+        host.copy_(words, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+    else:
+        host, event = words.clone(), None
+    gathered[:, 2 * H :].masked_fill_((words != agreed.words).any(), -1)  # after the copy (stream order)
+    _pending.setdefault(key, deque()).append(_Check(host, event, agreed))
+    if SYNC_CHECKS:
+        _resolve(key, wait=True)
+
+
 def exchange(
     header: Header, compute, group, *, device, error: BaseException | None = None
 ) -> tuple[Pieces, Layout]:
@@ -280,28 +386,28 @@ def exchange(
     rank's layout. ``error``: this rank's input was rejected; it still takes part, so that every
     rank raises instead of hanging."""
     key = id(group)
+    _resolve(key, wait=False)
     rank = dist.get_rank(group)
     if error is not None:
         header = Header(**{**header.__dict__, "error": ERR_INVALID_INPUT})
     for _attempt in range(2):
         agreed = _agreed.get(key)
-        fast = error is None and agreed is not None and agreed.headers[rank] == header
-        head = torch.tensor(header.as_list(), dtype=torch.int64).view(torch.int32).to(device)
-        if fast:
+        if error is None and agreed is not None and agreed.headers[rank] == header:
             layout = agreed.layout(rank)
             local = compute(layout)
             if local.n_splits != 1:
                 local = pack_pieces(merge_stacked(local.unpacked()))
-            buf = pack(local, head)
-        else:
-            n_words = agreed.payload_words if agreed is not None else 0
-            buf = torch.cat([head, torch.zeros(n_words, dtype=torch.int32, device=device)])
-        gathered = _all_gather(buf, group)
-        head_words = gathered[:, : 2 * H].clone(memory_format=torch.contiguous_format)  # see unpack
-        headers_raw = head_words.view(torch.int64).cpu().tolist()
-        headers = [Header(**dict(zip(HEADER_FIELDS, row))) for row in headers_raw]
-        if fast and tuple(headers) == agreed.headers:
+            gathered = _all_gather(pack(local, agreed.words[rank]), group)
+            _check_fast(key, gathered, agreed)
             return unpack(gathered[:, 2 * H :], local.stats.dtype, header.n_rows, header.k), layout
+        # Slow path: send the header and a zero payload of the agreed size, read every header.
+        n_words = agreed.payload_words if agreed is not None else 0
+        head = _header_words(header).to(device)
+        gathered = _all_gather(torch.cat([head, head.new_zeros(n_words)]), group)
+        headers = _read_headers(gathered[:, : 2 * H])
+        if agreed is not None and any(h == a for h, a in zip(headers, agreed.headers)):
+            err = _mismatch(headers, agreed)  # some ranks were fast: they will not exchange again
+            raise error if error is not None else err
         try:
             starts, total, vocab = _check_consistent(headers)
         except BaseException:
@@ -309,12 +415,15 @@ def exchange(
                 raise error from None
             raise
         pdtype = torch.float64 if header.dtype == _DTYPES[torch.float64] else torch.float32
+        words_host = _header_words(headers)
         _agreed[key] = Agreed(
-            tuple(headers), starts, total, vocab, payload_words(pdtype, header.n_rows, header.k)
-        )
+            tuple(headers), starts, total, vocab, payload_words(pdtype, header.n_rows, header.k),
+            words=words_host.to(device), words_host=words_host,
+        )  # fmt: skip
     raise RuntimeError("shardsoftmax: ranks could not agree on a layout")  # pragma: no cover
 
 
 def forget(group) -> None:
-    """Drop the agreed layout cached for ``group`` (call after destroying a group)."""
+    """Drop the agreed layout and pending checks cached for ``group`` (after destroying it)."""
     _agreed.pop(id(group), None)
+    _pending.pop(id(group), None)

@@ -352,9 +352,16 @@ def suite_rank(ctx, cases: list[Case], backend: str) -> dict:
 ERR_CASE = Case("errors", 5, 61, k=3, seed=21)
 
 
-def errors_rank(ctx, backend: str) -> dict:
+def errors_rank(ctx, backend: str, defer: bool = False) -> dict:
     """Each entry: a call where the ranks disagree or one rank's input is invalid; every rank
-    records (exception type, message), then a correct call must still give exact results."""
+    records (exception type, message), then a correct call must still give exact results.
+
+    ``defer``: the header check of the fast path runs as on a CUDA device (forced on the CPU): a
+    rank whose own call was valid may return, with every result NaN or id -1 (checked here), and
+    raise at ``ss.synchronize``. On CUDA that is the default; on the CPU the check is immediate."""
+    from shardsoftmax import collective
+
+    collective.DEFER_ON_CPU = defer
     ss.set_backend(backend)
     rank, g = ctx.rank, ctx.group
     x, t = make_inputs(ERR_CASE)
@@ -389,12 +396,26 @@ def errors_rank(ctx, backend: str) -> dict:
         "temperature of the wrong type": lambda: ss.softmax_stats(
             shard, temperature="hot" if rank == 0 else 1.0, process_group=g
         ),
+        # steady state: the other ranks repeat the agreed call (the fast path, which does not
+        # exchange again), one rank does not
+        "steady rows": lambda: ss.softmax_stats(
+            *((shard[:-1], td[:-1]) if rank == 1 else (shard, td)), k=3, process_group=g
+        ),
+        "steady dtype": lambda: ss.softmax_stats(
+            shard.double() if rank == ctx.world_size - 1 else shard, td, k=3, process_group=g
+        ),
+        "steady target shape": lambda: ss.softmax_stats(shard, td[:-1] if rank == 1 else td, k=3, process_group=g),
+        "steady temperature": lambda: ss.softmax_stats(
+            shard, td, k=3, temperature=0.5 if rank == 0 else 1.0, process_group=g
+        ),
     }
     out = {}
     for name, call in bad.items():
         ck.where = f"rank {rank}/{ctx.world_size} after '{name}'"
         try:
-            call()
+            res = call()
+            _check_poisoned(ck, name, res)
+            ss.synchronize(g)
             out[name] = None
         except Exception as err:  # noqa: BLE001 - the test inspects the type and message
             out[name] = (type(err).__name__, str(err))
@@ -402,6 +423,18 @@ def errors_rank(ctx, backend: str) -> dict:
         ck.close("lse", st.lse, o64["lse"], olow["lse"])
         ck.exact("topk_ids", st.topk_ids, o64["topk_ids"])
     return {"failures": ck.failures, "errors": out}
+
+
+def _check_poisoned(ck, name: str, res) -> None:
+    """A call that returned although the ranks disagreed (deferred check) must give no usable
+    number: every float NaN, every id -1."""
+    fields = zip(res._fields, res) if hasattr(res, "_fields") else enumerate(res if isinstance(res, tuple) else (res,))
+    for field, t in fields:
+        if t is None or field == "target_logprob":  # 0.0 where the target is ignored, by definition
+            continue
+        bad = (t != -1).any() if not t.is_floating_point() else (~t.isnan()).any()
+        if bool(bad):
+            ck.failures.append(f"{ck.where}: '{name}' returned numbers that are not NaN / -1")
 
 
 # Expected message fragments: (on the rank whose input is bad, on the others); one string: all ranks.
@@ -419,7 +452,13 @@ EXPECTED_ERRORS = {
     "label_smoothing": "ranks disagree on label_smoothing: rank 0 has 0.0, rank 1 has 0.1",
     "temperature of the wrong type": ("temperature must be a positive number", "rank 0 rejected its input"),
 }
-BAD_RANK = {"target shape": 1, "target dtype": 0, "temperature of the wrong type": 0}
+EXPECTED_ERRORS.update({
+    "steady rows": "ranks disagree on number of rows (tokens): rank 0 has 5, rank 1 has 4",
+    "steady dtype": "ranks disagree on logits dtype",
+    "steady target shape": ("target must have shape", "rank 1 rejected its input"),
+    "steady temperature": "ranks disagree on temperature: rank 0 has 0.5, rank 1 has 1.0",
+})
+BAD_RANK = {"target shape": 1, "target dtype": 0, "temperature of the wrong type": 0, "steady target shape": 1}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -491,10 +530,12 @@ def test_tp_sizes_agree(backend):
 
 
 @pytest.mark.parametrize("world_size", [3])
-def test_rank_mismatch_raises_on_every_rank(world_size):
+@pytest.mark.parametrize("defer", [False, True], ids=["in-call", "deferred"])
+def test_rank_mismatch_raises_on_every_rank(world_size, defer):
     """Different N / dtype / k / options / op on one rank, one rank with a bad target or k < 0:
-    every rank raises a clear error, nothing hangs, and the next correct call works."""
-    out = run_ranks(errors_rank, world_size, "torch", timeout=120)
+    every rank raises a clear error, nothing hangs, and the next correct call works. Deferred (the
+    CUDA default): ranks whose own call was valid get NaN / -1 and raise at ``ss.synchronize``."""
+    out = run_ranks(errors_rank, world_size, "torch", defer, timeout=120)
     failures = [f for r in out for f in r["failures"]]
     assert not failures, "\n".join(failures)
     for name, expected in EXPECTED_ERRORS.items():
@@ -548,6 +589,44 @@ def test_nccl_suite(world_size):
     assert not failures, "\n".join(failures)
     for name in EXPECTED_ERRORS:
         assert all(r["errors"][name] is not None for r in errs), f"'{name}': some rank did not raise"
+
+
+def steady_no_sync_rank(ctx) -> list[str]:
+    """Steady-state calls on NCCL under ``torch.cuda.set_sync_debug_mode("error")``: any op that
+    syncs the host with the GPU raises. Returns the calls that synced."""
+    x = torch.randn(64, 1000, device=ctx.device).to(torch.bfloat16)
+    t = torch.randint(0, 1000 * ctx.world_size, (64,), device=ctx.device)
+    calls = {
+        "softmax_stats k=0": lambda: ss.softmax_stats(x, t, process_group=ctx.group),
+        "softmax_stats k=8": lambda: ss.softmax_stats(x, t, k=8, process_group=ctx.group),
+        "cross_entropy": lambda: ss.cross_entropy(x, t, process_group=ctx.group),
+        "log_softmax": lambda: ss.log_softmax(x, process_group=ctx.group),
+    }
+    synced = []
+    for name, call in calls.items():
+        call()  # agree on the layout (reads the headers: a sync)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                call()
+        except RuntimeError as err:
+            synced.append(f"{name}: {err}")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        ss.synchronize(ctx.group)
+    return synced
+
+
+@pytest.mark.gpu
+@pytest.mark.multigpu
+def test_nccl_steady_state_does_not_sync():
+    """With NCCL, a call whose layout the ranks already agreed on never waits for the GPU (the
+    header check runs on the device), so the host can run ahead as in a training step."""
+    if _gpus() < 2:
+        pytest.skip(f"needs 2 CUDA GPUs, found {_gpus()}")
+    synced = [s for r in run_ranks(steady_no_sync_rank, 2, backend="nccl", timeout=180) for s in r]
+    assert not synced, "\n".join(synced)
 
 
 @pytest.mark.gpu
