@@ -1,6 +1,9 @@
 """Tile/warp sweep for the partials kernel on one GPU (a tuning aid; the benchmark is bench_ops.py).
 
-    python benchmarks/tune.py [--n 8192] [--v 32064,64128,128256]
+    python benchmarks/tune.py [--n 8192] [--v 32064,64128,128256] [--ks 0,50,1024] [--warps 4,8]
+        [--tiles 128x32,64x32] [--max-registers 128,0]
+
+``--max-registers`` sweeps the register cap of the top-k path (k > 0; 0: none).
 
 Checks each variant against the PyTorch reference before timing it; prints ms, GB/s and the
 fraction of the copy bandwidth measured in the same run.
@@ -19,7 +22,7 @@ from shardsoftmax import kernels, reference
 
 # (ROWS, CHUNK) candidates per k
 VARIANTS = {
-    0: [(64, 64), (64, 32)],
+    0: [(64, 64), (64, 32), (32, 128), (128, 32)],
     50: [(64, 32), (128, 32), (64, 64), (128, 16)],
     1024: [(256, 8), (128, 16), (512, 8)],
 }
@@ -38,7 +41,10 @@ def main() -> None:
     ap.add_argument("--v", default="32064,64128,128256")
     ap.add_argument("--ks", default="0,50,1024")
     ap.add_argument("--warps", default="4,8")
+    ap.add_argument("--tiles", default="", help="ROWSxCHUNK,... instead of the per-k defaults")
+    ap.add_argument("--max-registers", default="128")
     args = ap.parse_args()
+    caps = [int(a) for a in args.max_registers.split(",")]
     bw = copy_bw()
     print(f"{torch.cuda.get_device_name()}  triton {triton.__version__}  torch {torch.__version__}")
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
@@ -60,18 +66,23 @@ def main() -> None:
             )
             best = None
             tiles = VARIANTS[min(k, 1024) if k in VARIANTS else 50]
-            for tile, warps in itertools.product(tiles, [int(w) for w in args.warps.split(",")]):
+            if args.tiles:
+                tiles = [tuple(int(a) for a in t.split("x")) for t in args.tiles.split(",")]
+            warps_list = [int(w) for w in args.warps.split(",")]
+            for tile, warps, cap in itertools.product(tiles, warps_list, caps if k > 0 else [128]):
+                extra = dict(max_registers=cap)
 
-                def fn(tile=tile, warps=warps, k=k, x=x, t=t, v=v):
+                def fn(tile=tile, warps=warps, k=k, x=x, t=t, v=v, extra=extra):
                     return kernels.shard_partials(
                         x, t, k=k, n_valid_cols=v, vocab_start=0, ignore_index=-100, softcap=None,
-                        temperature=1.0, tile=tile, num_warps=warps,
+                        temperature=1.0, tile=tile, num_warps=warps, **extra,
                     )  # fmt: skip
 
                 try:
                     stats, vals, ids = fn()
                 except Exception as e:  # noqa: BLE001 - report and continue the sweep
-                    print(f"v={v} k={k} tile={tile} warps={warps}: failed {type(e).__name__}: {e!s:.120}")
+                    what = f"v={v} k={k} tile={tile} warps={warps} {extra}"
+                    print(f"{what}: failed {type(e).__name__}: {e!s:.120}")
                     continue
                 lse = stats[0, 0, :64] + torch.log(stats[1, 0, :64])
                 lse_ref = ref.max + torch.log(ref.sumexp)
@@ -81,11 +92,12 @@ def main() -> None:
                 ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
                 frac = floor / ms
                 print(
-                    f"v={v:6d} k={k:4d} tile={tile} warps={warps:2d} ok={ok} {ms:.3f} ms {frac:.1%}",
+                    f"v={v:6d} k={k:4d} tile={tile} warps={warps:2d} {extra if k else ''} "
+                    f"ok={ok} {ms:.3f} ms {frac:.1%}",
                     flush=True,
                 )
                 if ok and (best is None or ms < best[0]):
-                    best = (round(ms, 4), tile, warps, round(frac, 3))
+                    best = (round(ms, 4), tile, warps, extra if k else {}, round(frac, 3))
             rows.append((v, k, best))
     print("\nbest per (v, k): ms, tile, warps, fraction of copy bandwidth")
     for v, k, best in rows:

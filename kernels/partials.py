@@ -111,6 +111,7 @@ def _select_topk(row_ptr, cm_ptr, gmax_ptr, chunks_ptr, cands_ptr, col_lo, col_h
     same result. Every step works on blocks of at most CB values, so registers stay few.
     """
     n_chunks = tl.cdiv(col_hi - col_lo, CHUNK)
+    n_c = tl.zeros([], tl.int32)
     for g0 in range(0, tl.cdiv(n_chunks, C2), GB):
         ci = (g0 + tl.arange(0, GB))[:, None] * C2 + tl.arange(0, C2)[None, :]
         cm = tl.load(cm_ptr + ci, mask=ci < n_chunks, other=float("-inf"))
@@ -120,7 +121,6 @@ def _select_topk(row_ptr, cm_ptr, gmax_ptr, chunks_ptr, cands_ptr, col_lo, col_h
     gmax = tl.load(gmax_ptr + gi, mask=gi < tl.cdiv(n_chunks, C2), other=float("-inf"))
     group_top = tl.topk(gmax, KP)
     tau = tl.max(tl.where(tl.arange(0, KP) == K - 1, group_top, float("-inf")), axis=0)
-    n_c = tl.zeros([], tl.int32)
     for c0 in range(0, n_chunks, CB):
         ci = c0 + tl.arange(0, CB)
         live = ci < n_chunks
@@ -225,12 +225,9 @@ def _shard_partials_kernel(
             x = transform_logits(x, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
             if HAS_SOFTCAP:
                 x = tl.where(mask, x, float("-inf"))  # softcap maps the -inf fill to -softcap
+            chunk_max = tl.max(x, axis=1)  # NaN is skipped here (it makes s NaN instead)
             if K > 0:
-                # NaN counts as the largest value for ranking (as torch.topk does).
-                chunk_max = tl.max(tl.where(x != x, float("inf"), x), axis=1)
                 tl.store(cm_ptr + (start - col_lo) // CHUNK + tl.arange(0, ROWS), chunk_max)
-            else:
-                chunk_max = tl.max(x, axis=1)
             m_new = tl.maximum(m, chunk_max)
             alpha = rescale_factor(m, m_new)
             # exp(x - m) as exp2(x log2e - m log2e): one FMA and one MUFU op per element.
@@ -272,6 +269,14 @@ def _shard_partials_kernel(
         tl.store(out + 6 * plane, tgt_hits)
 
         if K > 0:
+            if s_all != s_all:  # a NaN (or +inf) in the row: NaN must rank highest (as in torch.topk)
+                tl.debug_barrier()
+                for start in range(col_lo, col_hi, BLOCK_V):
+                    cols = start + tile_offs
+                    x = _load_transformed(row_ptr, cols, cols < col_hi, softcap, inv_temperature,
+                                          HAS_SOFTCAP, HAS_TEMPERATURE)  # fmt: skip
+                    chunk_max = tl.max(tl.where(x != x, float("inf"), x), axis=1)
+                    tl.store(cm_ptr + (start - col_lo) // CHUNK + tl.arange(0, ROWS), chunk_max)
             tl.debug_barrier()  # the chunk maxima stored above are read by other threads
             top = _select_topk(row_ptr, cm_ptr, cm_ptr + NGP * C2, chunks_ptr, cands_ptr, col_lo,
                                col_hi, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE, K,
@@ -342,13 +347,15 @@ def shard_partials(
     need_sum_x: bool = True,
     tile: tuple[int, int] | None = None,
     num_warps: int | None = None,
+    max_registers: int | None = None,
 ):
     """Launch the partials kernel on a 2-D ``logits`` shard (last dim contiguous).
 
     Returns ``(stats [N_FIELDS, S, N] fp32, topk_vals [S, N, k] fp32, topk_ids [S, N, k] int64)``,
     one piece per column split S. Shape and dtype checks are the caller's (the math layer
     validates once, before any kernel). ``need_entropy`` / ``need_sum_x`` = False skip those sums
-    (written as NaN). ``tile`` and ``num_warps`` override the defaults (tuning).
+    (written as NaN). ``tile``, ``num_warps`` and ``max_registers`` (the register cap of the top-k
+    path on CUDA; 0: none) override the defaults (tuning).
     """
     n_rows, n_cols = logits.shape
     device = logits.device
@@ -371,10 +378,10 @@ def shard_partials(
     if num_warps is None:
         num_warps = 8 if (k == 0 and block >= 2048) else 4
     if k > 0:
-        if device.type == "cuda":
+        if device.type == "cuda" and max_registers != 0:
             # The selection after the row needs many registers for a moment; capping them keeps
             # 4 programs per SM streaming (a few spills in the selection cost less: +30-45%).
-            launch["maxnreg"] = 128
+            launch["maxnreg"] = max_registers or 128
         tk = topk_params(k, cols_per_split // chunk, chunk)
         programs = min(n_rows, max_resident_programs(device))
         slots = programs * n_splits

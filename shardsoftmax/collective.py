@@ -346,8 +346,7 @@ def _resolve(key: int, *, wait: bool) -> None:
             queue.clear()
             err = _mismatch(_read_headers(check.words), check.agreed)
             raise type(err)(
-                f"{err} (found by the check of an earlier call on this rank, whose results are "
-                "NaN / id -1)"
+                f"{err} (found by the check of an earlier call on this rank, whose results are NaN / id -1)"
             ) from None
 
 

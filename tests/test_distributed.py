@@ -404,7 +404,9 @@ def errors_rank(ctx, backend: str, defer: bool = False) -> dict:
         "steady dtype": lambda: ss.softmax_stats(
             shard.double() if rank == ctx.world_size - 1 else shard, td, k=3, process_group=g
         ),
-        "steady target shape": lambda: ss.softmax_stats(shard, td[:-1] if rank == 1 else td, k=3, process_group=g),
+        "steady target shape": lambda: ss.softmax_stats(
+            shard, td[:-1] if rank == 1 else td, k=3, process_group=g
+        ),
         "steady temperature": lambda: ss.softmax_stats(
             shard, td, k=3, temperature=0.5 if rank == 0 else 1.0, process_group=g
         ),
@@ -428,7 +430,11 @@ def errors_rank(ctx, backend: str, defer: bool = False) -> dict:
 def _check_poisoned(ck, name: str, res) -> None:
     """A call that returned although the ranks disagreed (deferred check) must give no usable
     number: every float NaN, every id -1."""
-    fields = zip(res._fields, res) if hasattr(res, "_fields") else enumerate(res if isinstance(res, tuple) else (res,))
+    fields = (
+        zip(res._fields, res)
+        if hasattr(res, "_fields")
+        else enumerate(res if isinstance(res, tuple) else (res,))
+    )
     for field, t in fields:
         if t is None or field == "target_logprob":  # 0.0 where the target is ignored, by definition
             continue
@@ -452,13 +458,20 @@ EXPECTED_ERRORS = {
     "label_smoothing": "ranks disagree on label_smoothing: rank 0 has 0.0, rank 1 has 0.1",
     "temperature of the wrong type": ("temperature must be a positive number", "rank 0 rejected its input"),
 }
-EXPECTED_ERRORS.update({
-    "steady rows": "ranks disagree on number of rows (tokens): rank 0 has 5, rank 1 has 4",
-    "steady dtype": "ranks disagree on logits dtype",
-    "steady target shape": ("target must have shape", "rank 1 rejected its input"),
-    "steady temperature": "ranks disagree on temperature: rank 0 has 0.5, rank 1 has 1.0",
-})
-BAD_RANK = {"target shape": 1, "target dtype": 0, "temperature of the wrong type": 0, "steady target shape": 1}
+EXPECTED_ERRORS.update(
+    {
+        "steady rows": "ranks disagree on number of rows (tokens): rank 0 has 5, rank 1 has 4",
+        "steady dtype": "ranks disagree on logits dtype",
+        "steady target shape": ("target must have shape", "rank 1 rejected its input"),
+        "steady temperature": "ranks disagree on temperature: rank 0 has 0.5, rank 1 has 1.0",
+    }
+)
+BAD_RANK = {
+    "target shape": 1,
+    "target dtype": 0,
+    "temperature of the wrong type": 0,
+    "steady target shape": 1,
+}
 
 
 # ------------------------------------------------------------------------------------------------

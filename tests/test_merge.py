@@ -286,3 +286,27 @@ def test_kernel_column_splits_merge_to_one_split(device, k, tile, v, n_splits):
             x.cpu()[:, lo:hi], target.cpu(), n_valid_cols=hi - lo, vocab_start=vocab_start + lo, **ref_kw
         )
         assert_same_partials(Partials(*(f[i] for f in pieces)), ref, f"split {i} [{lo}, {hi})")
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("k", [5, 33])
+def test_kernel_topk_nan_row_and_ties(device, k):
+    """The streaming loop skips NaN in the chunk maxima (it only makes the row's sum NaN); a row
+    holding a NaN is re-scanned so that NaN ranks first, as in torch.topk. Ties by id."""
+    v, vocab_start = 1000, 7
+    g = torch.Generator().manual_seed(k)
+    x = torch.round(torch.randn(3, v, generator=g) * 48) / 16  # many ties
+    x[1, 500] = float("nan")
+    x = x.to(device)
+    kw = dict(
+        k=k, n_valid_cols=v, vocab_start=vocab_start, ignore_index=IGNORE, softcap=None, temperature=1.0
+    )
+    stats, vals, ids = kernels.shard_partials(x, None, tile=(4, 16), n_splits=1, **kw)
+    got = Partials(*(f.cpu() for f in merge_stacked(Partials(*stats.unbind(0), vals, ids))))
+    want = partials_of(x.cpu(), None, k=k, start=vocab_start, hi=v)
+    torch.testing.assert_close(got.topk_vals, want.topk_vals, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(got.topk_ids, want.topk_ids), "NaN ranks first, then ties by id"
+    assert got.topk_ids[1, 0] == vocab_start + 500
+    # The NaN row's raw max is the kernels' own business (finalize makes the row NaN).
+    rows = [0, 2]
+    assert_same_partials(Partials(*(f[rows] for f in got)), Partials(*(f[rows] for f in want)), "rows 0, 2")
