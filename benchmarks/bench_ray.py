@@ -3,10 +3,22 @@
 The computation, per batch of T tokens: this rank's logits ``hidden @ W_shard.T`` (bf16, [T, V/G]),
 ``ss.softmax_stats(..., k)`` over the group (one all-gather), and rank 0 copies the per-token
 results (lse, target log-prob, entropy, top-k ids and log-probs) to the host. Both launchers start
-from hidden states in host memory, as a scoring job does.
+from hidden states in host memory, as a scoring job does (torchrun's are pinned beforehand; the
+Ray driver puts each batch in the object store, and the actors stage it through pinned memory).
+
+Timing: wall clock over ``--batches`` batches after ``--warmup`` batches. torchrun runs them one
+after the other (a host sync per batch, for the results); the Ray scorer streams them through one
+``score_iter`` (``--max-inflight`` batches in flight), timed from the warm-up's last result to the
+last result, i.e. its steady-state rate. Before the numbers count, every Ray result is checked
+against torchrun's result of the same batch (top-k ids and floats; printed as ``check``).
 
     # the torchrun baseline (G processes), then the Ray scorer with tp=G, in one command:
     python benchmarks/bench_ray.py --tp 2 4 --v 128256 256000 [--h 4096] [--tokens 8192] [--out DIR]
+
+On the GPU machine: install into a folder and run from outside the source tree with ``python -P``
+(so that the source folder never shadows the installed package, in the driver and in the Ray
+workers), e.g. ``pip install --no-deps --no-build-isolation --target /tmp/ss_site . && cd /tmp &&
+PYTHONPATH=/tmp/ss_site python -P REPO/benchmarks/bench_ray.py --tp 2 4``.
 
 With no GPU it runs tiny sizes on the CPU (gloo, a local Ray) so that the code is exercised.
 """
@@ -21,6 +33,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -33,11 +46,34 @@ def make_shard(v: int, h: int, lo: int, hi: int, dtype) -> torch.Tensor:
     return (torch.randn(hi - lo, h, generator=g) * 0.02).to(dtype)
 
 
-def make_batches(n: int, t: int, h: int, v: int):
+DISTINCT = 4  # distinct hidden batches; batch i is hidden[i % DISTINCT]
+FIELDS = ("lse", "target_logprob", "entropy", "topk_ids", "topk_logprobs")
+
+
+def make_batches(n: int, t: int, h: int, v: int, *, pin: bool = False):
     g = torch.Generator().manual_seed(7)
-    hid = [torch.randn(t, h, generator=g).to(torch.bfloat16) for _ in range(min(n, 4))]
+    hid = [torch.randn(t, h, generator=g).to(torch.bfloat16) for _ in range(DISTINCT)]
     tgt = torch.randint(0, v, (t,), generator=g)
-    return [(hid[i % len(hid)], tgt) for i in range(n)]
+    if pin:
+        hid, tgt = [x.pin_memory() for x in hid], tgt.pin_memory()
+    return [(hid[i % DISTINCT], tgt) for i in range(n)]
+
+
+def compare(ray_results: list, base: dict) -> tuple[bool, str]:
+    """Ray's result of batch i against torchrun's of batch i % DISTINCT: the fraction of equal
+    top-k ids and the largest float difference (both ran the same kernels on the same data)."""
+    equal = total = 0
+    diffs = [0.0]
+    for i, res in enumerate(ray_results):
+        ref = {f: base[f"{i % DISTINCT}_{f}"] for f in FIELDS}
+        equal += int((res.topk_ids == ref["topk_ids"]).sum())
+        total += ref["topk_ids"].size
+        for f in ("lse", "target_logprob", "entropy", "topk_logprobs"):
+            diffs.append(float(np.abs(getattr(res, f) - ref[f]).max()))
+    frac, worst = equal / max(total, 1), float(np.max(diffs))  # a NaN anywhere makes worst NaN
+    ok = frac >= 0.999 and worst <= 1e-3
+    summary = f"{len(ray_results)} batches: top-k ids equal {frac:.4%}, max |diff| {worst:.2e}"
+    return ok, f"{'PASS' if ok else 'FAIL'} ({summary})"
 
 
 def bounds(v: int, g: int) -> list[int]:
@@ -66,9 +102,7 @@ def torchrun_worker(args) -> None:
     b = bounds(args.v, world)
     dtype = torch.bfloat16 if cuda else torch.float32
     w = make_shard(args.v, args.h, b[rank], b[rank + 1], dtype).to(dev)
-    batches = make_batches(args.batches + args.warmup, args.tokens, args.h, args.v)
-    if cuda:
-        batches = [(x.pin_memory(), t.pin_memory()) for x, t in batches]
+    batches = make_batches(args.batches + args.warmup, args.tokens, args.h, args.v, pin=cuda)
 
     def step(x, t):
         x = x.to(dev, dtype, non_blocking=True)
@@ -76,12 +110,18 @@ def torchrun_worker(args) -> None:
         with torch.no_grad():
             group = None if world == 1 else dist.group.WORLD
             st = ss.softmax_stats(
-                x @ w.T, t, k=args.k, vocab_size=args.v, vocab_start=b[rank], process_group=group
-            )
+                torch.nn.functional.linear(x, w), t, k=args.k, vocab_size=args.v, vocab_start=b[rank],
+                process_group=group,
+            )  # fmt: skip
         if rank == 0:  # the results to the host, as the scorer returns them
-            for r in (st.lse, st.target_logprob, st.entropy, st.topk_ids, st.topk_logprobs):
-                r.cpu()
+            return {f: getattr(st, f).cpu().numpy() for f in FIELDS}
+        return None
 
+    saved = {}  # the DISTINCT batches' results, for the Ray run's check (untimed, like the warm-up)
+    for i, (x, t) in enumerate(batches[:DISTINCT]):
+        res = step(x, t)
+        if rank == 0:
+            saved.update({f"{i}_{f}": v for f, v in res.items()})
     for x, t in batches[: args.warmup]:
         step(x, t)
     dist.barrier()
@@ -93,6 +133,7 @@ def torchrun_worker(args) -> None:
     dist.barrier()
     dt = time.perf_counter() - t0
     if rank == 0:
+        np.savez(args.result + ".npz", **saved)
         with open(args.result, "w") as f:
             json.dump({"seconds": dt, "tokens": args.batches * args.tokens}, f)
     dist.destroy_process_group()
@@ -110,7 +151,12 @@ def run_torchrun(args, g: int) -> dict:
     env = dict(os.environ, BENCH_RAY_WORKER=json.dumps(dict(cfg, result=result)))
     subprocess.run(cmd, check=True, timeout=args.timeout, env=env)
     with open(result) as f:
-        return json.load(f)
+        out = json.load(f)
+    with np.load(result + ".npz") as z:
+        out["results"] = dict(z)
+    os.remove(result)
+    os.remove(result + ".npz")
+    return out
 
 
 # --------------------------------------------------------------------------------------- Ray
@@ -124,17 +170,19 @@ def run_ray(args, g: int) -> dict:
     dtype = torch.bfloat16 if cuda else torch.float32
     weight = torch.cat([make_shard(args.v1, args.h, b[r], b[r + 1], dtype) for r in range(g)])
     batches = make_batches(args.batches + args.warmup, args.tokens, args.h, args.v1)
+    results = []
     with ShardedScorer(
         weight, tp=g, replicas=1, k=args.k, device="cuda" if cuda else "cpu",
-        dtype="bfloat16" if cuda else "float32", max_inflight=2,
+        dtype="bfloat16" if cuda else "float32", max_inflight=args.max_inflight,
+        cpus_per_worker=args.cpus_per_worker,
     ) as scorer:  # fmt: skip
-        for _ in scorer.score_iter(batches[: args.warmup]):
-            pass
-        t0 = time.perf_counter()
-        n = sum(1 for _ in scorer.score_iter(batches[args.warmup :]))
+        for res in scorer.score_iter(batches):
+            results.append(res)
+            if len(results) == args.warmup:
+                t0 = time.perf_counter()
         dt = time.perf_counter() - t0
-    assert n == args.batches
-    return {"seconds": dt, "tokens": args.batches * args.tokens}
+    assert len(results) == args.batches + args.warmup
+    return {"seconds": dt, "tokens": args.batches * args.tokens, "results": results}
 
 
 def main() -> None:
@@ -143,8 +191,13 @@ def main() -> None:
     ap.add_argument("--v", type=int, nargs="+", default=[128256, 256000])
     ap.add_argument("--h", type=int, default=4096)
     ap.add_argument("--tokens", type=int, default=8192, help="tokens per batch")
-    ap.add_argument("--batches", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batches", type=int, default=50, help="timed batches")
+    ap.add_argument("--warmup", type=int, default=5, help="batches before the clock starts (>= 1)")
+    ap.add_argument("--max-inflight", type=int, default=4, help="Ray: batches in flight per replica")
+    ap.add_argument(
+        "--cpus-per-worker", type=int, default=None,
+        help="Ray: CPUs per actor, the threads of its staging copy (default 4 on GPUs, 1 on CPU)",
+    )  # fmt: skip
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--out", default=None)
@@ -155,12 +208,20 @@ def main() -> None:
         return
     cuda = torch.cuda.is_available()
     if not cuda:  # exercise the code on tiny sizes
-        args.v, args.h, args.tokens, args.batches, args.warmup = [1000], 32, 64, 3, 1
+        args.v, args.h, args.tokens, args.batches, args.warmup = [1000], 32, 64, 6, 2
+    if args.warmup < 1:
+        raise SystemExit("--warmup must be >= 1 (the Ray clock starts at the warm-up's last result)")
+    if args.cpus_per_worker is None:
+        args.cpus_per_worker = 4 if cuda else 1
     name = torch.cuda.get_device_name() if cuda else "cpu"
     rows = []
     print(
-        f"{name}: H={args.h}, {args.tokens} tokens per batch, {args.batches} batches, k={args.k}", flush=True
+        f"{name}: H={args.h}, {args.tokens} tokens per batch, {args.batches} timed batches after "
+        f"{args.warmup}, k={args.k}; Ray: max_inflight={args.max_inflight}, "
+        f"cpus_per_worker={args.cpus_per_worker}",
+        flush=True,
     )
+    failed = False
     for g in args.tp:
         if cuda and torch.cuda.device_count() < g:
             print(f"tp={g}: skipped ({torch.cuda.device_count()} GPUs)", flush=True)
@@ -169,16 +230,21 @@ def main() -> None:
             args.v1 = v
             base = run_torchrun(args, g)
             ray_r = run_ray(args, g)
+            same, check = compare(ray_r["results"], base["results"])
             tr = base["tokens"] / base["seconds"]
             rr = ray_r["tokens"] / ray_r["seconds"]
             overhead = tr / rr - 1
+            failed |= not same
             rows.append(
-                dict(gpu=name, tp=g, v=v, h=args.h, tokens_per_batch=args.tokens, k=args.k, torchrun_tok_s=tr,
-                     ray_tok_s=rr, ray_tok_s_per_gpu=rr / g, ray_overhead=overhead)
+                dict(gpu=name, tp=g, v=v, h=args.h, tokens_per_batch=args.tokens, k=args.k,
+                     batches=args.batches, max_inflight=args.max_inflight,
+                     cpus_per_worker=args.cpus_per_worker, torchrun_tok_s=tr, ray_tok_s=rr,
+                     ray_tok_s_per_gpu=rr / g, ray_overhead=overhead, check=check)
             )  # fmt: skip
             print(
                 f"tp={g} V={v}: torchrun {tr:,.0f} tok/s, Ray {rr:,.0f} tok/s ({rr / g:,.0f} per GPU), "
-                f"Ray overhead {overhead:+.1%} ({'PASS' if overhead < 0.10 else 'FAIL'} < 10%)",
+                f"Ray overhead {overhead:+.1%} ({'PASS' if overhead < 0.10 else 'FAIL'} < 10%); "
+                f"check {check}",
                 flush=True,
             )
     if args.out and rows:
@@ -187,6 +253,8 @@ def main() -> None:
         with open(path, "w") as f:
             json.dump(rows, f, indent=1)
         print("wrote", path)
+    if failed:
+        raise SystemExit("bench_ray: Ray results differ from torchrun's (see check above)")
 
 
 if __name__ == "__main__":

@@ -10,15 +10,21 @@ with one all-gather inside the group, so no actor ever holds the whole vocabular
   ``STRICT_PACK`` (one node, so NCCL uses NVLink): one GPU per actor when the cluster has GPUs
   (NCCL), else one CPU (gloo). Rank 0 picks a free port on its node and its IP and port are passed
   to the others for ``torch.distributed`` rendezvous; nothing else is needed from the environment.
-* **Data parallelism.** Batches go to the groups round-robin (at most ``max_inflight`` queued per
-  group); ``score_iter`` yields results in input order.
+* **Data parallelism.** Batches go to the least-loaded group (at most ``max_inflight`` in flight
+  per group); ``score_iter`` yields results in input order.
+* **Pipelining.** A worker answers one batch behind: the call that sends batch ``i`` launches it
+  and returns batch ``i-1``'s results (a ``flush`` call returns the last one). On a GPU the actor
+  copies batch ``i`` from the object store into reused pinned memory and on to the device on a
+  copy stream while batch ``i-1`` computes, and the results come back through pinned memory as
+  one packed int32 array per batch, from rank 0 only. The driver puts the next batches in the
+  object store meanwhile. On CPU (gloo) the same protocol runs without pinned memory or streams.
 * **Fault tolerance.** If any actor of a group dies (``RayActorError``, a crashed worker, a lost
   node, or a collective that fails because its peer died), the whole group is killed, its placement
   group removed, and a new group is built (new placement group, new rendezvous). The batches that
-  were in flight on it are resubmitted; each batch may be tried ``1 + max_retries`` times. Scoring a
-  batch is a pure function of the batch, so a retry gives the same rows and each row is returned
-  exactly once. Errors in the input (``ValueError``/``TypeError`` raised by the library) are not
-  retried.
+  were in flight on it (sent and not answered, including a worker's pending batch) are resubmitted;
+  each batch may be tried ``1 + max_retries`` times. Scoring a batch is a pure function of the
+  batch, so a retry gives the same rows and each row is returned exactly once. Errors in the
+  input (``ValueError``/``TypeError`` raised by the library) are not retried.
 * **Weights are loaded once:** the driver reads each rank's row range (from a safetensors file
   without reading the other rows, or from tensors) into the Ray object store; a rebuilt group's
   actors take their shard from there, so no shared file system is needed.
@@ -118,18 +124,101 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class TPWorker:
-    """One rank of a tensor-parallel group: one vocabulary shard of the head."""
+# Packed per-token results: one int32 array [T, 3 + 2k] per batch, so that a batch's results cross
+# the object store as one buffer. Words per row: lse, target_logprob (0 without targets), entropy
+# (float32 bits), then the k top-k ids (int32), then the k top-k log-probs (float32 bits).
+PACKED_HEAD = 3
 
-    def __init__(self, rank, world, vocab_start, weight, bias, vocab_size, device, dtype, backend, options):
+
+def pack_results(st, k: int) -> torch.Tensor:
+    """``SoftmaxStats`` of T rows as one int32 tensor ``[T, 3 + 2k]`` on their device."""
+    n = st.lse.shape[0]
+    words = torch.empty(n, PACKED_HEAD + 2 * k, dtype=torch.int32, device=st.lse.device)
+    words[:, 0] = st.lse.float().view(torch.int32)
+    if st.target_logprob is None:
+        words[:, 1] = 0
+    else:
+        words[:, 1] = st.target_logprob.float().view(torch.int32)
+    words[:, 2] = st.entropy.float().view(torch.int32)
+    words[:, PACKED_HEAD : PACKED_HEAD + k] = st.topk_ids
+    words[:, PACKED_HEAD + k :] = st.topk_logprobs.float().view(torch.int32)
+    return words
+
+
+def unpack_results(words: np.ndarray, has_targets: bool) -> ScoreResult:
+    """The inverse of ``pack_results``, as contiguous numpy arrays (a copy: ``words`` may be a
+    read-only view of the object store)."""
+    k = (words.shape[1] - PACKED_HEAD) // 2
+
+    def f32(cols) -> np.ndarray:
+        return np.ascontiguousarray(cols).view(np.float32)
+
+    return ScoreResult(
+        lse=f32(words[:, 0]),
+        target_logprob=f32(words[:, 1]) if has_targets else None,
+        entropy=f32(words[:, 2]),
+        topk_ids=words[:, PACKED_HEAD : PACKED_HEAD + k].astype(np.int64),
+        topk_logprobs=f32(words[:, PACKED_HEAD + k :]),
+    )
+
+
+def _grown(buffers: dict, name: str, nbytes: int, *, device, pin: bool) -> torch.Tensor:
+    """The first ``nbytes`` of the reusable byte buffer ``buffers[name]``, reallocated when too small."""
+    buf = buffers.get(name)
+    if buf is None or buf.numel() < nbytes:
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=device, pin_memory=pin)
+        buffers[name] = buf
+    return buf[:nbytes]
+
+
+class _Slot:
+    """The buffers of one batch on a worker. Two slots alternate, so that one batch is staged while
+    the previous one computes. On CUDA: pinned host buffers and their device twins; ``copied`` is
+    recorded on the copy stream after the host-to-device copies, ``done`` on the compute stream
+    after the results' device-to-host copy (then every buffer of the slot is free again). On the
+    CPU only the results buffer ``host["out"]`` is used and there are no events."""
+
+    def __init__(self, cuda: bool):
+        self.host: dict[str, torch.Tensor] = {}
+        self.dev: dict[str, torch.Tensor] = {}
+        self.copied = torch.cuda.Event() if cuda else None
+        self.done = torch.cuda.Event() if cuda else None
+
+
+@dataclass
+class _Pending:
+    """A batch launched on a worker whose results have not been returned yet."""
+
+    seq: int
+    slot: _Slot
+    n_rows: int
+    width: int  # int32 words per row of its packed results
+
+
+class TPWorker:
+    """One rank of a tensor-parallel group: one vocabulary shard of the head.
+
+    Protocol, one batch behind: ``score(seq, ...)`` stages and launches batch ``seq`` and returns
+    the results of the batch before it as ``(prev_seq, words)`` (``None`` for the first batch);
+    ``flush()`` returns the last one. On a GPU this keeps the device busy: batch ``seq`` is copied
+    from the object store into pinned memory and on to the GPU (on a copy stream) while the
+    previous batch computes, and its kernels are queued before the previous results are read.
+    ``words`` is the ``pack_results`` array on rank 0 and None on the other ranks (every rank holds
+    the same global results; only one ships them).
+    """
+
+    def __init__(self, rank, world, vocab_start, weight, bias, vocab_size, device, dtype, backend, options,
+                 threads=1):  # fmt: skip
         import shardsoftmax as ss
 
         self.ss = ss
         if backend is not None:
             ss.set_backend(backend)
+        torch.set_num_threads(max(1, int(threads)))  # the staging copy runs on these
         self.rank, self.world, self.vocab_start, self.vocab_size = rank, world, vocab_start, vocab_size
         self.device = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
-        if self.device.type == "cuda":
+        self.cuda = self.device.type == "cuda"
+        if self.cuda:
             torch.cuda.set_device(self.device)  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
         weight, bias = from_wire(weight), from_wire(bias)
         self.dtype = weight.dtype if dtype is None else dtype
@@ -137,6 +226,9 @@ class TPWorker:
         self.bias = None if bias is None else bias.to(self.device, self.dtype, copy=True)
         self.options = options  # temperature, softcap, ignore_index
         self.group = None
+        self.copy_stream = torch.cuda.Stream() if self.cuda else None
+        self.slots = (_Slot(self.cuda), _Slot(self.cuda))
+        self.pending: _Pending | None = None
 
     def rendezvous_address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), _free_port()
@@ -144,9 +236,9 @@ class TPWorker:
     def init_group(self, addr: str, port: int, timeout_s: float) -> int:
         import torch.distributed as dist
 
-        kw = {"device_id": self.device} if self.device.type == "cuda" else {}
+        kw = {"device_id": self.device} if self.cuda else {}
         dist.init_process_group(
-            "nccl" if self.device.type == "cuda" else "gloo",
+            "nccl" if self.cuda else "gloo",
             init_method=f"tcp://{addr}:{port}",
             rank=self.rank,
             world_size=self.world,
@@ -156,29 +248,78 @@ class TPWorker:
         self.group = dist.group.WORLD
         return os.getpid()
 
-    def score(self, hidden, targets, k: int):
+    def score(self, seq: int, hidden, targets, k: int):
+        """Launch batch ``seq``; return the previous batch's results (see the class docstring)."""
         hidden, targets = from_wire(hidden), from_wire(targets)
-        h = hidden.to(self.device, self.dtype)
-        t = None if targets is None else targets.to(self.device, torch.int64)
+        prev = self.pending
+        slot = self.slots[1] if prev is not None and prev.slot is self.slots[0] else self.slots[0]
+        if self.cuda:  # the batch that used this slot two calls ago is finished with its buffers
+            slot.copied.synchronize()
+            slot.done.synchronize()
+        h = self._stage(slot, "hidden", hidden)
+        t = None if targets is None else self._stage(slot, "targets", targets)
+        if self.cuda:
+            slot.copied.record(self.copy_stream)
+            if prev is not None:
+                # Wait for the previous batch before launching this one (a few microseconds of idle
+                # GPU): then this call's collective resolves the library's deferred checks of the
+                # previous batch, which raise here, before its results are returned, if they failed.
+                prev.slot.done.synchronize()
+            torch.cuda.current_stream().wait_event(slot.copied)
+        width = self._compute(slot, h, t, k)
+        self.pending = _Pending(seq, slot, hidden.shape[0], width)
+        return self._take(prev)
+
+    def flush(self):
+        """The results of the last launched batch, ``(seq, words)``, or None if there is none."""
+        prev, self.pending = self.pending, None
+        if prev is not None and self.cuda:
+            prev.slot.done.synchronize()
+        if prev is not None:
+            self.ss.synchronize(self.group)  # raise any deferred check of that batch first
+        return self._take(prev)
+
+    def _stage(self, slot: _Slot, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (host memory, read-only in the object store) on this worker's device: on CUDA
+        through the slot's pinned buffer, with an asynchronous copy on the copy stream."""
+        if not self.cuda:
+            return x
+        nbytes = x.numel() * x.element_size()
+        host = _grown(slot.host, name, nbytes, device="cpu", pin=True)
+        dev = _grown(slot.dev, name, nbytes, device=self.device, pin=False)
+        host.view(x.dtype).view(x.shape).copy_(x)
+        with torch.cuda.stream(self.copy_stream):
+            dev.copy_(host, non_blocking=True)
+        return dev.view(x.dtype).view(x.shape)
+
+    def _compute(self, slot: _Slot, hidden: torch.Tensor, targets, k: int) -> int:
+        """Queue the batch on the current stream; rank 0 also queues its packed results' copy into
+        ``slot.host["out"]``. Returns the packed width."""
         with torch.no_grad():
+            h = hidden.to(self.dtype)
+            t = None if targets is None else targets.to(torch.int64)
             logits = torch.nn.functional.linear(h, self.weight, self.bias)  # [T, V_shard]: this shard only
             st = self.ss.softmax_stats(
                 logits, t, k=k, vocab_size=self.vocab_size, vocab_start=self.vocab_start,
                 process_group=self.group, **self.options,
             )  # fmt: skip
+            if self.rank == 0:
+                words = pack_results(st, k)
+                out = _grown(slot.host, "out", words.numel() * 4, device="cpu", pin=self.cuda)
+                out.view(torch.int32).view(words.shape).copy_(words, non_blocking=self.cuda)
+        if self.cuda:
+            slot.done.record()
+        return PACKED_HEAD + 2 * k
+
+    def _take(self, prev: _Pending | None):
+        """``(seq, words)`` of a launched batch (its results must have landed), or None."""
+        if prev is None:
+            return None
         if self.rank != 0:
-            return None  # every rank holds the same global results; rank 0 answers
-
-        def out(x, dt):
-            return None if x is None else x.to("cpu", dt).numpy()
-
-        return ScoreResult(
-            out(st.lse, torch.float32),
-            out(st.target_logprob, torch.float32),
-            out(st.entropy, torch.float32),
-            out(st.topk_ids, torch.int64),
-            out(st.topk_logprobs, torch.float32),
-        )
+            return prev.seq, None
+        n = prev.n_rows * prev.width
+        words = prev.slot.host["out"][: 4 * n].view(torch.int32).view(prev.n_rows, prev.width)
+        return prev.seq, words.numpy().copy()  # a copy: the slot's buffer is reused
 
 
 _RemoteWorker = ray.remote(max_restarts=0, max_task_retries=0)(TPWorker)
@@ -189,7 +330,8 @@ class _Group:
     index: int
     actors: list = field(default_factory=list)
     pg: object = None
-    inflight: list = field(default_factory=list)  # seqs, in submission order
+    inflight: list = field(default_factory=list)  # seqs sent to it whose results are not back, in order
+    calls: list = field(default_factory=list)  # _Calls sent to it that have not returned on every rank
 
 
 @dataclass
@@ -199,10 +341,17 @@ class _Task:
     targets_ref: object
     k: int
     attempts: int = 0
-    group: int = -1
-    refs: list = field(default_factory=list)
+    result: ScoreResult | None = None
+
+
+@dataclass
+class _Call:
+    """One method call (``score`` or ``flush``) on every actor of a group."""
+
+    group: int
+    refs: list
     n_done: int = 0
-    result: object = None
+    value: object = None  # rank 0's return value: (seq, packed words) or None
 
 
 def _retryable(err: BaseException) -> bool:
@@ -220,8 +369,10 @@ class ShardedScorer:
     or a weight tensor ``[V, H]`` (with ``bias=``). ``vocab_size``: the true vocabulary size
     (default: from the file, else V); weight rows past it are padding. ``device``: "auto" (GPUs
     if the cluster has any, else CPUs), "cuda" or "cpu". ``dtype``: the logits' dtype ("float32",
-    "bfloat16", "float16", "float64", or "auto" for the head's). Use as a context manager or call
-    ``close()``.
+    "bfloat16", "float16", "float64", or "auto" for the head's). ``max_inflight``: batches in
+    flight per replica (read ahead, in the object store, or not yet yielded; 4 keeps a GPU busy).
+    ``cpus_per_worker``: CPUs reserved per actor, also the threads of its staging copy. Use as a
+    context manager or call ``close()``.
     """
 
     def __init__(
@@ -239,7 +390,7 @@ class ShardedScorer:
         softcap: float | None = None,
         ignore_index: int = -100,
         max_retries: int = 3,
-        max_inflight: int = 2,
+        max_inflight: int = 4,
         cpus_per_worker: float = 1,
         backend: str | None = None,
         address: str | None = None,
@@ -266,12 +417,15 @@ class ShardedScorer:
             raise InputError(
                 f"k must be an int in [0, min(1024, vocab_size={self.info.vocab_size})], got {k!r}"
             )
+        if self.info.vocab_size >= 2**31:  # the packed results carry top-k ids as int32
+            raise InputError(f"vocab_size={self.info.vocab_size} must be < 2**31")
         self.tp, self.replicas, self.k = tp, replicas, k
         self.max_retries, self.max_inflight = max_retries, max_inflight
         self.cpus_per_worker = cpus_per_worker
         self.collective_timeout_s, self.start_timeout_s = collective_timeout_s, start_timeout_s
         self.options = {"temperature": temperature, "softcap": softcap, "ignore_index": ignore_index}
         self.rebuilds = 0
+        self._next_seq = 0  # batch ids, unique over the scorer's life
         self._groups: list[_Group] = []
         self._owns_ray = ensure_ray(address, num_cpus)
         try:
@@ -391,6 +545,7 @@ class ShardedScorer:
                 self._dtype,
                 self._backend,
                 self.options,
+                self.cpus_per_worker,
             )  # fmt: skip
             for r, (start, w_ref, b_ref) in enumerate(self._shards)
         ]
@@ -439,7 +594,12 @@ class ShardedScorer:
 
     def score_iter(self, batches: Iterable, *, k: int | None = None) -> Iterator[ScoreResult]:
         """Score ``(hidden, targets)`` batches over all replicas; yield results in input order.
-        Reads ahead at most ``replicas * max_inflight`` batches."""
+
+        At most ``replicas * max_inflight`` batches are in flight: read from ``batches``, put in the
+        object store and not yet yielded (each group holds at most ``max_inflight`` of them). The
+        workers answer one batch behind (``TPWorker``): a group's ``score`` call for batch ``s``
+        returns the results of the batch sent to it before ``s``; when nothing more can be sent to
+        a group that still holds a batch, it is sent ``flush``."""
         k = self.k if k is None else k
         if not isinstance(k, int) or not 0 <= k <= min(1024, self.info.vocab_size):
             raise ValueError(
@@ -447,23 +607,41 @@ class ShardedScorer:
             )
         source = iter(batches)
         exhausted = False
-        tasks: dict[int, _Task] = {}
-        owner: dict = {}  # ObjectRef -> (task, rank)
-        next_seq = next_out = 0
+        tasks: dict[int, _Task] = {}  # in flight, by seq
+        owner: dict = {}  # ObjectRef -> (call, rank)
+        order: list[int] = []  # seqs of this iteration, in input order, not yet yielded
         cap = self.replicas * self.max_inflight
 
+        def send(g: _Group, method: str, *args) -> None:
+            call = _Call(g.index, [getattr(a, method).remote(*args) for a in g.actors])
+            for r, ref in enumerate(call.refs):
+                owner[ref] = (call, r)
+            g.calls.append(call)
+
         def submit(task: _Task, g: _Group) -> None:
-            task.group, task.n_done, task.attempts = g.index, 0, task.attempts + 1
-            task.refs = [a.score.remote(task.hidden_ref, task.targets_ref, task.k) for a in g.actors]
-            for r, ref in enumerate(task.refs):
-                owner[ref] = (task, r)
+            task.attempts += 1
+            send(g, "score", task.seq, task.hidden_ref, task.targets_ref, task.k)
             g.inflight.append(task.seq)
+
+        def returned(call: _Call) -> None:
+            """Every rank answered: the batch rank 0 returned is done (a seq that is not in flight
+            in this group is a leftover of an abandoned iteration and is dropped)."""
+            g = self._groups[call.group]
+            g.calls.remove(call)
+            if call.value is None:
+                return
+            seq, words = call.value
+            if seq in g.inflight:
+                task = tasks[seq]
+                task.result = unpack_results(words, task.targets_ref is not None)
+                g.inflight.remove(seq)
 
         def fail(g: _Group, err: BaseException) -> None:
             victims = [tasks[s] for s in g.inflight]
-            for t in victims:
-                for ref in t.refs:
+            for call in g.calls:
+                for ref in call.refs:
                     owner.pop(ref, None)
+            g.calls.clear()
             g.inflight.clear()
             for t in victims:
                 if t.attempts > self.max_retries:
@@ -491,23 +669,23 @@ class ShardedScorer:
                         exhausted = True
                         break
                     hidden, targets = self._check_batch(hidden, targets)
-                    t = _Task(
-                        next_seq,
-                        ray.put(to_wire(hidden)),
-                        None if targets is None else ray.put(to_wire(targets)),
-                        k,
-                    )
-                    tasks[next_seq] = t
-                    next_seq += 1
+                    seq = self._next_seq  # unique over the scorer's life (see `returned`)
+                    self._next_seq += 1
+                    targets_ref = None if targets is None else ray.put(to_wire(targets))
+                    t = _Task(seq, ray.put(to_wire(hidden)), targets_ref, k)
+                    tasks[seq] = t
+                    order.append(seq)
                     submit(t, g)
-                if next_out in tasks and tasks[next_out].n_done == self.tp:
-                    yield tasks.pop(next_out).result
-                    next_out += 1
+                for g in self._groups:  # nothing more goes to this group now: collect its last batch
+                    if g.inflight and not g.calls:
+                        send(g, "flush")
+                if order and tasks[order[0]].result is not None:
+                    yield tasks.pop(order.pop(0)).result
                     continue
                 if exhausted and not tasks:
                     return
                 pending = list(owner)
-                if not pending:  # pragma: no cover - every unfinished task has refs in flight
+                if not pending:  # pragma: no cover - every unfinished task has calls in flight
                     raise RuntimeError("shardsoftmax: scorer lost track of its batches")
                 ray.wait(pending, num_returns=1)
                 ready, _ = ray.wait(pending, num_returns=len(pending), timeout=0)
@@ -515,28 +693,29 @@ class ShardedScorer:
                 for ref in ready:
                     if ref not in owner:
                         continue
-                    task, rank = owner[ref]
-                    if task.group in failed:
+                    call, rank = owner[ref]
+                    if call.group in failed:
                         continue
                     try:
                         value = ray.get(ref)
                     except Exception as err:
                         if not _retryable(err):
                             raise
-                        failed[task.group] = err
+                        failed[call.group] = err
                         continue
                     del owner[ref]
-                    task.n_done += 1
+                    call.n_done += 1
                     if rank == 0:
-                        task.result = value
-                    if task.n_done == self.tp:
-                        self._groups[task.group].inflight.remove(task.seq)
+                        call.value = value
+                    if call.n_done == self.tp:
+                        returned(call)
                 for gi, err in failed.items():
                     fail(self._groups[gi], err)
         finally:  # abandoned early (an error, or the caller stopped): forget what is still queued
             owner.clear()
             for g in self._groups:
                 g.inflight.clear()
+                g.calls.clear()
 
     # ------------------------------------------------------------------------------------ testing / teardown
 

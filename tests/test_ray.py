@@ -155,6 +155,59 @@ def test_scorer_tp2_matches_single_process(ray_cluster, data):
         np.testing.assert_allclose(again.lse, got.lse, rtol=1e-6, atol=1e-6)
 
 
+def test_scorer_pipelined_many_batches_in_flight(ray_cluster, data):
+    """The one-batch-behind protocol with several batches in flight on 2 replicas: mixed sizes,
+    with and without targets, fp32 and bf16, every row equal to the single-process API; an
+    abandoned iteration, a killed worker mid-stream and no read-ahead (max_inflight=1) on the way."""
+    hidden, targets = data["shards"]["a"]
+    cuts = [0, 1, 8, 72, 105, 106, 170, 233, 300]
+    batches = []
+    for i, (lo, hi) in enumerate(zip(cuts, cuts[1:])):
+        h = hidden[lo:hi].bfloat16() if i == 3 else hidden[lo:hi]
+        batches.append((h, None if i % 3 == 1 else targets[lo:hi]))
+
+    def check(results, batches):
+        assert len(results) == len(batches)
+        for got, (h, t) in zip(results, batches):
+            assert_matches(got._asdict(), reference(data, h.float(), t), t, null_ignored=False)
+
+    with ShardedScorer(
+        data["weight"], bias=data["bias"], vocab_size=VOCAB, tp=2, replicas=2, k=K, device="cpu",
+        max_inflight=3,
+    ) as scorer:  # fmt: skip
+        cap = scorer.replicas * scorer.max_inflight
+        reads, ahead = [0], []
+
+        def counted(items):
+            for item in items:
+                reads[0] += 1
+                yield item
+
+        results = []
+        for res in scorer.score_iter(counted(batches)):
+            ahead.append(reads[0] - len(results))  # batches read and not yet yielded
+            results.append(res)
+        check(results, batches)
+        assert max(ahead) == cap and min(ahead) >= 1, ahead  # several in flight, never more than cap
+
+        # abandon an iteration after two results: its workers' pending batches must not leak
+        it = scorer.score_iter(batches)
+        assert [next(it) for _ in range(2)] and it.close() is None
+        check(list(scorer.score_iter(batches)), batches)
+
+        # a worker dies while batches are in flight on its group: rebuilt, every batch once, in order
+        results = []
+        for res in scorer.score_iter(batches):
+            if not results:
+                scorer.kill_worker(1, 1)
+            results.append(res)
+        assert scorer.rebuilds == 1
+        check(results, batches)
+
+        scorer.max_inflight = 1  # no read-ahead: every batch is collected by a flush call
+        check(list(scorer.score_iter(batches)), batches)
+
+
 def test_job_dp2_tp2(ray_cluster, data, tmp_path):
     summary = run_job(job(data, tmp_path / "out", replicas=2))
     assert summary.workers == 4 and summary.shards_computed == len(SHARDS)
@@ -269,6 +322,20 @@ def test_cli_demo(tmp_path):
     assert files == [MANIFEST] + [f"part-{i:03d}.parquet" for i in range(4)]
     rows = sum(pq.read_metadata(scores / f).num_rows for f in files[1:])
     assert rows == 1500 + 1024 + 1201 + 777
+
+
+def test_bench_ray_cpu_dry_run(tmp_path):
+    """benchmarks/bench_ray.py on tiny CPU sizes: torchrun and Ray both run, and Ray's results
+    equal torchrun's batch by batch (the benchmark's own check)."""
+    bench = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_ray.py"
+    )
+    cmd = [sys.executable, bench, "--tp", "2", "--out", str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_cli_env(), timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "tp=2 V=1000: torchrun " in r.stdout and "check PASS (8 batches" in r.stdout, r.stdout
+    (row,) = json.load(open(tmp_path / "bench_ray.json"))
+    assert row["tp"] == 2 and row["torchrun_tok_s"] > 0 and row["ray_tok_s"] > 0
 
 
 # ---------------------------------------------------------------------------------------- GPU tier
