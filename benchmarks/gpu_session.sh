@@ -9,14 +9,18 @@
 #     bash benchmarks/gpu_session.sh [steps...]   # steps: install tests bench dist2 dist4 plot summary
 #                                                 # (default: all of them); optional: host selftest
 #                                                 # linear (the fused LM head, bench_linear.py)
+#                                                 # nccl (the NCCL pytest tier, 2 and 4 GPUs)
+#                                                 # ray (Ray's NCCL job test and bench_ray.py;
+#                                                 # needs the wheels of .whl/ carried)
 #
 # Limits (seconds, environment): TEST_LIMIT=80 BENCH_LIMIT=210 DIST2_LIMIT=70 DIST4_LIMIT=120;
-# LINEAR_LIMIT=300 (opt-in step).
+# LINEAR_LIMIT=300 NCCL_LIMIT=200 RAY_LIMIT=300 (opt-in steps).
 # Carried wheels: .wheels/*.whl (liger-kernel 0.8.5) are installed too; without them the Liger
 # peers are skipped with the reason printed.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
+OUT=$(realpath "$OUT")  # steps that run from /tmp (ray) write here too
 # NVLink multicast (NVLS) off: it is not available on these machines.
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH=/tmp/ss_site${PYTHONPATH:+:$PYTHONPATH}
@@ -84,6 +88,21 @@ fi
 if has selftest && [ "$NGPU" -ge 2 ]; then
     step torchrun_tests 120 python -P -m torch.distributed.run --standalone --nproc-per-node "$NGPU" \
         --no-python python -P -m shardsoftmax.launch.torchrun tests
+fi
+if has nccl && [ "$NGPU" -ge 2 ]; then
+    step pytest_nccl "${NCCL_LIMIT:-200}" python -P -m pytest -q -x -p no:cacheprovider -rs \
+        tests/test_distributed.py -k "nccl"
+fi
+if has ray && [ "$NGPU" -ge 2 ]; then
+    # Ray adds the driver's working directory to its workers' import path: run from /tmp so that
+    # the installed package (not the source tree, whose kernels/ sits outside shardsoftmax/) loads.
+    pip install -q --no-index --no-deps --target /tmp/ss_site .whl/*.whl >>"$OUT/install.log" 2>&1 || tail -5 "$OUT/install.log"
+    R=$PWD
+    limit=${RAY_LIMIT:-300}
+    (cd /tmp && step ray_nccl_test 150 python -P -m pytest -q -p no:cacheprovider "$R/tests/test_ray.py" -k gpu_tp2_nccl)
+    tps="2"
+    [ "$NGPU" -ge 4 ] && tps="2 4"
+    (cd /tmp && step bench_ray "$limit" python -P "$R/benchmarks/bench_ray.py" --tp $tps --v 128256 256000 --out "$OUT")
 fi
 if has plot; then
     step plot 40 python -P benchmarks/plot.py "$OUT"/*.csv --out "$OUT/figures"

@@ -314,3 +314,15 @@ def test_checks_reject_wrong_results():
     with pytest.raises(C.CheckFailed):
         C.expect_topk("top", swapped, ref.topk_vals, x_rows, ref, exact_ids=True)
     assert C.run_check(lambda: C.expect_close("x", torch.ones(3) * 2, torch.ones(3)))[0] == "wrong"
+
+
+def test_profile_group_dry_run():
+    """``benchmarks/profile_group.py`` (a host-overhead tool) runs under torchrun on CPU (gloo)."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += [os.path.join(BENCH_DIR, "profile_group.py"), "--dry-run"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "== profile_group: cpu, 2 ranks" in proc.stdout and "cross_entropy fwd    group" in proc.stdout

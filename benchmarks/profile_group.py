@@ -1,0 +1,136 @@
+"""Where the time of a call over a process group goes, per rank: host time, wall time, syncs.
+
+    torchrun --standalone --nproc-per-node 2 benchmarks/profile_group.py [--v 128256] [--n 8192]
+    torchrun --standalone --nproc-per-node 2 benchmarks/profile_group.py --dry-run   # CPU, gloo
+
+For ``softmax_stats`` (k=0 and k=50) and ``cross_entropy`` forward, on this rank's shard alone
+(``process_group=None``) and over the group, rank 0 prints:
+
+* host µs: the CPU clock around 50 back-to-back calls without a sync, per call (what one call
+  costs the Python thread);
+* wall µs: the same 50 calls followed by one sync, per call (max of host and GPU time);
+* syncs: how many host-device synchronizations ``torch.cuda.set_sync_debug_mode("warn")`` reports
+  in 5 steady-state calls (0 expected);
+* then a cProfile of 50 group calls of ``softmax_stats`` k=0 (top functions by own time).
+A tool for finding host overhead; the benchmark with the bars is bench_dist.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+
+import shardsoftmax as ss
+
+CALLS = 50
+
+
+def per_call_us(fn, device, *, sync_at_end: bool) -> float:
+    for _ in range(min(10, CALLS)):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dist.barrier()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(CALLS):
+            fn()
+        if sync_at_end and device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) / CALLS * 1e6)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dist.barrier()
+    return best
+
+
+def count_syncs(fn, device) -> int:
+    if device.type != "cuda":
+        return 0
+    fn()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(5):
+                fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    ss.synchronize(dist.group.WORLD)
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--v", type=int, default=128256, help="global vocabulary")
+    ap.add_argument("--n", type=int, default=8192)
+    ap.add_argument("--dry-run", action="store_true", help="CPU, gloo, tiny sizes, torch backend")
+    args = ap.parse_args()
+    if args.dry_run:  # a check that the script runs: the torch backend, a few calls
+        global CALLS
+        CALLS = 2
+        ss.set_backend("torch")
+    cuda = torch.cuda.is_available() and not args.dry_run
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    n, v = (args.n, args.v) if cuda else (16, 256)
+    width = v // world + (rank < v % world)
+    g = torch.Generator(device="cpu").manual_seed(rank)
+    x = torch.randn(n, width, generator=g).to(device=device, dtype=torch.bfloat16)
+    t = torch.randint(0, v, (n,), generator=g).to(device)
+    group = dist.group.WORLD
+    ops = {
+        "softmax_stats k=0": lambda pg: ss.softmax_stats(x, t, process_group=pg),
+        "softmax_stats k=50": lambda pg: ss.softmax_stats(x, t, k=50, process_group=pg),
+        "cross_entropy fwd": lambda pg: ss.cross_entropy(x, t, process_group=pg),
+    }
+    rows = []
+    for name, op in ops.items():
+        for where, pg in (("alone", None), ("group", group)):
+            fn = lambda op=op, pg=pg: op(pg)  # noqa: E731
+            host = per_call_us(fn, device, sync_at_end=False)
+            wall = per_call_us(fn, device, sync_at_end=True)
+            syncs = count_syncs(fn, device)
+            rows.append((name, where, host, wall, syncs))
+    profile = ""
+    if rank == 0:
+        prof = cProfile.Profile()
+        prof.enable()
+    for _ in range(CALLS):
+        ops["softmax_stats k=0"](group)
+    if cuda:
+        torch.cuda.synchronize()
+    if rank == 0:
+        prof.disable()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+        profile = buf.getvalue()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, rows)
+    if rank == 0:
+        name = torch.cuda.get_device_name() if cuda else "cpu"
+        print(f"== profile_group: {name}, {world} ranks, N={n}, V={v} (V_shard ~{v // world}), bf16")
+        print(f"{'op':20s} {'where':6s} " + " ".join(f"host/wall/syncs r{r:<10d}" for r in range(world)))
+        for i, (op_name, where, *_rest) in enumerate(rows):
+            cells = " ".join(f"{g[i][2]:7.0f} {g[i][3]:7.0f} {g[i][4]:3d}   " for g in gathered)
+            print(f"{op_name:20s} {where:6s} {cells}")
+        print(f"(µs per call; {CALLS} calls back to back; best of 3)")
+        print(profile)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
