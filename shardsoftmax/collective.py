@@ -272,10 +272,15 @@ def _check_consistent(headers: list[Header]) -> tuple[tuple[int, ...], int, int]
 
 
 def _all_gather(buf: torch.Tensor, group) -> torch.Tensor:
-    world = dist.get_world_size(group)
-    out = torch.empty((world, buf.numel()), dtype=buf.dtype, device=buf.device)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.12
-    gather(out.view(-1), buf, group=group)
+    """``buf`` of every rank, stacked [G, len]. The ProcessGroup's own method when it has one: the
+    Python front end (``dist.all_gather_into_tensor``) spends ~100 µs per call on checks that
+    ``exchange`` does not need (measured on an H200 host, ``benchmarks/profile_group.py``)."""
+    out = torch.empty((group.size(), buf.numel()), dtype=buf.dtype, device=buf.device)
+    if hasattr(group, "_allgather_base"):
+        group._allgather_base(out.view(-1), buf).wait()  # wait: the current stream waits (NCCL)
+    else:
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # 2.12 name
+        gather(out.view(-1), buf, group=group)
     return out
 
 
@@ -330,10 +335,28 @@ class _Check:
 _pending: dict[int, deque] = {}
 
 
+class _Ring:
+    """Pinned buffers and events for the pending checks of one group, allocated once (a pinned
+    allocation or an event creation per call costs more host time than the rest of the check).
+    ``_resolve`` keeps at most MAX_PENDING checks queued, so the slot handed out next (used
+    MAX_PENDING + 1 calls ago) is no longer queued."""
+
+    def __init__(self, shape):
+        self.host = torch.empty((MAX_PENDING + 1, *shape), dtype=torch.int32, pin_memory=True)
+        self.events = [torch.cuda.Event() for _ in range(MAX_PENDING + 1)]
+        self.i = 0
+
+    def next(self):
+        i, self.i = self.i, (self.i + 1) % len(self.events)
+        return self.host[i], self.events[i]
+
+
+_rings: dict[int, _Ring] = {}
+
+
 def _resolve(key: int, *, wait: bool) -> None:
-    """Raise the error of the oldest failed check of group ``key`` whose headers have landed (all
-    of them with ``wait``). A failed check clears the queue: later calls of that group have
-    already been poisoned or will resolve on their own."""
+    """Drop the checks of group ``key`` whose headers have landed and agree (with ``wait``: all
+    of them); raise the error of the first that does not (each failed call raises once)."""
     queue = _pending.get(key)
     while queue:
         check = queue[0]
@@ -343,7 +366,6 @@ def _resolve(key: int, *, wait: bool) -> None:
             check.event.synchronize()
         queue.popleft()
         if not torch.equal(check.words, check.agreed.words_host):
-            queue.clear()
             err = _mismatch(_read_headers(check.words), check.agreed)
             raise type(err)(
                 f"{err} (found by the check of an earlier call on this rank, whose results are NaN / id -1)"
@@ -365,9 +387,11 @@ def _check_fast(key: int, gathered: torch.Tensor, agreed: Agreed) -> None:
             raise _mismatch(_read_headers(words), agreed)
         return
     if cuda:
-        host = torch.empty(words.shape, dtype=words.dtype, pin_memory=True)
+        ring = _rings.get(key)
+        if ring is None or ring.host.shape[1:] != words.shape:
+            ring = _rings[key] = _Ring(words.shape)
+        host, event = ring.next()
         host.copy_(words, non_blocking=True)
-        event = torch.cuda.Event()
         event.record()
     else:
         host, event = words.clone(), None
@@ -386,7 +410,7 @@ def exchange(
     rank raises instead of hanging."""
     key = id(group)
     _resolve(key, wait=False)
-    rank = dist.get_rank(group)
+    rank = group.rank()
     if error is not None:
         header = Header(**{**header.__dict__, "error": ERR_INVALID_INPUT})
     for _attempt in range(2):
@@ -426,3 +450,4 @@ def forget(group) -> None:
     """Drop the agreed layout and pending checks cached for ``group`` (after destroying it)."""
     _agreed.pop(id(group), None)
     _pending.pop(id(group), None)
+    _rings.pop(id(group), None)

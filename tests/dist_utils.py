@@ -229,13 +229,45 @@ _COLLECTIVES = (
 )
 
 
+# The same collectives as ProcessGroup methods (the back end the functions above call, which a
+# caller may also call directly, as ``collective._all_gather`` does).
+_PG_METHODS = (
+    "_allgather_base",
+    "all_gather_single",
+    "all_gather_single_coalesced",
+    "all_to_all_single",
+    "allgather",
+    "allgather_coalesced",
+    "allgather_into_tensor_coalesced",
+    "allreduce",
+    "allreduce_coalesced",
+    "alltoall",
+    "alltoall_base",
+    "barrier",
+    "broadcast",
+    "gather",
+    "monitored_barrier",
+    "recv",
+    "recv_anysource",
+    "reduce",
+    "reduce_scatter",
+    "_reduce_scatter_base",
+    "reduce_scatter_single",
+    "reduce_scatter_single_coalesced",
+    "reduce_scatter_tensor_coalesced",
+    "scatter",
+    "send",
+)
+
+
 @contextlib.contextmanager
 def count_collectives():
     """Count torch.distributed collective calls (and point-to-point ones) made in this process.
 
     Yields a ``Counter`` {function name: calls}; ``sum(counter.values())`` is the total. A call
     made from inside another counted call (e.g. one name forwarding to another) counts once.
-    Patches both ``torch.distributed`` and ``torch.distributed.distributed_c10d``.
+    Patches ``torch.distributed``, ``torch.distributed.distributed_c10d`` and the collective
+    methods of ``ProcessGroup``.
     """
     from torch.distributed import distributed_c10d as c10d
 
@@ -264,6 +296,11 @@ def count_collectives():
             orig = originals.setdefault(name, fn)
             patched.append((mod, name, fn))
             setattr(mod, name, wrap(name, orig))
+    for name in _PG_METHODS:
+        fn = getattr(dist.ProcessGroup, name, None)
+        if fn is not None:
+            patched.append((dist.ProcessGroup, name, fn))
+            setattr(dist.ProcessGroup, name, wrap(name, fn))
     try:
         yield counts
     finally:
