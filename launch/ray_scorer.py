@@ -898,6 +898,8 @@ class ShardedScorer:
         (queueing this batch; on CPU, computing it), ``take`` (results to the reply), ``flush``;
         ``calls`` and ``threads`` (torch threads of the staging copy).
         """
+        if not self._clock.on:
+            return {"driver": {}, "workers": []}
         answers = ray.get([a.timings.remote(reset) for g in self._groups for a in g.actors])
         driver = self._clock.take() if reset else dict(self._clock.sums)
         out = {"driver": _per_batch(driver, "results"), "workers": []}
@@ -911,6 +913,8 @@ class ShardedScorer:
     def reset_breakdown(self) -> None:
         """Restart the timing sums, without waiting (the workers reset after the calls already
         sent to them): e.g. after a warm-up, in the middle of an iteration."""
+        if not self._clock.on:
+            return
         self._clock.take()
         for g in self._groups:
             for a in g.actors:
