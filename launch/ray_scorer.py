@@ -837,8 +837,8 @@ class ShardedScorer:
                         send(g, "flush")
                         clock.lap("send")
                 if order and tasks[order[0]].result is not None:
-                    yield tasks.pop(order.pop(0)).result
                     clock.add("results", 1)
+                    yield tasks.pop(order.pop(0)).result
                     clock.lap("caller")  # the time the caller kept the result before asking again
                     continue
                 if exhausted and not tasks:

@@ -339,16 +339,19 @@ def test_cli_demo(tmp_path):
 
 def test_bench_ray_cpu_dry_run(tmp_path):
     """benchmarks/bench_ray.py on tiny CPU sizes: torchrun and Ray both run, and Ray's results
-    equal torchrun's batch by batch (the benchmark's own check)."""
+    equal torchrun's batch by batch (the benchmark's own check); the timing breakdown is printed
+    and saved."""
     bench = os.path.join(
         os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_ray.py"
     )
-    cmd = [sys.executable, bench, "--tp", "2", "--out", str(tmp_path)]
+    cmd = [sys.executable, bench, "--tp", "2", "--breakdown", "--out", str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=_cli_env(), timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "tp=2 V=1000: torchrun " in r.stdout and "check PASS (8 batches" in r.stdout, r.stdout
+    assert "  driver: read " in r.stdout and "  worker (replica 0 rank 1, 1 threads): idle " in r.stdout
     (row,) = json.load(open(tmp_path / "bench_ray.json"))
     assert row["tp"] == 2 and row["torchrun_tok_s"] > 0 and row["ray_tok_s"] > 0
+    assert row["ray_breakdown"]["driver"]["results"] == 6  # the timed batches only
 
 
 # ---------------------------------------------------------------------------------------- GPU tier
