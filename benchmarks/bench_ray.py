@@ -12,6 +12,13 @@ after the other (a host sync per batch, for the results); the Ray scorer streams
 last result, i.e. its steady-state rate. Before the numbers count, every Ray result is checked
 against torchrun's result of the same batch (top-k ids and floats; printed as ``check``).
 
+``--breakdown``: the Ray scorer also times each stage of its data path over the timed batches
+(``ShardedScorer.timing_breakdown``: a clock read per stage, no sync) and prints it per batch: the
+driver's put into the object store (and its page faults), its waits, each actor's staging copy
+into pinned memory, its wait for the previous batch on the GPU, and so on. ``busy`` sums what is
+not waiting: the side whose ``busy`` is near the wall time per batch is the bottleneck (the GPU
+when the workers' ``prev_wait`` is large).
+
     # the torchrun baseline (G processes), then the Ray scorer with tp=G, in one command:
     python benchmarks/bench_ray.py --tp 2 4 --v 128256 256000 [--h 4096] [--tokens 8192] [--out DIR]
 
@@ -174,15 +181,44 @@ def run_ray(args, g: int) -> dict:
     with ShardedScorer(
         weight, tp=g, replicas=1, k=args.k, device="cuda" if cuda else "cpu",
         dtype="bfloat16" if cuda else "float32", max_inflight=args.max_inflight,
-        cpus_per_worker=args.cpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker, put_threads=args.put_threads, breakdown=args.breakdown,
     ) as scorer:  # fmt: skip
         for res in scorer.score_iter(batches):
             results.append(res)
             if len(results) == args.warmup:
                 t0 = time.perf_counter()
+                scorer.reset_breakdown()  # time the steady state only
         dt = time.perf_counter() - t0
+        breakdown = scorer.timing_breakdown() if args.breakdown else None
     assert len(results) == args.batches + args.warmup
-    return {"seconds": dt, "tokens": args.batches * args.tokens, "results": results}
+    return {"seconds": dt, "tokens": args.batches * args.tokens, "results": results, "breakdown": breakdown}
+
+
+DRIVER_STAGES = ("read", "put", "send", "wait", "get", "unpack", "caller", "rebuild")
+WORKER_STAGES = ("idle", "slot_wait", "stage", "prev_wait", "launch", "take", "flush")
+WAITING = ("wait", "caller", "idle", "prev_wait")  # not counted as busy
+
+
+def format_breakdown(bd: dict, wall_ms: float) -> str:
+    """The breakdown as one line for the driver and one per worker (ms per batch)."""
+
+    def line(d: dict, stages) -> str:
+        parts, busy = [], 0.0
+        for name in stages:
+            ms = d.get(name + "_ms")
+            if ms is None:
+                continue
+            counts = (name + "_objects", name + "_faults")
+            extra = [f"{d[k]:,.0f} {k.split('_')[-1]}" for k in counts if k in d]
+            parts.append(f"{name} {ms:.2f}" + (f" ({', '.join(extra)})" if extra else ""))
+            busy += 0.0 if name in WAITING else ms
+        return " | ".join(parts) + f"; busy {busy:.2f} of {wall_ms:.2f}"
+
+    out = [f"  driver: {line(bd['driver'], DRIVER_STAGES)}"]
+    for w in bd["workers"]:
+        who = f"replica {w['replica']} rank {w['rank']}, {w['threads']} threads"
+        out.append(f"  worker ({who}): {line(w, WORKER_STAGES)}")
+    return "\n".join(out)
 
 
 def main() -> None:
@@ -198,6 +234,8 @@ def main() -> None:
         "--cpus-per-worker", type=int, default=None,
         help="Ray: CPUs per actor, the threads of its staging copy (default 4 on GPUs, 1 on CPU)",
     )  # fmt: skip
+    ap.add_argument("--put-threads", type=int, default=4, help="Ray: driver threads that put a batch")
+    ap.add_argument("--breakdown", action="store_true", help="Ray: print the time per stage of the data path")
     ap.add_argument("--k", type=int, default=20)
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--out", default=None)
@@ -218,7 +256,7 @@ def main() -> None:
     print(
         f"{name}: H={args.h}, {args.tokens} tokens per batch, {args.batches} timed batches after "
         f"{args.warmup}, k={args.k}; Ray: max_inflight={args.max_inflight}, "
-        f"cpus_per_worker={args.cpus_per_worker}",
+        f"cpus_per_worker={args.cpus_per_worker}, put_threads={args.put_threads}",
         flush=True,
     )
     failed = False
@@ -238,15 +276,19 @@ def main() -> None:
             rows.append(
                 dict(gpu=name, tp=g, v=v, h=args.h, tokens_per_batch=args.tokens, k=args.k,
                      batches=args.batches, max_inflight=args.max_inflight,
-                     cpus_per_worker=args.cpus_per_worker, torchrun_tok_s=tr, ray_tok_s=rr,
-                     ray_tok_s_per_gpu=rr / g, ray_overhead=overhead, check=check)
+                     cpus_per_worker=args.cpus_per_worker, put_threads=args.put_threads,
+                     torchrun_tok_s=tr, ray_tok_s=rr, ray_tok_s_per_gpu=rr / g, ray_overhead=overhead,
+                     check=check, ray_breakdown=ray_r["breakdown"])
             )  # fmt: skip
             print(
-                f"tp={g} V={v}: torchrun {tr:,.0f} tok/s, Ray {rr:,.0f} tok/s ({rr / g:,.0f} per GPU), "
+                f"tp={g} V={v}: torchrun {tr:,.0f} tok/s ({1e3 * args.tokens / tr:.2f} ms/batch), "
+                f"Ray {rr:,.0f} tok/s ({1e3 * args.tokens / rr:.2f} ms/batch, {rr / g:,.0f} tok/s per GPU), "
                 f"Ray overhead {overhead:+.1%} ({'PASS' if overhead < 0.10 else 'FAIL'} < 10%); "
                 f"check {check}",
                 flush=True,
             )
+            if ray_r["breakdown"] is not None:
+                print(format_breakdown(ray_r["breakdown"], 1e3 * args.tokens / rr), flush=True)
     if args.out and rows:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "bench_ray.json")

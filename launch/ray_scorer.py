@@ -17,7 +17,13 @@ with one all-gather inside the group, so no actor ever holds the whole vocabular
   copies batch ``i`` from the object store into reused pinned memory and on to the device on a
   copy stream while batch ``i-1`` computes, and the results come back through pinned memory as
   one packed int32 array per batch, from rank 0 only. The driver puts the next batches in the
-  object store meanwhile. On CPU (gloo) the same protocol runs without pinned memory or streams.
+  object store meanwhile: each batch's hidden states as up to ``put_threads`` row blocks, put by
+  that many threads at once (``ray.put`` releases the GIL while it copies), and the actor copies
+  the blocks into its pinned buffer with ``cpus_per_worker`` torch threads.
+  On CPU (gloo) the same protocol runs without pinned memory or streams.
+* **Timing breakdown.** With ``breakdown=True`` the driver and every actor sum the time (and the
+  page faults) of each stage of the data path; ``timing_breakdown()`` returns them per batch.
+  Off, each stage boundary costs one flag test.
 * **Fault tolerance.** If any actor of a group dies (``RayActorError``, a crashed worker, a lost
   node, or a collective that fails because its peer died), the whole group is killed, its placement
   group removed, and a new group is built (new placement group, new rendezvous). The batches that
@@ -42,10 +48,13 @@ them through the object store, and writes the outputs; the workers need no acces
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
+import time
 import warnings
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import NamedTuple
@@ -124,6 +133,61 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (every thread; 0 where ``resource`` is missing).
+    A copy into memory this process has not touched yet faults once per 4 KiB page."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+class _Clock:
+    """Seconds (and counts) summed per stage of the data path, for ``timing_breakdown``. Off, its
+    methods only test ``on``: no clock is read and nothing is stored."""
+
+    def __init__(self, on: bool):
+        self.on = on
+        self.sums: dict[str, float] = {}
+        self._t = 0.0
+        self._idle_from: float | None = None
+
+    def start(self, *, idle: bool = False) -> None:
+        """Start timing a call; with ``idle``, the time since the last ``stop`` counts as "idle"."""
+        if self.on:
+            self._t = time.perf_counter()
+            if idle and self._idle_from is not None:
+                self.add("idle", self._t - self._idle_from)
+
+    def lap(self, stage: str) -> None:
+        """The time since the last ``start`` or ``lap`` counts for ``stage``."""
+        if self.on:
+            t = time.perf_counter()
+            self.add(stage, t - self._t)
+            self._t = t
+
+    def stop(self) -> None:
+        if self.on:
+            self._idle_from = time.perf_counter()
+
+    def faults(self) -> int:
+        return _minor_faults() if self.on else 0
+
+    def add(self, name: str, value: float) -> None:
+        if self.on:
+            self.sums[name] = self.sums.get(name, 0.0) + value
+
+    def take(self) -> dict[str, float]:
+        """The sums so far; they restart from zero."""
+        sums, self.sums = self.sums, {}
+        return sums
+
+
+# A batch's hidden states go into the object store as row blocks of at least this many bytes, at
+# most ``put_threads`` of them, each put by its own thread.
+PUT_BLOCK_MIN_BYTES = 4 << 20
+
 # Packed per-token results: one int32 array [T, 3 + 2k] per batch, so that a batch's results cross
 # the object store as one buffer. Words per row: lse, target_logprob (0 without targets), entropy
 # (float32 bits), then the k top-k ids (int32), then the k top-k log-probs (float32 bits).
@@ -198,17 +262,19 @@ class _Pending:
 class TPWorker:
     """One rank of a tensor-parallel group: one vocabulary shard of the head.
 
-    Protocol, one batch behind: ``score(seq, ...)`` stages and launches batch ``seq`` and returns
+    Protocol, one batch behind: ``score(seq, k, targets, *hidden_blocks)`` stages and launches
+    batch ``seq`` (its hidden states as consecutive row blocks, one object each) and returns
     the results of the batch before it as ``(prev_seq, words)`` (``None`` for the first batch);
     ``flush()`` returns the last one. On a GPU this keeps the device busy: batch ``seq`` is copied
     from the object store into pinned memory and on to the GPU (on a copy stream) while the
     previous batch computes, and its kernels are queued before the previous results are read.
     ``words`` is the ``pack_results`` array on rank 0 and None on the other ranks (every rank holds
-    the same global results; only one ships them).
+    the same global results; only one ships them). ``timings()`` returns the summed stage times
+    when ``breakdown`` is on (see ``ShardedScorer.timing_breakdown``).
     """
 
     def __init__(self, rank, world, vocab_start, weight, bias, vocab_size, device, dtype, backend, options,
-                 threads=1):  # fmt: skip
+                 threads=1, breakdown=False):  # fmt: skip
         import shardsoftmax as ss
 
         self.ss = ss
@@ -229,6 +295,7 @@ class TPWorker:
         self.copy_stream = torch.cuda.Stream() if self.cuda else None
         self.slots = (_Slot(self.cuda), _Slot(self.cuda))
         self.pending: _Pending | None = None
+        self.clock = _Clock(breakdown)
 
     def rendezvous_address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), _free_port()
@@ -248,16 +315,22 @@ class TPWorker:
         self.group = dist.group.WORLD
         return os.getpid()
 
-    def score(self, seq: int, hidden, targets, k: int):
+    def score(self, seq: int, k: int, targets, *hidden_blocks):
         """Launch batch ``seq``; return the previous batch's results (see the class docstring)."""
-        hidden, targets = from_wire(hidden), from_wire(targets)
+        c = self.clock
+        c.start(idle=True)
+        blocks, targets = [from_wire(b) for b in hidden_blocks], from_wire(targets)
         prev = self.pending
         slot = self.slots[1] if prev is not None and prev.slot is self.slots[0] else self.slots[0]
         if self.cuda:  # the batch that used this slot two calls ago is finished with its buffers
             slot.copied.synchronize()
             slot.done.synchronize()
-        h = self._stage(slot, "hidden", hidden)
-        t = None if targets is None else self._stage(slot, "targets", targets)
+        c.lap("slot_wait")
+        faults = c.faults()
+        h = self._stage(slot, "hidden", blocks)
+        t = None if targets is None else self._stage(slot, "targets", [targets])
+        c.add("stage_faults", c.faults() - faults)
+        c.lap("stage")
         if self.cuda:
             slot.copied.record(self.copy_stream)
             if prev is not None:
@@ -266,31 +339,54 @@ class TPWorker:
                 # previous batch, which raise here, before its results are returned, if they failed.
                 prev.slot.done.synchronize()
             torch.cuda.current_stream().wait_event(slot.copied)
+        c.lap("prev_wait")
         width = self._compute(slot, h, t, k)
-        self.pending = _Pending(seq, slot, hidden.shape[0], width)
-        return self._take(prev)
+        c.lap("launch")
+        self.pending = _Pending(seq, slot, h.shape[0], width)
+        out = self._take(prev)
+        c.lap("take")
+        c.add("calls", 1)
+        c.stop()
+        return out
 
     def flush(self):
         """The results of the last launched batch, ``(seq, words)``, or None if there is none."""
+        self.clock.start(idle=True)
         prev, self.pending = self.pending, None
         if prev is not None and self.cuda:
             prev.slot.done.synchronize()
         if prev is not None:
             self.ss.synchronize(self.group)  # raise any deferred check of that batch first
-        return self._take(prev)
+        out = self._take(prev)
+        self.clock.lap("flush")
+        self.clock.stop()
+        return out
 
-    def _stage(self, slot: _Slot, name: str, x: torch.Tensor) -> torch.Tensor:
-        """``x`` (host memory, read-only in the object store) on this worker's device: on CUDA
-        through the slot's pinned buffer, with an asynchronous copy on the copy stream."""
+    def timings(self, reset: bool = False) -> dict[str, float]:
+        """Summed seconds per stage (and ``calls``, ``stage_faults``) since the last reset, and
+        ``threads``, the torch threads of the staging copy; empty when ``breakdown`` is off."""
+        sums = self.clock.take() if reset else dict(self.clock.sums)
+        return {**sums, "threads": torch.get_num_threads()} if self.clock.on else {}
+
+    def _stage(self, slot: _Slot, name: str, blocks: list[torch.Tensor]) -> torch.Tensor:
+        """Consecutive row blocks (host memory, read-only in the object store) as one tensor on this
+        worker's device. On CUDA: copied into the slot's pinned buffer (torch's ``copy_`` splits
+        each block over the worker's ``threads``), then one asynchronous copy on the copy stream."""
         if not self.cuda:
-            return x
-        nbytes = x.numel() * x.element_size()
+            return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+        x = blocks[0]
+        shape = (sum(b.shape[0] for b in blocks), *x.shape[1:])
+        nbytes = x.element_size() * math.prod(shape)
         host = _grown(slot.host, name, nbytes, device="cpu", pin=True)
         dev = _grown(slot.dev, name, nbytes, device=self.device, pin=False)
-        host.view(x.dtype).view(x.shape).copy_(x)
+        rows = host.view(x.dtype).view(shape)
+        start = 0
+        for b in blocks:
+            rows[start : start + b.shape[0]].copy_(b)
+            start += b.shape[0]
         with torch.cuda.stream(self.copy_stream):
             dev.copy_(host, non_blocking=True)
-        return dev.view(x.dtype).view(x.shape)
+        return dev.view(x.dtype).view(shape)
 
     def _compute(self, slot: _Slot, hidden: torch.Tensor, targets, k: int) -> int:
         """Queue the batch on the current stream; rank 0 also queues its packed results' copy into
@@ -337,9 +433,9 @@ class _Group:
 @dataclass
 class _Task:
     seq: int
-    hidden_ref: object
-    targets_ref: object
     k: int
+    hidden_refs: list  # the hidden states' row blocks, in order
+    targets_ref: object
     attempts: int = 0
     result: ScoreResult | None = None
 
@@ -352,6 +448,29 @@ class _Call:
     refs: list
     n_done: int = 0
     value: object = None  # rank 0's return value: (seq, packed words) or None
+
+
+# Event counters of the timing sums, and the stages (of the driver) that happen once per batch put
+# rather than once per result; the others are divided by the results (driver) or calls (worker).
+_COUNTS = ("batches", "results", "calls", "threads")
+_PER_PUT = ("read", "put", "put_faults", "put_objects")
+
+
+def _per_batch(sums: dict[str, float], per: str) -> dict[str, float]:
+    """The sums of a ``_Clock`` per event: seconds as milliseconds (``<stage>_ms``), other sums
+    (``*_faults``, ``*_objects``) as they are, each divided by ``sums[per]``, or by
+    ``sums["batches"]`` for ``_PER_PUT`` stages; the counters themselves unchanged."""
+    out = {}
+    for name, v in sorted(sums.items()):
+        if name in _COUNTS:
+            out[name] = v
+            continue
+        v /= max(sums.get("batches" if name in _PER_PUT else per, 0), 1)
+        if name.endswith(("_faults", "_objects")):
+            out[name] = v
+        else:
+            out[name + "_ms"] = 1e3 * v
+    return out
 
 
 def _retryable(err: BaseException) -> bool:
@@ -371,8 +490,10 @@ class ShardedScorer:
     if the cluster has any, else CPUs), "cuda" or "cpu". ``dtype``: the logits' dtype ("float32",
     "bfloat16", "float16", "float64", or "auto" for the head's). ``max_inflight``: batches in
     flight per replica (read ahead, in the object store, or not yet yielded; 4 keeps a GPU busy).
-    ``cpus_per_worker``: CPUs reserved per actor, also the threads of its staging copy. Use as a
-    context manager or call ``close()``.
+    ``cpus_per_worker``: CPUs reserved per actor, also the threads of its staging copy.
+    ``put_threads``: driver threads that put a batch into the object store, as that many row
+    blocks of at least ``PUT_BLOCK_MIN_BYTES`` each. ``breakdown``: time the stages of the data
+    path, see ``timing_breakdown``. Use as a context manager or call ``close()``.
     """
 
     def __init__(
@@ -392,15 +513,18 @@ class ShardedScorer:
         max_retries: int = 3,
         max_inflight: int = 4,
         cpus_per_worker: float = 1,
+        put_threads: int = 4,
+        breakdown: bool = False,
         backend: str | None = None,
         address: str | None = None,
         num_cpus: int | None = None,
         collective_timeout_s: float = 600.0,
         start_timeout_s: float = 300.0,
     ):
-        for name, v, low in (("tp", tp, 1), ("replicas", replicas, 1), ("max_inflight", max_inflight, 1)):
-            if not isinstance(v, int) or v < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+        positive = {"tp": tp, "replicas": replicas, "max_inflight": max_inflight, "put_threads": put_threads}
+        for name, v in positive.items():
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if not isinstance(max_retries, int) or max_retries < 0:
             raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
         if device not in ("auto", "cuda", "cpu"):
@@ -421,8 +545,10 @@ class ShardedScorer:
             raise InputError(f"vocab_size={self.info.vocab_size} must be < 2**31")
         self.tp, self.replicas, self.k = tp, replicas, k
         self.max_retries, self.max_inflight = max_retries, max_inflight
-        self.cpus_per_worker = cpus_per_worker
+        self.cpus_per_worker, self.put_threads = cpus_per_worker, put_threads
         self.collective_timeout_s, self.start_timeout_s = collective_timeout_s, start_timeout_s
+        self._clock = _Clock(breakdown)  # the driver's stages; each worker has its own
+        self._put_pool = ThreadPoolExecutor(put_threads, "shardsoftmax-put") if put_threads > 1 else None
         self.options = {"temperature": temperature, "softcap": softcap, "ignore_index": ignore_index}
         self.rebuilds = 0
         self._next_seq = 0  # batch ids, unique over the scorer's life
@@ -546,6 +672,7 @@ class ShardedScorer:
                 self._backend,
                 self.options,
                 self.cpus_per_worker,
+                self._clock.on,
             )  # fmt: skip
             for r, (start, w_ref, b_ref) in enumerate(self._shards)
         ]
@@ -588,6 +715,27 @@ class ShardedScorer:
                 raise TypeError(f"targets must have an integer dtype, got {targets.dtype}")
         return hidden.cpu(), None if targets is None else targets.cpu()
 
+    def _put_batch(self, hidden: torch.Tensor, targets: torch.Tensor | None) -> tuple[list, object]:
+        """Put one batch in the object store; return its hidden row blocks' refs, in order, and
+        the targets' ref (or None). ``hidden`` goes as up to ``put_threads`` row blocks of at least
+        ``PUT_BLOCK_MIN_BYTES``, put at once by the put threads: each ``ray.put`` is a copy into
+        object-store memory that this process may not have touched yet (a page fault per 4 KiB)."""
+        rows, nbytes = hidden.shape[0], hidden.numel() * hidden.element_size()
+        n = max(1, min(self.put_threads, rows, nbytes // PUT_BLOCK_MIN_BYTES))
+        items = [hidden[a:b] for a, b in shard_bounds(rows, n)]
+        if targets is not None:
+            items.append(targets)
+
+        def put(x: torch.Tensor):
+            return ray.put(to_wire(x))
+
+        if self._put_pool is None or len(items) == 1:
+            refs = [put(x) for x in items]
+        else:
+            refs = list(self._put_pool.map(put, items))  # in order; waits for all of them
+        self._clock.add("put_objects", len(refs))
+        return (refs[:-1], refs[-1]) if targets is not None else (refs, None)
+
     def score(self, hidden, targets=None, *, k: int | None = None) -> ScoreResult:
         """Score one batch: ``hidden`` [T, H], ``targets`` [T] integer ids or None."""
         return next(self.score_iter([(hidden, targets)], k=k))
@@ -620,7 +768,7 @@ class ShardedScorer:
 
         def submit(task: _Task, g: _Group) -> None:
             task.attempts += 1
-            send(g, "score", task.seq, task.hidden_ref, task.targets_ref, task.k)
+            send(g, "score", task.seq, task.k, task.targets_ref, *task.hidden_refs)
             g.inflight.append(task.seq)
 
         def returned(call: _Call) -> None:
@@ -635,6 +783,7 @@ class ShardedScorer:
                 task = tasks[seq]
                 task.result = unpack_results(words, task.targets_ref is not None)
                 g.inflight.remove(seq)
+                clock.lap("unpack")
 
         def fail(g: _Group, err: BaseException) -> None:
             victims = [tasks[s] for s in g.inflight]
@@ -657,6 +806,8 @@ class ShardedScorer:
             for t in victims:
                 submit(t, g)
 
+        clock = self._clock  # the stages of this loop, see `timing_breakdown`
+        clock.start()
         try:
             while True:
                 while not exhausted and len(tasks) < cap:
@@ -669,18 +820,26 @@ class ShardedScorer:
                         exhausted = True
                         break
                     hidden, targets = self._check_batch(hidden, targets)
+                    clock.lap("read")
                     seq = self._next_seq  # unique over the scorer's life (see `returned`)
                     self._next_seq += 1
-                    targets_ref = None if targets is None else ray.put(to_wire(targets))
-                    t = _Task(seq, ray.put(to_wire(hidden)), targets_ref, k)
+                    faults = clock.faults()
+                    t = _Task(seq, k, *self._put_batch(hidden, targets))
+                    clock.add("put_faults", clock.faults() - faults)
+                    clock.add("batches", 1)
+                    clock.lap("put")
                     tasks[seq] = t
                     order.append(seq)
                     submit(t, g)
+                    clock.lap("send")
                 for g in self._groups:  # nothing more goes to this group now: collect its last batch
                     if g.inflight and not g.calls:
                         send(g, "flush")
+                        clock.lap("send")
                 if order and tasks[order[0]].result is not None:
+                    clock.add("results", 1)
                     yield tasks.pop(order.pop(0)).result
+                    clock.lap("caller")  # the time the caller kept the result before asking again
                     continue
                 if exhausted and not tasks:
                     return
@@ -689,6 +848,7 @@ class ShardedScorer:
                     raise RuntimeError("shardsoftmax: scorer lost track of its batches")
                 ray.wait(pending, num_returns=1)
                 ready, _ = ray.wait(pending, num_returns=len(pending), timeout=0)
+                clock.lap("wait")
                 failed: dict[int, BaseException] = {}
                 for ref in ready:
                     if ref not in owner:
@@ -707,15 +867,58 @@ class ShardedScorer:
                     call.n_done += 1
                     if rank == 0:
                         call.value = value
+                    clock.lap("get")
                     if call.n_done == self.tp:
                         returned(call)
                 for gi, err in failed.items():
                     fail(self._groups[gi], err)
+                    clock.lap("rebuild")
         finally:  # abandoned early (an error, or the caller stopped): forget what is still queued
             owner.clear()
             for g in self._groups:
                 g.inflight.clear()
                 g.calls.clear()
+
+    # ------------------------------------------------------------------------------------ timing
+
+    def timing_breakdown(self, reset: bool = False) -> dict:
+        """Milliseconds per batch spent in each stage of the data path since the last reset
+        (``breakdown=True``; empty dicts otherwise). Waits for the workers' answers, so call it
+        between iterations.
+
+        ``driver``: ``read`` (next batch from the caller's iterable, checks), ``put`` (into the
+        object store, see ``_put_batch``; ``put_faults``: page faults per batch, ``put_objects``:
+        objects per batch), ``send`` (actor calls), ``wait`` (blocked on the workers), ``get``
+        (their answers), ``unpack``, ``caller`` (between a yield and the next request), ``rebuild``;
+        ``batches`` (put) and ``results`` (yielded); the stages of a put are per batch, the others
+        per result. ``workers``: one dict per actor (``replica``, ``rank``): ``idle`` (between
+        calls: Ray's argument and result transfer, or nothing to do), ``slot_wait`` (a staging slot
+        still in use by the batch before last), ``stage`` (object store to pinned memory;
+        ``stage_faults`` per batch), ``prev_wait`` (the previous batch still on the GPU), ``launch``
+        (queueing this batch; on CPU, computing it), ``take`` (results to the reply), ``flush``;
+        ``calls`` and ``threads`` (torch threads of the staging copy).
+        """
+        if not self._clock.on:
+            return {"driver": {}, "workers": []}
+        answers = ray.get([a.timings.remote(reset) for g in self._groups for a in g.actors])
+        driver = self._clock.take() if reset else dict(self._clock.sums)
+        out = {"driver": _per_batch(driver, "results"), "workers": []}
+        for i, sums in enumerate(answers):
+            if sums:
+                out["workers"].append(
+                    {"replica": i // self.tp, "rank": i % self.tp, **_per_batch(sums, "calls")}
+                )
+        return out
+
+    def reset_breakdown(self) -> None:
+        """Restart the timing sums, without waiting (the workers reset after the calls already
+        sent to them): e.g. after a warm-up, in the middle of an iteration."""
+        if not self._clock.on:
+            return
+        self._clock.take()
+        for g in self._groups:
+            for a in g.actors:
+                a.timings.remote(True)
 
     # ------------------------------------------------------------------------------------ testing / teardown
 
@@ -728,6 +931,9 @@ class ShardedScorer:
             self._stop_group(g)
         self._groups = []
         self._shards = []
+        if self._put_pool is not None:
+            self._put_pool.shutdown()
+            self._put_pool = None
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
         self._owns_ray = False

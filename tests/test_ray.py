@@ -22,6 +22,7 @@ pq = pytest.importorskip("pyarrow.parquet")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 pytest.importorskip("tqdm")
 
+from shardsoftmax.launch import ray_scorer  # noqa: E402
 from shardsoftmax.launch.data import InputError  # noqa: E402
 from shardsoftmax.launch.job import MANIFEST, JobConfig, run_job  # noqa: E402
 from shardsoftmax.launch.ray_scorer import ShardedScorer  # noqa: E402
@@ -133,6 +134,7 @@ def test_scorer_tp2_matches_single_process(ray_cluster, data):
     ) as scorer:
         got = scorer.score(hidden, targets)
         assert_matches(got._asdict(), reference(data, hidden, targets), targets, null_ignored=False)
+        assert scorer.timing_breakdown() == {"driver": {}, "workers": []}  # breakdown off: nothing kept
         # no targets, another k, batches streamed in order
         pieces = list(
             scorer.score_iter([(hidden[:1], None), (hidden[1:100], None), (hidden[100:], None)], k=5)
@@ -155,10 +157,13 @@ def test_scorer_tp2_matches_single_process(ray_cluster, data):
         np.testing.assert_allclose(again.lse, got.lse, rtol=1e-6, atol=1e-6)
 
 
-def test_scorer_pipelined_many_batches_in_flight(ray_cluster, data):
+def test_scorer_pipelined_many_batches_in_flight(ray_cluster, data, monkeypatch):
     """The one-batch-behind protocol with several batches in flight on 2 replicas: mixed sizes,
     with and without targets, fp32 and bf16, every row equal to the single-process API; an
-    abandoned iteration, a killed worker mid-stream and no read-ahead (max_inflight=1) on the way."""
+    abandoned iteration, a killed worker mid-stream and no read-ahead (max_inflight=1) on the way.
+    Batches go into the object store as up to 3 row blocks put by 3 driver threads (tiny blocks
+    here), and the timing breakdown is on."""
+    monkeypatch.setattr(ray_scorer, "PUT_BLOCK_MIN_BYTES", 256)  # 2+ rows of 32 float32 per block
     hidden, targets = data["shards"]["a"]
     cuts = [0, 1, 8, 72, 105, 106, 170, 233, 300]
     batches = []
@@ -173,7 +178,7 @@ def test_scorer_pipelined_many_batches_in_flight(ray_cluster, data):
 
     with ShardedScorer(
         data["weight"], bias=data["bias"], vocab_size=VOCAB, tp=2, replicas=2, k=K, device="cpu",
-        max_inflight=3,
+        max_inflight=3, put_threads=3, breakdown=True,
     ) as scorer:  # fmt: skip
         cap = scorer.replicas * scorer.max_inflight
         reads, ahead = [0], []
@@ -189,6 +194,14 @@ def test_scorer_pipelined_many_batches_in_flight(ray_cluster, data):
             results.append(res)
         check(results, batches)
         assert max(ahead) == cap and min(ahead) >= 1, ahead  # several in flight, never more than cap
+        bd = scorer.timing_breakdown(reset=True)
+        driver, workers = bd["driver"], bd["workers"]
+        assert driver["batches"] == driver["results"] == len(batches)
+        assert driver["put_objects"] > 2  # hidden in several blocks (one block + targets would be <= 2)
+        assert all(driver[f"{s}_ms"] >= 0 for s in ("read", "put", "send", "wait", "get", "unpack"))
+        assert [(w["replica"], w["rank"]) for w in workers] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+        assert sum(w["calls"] for w in workers if w["rank"] == 0) == len(batches)
+        assert all(w["stage_ms"] >= 0 and w["launch_ms"] > 0 and w["threads"] == 1 for w in workers)
 
         # abandon an iteration after two results: its workers' pending batches must not leak
         it = scorer.score_iter(batches)
@@ -326,16 +339,19 @@ def test_cli_demo(tmp_path):
 
 def test_bench_ray_cpu_dry_run(tmp_path):
     """benchmarks/bench_ray.py on tiny CPU sizes: torchrun and Ray both run, and Ray's results
-    equal torchrun's batch by batch (the benchmark's own check)."""
+    equal torchrun's batch by batch (the benchmark's own check); the timing breakdown is printed
+    and saved."""
     bench = os.path.join(
         os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_ray.py"
     )
-    cmd = [sys.executable, bench, "--tp", "2", "--out", str(tmp_path)]
+    cmd = [sys.executable, bench, "--tp", "2", "--breakdown", "--out", str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=_cli_env(), timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "tp=2 V=1000: torchrun " in r.stdout and "check PASS (8 batches" in r.stdout, r.stdout
+    assert "  driver: read " in r.stdout and "  worker (replica 0 rank 1, 1 threads): idle " in r.stdout
     (row,) = json.load(open(tmp_path / "bench_ray.json"))
     assert row["tp"] == 2 and row["torchrun_tok_s"] > 0 and row["ray_tok_s"] > 0
+    assert row["ray_breakdown"]["driver"]["results"] == 6  # the timed batches only
 
 
 # ---------------------------------------------------------------------------------------- GPU tier
