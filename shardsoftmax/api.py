@@ -35,7 +35,7 @@ import torch
 from . import _validate as V
 from . import backend
 from .collective import synchronize as synchronize  # noqa: F401  (public)
-from .linear import LinearCrossEntropyFunction, linear_cross_entropy_forward, linear_global_pieces
+from .linear import IMPLS, LinearCrossEntropyFunction, linear_cross_entropy_forward, linear_global_pieces
 from .ops import (
     MAX_K,
     CrossEntropyFunction,
@@ -318,6 +318,11 @@ def _flatten_hidden(hidden: torch.Tensor, target: torch.Tensor | None):
     return h2, _flatten_target(target)
 
 
+def _check_impl(impl) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
 def linear_softmax_stats(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -331,19 +336,26 @@ def linear_softmax_stats(
     vocab_size: int | None = None,
     vocab_start: int | None = None,
     process_group=None,
+    impl: str = "chunked",
 ) -> SoftmaxStats:
-    """``softmax_stats`` of the logits ``hidden @ weight.T (+ bias)`` without storing them.
+    """``softmax_stats`` of the logits ``hidden @ weight.T (+ bias)`` without storing them all.
 
     ``hidden``: ``[..., H]`` (float16, bfloat16, float32 or float64), the same on every rank of a
     group; ``weight``: this rank's ``[V_shard, H]`` slice of the output projection, in hidden's
-    dtype; ``bias``: ``[V_shard]`` or None. The logits are accumulated in fp32 (fp64 for fp64
-    inputs) and never rounded to the inputs' dtype. Everything else (``target``, ``k``, the
-    transform, ignored and padded columns, the group, one collective) is as ``softmax_stats``;
-    results are ``[...]`` / ``[..., k]``. ``k > 0`` computes fp32 logits a chunk of rows at a time
-    (at most 256 MiB) on the Triton path; ``k = 0`` never writes any. Not differentiable."""
+    dtype; ``bias``: ``[V_shard]`` or None. Everything else (``target``, ``k``, the transform,
+    ignored and padded columns, the group, one collective) is as ``softmax_stats``; results are
+    ``[...]`` / ``[..., k]``. Not differentiable.
+
+    ``impl``: ``"chunked"`` (default) computes the logits one vocabulary chunk at a time with
+    ``torch.mm`` (cuBLAS on CUDA) in the inputs' dtype, rounded to it as ``F.linear`` rounds them,
+    and runs the partials kernel on each chunk; one chunk (at most ``linear.CHUNK_BYTES``, 128 MiB)
+    exists at a time. ``"fused"``: the Triton kernels of ``kernels/linear.py``, which accumulate
+    the logits in fp32 and never round them (k = 0 writes none; k > 0 writes fp32 logits of a
+    chunk of rows, at most 256 MiB, at a time). Both give the same results up to that rounding."""
     call = ShardCall("linear_stats", k, temperature, softcap, ignore_index, vocab_size, vocab_start)
 
     def checks():
+        _check_impl(impl)
         V.check_linear(hidden, weight, bias)
         if target is not None:
             V.check_target(target, hidden, of="hidden")
@@ -355,7 +367,7 @@ def linear_softmax_stats(
     _checked(call, process_group, checks)
     h2, t1 = _flatten_hidden(hidden, target)
     with torch.no_grad():
-        pieces, layout = linear_global_pieces(h2, weight, bias, t1, call, process_group)
+        pieces, layout = linear_global_pieces(h2, weight, bias, t1, call, process_group, impl)
         rows = backend.finalize_stats(
             h2, pieces, t1, vocab_start=layout.vocab_start, ignore_index=ignore_index
         )
@@ -378,6 +390,7 @@ def linear_cross_entropy(
     vocab_start: int | None = None,
     process_group=None,
     reduce_hidden_grad: bool = True,
+    impl: str = "chunked",
 ) -> torch.Tensor:
     """``cross_entropy`` of the logits ``hidden @ weight.T (+ bias)`` without storing them;
     differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
@@ -389,13 +402,17 @@ def linear_cross_entropy(
     weight and bias get this shard's gradient (padding rows: 0). ``hidden`` gets this shard's
     contribution, summed over the group by one all-reduce (in fp32) when ``reduce_hidden_grad``
     (the column-parallel rule, for hidden states replicated on every rank); pass False to reduce
-    it yourself."""
+    it yourself. ``impl`` as ``linear_softmax_stats``; ``"chunked"`` recomputes one vocabulary
+    chunk of logits at a time, turns it into dloss/dlogits in place (inputs' dtype, as the
+    unfused backward) and takes the three gradients from it with cuBLAS (hidden's summed over
+    the chunks in fp32)."""
     call = ShardCall(
         "linear_cross_entropy", 0, temperature, softcap, ignore_index, vocab_size, vocab_start,
         label_smoothing, z_loss,
     )  # fmt: skip
 
     def checks():
+        _check_impl(impl)
         V.check_linear(hidden, weight, bias)
         V.check_target(target, hidden, of="hidden")
         V.check_int(ignore_index, "ignore_index")
@@ -410,8 +427,8 @@ def linear_cross_entropy(
     inputs = (hidden, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         loss = LinearCrossEntropyFunction.apply(
-            h2, weight, bias, t1, call, reduction, process_group, reduce_hidden_grad
+            h2, weight, bias, t1, call, reduction, process_group, reduce_hidden_grad, impl
         )
     else:  # nothing to differentiate: the same forward without autograd's bookkeeping
-        loss = linear_cross_entropy_forward(h2, weight, bias, t1, call, reduction, process_group)[0]
+        loss = linear_cross_entropy_forward(h2, weight, bias, t1, call, reduction, process_group, impl)[0]
     return _unflatten(loss, target.shape) if reduction == "none" else loss

@@ -160,13 +160,16 @@ class VocabParallelLMHead(nn.Module):
     ``temperature``, ``softcap``) are those of ``shardsoftmax.cross_entropy``.
 
     ``fused``: compute the loss and statistics with ``linear_cross_entropy`` /
-    ``linear_softmax_stats`` (the logits are never stored; backward recomputes them) instead of
-    ``F.linear`` + ``cross_entropy`` / ``softmax_stats``. Off by default: on an H200
-    (2026-11-27, N = 8192, H = 4096, bf16) the fused kernels were slower than cuBLAS + the
-    unfused kernels (stats forward 4.15 vs 3.36 ms at V_shard = 32064, loss forward + backward
-    94 vs 9.7 ms); turn it on to save the [N, V_shard] logits' memory. Both paths give the same
-    results up to the rounding of the matmul (the fused one accumulates the logits in fp32 and
-    never rounds them to the weight's dtype), the same collectives, and the same gradients.
+    ``linear_softmax_stats`` (their default ``impl="chunked"``: cuBLAS logits of one vocabulary
+    chunk of at most ``shardsoftmax.linear.CHUNK_BYTES`` = 128 MiB at a time, each handed to the
+    shard kernels; backward recomputes each chunk) instead of ``F.linear`` + ``cross_entropy`` /
+    ``softmax_stats``, which store the whole [N, V_shard] logits (and, in training, their
+    gradient). The price of the memory is one more matmul in training (the recomputation in
+    backward); the forward does the same work as the unfused path, one chunk at a time. Off by
+    default until the chunked path is measured on a GPU (docs/performance.md; the Triton
+    kernels, ``impl="fused"``, measured slower than the unfused path on an H200). Both paths
+    round the logits to the weight's dtype as ``F.linear`` does and give the same results up to
+    the matmul's summation order, with the same collectives and the same gradients.
 
     ``forward(hidden, target=None, *, k=0, return_stats=False)``:
 
