@@ -1,13 +1,17 @@
-"""The fused LM head: ``linear_softmax_stats`` / ``linear_cross_entropy`` against the float64 oracle
-(``hidden.double() @ weight.double().T (+ bias)`` then the existing oracles), on every core tier.
+"""The LM head: ``linear_softmax_stats`` / ``linear_cross_entropy`` against the float64 oracle
+(``hidden.double() @ weight.double().T (+ bias)`` then the existing oracles), on every core tier,
+for both implementations: ``impl="chunked"`` (torch.mm per vocabulary chunk + the shard kernels;
+the oracle tests force several chunks per shard, the last one narrower) and ``impl="fused"`` (the
+Triton kernels of kernels/linear.py).
 
 Accuracy rule (as in test_core / test_grad): our error against float64 is at most 4x the error of
 PyTorch's own computation of the same thing in the inputs' precision, plus a few fp32 epsilons.
 PyTorch's computation here is the unfused path: ``F.linear`` in the inputs' dtype (so bf16/fp16
 logits are rounded, as they would be in a model), then the oracle formulas in fp32, and autograd
 back through that matmul. Top-k ids are compared exactly on inputs whose top logits are well
-separated (the test checks the gap); the fused path never rounds the logits, so near-ties could
-legitimately order differently from a rounded copy.
+separated (the test checks the gap) where the logits are not rounded (the fused path, fp32, fp64);
+the chunked path rounds bf16/fp16 logits as F.linear does, so there the values at its ids must be
+the oracle's top-k values within that rounding (near-ties may order either way).
 
 Also: vocabulary splits and chunking inside the kernels, what backward saves, the nn head's fused
 and unfused paths, argument errors, and gloo process groups of 2 and 3 ranks (uneven, padded).
@@ -29,6 +33,7 @@ from shardsoftmax.kernels import linear as KL
 
 import shardsoftmax as ss
 from shardsoftmax import kernels
+from shardsoftmax import linear as L
 from shardsoftmax import reference as R
 from shardsoftmax.nn import VocabParallelLMHead
 from shardsoftmax.partials import Partials, merge_stacked
@@ -100,6 +105,38 @@ def on(tier, *tensors):
     return tuple(None if t is None else t.to(tier.device) for t in tensors)
 
 
+IMPLS = ["chunked", "fused"]
+
+
+def three_chunks(case: Case) -> int:
+    """Columns per chunk that cut the case's real columns into 3 chunks, the last one narrower."""
+    real = (case.vocab_size or case.vocab_start + case.v) - case.vocab_start
+    return -(-real // 3) + 1
+
+
+def use_impl(monkeypatch, impl: str, n_rows: int, dtype: torch.dtype, cols: int) -> dict:
+    """The keyword that selects ``impl``; for "chunked", chunks of ``cols`` columns (CHUNK_BYTES of
+    n_rows x cols logits of ``dtype``)."""
+    if impl == "chunked":
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        monkeypatch.setattr(L, "CHUNK_BYTES", n_rows * cols * itemsize)
+        assert L.chunk_cols(n_rows, itemsize) == cols
+    return {"impl": impl}
+
+
+def assert_topk_within_rounding(ids, x64, k: int, dtype: torch.dtype, what: str) -> None:
+    """``ids`` (local, [N, k]) hold the float64 logits' top-k values, each within the rounding of
+    the logits to ``dtype`` (2 ulps), in descending order of those values up to the same slack."""
+    ids = ids.cpu()
+    assert ids.shape == (x64.shape[0], k) and ids.dtype == torch.int64, what
+    assert ((ids >= 0) & (ids < x64.shape[1])).all(), f"{what}: id out of range"
+    assert (torch.sort(ids, dim=-1).values.diff(dim=-1) != 0).all(), f"{what}: repeated id"
+    vals = x64.gather(1, ids)
+    top = torch.topk(x64, k, dim=-1).values
+    slack = 2 * torch.finfo(dtype).eps * top.abs().amax(dim=-1, keepdim=True)
+    assert ((vals - top).abs() <= slack).all(), f"{what}: values at our ids {vals} vs top-k {top}"
+
+
 # ------------------------------------------------------------------------------------------------
 # linear_softmax_stats
 # ------------------------------------------------------------------------------------------------
@@ -116,13 +153,18 @@ STATS_CASES = [
 ]
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", STATS_CASES, ids=lambda c: c.name)
-def test_linear_stats_match_oracle(core_tier, case):
+def test_linear_stats_match_oracle(core_tier, case, impl, monkeypatch):
     hidden, weight, bias, target = make_inputs(case, seed=len(case.name))
     tf = {k: v for k, v in case.opts.items() if k in ("softcap", "temperature")}
     ignore = case.opts.get("ignore_index", IGNORE)
     h, w, b, t = on(core_tier, hidden, weight, bias, target)
-    got = ss.linear_softmax_stats(h, w, t, bias=b, k=case.k, ignore_index=ignore, **tf, **layout(case))
+    # With fewer than k of its 32-column blocks, the partials kernel takes its exact slow top-k path,
+    # which the interpreter runs for seconds: top-k cases get chunks of at least 32 k columns.
+    cols = max(three_chunks(case), 32 * case.k)
+    opts = {**tf, **layout(case), **use_impl(monkeypatch, impl, case.n, hidden.dtype, cols)}
+    got = ss.linear_softmax_stats(h, w, t, bias=b, k=case.k, ignore_index=ignore, **opts)
     assert got.lse.device.type == core_tier.device and got.topk_ids.shape == (case.n, case.k)
     want_dtype = torch.float64 if case.dtype == "fp64" else torch.float32
     assert got.lse.dtype == want_dtype
@@ -133,7 +175,7 @@ def test_linear_stats_match_oracle(core_tier, case):
     if case.dtype == "fp64":
         for f in ("lse", "max", "entropy", "target_logprob", "topk_logprobs"):
             torch.testing.assert_close(getattr(got, f).cpu(), ref[f], rtol=1e-12, atol=1e-12, msg=f)
-        assert_ids_equal(got.topk_ids - case.vocab_start, ref["topk_ids"], "topk_ids")
+        assert_ids_equal(got.topk_ids - case.vocab_start, ref["topk_ids"], f"{impl} topk_ids")
         return
     base = R.oracle_stats(oracle_logits(case, hidden, weight, bias, DTYPES[case.dtype]), tl, k=case.k,
                           ignore_index=ignore, **tf)  # fmt: skip
@@ -145,9 +187,13 @@ def test_linear_stats_match_oracle(core_tier, case):
                       what=f"{case.name} target_logprob")  # fmt: skip
     assert torch.all(got.target_logprob.cpu()[target == ignore] == 0)
     if case.k:
-        top = torch.sort(x64, dim=-1, descending=True).values[:, : case.k + 1]
-        assert (top[:, :-1] - top[:, 1:]).min() > 1e-3, "test inputs: top logits not well separated"
-        assert_ids_equal(got.topk_ids.cpu() - case.vocab_start, ref["topk_ids"], f"{case.name} topk_ids")
+        local_ids = got.topk_ids.cpu() - case.vocab_start
+        if impl == "chunked" and case.dtype != "fp32":  # logits rounded to bf16 / fp16
+            assert_topk_within_rounding(local_ids, x64, case.k, hidden.dtype, f"{case.name} topk_ids")
+        else:
+            top = torch.sort(x64, dim=-1, descending=True).values[:, : case.k + 1]
+            assert (top[:, :-1] - top[:, 1:]).min() > 1e-3, "test inputs: top logits not well separated"
+            assert_ids_equal(local_ids, ref["topk_ids"], f"{case.name} {impl} topk_ids")
         lp_scale = ref["topk_logprobs"].abs() + rs[:, None]
         assert_like_torch(got.topk_logprobs, ref["topk_logprobs"], base["topk_logprobs"], lp_scale,
                           what=f"{case.name} topk_logprobs")  # fmt: skip
@@ -168,9 +214,10 @@ CE_CASES = [
 ]  # fmt: skip
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("case", CE_CASES, ids=lambda c: c.name)
-def test_linear_cross_entropy_and_grads_match_oracle(core_tier, case, reduction):
+def test_linear_cross_entropy_and_grads_match_oracle(core_tier, case, reduction, impl, monkeypatch):
     hidden, weight, bias, target = make_inputs(case, seed=len(case.name) + 1)
     real = (case.vocab_size or case.vocab_start + case.v) - case.vocab_start
     h, w, b, t = on(core_tier, hidden, weight, bias, target)
@@ -178,7 +225,12 @@ def test_linear_cross_entropy_and_grads_match_oracle(core_tier, case, reduction)
     w.requires_grad_(True)
     if b is not None:
         b.requires_grad_(True)
-    loss = ss.linear_cross_entropy(h, w, t, bias=b, reduction=reduction, **case.opts, **layout(case))
+    opts = {
+        **case.opts,
+        **layout(case),
+        **use_impl(monkeypatch, impl, case.n, hidden.dtype, three_chunks(case)),
+    }
+    loss = ss.linear_cross_entropy(h, w, t, bias=b, reduction=reduction, **opts)
     up = torch.linspace(0.5, 1.5, case.n, dtype=torch.float64) if reduction == "none" else torch.tensor(1.0)
     loss.backward(up.to(loss.dtype).to(loss.device))
     got = {"hidden": h.grad, "weight": w.grad, "bias": None if b is None else b.grad}
@@ -204,7 +256,7 @@ def test_linear_cross_entropy_and_grads_match_oracle(core_tier, case, reduction)
             assert not case.bias and name == "bias"
             continue
         mine, ref, base = got[name].cpu(), g64[name], g_low[name]
-        assert_grad_like_torch(mine, ref, base, f"{case.name} {reduction} grad {name}")
+        assert_grad_like_torch(mine, ref, base, f"{case.name} {reduction} {impl} grad {name}")
     assert torch.all(got["weight"].cpu()[real:] == 0), "padding rows of weight get no gradient"
     if case.bias:
         assert torch.all(got["bias"].cpu()[real:] == 0), "padding entries of bias get no gradient"
@@ -212,8 +264,10 @@ def test_linear_cross_entropy_and_grads_match_oracle(core_tier, case, reduction)
     assert torch.all(got["hidden"].cpu()[ignored] == 0), "ignored rows get no gradient"
 
 
-def test_linear_matches_unfused_api(core_tier):
-    """fp32: the fused functions and F.linear + the unfused API agree (loss, stats, gradients)."""
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_matches_unfused_api(core_tier, impl):
+    """fp32: the LM head functions (one chunk by default) and F.linear + the unfused API agree
+    (loss, stats, gradients)."""
     case = Case("unfused", 6, 40, 100, "fp32", True, {"label_smoothing": 0.1, "z_loss": 1e-3})
     hidden, weight, bias, target = on(core_tier, *make_inputs(case, seed=9))
     opts = {**case.opts, "softcap": 6.0, "vocab_size": 98}
@@ -221,14 +275,16 @@ def test_linear_matches_unfused_api(core_tier):
     for fused in (True, False):
         leaves = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
         if fused:
-            loss = ss.linear_cross_entropy(leaves[0], leaves[1], target, bias=leaves[2], **opts)
+            loss = ss.linear_cross_entropy(leaves[0], leaves[1], target, bias=leaves[2], impl=impl, **opts)
         else:
             loss = ss.cross_entropy(F.linear(*leaves), target, **opts)
         loss.backward()
         grads.append((loss.detach(), *(x.grad for x in leaves)))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    st = ss.linear_softmax_stats(hidden, weight, target, bias=bias, k=4, softcap=6.0, vocab_size=98)
+    st = ss.linear_softmax_stats(
+        hidden, weight, target, bias=bias, k=4, softcap=6.0, vocab_size=98, impl=impl
+    )
     ref = ss.softmax_stats(F.linear(hidden, weight, bias), target, k=4, softcap=6.0, vocab_size=98)
     for f in ("lse", "max", "entropy", "target_logprob", "topk_logprobs"):
         torch.testing.assert_close(getattr(st, f), getattr(ref, f), rtol=1e-5, atol=1e-6, msg=f)
@@ -278,6 +334,77 @@ def test_out_of_range_target_gives_nan_in_its_row(core_tier):
     assert rows[1].isnan() and torch.isfinite(rows[[0, 2]]).all()
     rows.sum().backward()
     assert h.grad[1].isnan().all() and torch.isfinite(h.grad[[0, 2, 3]]).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# The chunked path: chunk boundaries, narrow chunks, a shard of padding only
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.core_tiers("cpu-torch", "cuda-triton")  # k > a chunk's 32-column blocks: slow interpreted
+def test_chunked_narrow_chunks_cover_the_shard_once(core_tier, monkeypatch):
+    """Chunks of 3 columns (fewer than k = 5) over 40 columns, 37 real, at vocab_start 5: every
+    logits chunk is at most 3 wide, together they cover the real columns once (padding: none),
+    and the results (top-k ids exact) equal the float64 oracle and the one-chunk path."""
+    case = Case("narrow", 6, 16, 40, "fp32", True, {"z_loss": 1e-3}, vocab_size=42, vocab_start=5, k=5)
+    hidden, weight, bias, target = make_inputs(case, seed=12)
+    h, w, b, t = on(core_tier, hidden, weight, bias, target)
+    seen = []
+    original = L._logits_chunk
+
+    def spy(hidden2d, weight_, bias_, c0, c1, buf):
+        seen.append((c0, c1))
+        return original(hidden2d, weight_, bias_, c0, c1, buf)
+
+    out = {}
+    for cols in (3, None):
+        if cols:
+            use_impl(monkeypatch, "chunked", case.n, hidden.dtype, cols)
+            monkeypatch.setattr(L, "_logits_chunk", spy)
+        else:
+            monkeypatch.undo()
+        st = ss.linear_softmax_stats(h, w, t, bias=b, k=case.k, **layout(case))
+        leaves = [x.clone().requires_grad_(True) for x in (h, w, b)]
+        loss = ss.linear_cross_entropy(leaves[0], leaves[1], t, bias=leaves[2], z_loss=1e-3, **layout(case))
+        loss.backward()
+        out[cols] = [st.lse, st.entropy, st.target_logprob, st.topk_logprobs, loss.detach()]
+        out[cols] += [x.grad for x in leaves]
+        if cols:
+            ids = st.topk_ids
+    spans = [(c0, min(c0 + 3, 37)) for c0 in range(0, 37, 3)]
+    assert seen == spans * 3, seen  # forward stats, forward loss, backward: 13 chunks, the last of 1
+    x64 = oracle_logits(case, hidden, weight, bias)
+    top = torch.sort(x64, dim=-1, descending=True).values[:, : case.k + 1]
+    assert (top[:, :-1] - top[:, 1:]).min() > 1e-3, "test inputs: top logits not well separated"
+    ref = R.oracle_stats(x64, local_target(case, target), k=case.k)
+    assert_ids_equal(ids.cpu() - case.vocab_start, ref["topk_ids"], "narrow chunks topk_ids")
+    torch.testing.assert_close(out[3][0].cpu().double(), ref["lse"], rtol=1e-5, atol=1e-5)
+    for a, b_ in zip(out[3], out[None]):
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_shard_of_padding_only(core_tier, impl):
+    """vocab_start past vocab_size: no real column. Stats and loss as the unfused API gives them
+    (lse -inf), and (chunked) every gradient 0. The fused backward, like the unfused
+    ``cross_entropy`` backward, divides by the zero vocabulary size there (ZeroDivisionError)."""
+    case = Case("padding", 4, 16, 9, "fp32", True, {})
+    hidden, weight, bias, _ = on(core_tier, *make_inputs(case, seed=4))
+    target = torch.full((case.n,), IGNORE, device=core_tier.device)
+    lay = {"vocab_start": 20, "vocab_size": 20}
+    st = ss.linear_softmax_stats(hidden, weight, target, bias=bias, impl=impl, **lay)
+    ref = ss.softmax_stats(F.linear(hidden, weight, bias), target, **lay)
+    for f in ("lse", "max", "entropy", "target_logprob"):
+        torch.testing.assert_close(getattr(st, f), getattr(ref, f), equal_nan=True, msg=f)
+    assert (st.lse == float("-inf")).all()
+    leaves = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
+    loss = ss.linear_cross_entropy(
+        leaves[0], leaves[1], target, bias=leaves[2], reduction="sum", impl=impl, **lay
+    )
+    assert loss.item() == 0
+    if impl == "chunked":
+        loss.backward()
+        assert all(torch.all(x.grad == 0) for x in leaves)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -411,7 +538,7 @@ def test_lm_head_fused_and_unfused_agree(core_tier):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert torch.equal(ids, heads[False](hidden, k=3).topk_ids)
     assert torch.all(heads[True].weight.grad[67:] == 0)
-    # the default: unfused (measured faster on an H200; see the class docstring)
+    # the default: unfused (the chunked path is not measured on a GPU yet; see the class docstring)
     auto = VocabParallelLMHead(24, 67, device=core_tier.device)
     assert auto.fused is False
     assert "fused=True" in repr(heads[True])
@@ -449,6 +576,7 @@ BAD = [
     ("label_smoothing", {}, {"label_smoothing": 1.0}, ValueError, "label_smoothing must be in [0, 1)"),
     ("temperature", {}, {"temperature": 0.0}, ValueError, "temperature must be a finite number > 0"),
     ("vocab_size", {}, {"vocab_size": V + 1}, ValueError, "vocab_size=11 is larger"),
+    ("impl", {}, {"impl": "cublas"}, ValueError, "impl must be one of ('chunked', 'fused'), got 'cublas'"),
 ]  # fmt: skip
 ONLY = {"k": "stats", "reduce_hidden_grad": "loss", "label_smoothing": "loss"}  # options of one function
 BAD_CALLS = [(fn, b) for b in BAD for fn in ("stats", "loss") if ONLY.get(next(iter(b[2]), fn), fn) == fn]
@@ -471,6 +599,7 @@ def test_bad_arguments_raise(fn, bad):
 
 DIST_N, DIST_H, DIST_V_PADDED, DIST_VOCAB = 6, 16, 101, 99
 DIST_OPTS = {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 6.0}
+DIST_CHUNK_COLS = 24  # 51 + 50 columns: 3 chunks each, the last of 3 and 2; 34 + 34 + 33 (31 real): 2 each
 
 
 def _dist_inputs():
@@ -504,11 +633,12 @@ def dist_rank(ctx, widths):
     hidden, weight, bias, target = (x.float() if x.is_floating_point() else x for x in _dist_inputs())
     start = sum(widths[: ctx.rank])
     cols = slice(start, start + widths[ctx.rank])
+    L.CHUNK_BYTES = DIST_N * DIST_CHUNK_COLS * 4  # fp32: several chunks per shard on the chunked path
     out = {}
-    for backend in ("torch", "triton"):
+    for backend, impl in [(b, i) for b in ("torch", "triton") for i in IMPLS]:
         ss.set_backend(backend)
         res = {}
-        kw = dict(bias=bias[cols], vocab_size=DIST_VOCAB, process_group=ctx.group, **DIST_OPTS)
+        kw = dict(bias=bias[cols], vocab_size=DIST_VOCAB, process_group=ctx.group, impl=impl, **DIST_OPTS)
         ss.linear_cross_entropy(hidden, weight[cols], target, **kw)  # agrees the layout (first call only)
         for reduce in (True, False):
             h, w, b = (x.clone().requires_grad_(True) for x in (hidden, weight[cols], bias[cols]))
@@ -521,18 +651,19 @@ def dist_rank(ctx, widths):
             res[reduce] = (loss.detach(), h.grad, w.grad, b.grad, forward, backward)
         st = ss.linear_softmax_stats(
             hidden, weight[cols], target, k=3, bias=bias[cols], vocab_size=DIST_VOCAB,
-            softcap=DIST_OPTS["softcap"], process_group=ctx.group,
+            softcap=DIST_OPTS["softcap"], process_group=ctx.group, impl=impl,
         )  # fmt: skip
-        out[backend] = {"ce": res, "stats": st}
+        out[f"{backend} {impl}"] = {"ce": res, "stats": st}
     return {"start": start, "width": widths[ctx.rank], **out}
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_process_group_matches_unsplit_model(world_size):
-    """Vocabulary 99 padded to 101 over 2 (51 + 50) or 3 (34 + 34 + 33) gloo ranks: the loss and
-    every gradient equal the unsplit float64 model (hidden's after the all-reduce; without it, this
-    rank's share dL/dlogits[:, shard] @ W[shard]); one collective forward, one all-reduce backward
-    (none with reduce_hidden_grad=False); stats and top-k ids equal the oracle on every rank."""
+    """Vocabulary 99 padded to 101 over 2 (51 + 50) or 3 (34 + 34 + 33) gloo ranks, each impl
+    (chunked: chunks of 24 columns, uneven): the loss and every gradient equal the unsplit float64
+    model (hidden's after the all-reduce; without it, this rank's share dL/dlogits[:, shard] @
+    W[shard]); one collective forward, one all-reduce backward (none with
+    reduce_hidden_grad=False); stats and top-k ids equal the oracle on every rank."""
     from shardsoftmax.nn import shard_sizes
 
     widths = shard_sizes(DIST_V_PADDED, world_size)
@@ -545,7 +676,7 @@ def test_process_group_matches_unsplit_model(world_size):
         cols = slice(r["start"], r["start"] + r["width"])
         share = glogits64[:, cols] @ weight[cols]
         partial_sum += share
-        for backend in ("torch", "triton"):
+        for backend in [f"{b} {i}" for b in ("torch", "triton") for i in IMPLS]:
             what = f"rank {out.index(r)} {backend}"
             for reduce, (loss, gh, gw, gb, fwd_calls, bwd_calls) in r[backend]["ce"].items():
                 torch.testing.assert_close(loss.double(), loss64, **tol, msg=f"{what} loss")
