@@ -299,10 +299,15 @@ def count_collectives():
     for name in _PG_METHODS:
         fn = getattr(dist.ProcessGroup, name, None)
         if fn is not None:
-            patched.append((dist.ProcessGroup, name, fn))
+            # Restore what the class itself held (a pybind11 instancemethod, or nothing when the
+            # method is inherited): the plain function getattr returns does not bind to an instance.
+            patched.append((dist.ProcessGroup, name, vars(dist.ProcessGroup).get(name)))
             setattr(dist.ProcessGroup, name, wrap(name, fn))
     try:
         yield counts
     finally:
         for mod, name, fn in patched:
-            setattr(mod, name, fn)
+            if fn is None:
+                delattr(mod, name)
+            else:
+                setattr(mod, name, fn)
