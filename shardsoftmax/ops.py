@@ -152,7 +152,9 @@ def grad_kwargs(call: ShardCall, layout: Layout) -> dict:
         n_valid_cols=layout.n_valid_cols,
         vocab_start=layout.vocab_start,
         label_smoothing=call.label_smoothing,
-        vocab_size=layout.n_classes,  # C of the smoothing term, = merged.count of the forward
+        # C of the smoothing term (= merged.count of the forward); a shard with no real column
+        # (one process, vocab_start past vocab_size) has no column the term applies to.
+        vocab_size=max(layout.n_classes, 1),
         z_loss=call.z_loss,
         softcap=call.softcap,
         temperature=call.temperature,
