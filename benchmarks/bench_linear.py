@@ -122,10 +122,24 @@ def run_checks(device, dtype, shapes, report: Callable[[str, bool, str], None]) 
 
 def _check_impl(impl, name, hidden, weight, b, target, lay, tf, opts, report) -> None:
     """The checks of ``run_checks`` for one implementation. The reference matmul has the
-    implementation's precision: float32 for "fused" (its logits are never rounded), bf16 for
-    "chunked" (``F.linear`` in bf16 rounds the logits as its cuBLAS chunks do)."""
-    ref_dtype = torch.bfloat16 if impl == "chunked" else torch.float32
-    logits_ref = F.linear(*(None if x is None else x.to(ref_dtype) for x in (hidden, weight, b))).float()
+    implementation's precision: float32 for "fused" (its logits are never rounded); for
+    "chunked", the same cuBLAS calls on the same column chunks (at the current CHUNK_BYTES), so
+    the reference logits are bit for bit the ones the chunks were given (one GEMM over all
+    columns may round a logit to another bf16 value: cuBLAS picks its algorithm by shape), and
+    what is checked is the partials of the chunks and their merge."""
+    ref_dtype = hidden.dtype if impl == "chunked" else torch.float32  # of the loss's reference
+    if impl == "chunked":
+        real = lay.get("vocab_size") or weight.shape[0]
+        width = ss_linear.chunk_cols(hidden.shape[0], hidden.element_size())
+        parts = []
+        for c0, c1 in ss_linear._chunks(real, width):
+            buf = torch.empty(hidden.shape[0] * (c1 - c0), dtype=hidden.dtype, device=hidden.device)
+            parts.append(ss_linear._logits_chunk(hidden, weight, b, c0, c1, buf))
+        pad = weight.shape[0] - real  # padding columns: any value (excluded by vocab_size)
+        parts.append(torch.zeros(hidden.shape[0], pad, dtype=hidden.dtype, device=hidden.device))
+        logits_ref = torch.cat(parts, dim=1).float()
+    else:
+        logits_ref = F.linear(*(None if x is None else x.float() for x in (hidden, weight, b)))
     stats_tol, loss_tol = STATS_TOL, LOSS_TOL
     name = f"{impl} {name}"
     for k in (0, 5):
