@@ -91,19 +91,42 @@ class ResourceError(InputError):
     """The cluster cannot hold the requested groups."""
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+def ensure_ray(
+    address: str | None = None, num_cpus: int | None = None, object_store_memory: int | None = None
+) -> bool:
     """Connect to Ray unless already connected: ``address`` (or ``RAY_ADDRESS``) joins a cluster,
-    otherwise a local instance starts (``num_cpus`` logical CPUs). True if this call started it."""
+    otherwise a local instance starts (``num_cpus`` logical CPUs, an object store of
+    ``object_store_memory`` bytes, Ray's default when None). True if this call started it."""
     if ray.is_initialized():
         return False
     joining = address is not None or bool(os.environ.get("RAY_ADDRESS"))
     ray.init(
         address=address,
         num_cpus=None if joining else num_cpus,
+        object_store_memory=None if joining else object_store_memory,
         include_dashboard=False,
         logging_level=logging.WARNING,
     )
     return True
+
+
+# The local object store this scorer starts is sized to what it holds (the head's shards, the
+# batches in flight, their results) rather than Ray's default of ~30% of RAM: the store hands a
+# new object fresh memory until it has used its capacity once, and fresh memory costs a page
+# fault per 4 KiB. Measured on the 2-core CPU machine (Ray 2.60, 64 MiB put as 4 blocks, the last
+# 4 batches kept): default store 39 ms and ~12,300 faults per put; a 1 GiB store 9.8 ms and ~17
+# faults. On 4 H200s the driver's put was the floor of the job: 10.5-11.5 ms and ~7,500 faults
+# per 64 MiB batch (docs/performance.md, v0.3).
+INFLIGHT_BATCH_BYTES = 256 << 20  # store room per batch in flight (8192 x 4096 bf16 is 64 MiB)
+STORE_MARGIN_BYTES = 1 << 30
+
+
+def local_store_bytes(head_bytes: int, replicas: int, max_inflight: int) -> int:
+    """The object store size for a local instance: the head's shards, ``INFLIGHT_BATCH_BYTES``
+    per batch in flight, and a margin, at most Ray's own default (30% of the machine's memory)."""
+    want = head_bytes + replicas * max_inflight * INFLIGHT_BATCH_BYTES + STORE_MARGIN_BYTES
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(min(want, 0.3 * total))
 
 
 def to_wire(t: torch.Tensor | None):
@@ -493,7 +516,10 @@ class ShardedScorer:
     ``cpus_per_worker``: CPUs reserved per actor, also the threads of its staging copy.
     ``put_threads``: driver threads that put a batch into the object store, as that many row
     blocks of at least ``PUT_BLOCK_MIN_BYTES`` each. ``breakdown``: time the stages of the data
-    path, see ``timing_breakdown``. Use as a context manager or call ``close()``.
+    path, see ``timing_breakdown``. ``object_store_memory``: bytes of the object store when the
+    scorer starts a local Ray instance (default ``local_store_bytes``: sized to what it holds, so
+    that the store reuses its memory; ignored when joining a cluster, whose store its owner sizes).
+    Use as a context manager or call ``close()``.
     """
 
     def __init__(
@@ -518,6 +544,7 @@ class ShardedScorer:
         backend: str | None = None,
         address: str | None = None,
         num_cpus: int | None = None,
+        object_store_memory: int | None = None,
         collective_timeout_s: float = 600.0,
         start_timeout_s: float = 300.0,
     ):
@@ -553,7 +580,9 @@ class ShardedScorer:
         self.rebuilds = 0
         self._next_seq = 0  # batch ids, unique over the scorer's life
         self._groups: list[_Group] = []
-        self._owns_ray = ensure_ray(address, num_cpus)
+        head_bytes = self.info.rows * self.info.hidden_size * self.info.dtype.itemsize
+        store = object_store_memory or local_store_bytes(head_bytes, replicas, max_inflight)
+        self._owns_ray = ensure_ray(address, num_cpus, store)
         try:
             self.device = self._pick_device(device)
             self._check_resources()

@@ -364,3 +364,14 @@ def test_gpu_tp2_nccl(ray_cluster, data, tmp_path):
     summary = run_job(job(data, tmp_path / "out", device="cuda"))
     assert summary.device == "cuda"
     check_output(tmp_path / "out", data)
+
+
+def test_local_object_store_is_sized_to_what_it_holds():
+    """The store a scorer starts holds the head, the batches in flight and a margin, never more
+    than Ray's own default share of the machine's memory."""
+    rs = ray_scorer
+    small = rs.local_store_bytes(1000, 1, 1)
+    assert small == 1000 + rs.INFLIGHT_BATCH_BYTES + rs.STORE_MARGIN_BYTES
+    assert rs.local_store_bytes(1000, 2, 4) - small == 7 * rs.INFLIGHT_BATCH_BYTES
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert rs.local_store_bytes(10 * total, 1, 1) == int(0.3 * total)
