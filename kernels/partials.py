@@ -348,6 +348,7 @@ def shard_partials(
     tile: tuple[int, int] | None = None,
     num_warps: int | None = None,
     max_registers: int | None = None,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ):
     """Launch the partials kernel on a 2-D ``logits`` shard (last dim contiguous).
 
@@ -355,7 +356,9 @@ def shard_partials(
     one piece per column split S. Shape and dtype checks are the caller's (the math layer
     validates once, before any kernel). ``need_entropy`` / ``need_sum_x`` = False skip those sums
     (written as NaN). ``tile``, ``num_warps`` and ``max_registers`` (the register cap of the top-k
-    path on CUDA; 0: none) override the defaults (tuning).
+    path on CUDA; 0: none) override the defaults (tuning). ``out``: (stats, topk_vals, topk_ids)
+    to write into when the launch has one column split and their shapes and dtypes match (the
+    process-group path passes views of its send buffer); otherwise new tensors.
     """
     n_rows, n_cols = logits.shape
     device = logits.device
@@ -369,9 +372,12 @@ def shard_partials(
     n_splits = max(1, min(n_splits, n_tiles))
     cols_per_split = triton.cdiv(n_tiles, n_splits) * block
     n_splits = max(1, triton.cdiv(max(n_valid_cols, 1), cols_per_split))
-    stats = torch.empty((N_FIELDS, n_splits, n_rows), dtype=torch.float32, device=device)
-    topk_vals = torch.empty((n_splits, n_rows, k), dtype=torch.float32, device=device)
-    topk_ids = torch.empty((n_splits, n_rows, k), dtype=torch.int64, device=device)
+    if out is not None and _fits(out, n_splits, n_rows, k, device):
+        stats, topk_vals, topk_ids = out
+    else:
+        stats = torch.empty((N_FIELDS, n_splits, n_rows), dtype=torch.float32, device=device)
+        topk_vals = torch.empty((n_splits, n_rows, k), dtype=torch.float32, device=device)
+        topk_ids = torch.empty((n_splits, n_rows, k), dtype=torch.int64, device=device)
     if n_rows == 0:
         return stats, topk_vals, topk_ids
     launch = {}
@@ -420,6 +426,16 @@ def shard_partials(
         **tk,
     )
     return stats, topk_vals, topk_ids
+
+
+def _fits(out, n_splits: int, n_rows: int, k: int, device: torch.device) -> bool:
+    """``out`` can take the partials of this launch (contiguous, the launch's shapes)."""
+    shapes = ((N_FIELDS, n_splits, n_rows), (n_splits, n_rows, k), (n_splits, n_rows, k))
+    dtypes = (torch.float32, torch.float32, torch.int64)
+    return all(
+        t.shape == shape and t.dtype == dt and t.device == device and t.is_contiguous()
+        for t, shape, dt in zip(out, shapes, dtypes)
+    )
 
 
 _SM_COUNT: dict = {}

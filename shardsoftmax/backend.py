@@ -75,11 +75,14 @@ def shard_partials(logits: torch.Tensor, target: torch.Tensor | None, **kw) -> P
     return reference.shard_partials(logits, target, **kw)
 
 
-def shard_pieces(logits: torch.Tensor, target: torch.Tensor | None, **kw) -> Pieces:
+def shard_pieces(
+    logits: torch.Tensor, target: torch.Tensor | None, *, out: Pieces | None = None, **kw
+) -> Pieces:
     """Partials of one 2-D shard as pieces for finalize: the Triton kernel's column splits as it
-    wrote them (finalize merges them), or the reference's partials as one piece."""
+    wrote them (finalize merges them; into ``out`` when they fit, see ``kernels.shard_partials``),
+    or the reference's partials as one piece."""
     if uses_triton(logits):
-        return Pieces(*kernels.shard_partials(logits, target, **kw))
+        return Pieces(*kernels.shard_partials(logits, target, out=out, **kw))
     kw.pop("need_entropy", None), kw.pop("need_sum_x", None)
     return P.pack(reference.shard_partials(logits, target, **kw))
 

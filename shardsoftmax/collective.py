@@ -271,6 +271,32 @@ def _check_consistent(headers: list[Header]) -> tuple[tuple[int, ...], int, int]
     return starts, total, vocab
 
 
+_sends: dict[int, tuple] = {}
+
+
+def _send_buffer(key: int, agreed: Agreed, rank: int, header: Header) -> tuple[torch.Tensor, Pieces]:
+    """This rank's send buffer for the agreed layout of group ``key``, kept across calls: the
+    header words (written once) then the payload, and the payload's views as one piece
+    (``pack``'s layout), for the partials kernel to write into. Reusing it is safe in stream
+    order: the all-gather that read it finished before later work on the stream (its ``wait``)."""
+    entry = _sends.get(key)
+    if entry is None or entry[0] is not agreed:
+        pdtype = torch.float64 if header.dtype == _DTYPES[torch.float64] else torch.float32
+        n, k = header.n_rows, header.k
+        a, b, c, total = _offsets(pdtype, n, k)
+        words = agreed.words[rank]
+        buf = torch.empty(2 * H + total, dtype=torch.int32, device=words.device)
+        buf[: 2 * H].copy_(words)
+        payload = buf[2 * H :]
+        slots = Pieces(
+            payload[:a].view(pdtype).view(7, 1, n),
+            payload[a:b].view(pdtype).view(1, n, k),
+            payload[c:].view(torch.int64).view(1, n, k),
+        )
+        entry = _sends[key] = (agreed, buf, slots)
+    return entry[1], entry[2]
+
+
 def _all_gather(buf: torch.Tensor, group) -> torch.Tensor:
     """``buf`` of every rank, stacked [G, len]. The ProcessGroup's own method when it has one: the
     Python front end (``dist.all_gather_into_tensor``) spends ~100 µs per call on checks that
@@ -404,7 +430,8 @@ def _check_fast(key: int, gathered: torch.Tensor, agreed: Agreed) -> None:
 def exchange(
     header: Header, compute, group, *, device, error: BaseException | None = None
 ) -> tuple[Pieces, Layout]:
-    """Run ``compute(layout) -> Pieces`` on this rank and return the partials of all ranks as G
+    """Run ``compute(layout, out) -> Pieces`` on this rank (``out``: one piece's views of the
+    send buffer, for the shard kernel to write into when it can) and return the partials of all ranks as G
     pieces (one per rank; a rank's own pieces are merged first when it has several), with this
     rank's layout. ``error``: this rank's input was rejected; it still takes part, so that every
     rank raises instead of hanging."""
@@ -417,10 +444,13 @@ def exchange(
         agreed = _agreed.get(key)
         if error is None and agreed is not None and agreed.headers[rank] == header:
             layout = agreed.layout(rank)
-            local = compute(layout)
-            if local.n_splits != 1:
-                local = pack_pieces(merge_stacked(local.unpacked()))
-            gathered = _all_gather(pack(local, agreed.words[rank]), group)
+            send, slots = _send_buffer(key, agreed, rank, header)
+            local = compute(layout, slots)
+            if local.stats.data_ptr() != slots.stats.data_ptr():  # not written in place: pack it
+                if local.n_splits != 1:
+                    local = pack_pieces(merge_stacked(local.unpacked()))
+                send = pack(local, agreed.words[rank])
+            gathered = _all_gather(send, group)
             _check_fast(key, gathered, agreed)
             return unpack(gathered[:, 2 * H :], local.stats.dtype, header.n_rows, header.k), layout
         # Slow path: send the header and a zero payload of the agreed size, read every header.
@@ -451,3 +481,4 @@ def forget(group) -> None:
     _agreed.pop(id(group), None)
     _pending.pop(id(group), None)
     _rings.pop(id(group), None)
+    _sends.pop(id(group), None)

@@ -105,10 +105,10 @@ def global_pieces(
     group: one piece per rank (one collective). ``pieces_fn(layout)`` (-> ``Pieces``) replaces
     the default shard pass; with it, ``logits2d`` may be a ``ShardShape``."""
 
-    def compute(layout: Layout) -> Pieces:
+    def compute(layout: Layout, out: Pieces | None = None) -> Pieces:
         if pieces_fn is not None:
             return pieces_fn(layout)
-        return backend.shard_pieces(logits2d, target1d, **shard_kwargs(call, layout))
+        return backend.shard_pieces(logits2d, target1d, out=out, **shard_kwargs(call, layout))
 
     if process_group is None:
         layout = collective.local_layout(logits2d.shape[1], call.vocab_start, call.vocab_size)
