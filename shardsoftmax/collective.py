@@ -200,18 +200,24 @@ def pack(p: Pieces, head: torch.Tensor) -> torch.Tensor:
     return torch.cat(words)
 
 
-def unpack(words: torch.Tensor, dtype: torch.dtype, n_rows: int, k: int) -> Pieces:
-    """Inverse of ``pack`` for the gathered [G, payload] tensor (header words removed): the ranks'
-    partials as G pieces, stats as a view of ``words``."""
-    g = words.shape[0]
+def unpack(gathered: torch.Tensor, dtype: torch.dtype, n_rows: int, k: int) -> Pieces:
+    """Inverse of ``pack`` for the gathered [G, header + payload] int32 words: the ranks' partials
+    as G pieces, stats as a strided view of ``gathered`` (two ops: a call's host time is mostly
+    its torch ops)."""
+    g, row = gathered.shape
+    w = 2 if dtype == torch.float64 else 1
     a, b, c, _ = _offsets(dtype, n_rows, k)
-    stats = words[:, :a].view(dtype).view(g, 7, n_rows).transpose(0, 1)
+    flat = gathered.view(dtype)  # [G, row / w]: header and payload lengths are even
+    base = flat.storage_offset() + 2 * H // w
+    stats = flat.as_strided((7, g, n_rows), (n_rows, row // w, 1), base)
     if n_rows * k == 0:
-        vals = torch.empty((g, n_rows, k), dtype=dtype, device=words.device)
-        ids = torch.empty((g, n_rows, k), dtype=torch.int64, device=words.device)
+        vals = torch.empty((g, n_rows, k), dtype=dtype, device=gathered.device)
+        ids = torch.empty((g, n_rows, k), dtype=torch.int64, device=gathered.device)
     else:  # contiguous copies: finalize reads values and ids with the same strides
-        vals = words[:, a:b].view(dtype).view(g, n_rows, k).contiguous()
-        ids = words[:, c:].view(torch.int64).view(g, n_rows, k).contiguous()
+        vals = flat.as_strided((g, n_rows, k), (row // w, k, 1), base + a // w).contiguous()
+        ids64 = gathered.view(torch.int64)
+        start = ids64.storage_offset() + (2 * H + c) // 2
+        ids = ids64.as_strided((g, n_rows, k), (row // 2, k, 1), start).contiguous()
     return Pieces(stats, vals, ids)
 
 
@@ -452,7 +458,7 @@ def exchange(
                 send = pack(local, agreed.words[rank])
             gathered = _all_gather(send, group)
             _check_fast(key, gathered, agreed)
-            return unpack(gathered[:, 2 * H :], local.stats.dtype, header.n_rows, header.k), layout
+            return unpack(gathered, local.stats.dtype, header.n_rows, header.k), layout
         # Slow path: send the header and a zero payload of the agreed size, read every header.
         n_words = agreed.payload_words if agreed is not None else 0
         head = _header_words(header).to(device)

@@ -654,3 +654,32 @@ def test_torchrun_launcher_selfcheck_nccl():
     assert code == 0, log[-6000:]
     for rank in (0, 1):
         assert f"[rank {rank}/2] PASS all" in log and "nccl, cuda:" in log, log[-6000:]
+
+
+def float64_rank(ctx) -> list[str]:
+    """float64 logits over a group (partials travel as float64: two words each): the same lse,
+    entropy and top-k as one process on the whole vocabulary, twice (the second call takes the
+    steady-state path)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 50, generator=g, dtype=torch.float64)
+    t = torch.randint(0, 50, (6,), generator=g)
+    widths = [50 // ctx.world_size + (r < 50 % ctx.world_size) for r in range(ctx.world_size)]
+    start = sum(widths[: ctx.rank])
+    shard = x[:, start : start + widths[ctx.rank]].contiguous()
+    want = ss.softmax_stats(x, t, k=4)
+    bad = []
+    for call in range(2):
+        got = ss.softmax_stats(shard, t, k=4, process_group=ctx.group)
+        for f in ("lse", "entropy", "target_logprob", "topk_logprobs"):
+            a, b = getattr(got, f), getattr(want, f)
+            if a.dtype != torch.float64 or not torch.allclose(a, b):
+                bad.append(f"call {call}: {f} {getattr(got, f)} vs {getattr(want, f)}")
+        if not torch.equal(got.topk_ids, want.topk_ids):
+            bad.append(f"call {call}: topk_ids {got.topk_ids} vs {want.topk_ids}")
+    return bad
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_float64_logits_over_a_group(world_size):
+    bad = [b for r in run_ranks(float64_rank, world_size) for b in r]
+    assert not bad, "\n".join(bad)
