@@ -17,7 +17,7 @@ Common conventions:
 * Top-k: ids are global int64, ordered by descending logit; equal logits: the lower id first.
 * ``process_group=None``: no host sync and no per-call host tensor, so calls can be captured in a
   CUDA graph (after one warm-up call). With a group, a call has no host sync in steady state
-  either, but is not capturable (the header exchange allocates pinned memory and records events).
+  either, but is not capturable (the header check copies to pinned memory and records events).
 * With a group on CUDA, a rank whose own call was valid may learn that another rank's call did not
   match only after its call returns (the header check runs on the device, see ``collective``):
   that call's results are NaN (ids -1) and the error is raised by the rank's next call on the

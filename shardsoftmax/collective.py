@@ -305,8 +305,8 @@ def _send_buffer(key: int, agreed: Agreed, rank: int, header: Header) -> tuple[t
 
 def _all_gather(buf: torch.Tensor, group) -> torch.Tensor:
     """``buf`` of every rank, stacked [G, len]. The ProcessGroup's own method when it has one: the
-    Python front end (``dist.all_gather_into_tensor``) spends ~100 µs per call on checks that
-    ``exchange`` does not need (measured on an H200 host, ``benchmarks/profile_group.py``)."""
+    Python front end (``dist.all_gather_into_tensor``) spent ~137 µs of its own time per call under
+    cProfile on an H200 host (``benchmarks/profile_group.py``) on checks ``exchange`` does not need."""
     out = torch.empty((group.size(), buf.numel()), dtype=buf.dtype, device=buf.device)
     if hasattr(group, "_allgather_base"):
         group._allgather_base(out.view(-1), buf).wait()  # wait: the current stream waits (NCCL)
@@ -437,9 +437,9 @@ def exchange(
     header: Header, compute, group, *, device, error: BaseException | None = None
 ) -> tuple[Pieces, Layout]:
     """Run ``compute(layout, out) -> Pieces`` on this rank (``out``: one piece's views of the
-    send buffer, for the shard kernel to write into when it can) and return the partials of all ranks as G
-    pieces (one per rank; a rank's own pieces are merged first when it has several), with this
-    rank's layout. ``error``: this rank's input was rejected; it still takes part, so that every
+    send buffer, for the shard kernel to write into when it can) and return the partials of all
+    ranks as G pieces (one per rank; a rank's own pieces are merged first when it has several),
+    with this rank's layout. ``error``: this rank's input was rejected; it still takes part, so that every
     rank raises instead of hanging."""
     key = id(group)
     _resolve(key, wait=False)
