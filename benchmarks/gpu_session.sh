@@ -102,7 +102,7 @@ if has ray && [ "$NGPU" -ge 2 ]; then
     (cd /tmp && step ray_nccl_test 150 python -P -m pytest -q -p no:cacheprovider "$R/tests/test_ray.py" -k gpu_tp2_nccl)
     tps="2"
     [ "$NGPU" -ge 4 ] && tps="2 4"
-    (cd /tmp && step bench_ray "$limit" python -P "$R/benchmarks/bench_ray.py" --tp $tps --v 128256 256000 --out "$OUT")
+    (cd /tmp && step bench_ray "$limit" python -P "$R/benchmarks/bench_ray.py" --tp $tps --v 128256 256000 --breakdown --out "$OUT")
 fi
 if has plot; then
     step plot 40 python -P benchmarks/plot.py "$OUT"/*.csv --out "$OUT/figures"
