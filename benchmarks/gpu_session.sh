@@ -15,6 +15,8 @@
 #
 # Limits (seconds, environment): TEST_LIMIT=80 BENCH_LIMIT=210 DIST2_LIMIT=70 DIST4_LIMIT=120;
 # LINEAR_LIMIT=300 NCCL_LIMIT=200 RAY_LIMIT=300 (opt-in steps).
+# The device tool returns at most 8 files from $OUT: with many steps, the last logs may not come
+# back (their tails are printed by each step).
 # Carried wheels: .wheels/*.whl (liger-kernel 0.8.5) are installed too; without them the Liger
 # peers are skipped with the reason printed.
 set -uo pipefail
