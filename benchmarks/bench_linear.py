@@ -120,29 +120,39 @@ def run_checks(device, dtype, shapes, report: Callable[[str, bool, str], None]) 
         _check_impl("fused", name, hidden, weight, b, target, lay, tf, opts, report)
 
 
+def _chunked_logits(hidden, weight, b, real: int, k: int) -> torch.Tensor:
+    """fp32 copy of the logits exactly as the chunked path computes them (the same cuBLAS calls:
+    vocabulary chunks, or for top-k with several of them, blocks of rows over every real column;
+    see ``shardsoftmax.linear``); padding columns 0 (excluded by vocab_size)."""
+    n = hidden.shape[0]
+    spans = ss_linear._chunks(real, ss_linear.chunk_cols(n, hidden.element_size()))
+    out = torch.zeros(n, weight.shape[0], dtype=torch.float32, device=hidden.device)
+    if k > 0 and len(spans) > 1:
+        rows = max(1, ss_linear.CHUNK_BYTES // (real * hidden.element_size()))
+        blocks = [(r0, min(n, r0 + rows), 0, real) for r0 in range(0, n, rows)]
+    else:
+        blocks = [(0, n, c0, c1) for c0, c1 in spans]
+    for r0, r1, c0, c1 in blocks:
+        buf = torch.empty((r1 - r0) * (c1 - c0), dtype=hidden.dtype, device=hidden.device)
+        out[r0:r1, c0:c1] = ss_linear._logits_chunk(hidden[r0:r1], weight, b, c0, c1, buf)
+    return out
+
+
 def _check_impl(impl, name, hidden, weight, b, target, lay, tf, opts, report) -> None:
     """The checks of ``run_checks`` for one implementation. The reference matmul has the
     implementation's precision: float32 for "fused" (its logits are never rounded); for
-    "chunked", the same cuBLAS calls on the same column chunks (at the current CHUNK_BYTES), so
-    the reference logits are bit for bit the ones the chunks were given (one GEMM over all
-    columns may round a logit to another bf16 value: cuBLAS picks its algorithm by shape), and
-    what is checked is the partials of the chunks and their merge."""
+    "chunked", the same cuBLAS calls on the same chunks (``_chunked_logits``), so the reference
+    logits are bit for bit the ones the chunks were given (one GEMM over all columns may round a
+    logit to another bf16 value: cuBLAS picks its algorithm by shape), and what is checked is
+    the partials of the chunks and their merge."""
     ref_dtype = hidden.dtype if impl == "chunked" else torch.float32  # of the loss's reference
-    if impl == "chunked":
-        real = lay.get("vocab_size") or weight.shape[0]
-        width = ss_linear.chunk_cols(hidden.shape[0], hidden.element_size())
-        parts = []
-        for c0, c1 in ss_linear._chunks(real, width):
-            buf = torch.empty(hidden.shape[0] * (c1 - c0), dtype=hidden.dtype, device=hidden.device)
-            parts.append(ss_linear._logits_chunk(hidden, weight, b, c0, c1, buf))
-        pad = weight.shape[0] - real  # padding columns: any value (excluded by vocab_size)
-        parts.append(torch.zeros(hidden.shape[0], pad, dtype=hidden.dtype, device=hidden.device))
-        logits_ref = torch.cat(parts, dim=1).float()
-    else:
-        logits_ref = F.linear(*(None if x is None else x.float() for x in (hidden, weight, b)))
     stats_tol, loss_tol = STATS_TOL, LOSS_TOL
     name = f"{impl} {name}"
     for k in (0, 5):
+        if impl == "chunked":
+            logits_ref = _chunked_logits(hidden, weight, b, lay.get("vocab_size") or weight.shape[0], k)
+        else:
+            logits_ref = F.linear(*(None if x is None else x.float() for x in (hidden, weight, b)))
         st = ss.linear_softmax_stats(hidden, weight, target, bias=b, k=k, impl=impl, **tf, **lay)
         ref = ss.softmax_stats(logits_ref, target, k=k, **tf, **lay)
         errs = {f: normwise(getattr(st, f), getattr(ref, f)) for f in ("lse", "entropy", "target_logprob")}

@@ -343,9 +343,10 @@ def test_out_of_range_target_gives_nan_in_its_row(core_tier):
 
 @pytest.mark.core_tiers("cpu-torch", "cuda-triton")  # k > a chunk's 32-column blocks: slow interpreted
 def test_chunked_narrow_chunks_cover_the_shard_once(core_tier, monkeypatch):
-    """Chunks of 3 columns (fewer than k = 5) over 40 columns, 37 real, at vocab_start 5: every
-    logits chunk is at most 3 wide, together they cover the real columns once (padding: none),
-    and the results (top-k ids exact) equal the float64 oracle and the one-chunk path."""
+    """Chunks of 3 columns (fewer than k = 5) over 40 columns, 37 real, at vocab_start 5: the loss
+    and its gradients go by vocabulary chunks at most 3 wide, the top-k stats by chunks of rows
+    over every real column; together they cover the real columns once (padding: none), and the
+    results (top-k ids exact) equal the float64 oracle and the one-chunk path."""
     case = Case("narrow", 6, 16, 40, "fp32", True, {"z_loss": 1e-3}, vocab_size=42, vocab_start=5, k=5)
     hidden, weight, bias, target = make_inputs(case, seed=12)
     h, w, b, t = on(core_tier, hidden, weight, bias, target)
@@ -372,7 +373,9 @@ def test_chunked_narrow_chunks_cover_the_shard_once(core_tier, monkeypatch):
         if cols:
             ids = st.topk_ids
     spans = [(c0, min(c0 + 3, 37)) for c0 in range(0, 37, 3)]
-    assert seen == spans * 3, seen  # forward stats, forward loss, backward: 13 chunks, the last of 1
+    # forward stats (top-k: chunks of rows, here one row each, over all 37 real columns), then
+    # forward loss and backward: 13 vocabulary chunks each, the last of 1
+    assert seen == [(0, 37)] * case.n + spans * 2, seen
     x64 = oracle_logits(case, hidden, weight, bias)
     top = torch.sort(x64, dim=-1, descending=True).values[:, : case.k + 1]
     assert (top[:, :-1] - top[:, 1:]).min() > 1e-3, "test inputs: top logits not well separated"
@@ -381,6 +384,45 @@ def test_chunked_narrow_chunks_cover_the_shard_once(core_tier, monkeypatch):
     torch.testing.assert_close(out[3][0].cpu().double(), ref["lse"], rtol=1e-5, atol=1e-5)
     for a, b_ in zip(out[3], out[None]):
         torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.core_tiers("cpu-triton", "cuda-triton")
+@pytest.mark.parametrize("splits", [1, 2])
+def test_chunked_topk_by_row_blocks(core_tier, monkeypatch, splits):
+    """Top-k stats of the chunked path go by blocks of rows (here 3, 3 and 1 of 7 rows) over every
+    real column, each block's column splits merged first (``splits`` = 2 forces them): the same
+    results as one chunk of everything, top-k ids exact."""
+    from shardsoftmax.kernels import partials as KP
+
+    case = Case("rows", 7, 16, 90, "fp32", True, {}, vocab_size=88, vocab_start=3, k=4)
+    hidden, weight, bias, target = on(core_tier, *make_inputs(case, seed=21))
+    whole = ss.linear_softmax_stats(hidden, weight, target, bias=bias, k=case.k, **layout(case))
+    monkeypatch.setattr(L, "CHUNK_BYTES", 3 * 85 * 4)  # 3 rows of the 85 real fp32 columns (88 - 3)
+    monkeypatch.setattr(KP, "default_splits", lambda n_rows, n_tiles, device: splits)
+    monkeypatch.setattr(KP, "tile_shape", lambda n_cols, k: (2, 16))  # 3 tiles of 32 columns
+    seen = []
+    original = L._logits_chunk
+
+    def spy(hidden2d, weight_, bias_, c0, c1, buf):
+        seen.append((hidden2d.shape[0], c0, c1))
+        return original(hidden2d, weight_, bias_, c0, c1, buf)
+
+    monkeypatch.setattr(L, "_logits_chunk", spy)
+    pieces = []
+    original_pieces = L.backend.shard_pieces
+
+    def spy_pieces(*a, **kw):
+        p = original_pieces(*a, **kw)
+        pieces.append(p.n_splits)
+        return p
+
+    monkeypatch.setattr(L.backend, "shard_pieces", spy_pieces)
+    got = ss.linear_softmax_stats(hidden, weight, target, bias=bias, k=case.k, **layout(case))
+    assert seen == [(3, 0, 85), (3, 0, 85), (1, 0, 85)], seen
+    assert pieces == [splits] * 3, pieces  # the kernel's column splits, merged per block
+    assert torch.equal(got.topk_ids, whole.topk_ids)
+    for f in ("lse", "max", "entropy", "target_logprob", "topk_logprobs"):
+        torch.testing.assert_close(getattr(got, f), getattr(whole, f), rtol=1e-6, atol=1e-6, msg=f)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
