@@ -101,12 +101,19 @@ def chunked_linear_pieces(
                 logits, target1d, k=k, n_valid_cols=c1 - c0, vocab_start=vocab_start + c0, **kw
             )
         )
-    if len(pieces) == 1:
-        return pieces[0]
+    return _cat_pieces(pieces, along_rows=False)
+
+
+def _cat_pieces(parts: list[Pieces], *, along_rows: bool) -> Pieces:
+    """Pieces side by side: more splits of the same rows (vocabulary chunks), or the same splits
+    of more rows (row blocks)."""
+    if len(parts) == 1:
+        return parts[0]
+    d = 1 if along_rows else 0  # the rows / splits axis of topk_vals and topk_ids; stats: d + 1
     return Pieces(
-        torch.cat([p.stats for p in pieces], dim=1),
-        torch.cat([p.topk_vals for p in pieces], dim=0),
-        torch.cat([p.topk_ids for p in pieces], dim=0),
+        torch.cat([p.stats for p in parts], dim=d + 1),
+        torch.cat([p.topk_vals for p in parts], dim=d),
+        torch.cat([p.topk_ids for p in parts], dim=d),
     )
 
 
@@ -128,13 +135,7 @@ def _row_chunked_pieces(hidden2d, weight, bias, target1d, n_valid_cols, vocab_st
             logits, target, k=k, n_valid_cols=n_valid_cols, vocab_start=vocab_start, **kw
         )
         parts.append(p if p.n_splits == 1 else pack(p.merged()))
-    if len(parts) == 1:
-        return parts[0]
-    return Pieces(
-        torch.cat([p.stats for p in parts], dim=2),
-        torch.cat([p.topk_vals for p in parts], dim=1),
-        torch.cat([p.topk_ids for p in parts], dim=1),
-    )
+    return _cat_pieces(parts, along_rows=True)
 
 
 def _matmul_accumulate(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, acc_dtype) -> torch.Tensor:
