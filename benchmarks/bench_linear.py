@@ -121,18 +121,12 @@ def run_checks(device, dtype, shapes, report: Callable[[str, bool, str], None]) 
 
 
 def _chunked_logits(hidden, weight, b, real: int, k: int) -> torch.Tensor:
-    """fp32 copy of the logits exactly as the chunked path computes them (the same cuBLAS calls:
-    vocabulary chunks, or for top-k with several of them, blocks of rows over every real column;
-    see ``shardsoftmax.linear``); padding columns 0 (excluded by vocab_size)."""
+    """fp32 copy of the logits exactly as the chunked path computes them (the same cuBLAS calls
+    on the same blocks, ``shardsoftmax.linear.forward_blocks``); padding columns 0 (excluded by
+    vocab_size)."""
     n = hidden.shape[0]
-    spans = ss_linear._chunks(real, ss_linear.chunk_cols(n, hidden.element_size()))
     out = torch.zeros(n, weight.shape[0], dtype=torch.float32, device=hidden.device)
-    if k > 0 and len(spans) > 1:
-        rows = max(1, ss_linear.CHUNK_BYTES // (real * hidden.element_size()))
-        blocks = [(r0, min(n, r0 + rows), 0, real) for r0 in range(0, n, rows)]
-    else:
-        blocks = [(0, n, c0, c1) for c0, c1 in spans]
-    for r0, r1, c0, c1 in blocks:
+    for r0, r1, c0, c1 in ss_linear.forward_blocks(n, real, hidden.element_size(), k)[1]:
         buf = torch.empty((r1 - r0) * (c1 - c0), dtype=hidden.dtype, device=hidden.device)
         out[r0:r1, c0:c1] = ss_linear._logits_chunk(hidden[r0:r1], weight, b, c0, c1, buf)
     return out

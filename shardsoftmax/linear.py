@@ -77,36 +77,43 @@ def _chunk_buffer(hidden2d: torch.Tensor, n_valid_cols: int, width: int) -> torc
     )
 
 
+def forward_blocks(n_rows: int, n_valid_cols: int, itemsize: int, k: int) -> tuple[bool, list[tuple]]:
+    """The blocks ``(r0, r1, c0, c1)`` of logits the chunked forward computes, in order, each at
+    most CHUNK_BYTES: vocabulary chunks of ``chunk_cols`` columns over every row, or, for top-k
+    (k > 0) when the real columns need several chunks, blocks of rows over every real column
+    (then the first value is True). The top-k selection after each (row, block) costs the same
+    whatever the block's width, so vocabulary chunks would pay it once per chunk: measured on an
+    H200, top-50 over 16 vocabulary chunks cost 1.23x the k = 0 forward, the unfused kernel on
+    whole rows 1.01x."""
+    spans = _chunks(n_valid_cols, chunk_cols(n_rows, itemsize))
+    if k > 0 and len(spans) > 1:
+        rows = max(1, CHUNK_BYTES // (n_valid_cols * itemsize))
+        return True, [(r0, min(n_rows, r0 + rows), 0, n_valid_cols) for r0 in range(0, n_rows, rows)]
+    return False, [(0, n_rows, c0, c1) for c0, c1 in spans]
+
+
 def chunked_linear_pieces(
     hidden2d, weight, bias, target1d, *, n_valid_cols: int, vocab_start: int, k: int, **kw
 ) -> Pieces:
-    """``backend.linear_pieces`` by vocabulary chunks of ``chunk_cols`` columns: the pieces of every
-    chunk's logits, concatenated along the split axis (S = the chunks' splits together); with
-    top-k, by chunks of rows instead (``_row_chunked_pieces``). ``kw``: the other options of
-    ``backend.shard_pieces``."""
+    """``backend.linear_pieces`` by the blocks of ``forward_blocks``: the pieces of every block's
+    logits, concatenated along the split axis (vocabulary chunks: S = the chunks' splits
+    together) or along the rows (row blocks, each block's column splits merged first). ``kw``:
+    the other options of ``backend.shard_pieces``."""
     n_rows = hidden2d.shape[0]
-    width = chunk_cols(n_rows, hidden2d.element_size())
-    spans = _chunks(n_valid_cols, width)
-    if not spans:  # no real column in this shard: the monoid's identity
+    along_rows, blocks = forward_blocks(n_rows, n_valid_cols, hidden2d.element_size(), k)
+    if not blocks:  # no real column in this shard: the monoid's identity
         dtype = reference.compute_dtype(hidden2d.dtype)
         return pack(identity(n_rows, k, dtype=dtype, device=hidden2d.device))
-    if k > 0 and len(spans) > 1:
-        return _row_chunked_pieces(hidden2d, weight, bias, target1d, n_valid_cols, vocab_start, k, kw)
-    buf = _chunk_buffer(hidden2d, n_valid_cols, width)
-    pieces = []
-    for c0, c1 in spans:
-        logits = _logits_chunk(hidden2d, weight, bias, c0, c1, buf)
-        pieces.append(
-            backend.shard_pieces(
-                logits, target1d, k=k, n_valid_cols=c1 - c0, vocab_start=vocab_start + c0, **kw
-            )
+    size = max((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in blocks)
+    buf = torch.empty(size, dtype=hidden2d.dtype, device=hidden2d.device)
+    parts = []
+    for r0, r1, c0, c1 in blocks:
+        logits = _logits_chunk(hidden2d[r0:r1], weight, bias, c0, c1, buf)
+        target = None if target1d is None else target1d[r0:r1]
+        p = backend.shard_pieces(
+            logits, target, k=k, n_valid_cols=c1 - c0, vocab_start=vocab_start + c0, **kw
         )
-    return _cat_pieces(pieces, along_rows=False)
-
-
-def _cat_pieces(parts: list[Pieces], *, along_rows: bool) -> Pieces:
-    """Pieces side by side: more splits of the same rows (vocabulary chunks), or the same splits
-    of more rows (row blocks)."""
+        parts.append(pack(p.merged()) if along_rows and p.n_splits != 1 else p)
     if len(parts) == 1:
         return parts[0]
     d = 1 if along_rows else 0  # the rows / splits axis of topk_vals and topk_ids; stats: d + 1
@@ -115,27 +122,6 @@ def _cat_pieces(parts: list[Pieces], *, along_rows: bool) -> Pieces:
         torch.cat([p.topk_vals for p in parts], dim=d),
         torch.cat([p.topk_ids for p in parts], dim=d),
     )
-
-
-def _row_chunked_pieces(hidden2d, weight, bias, target1d, n_valid_cols, vocab_start, k, kw) -> Pieces:
-    """``chunked_linear_pieces`` for top-k (k > 0) by chunks of rows, each over every real column:
-    the top-k selection after each (row, chunk) costs the same whatever the chunk's width, so
-    vocabulary chunks would pay it once per chunk (measured on an H200: top-50 over 16 vocabulary
-    chunks cost 1.23x the k = 0 forward, the unfused kernel on whole rows 1.01x). One piece per
-    row block (column splits merged), the blocks concatenated along the rows."""
-    n_rows = hidden2d.shape[0]
-    rows = max(1, CHUNK_BYTES // max(1, n_valid_cols * hidden2d.element_size()))
-    buf = torch.empty(min(rows, n_rows) * n_valid_cols, dtype=hidden2d.dtype, device=hidden2d.device)
-    parts = []
-    for r0 in range(0, n_rows, rows):
-        r1 = min(n_rows, r0 + rows)
-        logits = _logits_chunk(hidden2d[r0:r1], weight, bias, 0, n_valid_cols, buf)
-        target = None if target1d is None else target1d[r0:r1]
-        p = backend.shard_pieces(
-            logits, target, k=k, n_valid_cols=n_valid_cols, vocab_start=vocab_start, **kw
-        )
-        parts.append(p if p.n_splits == 1 else pack(p.merged()))
-    return _cat_pieces(parts, along_rows=True)
 
 
 def _matmul_accumulate(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, acc_dtype) -> torch.Tensor:
