@@ -108,3 +108,10 @@ def check_loss_options(reduction, label_smoothing, z_loss) -> None:
         raise TypeError(f"z_loss must be a float >= 0, got {z_loss!r}")
     if not (math.isfinite(z_loss) and z_loss >= 0):
         raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss}")
+
+
+def check_loss_kwargs(ignore_index, reduction, label_smoothing, z_loss, temperature, softcap) -> None:
+    """The options every cross-entropy entry point takes (functions and modules)."""
+    check_int(ignore_index, "ignore_index")
+    check_loss_options(reduction, label_smoothing, z_loss)
+    check_transform(temperature, softcap)

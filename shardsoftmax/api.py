@@ -174,9 +174,7 @@ def cross_entropy(
     def checks():
         V.check_logits(logits)
         V.check_target(target, logits)
-        V.check_int(ignore_index, "ignore_index")
-        V.check_loss_options(reduction, label_smoothing, z_loss)
-        V.check_transform(temperature, softcap)
+        V.check_loss_kwargs(ignore_index, reduction, label_smoothing, z_loss, temperature, softcap)
         V.check_layout_args(vocab_size, vocab_start)
         if not isinstance(inplace_backward, bool):
             raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
@@ -415,9 +413,7 @@ def linear_cross_entropy(
         _check_impl(impl)
         V.check_linear(hidden, weight, bias)
         V.check_target(target, hidden, of="hidden")
-        V.check_int(ignore_index, "ignore_index")
-        V.check_loss_options(reduction, label_smoothing, z_loss)
-        V.check_transform(temperature, softcap)
+        V.check_loss_kwargs(ignore_index, reduction, label_smoothing, z_loss, temperature, softcap)
         V.check_layout_args(vocab_size, vocab_start)
         if not isinstance(reduce_hidden_grad, bool):
             raise TypeError(f"reduce_hidden_grad must be a bool, got {reduce_hidden_grad!r}")

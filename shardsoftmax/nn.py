@@ -77,12 +77,6 @@ def copy_to_vocab_parallel(x: torch.Tensor, process_group) -> torch.Tensor:
     return _CopyToVocabParallel.apply(x, process_group)
 
 
-def _check_loss_kwargs(ignore_index, reduction, label_smoothing, z_loss, temperature, softcap) -> None:
-    V.check_int(ignore_index, "ignore_index")
-    V.check_loss_options(reduction, label_smoothing, z_loss)
-    V.check_transform(temperature, softcap)
-
-
 class VocabParallelCrossEntropy(nn.Module):
     """``shardsoftmax.cross_entropy`` as a module; the keyword options are those of that function.
 
@@ -108,7 +102,7 @@ class VocabParallelCrossEntropy(nn.Module):
         inplace_backward: bool = False,
     ) -> None:
         super().__init__()
-        _check_loss_kwargs(ignore_index, reduction, label_smoothing, z_loss, temperature, softcap)
+        V.check_loss_kwargs(ignore_index, reduction, label_smoothing, z_loss, temperature, softcap)
         V.check_layout_args(vocab_size, vocab_start)
         self.ignore_index = ignore_index
         self.reduction = reduction
