@@ -150,6 +150,8 @@ class Agreed:
     payload_words: int
     words: torch.Tensor  # the headers as gathered: [G, H * 2] int32 on the group's device
     words_host: torch.Tensor  # the same on the host
+    send: torch.Tensor  # this rank's send buffer (see ``_send_buffer``)
+    slots: Pieces  # views of its payload for the shard kernel
 
     def layout(self, rank: int) -> Layout:
         start, width = self.starts[rank], self.headers[rank].width
@@ -277,30 +279,21 @@ def _check_consistent(headers: list[Header]) -> tuple[tuple[int, ...], int, int]
     return starts, total, vocab
 
 
-_sends: dict[int, tuple] = {}
-
-
-def _send_buffer(key: int, agreed: Agreed, rank: int, header: Header) -> tuple[torch.Tensor, Pieces]:
-    """This rank's send buffer for the agreed layout of group ``key``, kept across calls: the
-    header words (written once) then the payload, and the payload's views as one piece
-    (``pack``'s layout), for the partials kernel to write into. Reusing it is safe in stream
-    order: the all-gather that read it finished before later work on the stream (its ``wait``)."""
-    entry = _sends.get(key)
-    if entry is None or entry[0] is not agreed:
-        pdtype = torch.float64 if header.dtype == _DTYPES[torch.float64] else torch.float32
-        n, k = header.n_rows, header.k
-        a, b, c, total = _offsets(pdtype, n, k)
-        words = agreed.words[rank]
-        buf = torch.empty(2 * H + total, dtype=torch.int32, device=words.device)
-        buf[: 2 * H].copy_(words)
-        payload = buf[2 * H :]
-        slots = Pieces(
-            payload[:a].view(pdtype).view(7, 1, n),
-            payload[a:b].view(pdtype).view(1, n, k),
-            payload[c:].view(torch.int64).view(1, n, k),
-        )
-        entry = _sends[key] = (agreed, buf, slots)
-    return entry[1], entry[2]
+def _send_buffer(words: torch.Tensor, pdtype: torch.dtype, n: int, k: int) -> tuple[torch.Tensor, Pieces]:
+    """A rank's send buffer for an agreed layout, kept with it across calls: its header ``words``
+    (written once) then the payload, and the payload's views as one piece (``pack``'s layout),
+    for the partials kernel to write into. Reusing it is safe in stream order: the all-gather
+    that read it finished before later work on the stream (its ``wait``)."""
+    a, b, c, total = _offsets(pdtype, n, k)
+    buf = torch.empty(2 * H + total, dtype=torch.int32, device=words.device)
+    buf[: 2 * H].copy_(words)
+    payload = buf[2 * H :]
+    slots = Pieces(
+        payload[:a].view(pdtype).view(7, 1, n),
+        payload[a:b].view(pdtype).view(1, n, k),
+        payload[c:].view(torch.int64).view(1, n, k),
+    )
+    return buf, slots
 
 
 def _all_gather(buf: torch.Tensor, group) -> torch.Tensor:
@@ -450,7 +443,7 @@ def exchange(
         agreed = _agreed.get(key)
         if error is None and agreed is not None and agreed.headers[rank] == header:
             layout = agreed.layout(rank)
-            send, slots = _send_buffer(key, agreed, rank, header)
+            send, slots = agreed.send, agreed.slots
             local = compute(layout, slots)
             if local.stats.data_ptr() != slots.stats.data_ptr():  # not written in place: pack it
                 if local.n_splits != 1:
@@ -475,9 +468,11 @@ def exchange(
             raise
         pdtype = torch.float64 if header.dtype == _DTYPES[torch.float64] else torch.float32
         words_host = _header_words(headers)
+        words = words_host.to(device)
+        send, slots = _send_buffer(words[rank], pdtype, header.n_rows, header.k)
         _agreed[key] = Agreed(
             tuple(headers), starts, total, vocab, payload_words(pdtype, header.n_rows, header.k),
-            words=words_host.to(device), words_host=words_host,
+            words=words, words_host=words_host, send=send, slots=slots,
         )  # fmt: skip
     raise RuntimeError("shardsoftmax: ranks could not agree on a layout")  # pragma: no cover
 
@@ -487,4 +482,3 @@ def forget(group) -> None:
     _agreed.pop(id(group), None)
     _pending.pop(id(group), None)
     _rings.pop(id(group), None)
-    _sends.pop(id(group), None)
