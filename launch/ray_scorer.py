@@ -552,6 +552,14 @@ class ShardedScorer:
         for name, v in positive.items():
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if object_store_memory is not None and (
+            not isinstance(object_store_memory, int)
+            or isinstance(object_store_memory, bool)
+            or object_store_memory < 1
+        ):
+            raise ValueError(
+                f"object_store_memory must be a number of bytes > 0 or None, got {object_store_memory!r}"
+            )
         if not isinstance(max_retries, int) or max_retries < 0:
             raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")
         if device not in ("auto", "cuda", "cpu"):

@@ -375,3 +375,17 @@ def test_local_object_store_is_sized_to_what_it_holds():
     assert rs.local_store_bytes(1000, 2, 4) - small == 7 * rs.INFLIGHT_BATCH_BYTES
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert rs.local_store_bytes(10 * total, 1, 1) == int(0.3 * total)
+
+
+BAD_SCORER_ARGS = [
+    ({"tp": 0}, "tp"),
+    ({"put_threads": 0}, "put_threads"),
+    ({"object_store_memory": -1}, "object_store_memory"),
+    ({"object_store_memory": "big"}, "object_store_memory"),
+]
+
+
+@pytest.mark.parametrize(("kw", "name"), BAD_SCORER_ARGS)
+def test_scorer_rejects_bad_arguments_before_starting_ray(kw, name):
+    with pytest.raises(ValueError, match=name):
+        ray_scorer.ShardedScorer(torch.randn(8, 4), **kw)
