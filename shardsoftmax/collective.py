@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .partials import Pieces, merge_stacked
+from .partials import Pieces
 from .partials import pack as pack_pieces
 
 MAGIC = 0x55AA5501
@@ -447,7 +447,7 @@ def exchange(
             local = compute(layout, slots)
             if local.stats.data_ptr() != slots.stats.data_ptr():  # not written in place: pack it
                 if local.n_splits != 1:
-                    local = pack_pieces(merge_stacked(local.unpacked()))
+                    local = pack_pieces(local.merged())
                 send = pack(local, agreed.words[rank])
             gathered = _all_gather(send, group)
             _check_fast(key, gathered, agreed)
