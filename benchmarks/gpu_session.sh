@@ -10,11 +10,13 @@
 #                                                 # (default: all of them); optional: host selftest
 #                                                 # linear (the fused LM head, bench_linear.py)
 #                                                 # nccl (the NCCL pytest tier, 2 and 4 GPUs)
+#                                                 # profile (profile_group.py on 2 and 4 GPUs)
 #                                                 # ray (Ray's NCCL job test and bench_ray.py;
 #                                                 # needs the wheels of .whl/ carried)
 #
 # Limits (seconds, environment): TEST_LIMIT=80 BENCH_LIMIT=210 DIST2_LIMIT=70 DIST4_LIMIT=120;
-# LINEAR_LIMIT=300 NCCL_LIMIT=200 RAY_LIMIT=300 (opt-in steps).
+# LINEAR_LIMIT=300 NCCL_LIMIT=200 RAY_LIMIT=300 PROFILE_LIMIT=60 (opt-in steps); RAY_TEST=0 skips
+# Ray's NCCL job test, RAY_BATCHES sets bench_ray's timed batches (default 30).
 # The device tool returns at most 8 files from $OUT: with many steps, the last logs may not come
 # back (their tails are printed by each step).
 # Carried wheels: .wheels/*.whl (liger-kernel 0.8.5) are installed too; without them the Liger
@@ -91,6 +93,13 @@ if has selftest && [ "$NGPU" -ge 2 ]; then
     step torchrun_tests 120 python -P -m torch.distributed.run --standalone --nproc-per-node "$NGPU" \
         --no-python python -P -m shardsoftmax.launch.torchrun tests
 fi
+if has profile; then
+    for n in 2 4; do
+        [ "$NGPU" -ge "$n" ] || continue
+        step "profile$n" "${PROFILE_LIMIT:-60}" python -P -m torch.distributed.run --standalone \
+            --nproc-per-node "$n" benchmarks/profile_group.py
+    done
+fi
 if has nccl && [ "$NGPU" -ge 2 ]; then
     step pytest_nccl "${NCCL_LIMIT:-200}" python -P -m pytest -q -x -p no:cacheprovider -rs \
         tests/test_distributed.py -k "nccl"
@@ -101,10 +110,11 @@ if has ray && [ "$NGPU" -ge 2 ]; then
     pip install -q --no-index --no-deps --target /tmp/ss_site .whl/*.whl >>"$OUT/install.log" 2>&1 || tail -5 "$OUT/install.log"
     R=$PWD
     limit=${RAY_LIMIT:-300}
-    (cd /tmp && step ray_nccl_test 150 python -P -m pytest -q -p no:cacheprovider "$R/tests/test_ray.py" -k gpu_tp2_nccl)
+    [ "${RAY_TEST:-1}" = 0 ] || (cd /tmp && step ray_nccl_test 150 python -P -m pytest -q -p no:cacheprovider "$R/tests/test_ray.py" -k gpu_tp2_nccl)
     tps="2"
     [ "$NGPU" -ge 4 ] && tps="2 4"
-    (cd /tmp && step bench_ray "$limit" python -P "$R/benchmarks/bench_ray.py" --tp $tps --v 128256 256000 --breakdown --out "$OUT")
+    (cd /tmp && step bench_ray "$limit" python -P "$R/benchmarks/bench_ray.py" --tp $tps --v 128256 256000 --breakdown \
+        --batches "${RAY_BATCHES:-30}" --out "$OUT")
 fi
 if has plot; then
     step plot 40 python -P benchmarks/plot.py "$OUT"/*.csv --out "$OUT/figures"
