@@ -11,7 +11,13 @@ For ``softmax_stats`` (k=0 and k=50) and ``cross_entropy`` forward, on this rank
 * wall µs: the same 50 calls followed by one sync, per call (max of host and GPU time);
 * syncs: how many host-device synchronizations ``torch.cuda.set_sync_debug_mode("warn")`` reports
   in 5 steady-state calls (0 expected);
-* then a cProfile of 50 group calls of ``softmax_stats`` k=0 (top functions by own time).
+* the same host / wall µs for the parts of a group call alone: the bare all-gather of a buffer of
+  the call's size (ProcessGroup ``_allgather_base`` into a kept output, into a fresh output each
+  call, and ``dist.all_gather_into_tensor``), and ``collective.exchange`` with precomputed partials
+  (no shard kernel);
+* then a cProfile of 50 group calls of ``softmax_stats`` k=0 (top functions by own time), and a
+  ``torch.profiler`` table of 20 such calls (CPU time of each op and CUDA runtime call, GPU time
+  of each kernel: a blocking runtime call or an idle GPU shows there).
 A tool for finding host overhead; the benchmark with the bars is bench_dist.py.
 """
 
@@ -70,6 +76,69 @@ def count_syncs(fn, device) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+def components(x, t, group, device) -> dict:
+    """The parts of a group ``softmax_stats`` k=0 call, each callable alone (see the docstring)."""
+    from shardsoftmax import collective
+    from shardsoftmax.ops import ShardCall, global_pieces
+
+    call = ShardCall("stats")
+    global_pieces(x, t, call, group)  # agree on the layout (and its send buffer)
+    agreed = collective._agreed[id(group)]
+    buf = agreed.send
+    kept = torch.empty((group.size(), buf.numel()), dtype=buf.dtype, device=device)
+    header = call.header(x, True)
+
+    def ag_kept():
+        group._allgather_base(kept.view(-1), buf).wait()
+
+    def ag_fresh():
+        out = torch.empty((group.size(), buf.numel()), dtype=buf.dtype, device=device)
+        group._allgather_base(out.view(-1), buf).wait()
+
+    def ag_dist():
+        dist.all_gather_into_tensor(kept.view(-1), buf, group=group)
+
+    def exchange_only():
+        collective.exchange(header, lambda layout, out: out, group, device=device)
+
+    return {
+        "allgather kept out": ag_kept,
+        "allgather fresh out": ag_fresh,
+        "all_gather_into_tensor": ag_dist,
+        "exchange, no kernel": exchange_only,
+    }
+
+
+def torch_profile(fn, cuda: bool, rank: int) -> str:
+    """A torch.profiler table of 20 calls of ``fn`` (every rank calls; rank 0 records)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(5):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    dist.barrier()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if rank != 0:
+        for _ in range(20):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return ""
+    with profile(activities=acts) as prof:
+        for _ in range(20):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    avg = prof.key_averages()
+    out = "== torch.profiler, 20 group calls of softmax_stats k=0 (rank 0), by self CPU time\n"
+    out += avg.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
+    if cuda:
+        out += "\n== by self CUDA time\n"
+        out += avg.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--v", type=int, default=128256, help="global vocabulary")
@@ -98,6 +167,10 @@ def main() -> None:
         "cross_entropy fwd": lambda pg: ss.cross_entropy(x, t, process_group=pg),
     }
     rows = []
+    for name, fn in components(x, t, group, device).items():
+        host = per_call_us(fn, device, sync_at_end=False)
+        wall = per_call_us(fn, device, sync_at_end=True)
+        rows.append((name, "part", host, wall, 0))
     for name, op in ops.items():
         for where, pg in (("alone", None), ("group", group)):
             fn = lambda op=op, pg=pg: op(pg)  # noqa: E731
@@ -118,6 +191,7 @@ def main() -> None:
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
         profile = buf.getvalue()
+    table = torch_profile(lambda: ops["softmax_stats k=0"](group), cuda, rank)
     gathered = [None] * world
     dist.all_gather_object(gathered, rows)
     if rank == 0:
@@ -129,6 +203,7 @@ def main() -> None:
             print(f"{op_name:20s} {where:6s} {cells}")
         print(f"(µs per call; {CALLS} calls back to back; best of 3)")
         print(profile)
+        print(table)
     dist.destroy_process_group()
 
 
