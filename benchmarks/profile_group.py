@@ -109,8 +109,9 @@ def components(x, t, group, device) -> dict:
     }
 
 
-def torch_profile(fn, cuda: bool, rank: int) -> str:
-    """A torch.profiler table of 20 calls of ``fn`` (every rank calls; rank 0 records)."""
+def torch_profile(fn, cuda: bool, rank: int, trace_dir: str | None = None) -> str:
+    """A torch.profiler table of 20 calls of ``fn`` (every rank records; rank 0's table is
+    returned). ``trace_dir``: each rank also writes its Chrome trace there (``rank<r>.json``)."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(5):
@@ -119,17 +120,16 @@ def torch_profile(fn, cuda: bool, rank: int) -> str:
         torch.cuda.synchronize()
     dist.barrier()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    if rank != 0:
-        for _ in range(20):
-            fn()
-        if cuda:
-            torch.cuda.synchronize()
-        return ""
     with profile(activities=acts) as prof:
         for _ in range(20):
             fn()
         if cuda:
             torch.cuda.synchronize()
+    if trace_dir:
+        os.makedirs(trace_dir, exist_ok=True)
+        prof.export_chrome_trace(os.path.join(trace_dir, f"rank{rank}.json"))
+    if rank != 0:
+        return ""
     avg = prof.key_averages()
     out = "== torch.profiler, 20 group calls of softmax_stats k=0 (rank 0), by self CPU time\n"
     out += avg.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
@@ -143,6 +143,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--v", type=int, default=128256, help="global vocabulary")
     ap.add_argument("--n", type=int, default=8192)
+    ap.add_argument("--trace", default=None, help="folder for each rank's Chrome trace of the profiled calls")
     ap.add_argument("--dry-run", action="store_true", help="CPU, gloo, tiny sizes, torch backend")
     args = ap.parse_args()
     if args.dry_run:  # a check that the script runs: the torch backend, a few calls
@@ -191,7 +192,7 @@ def main() -> None:
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
         profile = buf.getvalue()
-    table = torch_profile(lambda: ops["softmax_stats k=0"](group), cuda, rank)
+    table = torch_profile(lambda: ops["softmax_stats k=0"](group), cuda, rank, args.trace)
     gathered = [None] * world
     dist.all_gather_object(gathered, rows)
     if rank == 0:
