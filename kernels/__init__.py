@@ -4,6 +4,7 @@ Tensor in, tensor out: no autograd and no torch.distributed here. The math layer
 (``shardsoftmax.partials`` and friends) calls these; nothing here imports the layers above.
 """
 
+from .check import check_headers
 from .elementwise import cross_entropy_backward, softmax_write
 from .finalize import can_merge_topk, finalize_cross_entropy, finalize_stats, finalize_topk
 from .linear import linear_cross_entropy_backward, linear_logits, linear_partials
@@ -15,6 +16,7 @@ __all__ = [
     "MAX_K",
     "N_FIELDS",
     "can_merge_topk",
+    "check_headers",
     "cross_entropy_backward",
     "finalize_cross_entropy",
     "finalize_stats",

@@ -55,6 +55,21 @@ def uses_triton(logits: torch.Tensor) -> bool:
     return runnable
 
 
+def check_headers(gathered: torch.Tensor, agreed: torch.Tensor, out: torch.Tensor) -> None:
+    """The group exchange's steady-state header check (``kernels.check_headers``): ``out`` gets
+    the gathered header words, then at ``G * head`` a flag (1: some rank's header differs from
+    ``agreed``), and the gathered payload is filled with -1 words when it is 1. One launch with
+    Triton; torch ops otherwise."""
+    if _backend != "torch" and (gathered.is_cuda or (gathered.device.type == "cpu" and triton_interpreted())):
+        return kernels.check_headers(gathered, agreed, out)
+    words = gathered[:, : agreed.shape[1]]
+    bad = (words != agreed).any()
+    n_head = words.numel()
+    out[:n_head].copy_(words.reshape(-1))
+    out[n_head : n_head + 1].copy_(bad.view(1))
+    gathered[:, agreed.shape[1] :].masked_fill_(bad, -1)
+
+
 def _merge_splits(stats: torch.Tensor, vals: torch.Tensor, ids: torch.Tensor) -> Partials:
     """A kernel's per-split partials ([N_FIELDS, S, N], [S, N, k]) merged into one piece."""
     if stats.shape[1] == 1:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from . import backend
 from .partials import Pieces
 from .partials import pack as pack_pieces
 
@@ -352,7 +353,7 @@ MAX_PENDING = 16  # pending checks per group; the oldest is waited for beyond th
 
 @dataclass
 class _Check:
-    words: torch.Tensor  # the gathered header words, [G, H * 2] on the host (pinned when CUDA)
+    words: torch.Tensor  # [G * H * 2 + 2] int32 on the host (pinned when CUDA): headers, the flag, a pad
     event: object  # torch.cuda.Event recorded after the copy, or None (already on the host)
     agreed: Agreed
 
@@ -361,14 +362,17 @@ _pending: dict[int, deque] = {}
 
 
 class _Ring:
-    """Pinned buffers and events for the pending checks of one group, allocated once (a pinned
-    allocation or an event creation per call costs more host time than the rest of the check).
-    ``_resolve`` keeps at most MAX_PENDING checks queued, so the slot handed out next (used
-    MAX_PENDING + 1 calls ago) is no longer queued."""
+    """The buffers of one group's pending checks, allocated once (a pinned allocation or an event
+    creation per call costs more host time than the rest of the check): a device buffer the check
+    kernel writes (the gathered headers and the flag), and MAX_PENDING + 1 host copies of it with
+    their events. ``_resolve`` keeps at most MAX_PENDING checks queued, so the slot handed out
+    next (used MAX_PENDING + 1 calls ago) is no longer queued."""
 
-    def __init__(self, shape):
-        self.host = torch.empty((MAX_PENDING + 1, *shape), dtype=torch.int32, pin_memory=True)
-        self.events = [torch.cuda.Event() for _ in range(MAX_PENDING + 1)]
+    def __init__(self, n_words: int, device: torch.device):
+        cuda = device.type == "cuda"
+        self.dev = torch.empty(n_words, dtype=torch.int32, device=device)
+        self.host = torch.empty((MAX_PENDING + 1, n_words), dtype=torch.int32, pin_memory=cuda)
+        self.events = [torch.cuda.Event() if cuda else None for _ in range(MAX_PENDING + 1)]
         self.i = 0
 
     def next(self):
@@ -385,13 +389,15 @@ def _resolve(key: int, *, wait: bool) -> None:
     queue = _pending.get(key)
     while queue:
         check = queue[0]
-        if check.event is not None and not wait and len(queue) <= MAX_PENDING and not check.event.query():
-            return
-        if check.event is not None:
+        if check.event is not None and not check.event.query():  # not landed yet
+            if not wait and len(queue) <= MAX_PENDING:
+                return
             check.event.synchronize()
         queue.popleft()
-        if not torch.equal(check.words, check.agreed.words_host):
-            err = _mismatch(_read_headers(check.words), check.agreed)
+        n_head = len(check.agreed.headers) * 2 * H
+        if check.words[n_head].item():  # the kernel's flag: some header differs from the agreed one
+            words = check.words[:n_head].view(-1, 2 * H)
+            err = _mismatch(_read_headers(words), check.agreed)
             raise type(err)(
                 f"{err} (found by the check of an earlier call on this rank, whose results are NaN / id -1)"
             ) from None
@@ -405,22 +411,21 @@ def synchronize(process_group) -> None:
 
 def _check_fast(key: int, gathered: torch.Tensor, agreed: Agreed) -> None:
     """The fast path's header check: raise now, or poison ``gathered`` and defer (see above)."""
-    words = gathered[:, : 2 * H]
     cuda = gathered.is_cuda
     if not cuda and not DEFER_ON_CPU:
+        words = gathered[:, : 2 * H]
         if not torch.equal(words, agreed.words_host):
             raise _mismatch(_read_headers(words), agreed)
         return
-    if cuda:
-        ring = _rings.get(key)
-        if ring is None or ring.host.shape[1:] != words.shape:
-            ring = _rings[key] = _Ring(words.shape)
-        host, event = ring.next()
-        host.copy_(words, non_blocking=True)
+    n_words = agreed.words.numel() + 2  # headers, the flag, a pad word (even: int64 rows stay aligned)
+    ring = _rings.get(key)
+    if ring is None or ring.dev.numel() != n_words:
+        ring = _rings[key] = _Ring(n_words, gathered.device)
+    host, event = ring.next()
+    backend.check_headers(gathered, agreed.words, ring.dev)
+    host.copy_(ring.dev, non_blocking=cuda)
+    if event is not None:
         event.record()
-    else:
-        host, event = words.clone(), None
-    gathered[:, 2 * H :].masked_fill_((words != agreed.words).any(), -1)  # after the copy (stream order)
     _pending.setdefault(key, deque()).append(_Check(host, event, agreed))
     if SYNC_CHECKS:
         _resolve(key, wait=True)

@@ -8,6 +8,7 @@ are merged by ``merge_stacked`` after the one collective, then finalized the sam
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -46,10 +47,19 @@ class ShardCall:
     def header(self, logits2d: torch.Tensor | None, has_target: bool) -> Header:
         n_rows, width = (-1, -1) if logits2d is None else logits2d.shape
         dtype = None if logits2d is None else logits2d.dtype
-        return Header.make(
-            self.op, n_rows, self.k, dtype, has_target, width, self.vocab_start, self.vocab_size,
-            self.ignore_index, self.temperature, self.softcap, self.label_smoothing, self.z_loss,
-        )  # fmt: skip
+        try:
+            return _header(self, n_rows, width, dtype, has_target)
+        except TypeError:  # an unhashable option (rejected by the checks; its rank still sends a header)
+            return _header.__wrapped__(self, n_rows, width, dtype, has_target)
+
+
+@functools.lru_cache(maxsize=256)
+def _header(call: ShardCall, n_rows: int, width: int, dtype, has_target: bool) -> Header:
+    """The header of a call, built once per (options, shape, dtype): a training loop repeats them."""
+    return Header.make(
+        call.op, n_rows, call.k, dtype, has_target, width, call.vocab_start, call.vocab_size,
+        call.ignore_index, call.temperature, call.softcap, call.label_smoothing, call.z_loss,
+    )  # fmt: skip
 
 
 class ShardShape(NamedTuple):

@@ -254,3 +254,36 @@ def test_partials_kernel_splits_then_finalize_equals_one_split(device, k):
         assert_rows_close(rows4[i], rows1[i].cpu(), scale * 10, name)
     assert torch.equal(ids4, ids1)
     assert_rows_close(topk4, topk1.cpu(), scale[:, None], "topk_logprobs")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n_ranks, payload", [(1, 5), (3, 4101), (4, 9000)])
+@pytest.mark.parametrize("differ", [None, (0, 0), (2, 29)], ids=["agree", "first-word", "last-word"])
+def test_check_headers_kernel(device, n_ranks, payload, differ):
+    """The group exchange's header check in one launch (``kernels.check_headers``) against the
+    torch ops it replaces (``backend.check_headers`` with the torch backend): the copied header
+    words, the flag, and the payload filled with -1 words exactly when a header word differs
+    (payloads wider than one program's block, several ranks)."""
+    from shardsoftmax import backend
+
+    if differ is not None and differ[0] >= n_ranks:
+        pytest.skip("no such rank")
+    head = 30
+    g = torch.Generator().manual_seed(n_ranks * 7 + payload)
+    words = torch.randint(-(2**31), 2**31 - 1, (n_ranks, 2 * head + payload), generator=g, dtype=torch.int64)
+    agreed, gathered = (
+        words[:, :head].to(torch.int32).contiguous(),
+        words[:, head:].to(torch.int32).contiguous(),
+    )
+    gathered[:, :head] = agreed
+    if differ is not None:
+        gathered[differ] += 1
+    want_gathered, want_out = gathered.clone(), torch.full((n_ranks * head + 2,), 7, dtype=torch.int32)
+    with backend.use_backend("torch"):
+        backend.check_headers(want_gathered, agreed, want_out)
+    assert int(want_out[n_ranks * head]) == (differ is not None)
+    assert bool((want_gathered[:, head:] == -1).all()) == (differ is not None)
+    got_gathered, got_out = gathered.to(device), torch.full_like(want_out, 7, device=device)
+    kernels.check_headers(got_gathered, agreed.to(device), got_out)
+    assert torch.equal(got_gathered.cpu(), want_gathered)
+    assert torch.equal(got_out.cpu()[:-1], want_out[:-1])
