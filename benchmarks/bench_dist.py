@@ -131,9 +131,18 @@ def dist_bars(got: dict, *, any_size: bool, k: int) -> list[C.Bar]:
             return self.fn(b, *vals)
 
     def latency(extra_ms):
+        # Judged on the GPU time with the host ahead (``C.time_queued``) where it was measured: the
+        # bar is about the GPU work of one call (kernel + one all-gather + the merge), which is what
+        # a training step pays when the host queues the loss behind the head's matmul. The
+        # back-to-back time (host-bound when the host's ~0.3-0.6 ms per call exceeds it) is shown too.
         def fn(b, s0, local0, ag0):
             budget = local0 + ag0 + extra_ms
-            return s0, s0 <= budget, f"{s0:.3f} vs {budget:.3f} ms ({local0:.3f}+{ag0:.3f}+{extra_ms:.3f})"
+            parts = f"({local0:.3f}+{ag0:.3f}+{extra_ms:.3f})"
+            gpu = val(b, "stats0_gpu")
+            if gpu is None:
+                return s0, s0 <= budget, f"{s0:.3f} vs {budget:.3f} ms {parts}"
+            shown = f"{gpu:.3f} GPU, {s0:.3f} back-to-back vs {budget:.3f} ms {parts}"
+            return gpu, gpu <= budget, shown
 
         return Rule(["stats0", "local0", "allgather0"], fn)
 
@@ -432,8 +441,14 @@ class DistBench:
                     what, lambda kk=kk: stats_check(kk, ss.softmax_stats(x0, k=kk, process_group=g), True)
                 )
                 if status == "ok":
-                    ms = self.timed(lambda kk=kk: ss.softmax_stats(self.nxt(), k=kk, process_group=g))
+                    call = lambda kk=kk: ss.softmax_stats(self.nxt(), k=kk, process_group=g)  # noqa: E731
+                    ms = self.timed(call)
                     self.keep(f"stats{kk}", self.record("softmax_stats", OURS, "fwd", ms, floor, k=kk))
+                    gpu = C.time_queued(call, self.device, group=g) if kk == 0 else None
+                    if gpu is not None:
+                        note = "GPU time per call with the host ahead (C.time_queued)"
+                        r = self.record("softmax_stats", f"{OURS} host-ahead", "fwd", gpu, floor, note=note)
+                        self.keep("stats0_gpu", r)
                 else:
                     r = self.record(
                         "softmax_stats", OURS, "fwd", None, floor, k=kk, status=status, note=reason
@@ -659,6 +674,7 @@ class DistBench:
             ("all-gather ms", "allgather0"),
             ("local k=0 ms", "local0"),
             ("stats k=0 ms", "stats0"),
+            ("stats k=0 GPU ms (host ahead)", "stats0_gpu"),
             (f"stats k={self.args.k} ms", f"stats{self.args.k}"),
             ("CE fwd ms", "ce_fwd:shardsoftmax"),
             ("CE fwd+bwd ms", "ce_fb:shardsoftmax"),

@@ -220,6 +220,67 @@ def time_fixed(
     return ms
 
 
+_SLEEP_CYCLES_PER_MS: list[float] = []
+
+
+def _sleep_cycles_per_ms() -> float:
+    """``torch.cuda._sleep`` cycles per ms on this GPU, measured once with CUDA events."""
+    if not _SLEEP_CYCLES_PER_MS:
+        cycles = 20_000_000
+        torch.cuda._sleep(cycles // 10)  # warm-up
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        torch.cuda._sleep(cycles)
+        b.record()
+        b.synchronize()
+        _SLEEP_CYCLES_PER_MS.append(cycles / a.elapsed_time(b))
+    return _SLEEP_CYCLES_PER_MS[0]
+
+
+def time_queued(
+    fn: Callable[[], object], device: torch.device, *, calls: int = 12, warmup: int = 3, group=None
+) -> float | None:
+    """ms per call of GPU stream time with the host AHEAD of the GPU, as in a training step where
+    the LM head's matmul gives the host time to queue the loss: a GPU sleep is queued first, long
+    enough (1.5x + 2 ms of the measured host time of ``calls`` calls) for the host to queue all
+    ``calls`` calls behind it, and CUDA events time the calls from the end of the sleep. Returns
+    None if the sleep ended before the host had queued every call (the measurement would include
+    host time). MAX over the ranks of ``group``; every rank runs the same number of calls. CUDA
+    only (None on the CPU). ``calls`` stays under the group path's 16 pending header checks."""
+    import torch.distributed as dist
+
+    if not is_cuda(device):
+        return None
+    distributed = group is not None and dist.is_initialized()
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize(device)
+    if distributed:
+        dist.barrier(group=group)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host_ms = (time.perf_counter() - t0) * 1e3
+    torch.cuda.synchronize(device)
+    if distributed:
+        dist.barrier(group=group)
+    asleep, start, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+    torch.cuda._sleep(int((1.5 * host_ms + 2.0) * _sleep_cycles_per_ms()))
+    asleep.record()
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    host_ahead = not asleep.query()  # the sleep still runs: every call was queued behind it
+    torch.cuda.synchronize(device)
+    ms, late = start.elapsed_time(end) / calls, 0.0 if host_ahead else 1.0
+    if distributed:
+        t = torch.tensor([ms, late], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        ms, late = t.tolist()
+    return None if late else ms
+
+
 def wall_per_call(
     fn: Callable[[], object], device: torch.device, *, calls: int = 100, reps: int = 5, warmup: int = 10
 ) -> float:
