@@ -10,13 +10,21 @@ Rows of ``weight`` at or past the true vocabulary size are padding and never cou
 Input shards: safetensors files, each with ``hidden`` ``[T, H]`` (float16, bfloat16, float32 or
 float64) and optionally ``targets`` ``[T]`` (an integer dtype; ``ignore_index``, -100 by default,
 marks tokens without a target). safetensors headers are read without loading the data, and batches
-are read as row slices of a memory map, so neither validation nor scoring loads a whole shard.
+are read as row slices, so neither validation nor scoring loads a whole shard.
+
+Batches that the workers read themselves are ``FileRows`` (a file, tensor names, a row range);
+``RowReader`` reads such a row range with positional reads (``os.preadv``) straight into a
+caller's buffer (e.g. pinned memory), from the byte offsets in the safetensors header.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
+import struct
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +34,11 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 _ST_FLOAT = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 _ST_INT = {"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64"}
+_ST_TORCH = {
+    **_ST_FLOAT,
+    **{"I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "U8": torch.uint8},
+    **{"U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64},
+}
 
 
 class InputError(ValueError):
@@ -244,3 +257,212 @@ def iter_batches(shard: InputShard, batch_tokens: int):
         for a in range(0, shard.n_tokens, batch_tokens):
             b = min(a + batch_tokens, shard.n_tokens)
             yield a, h[a:b], (None if t is None else t[a:b].to(torch.int64))
+
+
+# ---------------------------------------------------------------------------------- worker-side reads
+
+
+@dataclass(frozen=True)
+class FileRows:
+    """A batch by reference: rows ``[start, stop)`` of the tensor ``hidden`` (``[T, H]``, float) of
+    a safetensors file, and of its ``targets`` (``[T]``, integer ids; ``None``: no targets). The
+    scorer's workers read these rows themselves, so ``path`` must be readable, at the same path,
+    on every node that runs them (a shared file system); a relative path is taken from the
+    driver's working directory."""
+
+    path: str
+    start: int
+    stop: int
+    hidden: str = "hidden"
+    targets: str | None = "targets"
+
+    @property
+    def n_rows(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class TensorSpan:
+    """Where one tensor's bytes are in a safetensors file."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset of the first element in the file
+    end: int
+
+    @property
+    def row_bytes(self) -> int:
+        n = 1
+        for d in self.shape[1:]:
+            n *= d
+        return n * self.dtype.itemsize
+
+
+MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
+
+
+def safetensors_layout(path: str, size: int | None = None) -> dict[str, TensorSpan]:
+    """Every tensor's dtype, shape and byte range, from the header of a safetensors file (an
+    8-byte little-endian header length, then a JSON header; tensor offsets are relative to the end
+    of the header). Reads the header only. Raises ``InputError`` if the header is malformed or the
+    file (``size`` bytes, default its current size) is too short for its tensors."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size if size is None else size
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise InputError(f"{path}: too short for a safetensors file ({size} bytes)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(MAX_HEADER_BYTES, size - 8):
+                raise InputError(f"{path}: not a safetensors file, or truncated (header of {n} bytes)")
+            header = json.loads(f.read(n))
+    except OSError as err:
+        raise InputError(f"{path}: cannot read it ({type(err).__name__}: {err})") from err
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: not a safetensors file (bad header: {err})") from err
+    base = 8 + n
+    spans = {}
+    for name, d in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _ST_TORCH[d["dtype"]]
+            shape = tuple(int(x) for x in d["shape"])
+            begin, end = (base + int(x) for x in d["data_offsets"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise InputError(f"{path}: tensor {name!r}: unsupported or malformed entry {d!r}") from err
+        numel = 1
+        for x in shape:
+            numel *= x
+        if end - begin != numel * dtype.itemsize or begin < base:
+            raise InputError(f"{path}: tensor {name!r}: byte range does not match its shape {list(shape)}")
+        if end > size:
+            raise InputError(f"{path}: truncated: tensor {name!r} ends at byte {end}, the file has {size}")
+        spans[name] = TensorSpan(dtype, shape, begin, end)
+    return spans
+
+
+def check_file_rows(rows: FileRows, spans: dict[str, TensorSpan], hidden_size: int | None = None) -> None:
+    """``InputError`` unless ``rows`` names a float ``[T, H]`` tensor (``H == hidden_size`` if
+    given), an integer ``[T]`` targets tensor (if named) and a row range within ``[0, T]``."""
+    p = rows.path
+    h = spans.get(rows.hidden)
+    if h is None:
+        raise InputError(f"{p}: no tensor named {rows.hidden!r} (found {sorted(spans)})")
+    if not h.dtype.is_floating_point or len(h.shape) != 2:
+        raise InputError(f"{p}: {rows.hidden!r} must be a float tensor [T, H], got {h.dtype} {list(h.shape)}")
+    n_tokens, hidden = h.shape
+    if hidden_size is not None and hidden != hidden_size:
+        raise InputError(f"{p}: hidden size {hidden} does not match the head's hidden size {hidden_size}")
+    if rows.targets is not None:
+        t = spans.get(rows.targets)
+        if t is None:
+            raise InputError(
+                f"{p}: no tensor named {rows.targets!r} (found {sorted(spans)}); "
+                "use targets=None for a file without targets"
+            )
+        if t.dtype.is_floating_point or t.shape != (n_tokens,):
+            raise InputError(
+                f"{p}: {rows.targets!r} must be an integer tensor [{n_tokens}], got {t.dtype} {list(t.shape)}"
+            )
+    ints = all(isinstance(x, int) and not isinstance(x, bool) for x in (rows.start, rows.stop))
+    if not (ints and 0 <= rows.start <= rows.stop <= n_tokens):
+        raise InputError(f"{p}: rows [{rows.start}, {rows.stop}) are not within the file's {n_tokens} rows")
+
+
+# Each reading thread reads at least this many bytes of a batch.
+READ_BLOCK_MIN_BYTES = 4 << 20
+
+
+class RowReader:
+    """Reads ``FileRows`` straight into a caller's buffer: the rows' bytes are one contiguous range
+    of the file, read with ``os.preadv`` (by up to ``threads`` threads, one slice each, the GIL
+    released in the system call) into the destination, e.g. pinned memory. No memory map, so no
+    page faults on the source, and a file truncated under a reader raises ``InputError`` instead of
+    a bus error. Headers are parsed once per file; a file whose path now names another inode, size
+    or modification time is re-read. At most ``max_open`` files stay open (least recently used
+    closed first)."""
+
+    def __init__(self, threads: int = 1, max_open: int = 64):
+        self.threads = max(1, int(threads))
+        self.max_open = max_open
+        self._files: OrderedDict[str, tuple[int, tuple, dict[str, TensorSpan]]] = OrderedDict()
+        self._pool = ThreadPoolExecutor(self.threads, "shardsoftmax-read") if self.threads > 1 else None
+
+    def layout(self, path: str) -> tuple[int, dict[str, TensorSpan]]:
+        """The open descriptor and the tensor layout of ``path``."""
+        try:
+            st = os.stat(path)
+        except OSError as err:
+            raise InputError(f"{path}: cannot read it ({type(err).__name__}: {err})") from err
+        key = (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
+        entry = self._files.get(path)
+        if entry is not None and entry[1] == key:
+            self._files.move_to_end(path)
+            return entry[0], entry[2]
+        if entry is not None:
+            self._close(path)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as err:
+            raise InputError(f"{path}: cannot read it ({type(err).__name__}: {err})") from err
+        try:
+            spans = safetensors_layout(path, st.st_size)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._files[path] = (fd, key, spans)
+        while len(self._files) > self.max_open:
+            self._close(next(iter(self._files)))
+        return fd, spans
+
+    def read_into(self, path: str, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows ``[start, stop)`` of tensor ``name`` into the front of ``out`` (a contiguous CPU
+        tensor of at least that many bytes); returns them as a view of ``out`` with the tensor's
+        dtype and shape ``[stop - start, ...]``."""
+        fd, spans = self.layout(path)
+        span = spans.get(name)
+        if span is None:
+            raise InputError(f"{path}: no tensor named {name!r} (found {sorted(spans)})")
+        if not 0 <= start <= stop <= span.shape[0]:
+            raise InputError(f"{path}: rows [{start}, {stop}) are not within {name!r}'s {span.shape[0]} rows")
+        nbytes = (stop - start) * span.row_bytes
+        if out.device.type != "cpu" or not out.is_contiguous() or out.numel() * out.element_size() < nbytes:
+            raise ValueError(f"out must be a contiguous CPU tensor of at least {nbytes} bytes")
+        dest = out.view(torch.uint8).reshape(-1)[:nbytes]
+        offset = span.begin + start * span.row_bytes
+        view = memoryview(dest.numpy())
+        n = max(1, min(self.threads, nbytes // READ_BLOCK_MIN_BYTES))
+        if n == 1 or self._pool is None:
+            self._pread(fd, path, view, offset)
+        else:
+            step = -(-nbytes // n)
+            parts = [(view[a : a + step], offset + a) for a in range(0, nbytes, step)]
+            list(self._pool.map(lambda p: self._pread(fd, path, *p), parts))  # raises the first error
+        return dest.view(span.dtype).view(stop - start, *span.shape[1:])
+
+    @staticmethod
+    def _pread(fd: int, path: str, view: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(view):
+            try:
+                got = os.preadv(fd, [view[done:]], offset + done)
+            except OSError as err:
+                raise InputError(f"{path}: read failed ({type(err).__name__}: {err})") from err
+            if got == 0:
+                raise InputError(f"{path}: unexpected end of file at byte {offset + done} (truncated?)")
+            done += got
+
+    def _close(self, path: str) -> None:
+        fd = self._files.pop(path)[0]
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for path in list(self._files):
+            self._close(path)
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
