@@ -12,14 +12,20 @@ with one all-gather inside the group, so no actor ever holds the whole vocabular
   to the others for ``torch.distributed`` rendezvous; nothing else is needed from the environment.
 * **Data parallelism.** Batches go to the least-loaded group (at most ``max_inflight`` in flight
   per group); ``score_iter`` yields results in input order.
+* **Two data paths.** A batch given as tensors, ``(hidden, targets)``, goes through the object
+  store: the driver puts each batch's hidden states as up to ``put_threads`` row blocks, put by
+  that many threads at once (``ray.put`` releases the GIL while it copies), and each actor copies
+  the blocks into its pinned buffer with ``cpus_per_worker`` torch threads. A batch given as a
+  ``FileRows`` (a safetensors file, tensor names, a row range; ``score_files`` makes them) travels
+  as that small reference only: every actor of the group reads the rows itself, with positional
+  reads by ``cpus_per_worker`` threads straight into its pinned buffer (``RowReader``), so the
+  driver is out of the data path (it checks each file's header once). The files must then be
+  readable at the same path on every node.
 * **Pipelining.** A worker answers one batch behind: the call that sends batch ``i`` launches it
   and returns batch ``i-1``'s results (a ``flush`` call returns the last one). On a GPU the actor
-  copies batch ``i`` from the object store into reused pinned memory and on to the device on a
-  copy stream while batch ``i-1`` computes, and the results come back through pinned memory as
-  one packed int32 array per batch, from rank 0 only. The driver puts the next batches in the
-  object store meanwhile: each batch's hidden states as up to ``put_threads`` row blocks, put by
-  that many threads at once (``ray.put`` releases the GIL while it copies), and the actor copies
-  the blocks into its pinned buffer with ``cpus_per_worker`` torch threads.
+  stages batch ``i`` into reused pinned memory and copies it to the device on a copy stream while
+  batch ``i-1`` computes, and the results come back through pinned memory as one packed int32
+  array per batch, from rank 0 only. The driver prepares the next batches meanwhile.
   On CPU (gloo) the same protocol runs without pinned memory or streams.
 * **Timing breakdown.** With ``breakdown=True`` the driver and every actor sum the time (and the
   page faults) of each stage of the data path; ``timing_breakdown()`` returns them per batch.
@@ -29,8 +35,9 @@ with one all-gather inside the group, so no actor ever holds the whole vocabular
   group removed, and a new group is built (new placement group, new rendezvous). The batches that
   were in flight on it (sent and not answered, including a worker's pending batch) are resubmitted;
   each batch may be tried ``1 + max_retries`` times. Scoring a batch is a pure function of the
-  batch, so a retry gives the same rows and each row is returned exactly once. Errors in the
-  input (``ValueError``/``TypeError`` raised by the library) are not retried.
+  batch, so a retry gives the same rows and each row is returned exactly once (a ``FileRows``
+  batch is retried by sending the same reference). Errors in the input (``ValueError``/
+  ``TypeError`` raised by the library, a worker's ``InputError`` reading a file) are not retried.
 * **Weights are loaded once:** the driver reads each rank's row range (from a safetensors file
   without reading the other rows, or from tensors) into the Ray object store; a rebuilt group's
   actors take their shard from there, so no shared file system is needed.
@@ -41,12 +48,16 @@ with one all-gather inside the group, so no actor ever holds the whole vocabular
 Multi-node: start a cluster (``ray start --head --port=6379`` on one node, ``ray start
 --address=HEAD_IP:6379`` on the others, each with ``shardsoftmax`` installed), then run the same
 code or command with ``RAY_ADDRESS=HEAD_IP:6379`` (or ``address=``/``--ray-address``). Each group
-stays on one node; replicas spread over the nodes. The driver reads inputs and the head and ships
-them through the object store, and writes the outputs; the workers need no access to the files.
+stays on one node; replicas spread over the nodes. The driver reads the head and ships it through
+the object store, and writes the outputs. Batches given as tensors travel through the object store
+too; ``FileRows`` batches (the job's default) are read by the workers, so their files must be
+readable at the same path on every node (a shared file system); without one, give tensors (the
+job: ``--read-in-driver``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -65,7 +76,16 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from .data import HeadInfo, InputError, inspect_head, read_head_rows, shard_bounds
+from .data import (
+    FileRows,
+    HeadInfo,
+    InputError,
+    RowReader,
+    check_file_rows,
+    inspect_head,
+    read_head_rows,
+    shard_bounds,
+)
 
 log = logging.getLogger(__name__)
 
@@ -286,10 +306,11 @@ class TPWorker:
     """One rank of a tensor-parallel group: one vocabulary shard of the head.
 
     Protocol, one batch behind: ``score(seq, k, targets, *hidden_blocks)`` stages and launches
-    batch ``seq`` (its hidden states as consecutive row blocks, one object each) and returns
+    batch ``seq`` (its hidden states as consecutive row blocks, one object each; or
+    ``score_file(seq, k, rows)``: reads the ``FileRows`` itself) and returns
     the results of the batch before it as ``(prev_seq, words)`` (``None`` for the first batch);
     ``flush()`` returns the last one. On a GPU this keeps the device busy: batch ``seq`` is copied
-    from the object store into pinned memory and on to the GPU (on a copy stream) while the
+    from the object store (or its file) into pinned memory and on to the GPU (on a copy stream) while the
     previous batch computes, and its kernels are queued before the previous results are read.
     ``words`` is the ``pack_results`` array on rank 0 and None on the other ranks (every rank holds
     the same global results; only one ships them). ``timings()`` returns the summed stage times
@@ -319,6 +340,7 @@ class TPWorker:
         self.slots = (_Slot(self.cuda), _Slot(self.cuda))
         self.pending: _Pending | None = None
         self.clock = _Clock(breakdown)
+        self.reader = RowReader(threads)  # batches sent as FileRows: read here, by `threads` threads
 
     def rendezvous_address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), _free_port()
@@ -339,10 +361,34 @@ class TPWorker:
         return os.getpid()
 
     def score(self, seq: int, k: int, targets, *hidden_blocks):
-        """Launch batch ``seq``; return the previous batch's results (see the class docstring)."""
-        c = self.clock
-        c.start(idle=True)
+        """Launch batch ``seq``, sent through the object store; return the previous batch's results
+        (see the class docstring)."""
+        self.clock.start(idle=True)
         blocks, targets = [from_wire(b) for b in hidden_blocks], from_wire(targets)
+
+        def stage(slot: _Slot):
+            h = self._stage(slot, "hidden", blocks)
+            return h, None if targets is None else self._stage(slot, "targets", [targets])
+
+        return self._launch(seq, k, stage, "stage")
+
+    def score_file(self, seq: int, k: int, rows: FileRows):
+        """Launch batch ``seq``, read by this worker from ``rows`` straight into its staging buffer;
+        return the previous batch's results (see the class docstring)."""
+        self.clock.start(idle=True)
+        try:
+            return self._launch(seq, k, lambda slot: self._read(slot, rows), "read")
+        except InputError as err:  # deterministic: the driver does not retry it
+            raise InputError(
+                f"worker rank {self.rank} on node {ray.util.get_node_ip_address()}: {err}. Workers read "
+                "their batches from the input files, which must exist at the same path on every node "
+                "(a shared file system); otherwise read in the driver (`--read-in-driver`, or pass tensors)"
+            ) from None
+
+    def _launch(self, seq: int, k: int, stage, stage_name: str):
+        """Stage batch ``seq`` into a free slot (``stage(slot) -> (hidden, targets)`` on the device)
+        and launch it; return the previous batch's results."""
+        c = self.clock
         prev = self.pending
         slot = self.slots[1] if prev is not None and prev.slot is self.slots[0] else self.slots[0]
         if self.cuda:  # the batch that used this slot two calls ago is finished with its buffers
@@ -350,10 +396,9 @@ class TPWorker:
             slot.done.synchronize()
         c.lap("slot_wait")
         faults = c.faults()
-        h = self._stage(slot, "hidden", blocks)
-        t = None if targets is None else self._stage(slot, "targets", [targets])
-        c.add("stage_faults", c.faults() - faults)
-        c.lap("stage")
+        h, t = stage(slot)
+        c.add(stage_name + "_faults", c.faults() - faults)
+        c.lap(stage_name)
         if self.cuda:
             slot.copied.record(self.copy_stream)
             if prev is not None:
@@ -411,6 +456,26 @@ class TPWorker:
             dev.copy_(host, non_blocking=True)
         return dev.view(x.dtype).view(shape)
 
+    def _read(self, slot: _Slot, rows: FileRows):
+        """``rows`` read from their file (``RowReader``: positional reads by the worker's threads)
+        into the slot's host buffer (pinned on CUDA, then one asynchronous copy on the copy
+        stream), as ``(hidden, targets)`` on this worker's device; targets as int64."""
+        span = self.reader.span(rows.path, rows.hidden)
+        nbytes = rows.n_rows * span.row_bytes
+        host = _grown(slot.host, "hidden", nbytes, device="cpu", pin=self.cuda)
+        h = self.reader.read_into(rows.path, rows.hidden, rows.start, rows.stop, host)
+        if self.cuda:
+            dev = _grown(slot.dev, "hidden", nbytes, device=self.device, pin=False)
+            with torch.cuda.stream(self.copy_stream):
+                dev.copy_(host, non_blocking=True)
+            h = dev.view(h.dtype).view(h.shape)
+        if rows.targets is None:
+            return h, None
+        raw_bytes = rows.n_rows * self.reader.span(rows.path, rows.targets).row_bytes
+        raw = _grown(slot.host, "targets_raw", raw_bytes, device="cpu", pin=False)
+        t = self.reader.read_into(rows.path, rows.targets, rows.start, rows.stop, raw)
+        return h, self._stage(slot, "targets", [t.to(torch.int64)])
+
     def _compute(self, slot: _Slot, hidden: torch.Tensor, targets, k: int) -> int:
         """Queue the batch on the current stream; rank 0 also queues its packed results' copy into
         ``slot.host["out"]``. Returns the packed width."""
@@ -457,8 +522,10 @@ class _Group:
 class _Task:
     seq: int
     k: int
-    hidden_refs: list  # the hidden states' row blocks, in order
-    targets_ref: object
+    has_targets: bool
+    hidden_refs: list = field(default_factory=list)  # the hidden states' row blocks, in order
+    targets_ref: object = None
+    rows: FileRows | None = None  # instead of the refs: a batch the workers read themselves
     attempts: int = 0
     result: ScoreResult | None = None
 
@@ -513,7 +580,8 @@ class ShardedScorer:
     if the cluster has any, else CPUs), "cuda" or "cpu". ``dtype``: the logits' dtype ("float32",
     "bfloat16", "float16", "float64", or "auto" for the head's). ``max_inflight``: batches in
     flight per replica (read ahead, in the object store, or not yet yielded; 4 keeps a GPU busy).
-    ``cpus_per_worker``: CPUs reserved per actor, also the threads of its staging copy.
+    ``cpus_per_worker``: CPUs reserved per actor, also the threads of its staging copy
+    and of its file reads.
     ``put_threads``: driver threads that put a batch into the object store, as that many row
     blocks of at least ``PUT_BLOCK_MIN_BYTES`` each. ``breakdown``: time the stages of the data
     path, see ``timing_breakdown``. ``object_store_memory``: bytes of the object store when the
@@ -584,6 +652,7 @@ class ShardedScorer:
         self.collective_timeout_s, self.start_timeout_s = collective_timeout_s, start_timeout_s
         self._clock = _Clock(breakdown)  # the driver's stages; each worker has its own
         self._put_pool = ThreadPoolExecutor(put_threads, "shardsoftmax-put") if put_threads > 1 else None
+        self._headers = RowReader()  # the headers of FileRows batches' files, for the driver's checks
         self.options = {"temperature": temperature, "softcap": softcap, "ignore_index": ignore_index}
         self.rebuilds = 0
         self._next_seq = 0  # batch ids, unique over the scorer's life
@@ -752,6 +821,14 @@ class ShardedScorer:
                 raise TypeError(f"targets must have an integer dtype, got {targets.dtype}")
         return hidden.cpu(), None if targets is None else targets.cpu()
 
+    def _check_rows(self, rows: FileRows) -> FileRows:
+        """``rows`` checked against its file's header (read once per file, again if it changes)
+        and the head's hidden size, with an absolute path (the workers' directory differs)."""
+        path = os.path.abspath(rows.path)
+        _, spans = self._headers.layout(path)
+        check_file_rows(rows, spans, self.info.hidden_size)
+        return rows if path == rows.path else dataclasses.replace(rows, path=path)
+
     def _put_batch(self, hidden: torch.Tensor, targets: torch.Tensor | None) -> tuple[list, object]:
         """Put one batch in the object store; return its hidden row blocks' refs, in order, and
         the targets' ref (or None). ``hidden`` goes as up to ``put_threads`` row blocks of at least
@@ -774,11 +851,52 @@ class ShardedScorer:
         return (refs[:-1], refs[-1]) if targets is not None else (refs, None)
 
     def score(self, hidden, targets=None, *, k: int | None = None) -> ScoreResult:
-        """Score one batch: ``hidden`` [T, H], ``targets`` [T] integer ids or None."""
+        """Score one batch: ``hidden`` [T, H], ``targets`` [T] integer ids or None; or ``hidden``
+        a ``FileRows`` (the workers read the rows and their targets from the file)."""
+        if isinstance(hidden, FileRows):
+            if targets is not None:
+                raise ValueError("targets must be None with FileRows (it names its targets tensor)")
+            return next(self.score_iter([hidden], k=k))
         return next(self.score_iter([(hidden, targets)], k=k))
 
+    def score_files(
+        self,
+        paths,
+        *,
+        batch_tokens: int = 8192,
+        k: int | None = None,
+        hidden: str = "hidden",
+        targets: str | None = "targets",
+    ) -> Iterator[tuple[FileRows, ScoreResult]]:
+        """Score every row of one or more safetensors files, read by the workers themselves.
+
+        ``paths``: a path or a list of paths, each holding ``hidden`` ``[T, H]`` (float) and, if the
+        file has a tensor named ``targets`` (``None``: never), the target ids ``[T]``. Each file is
+        cut into ``FileRows`` of ``batch_tokens`` rows, and ``(rows, result)`` is yielded per batch,
+        in order. Every file's header is checked before any batch is sent. The files must be
+        readable at the same path from every node that runs a worker (see ``FileRows``)."""
+        if not isinstance(batch_tokens, int) or batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be an int >= 1, got {batch_tokens!r}")
+        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        batches = []
+        for p in paths:
+            p = os.path.abspath(p)
+            _, spans = self._headers.layout(p)
+            span = spans.get(hidden)
+            n = span.shape[0] if span is not None and span.shape else 0
+            name = targets if targets in spans else None
+            file_batches = [
+                FileRows(p, a, min(a + batch_tokens, n), hidden, name) for a in range(0, n, batch_tokens)
+            ]
+            for rows in file_batches or [FileRows(p, 0, 0, hidden, name)]:
+                self._check_rows(rows)  # also a file without rows, for its error
+            batches += file_batches
+        return zip(batches, self.score_iter(batches, k=k))
+
     def score_iter(self, batches: Iterable, *, k: int | None = None) -> Iterator[ScoreResult]:
-        """Score ``(hidden, targets)`` batches over all replicas; yield results in input order.
+        """Score batches over all replicas; yield results in input order. A batch is a
+        ``(hidden, targets)`` pair of tensors (or arrays), which the driver puts in the object store,
+        or a ``FileRows``, which only travels as a reference: the workers read its rows themselves.
 
         At most ``replicas * max_inflight`` batches are in flight: read from ``batches``, put in the
         object store and not yet yielded (each group holds at most ``max_inflight`` of them). The
@@ -805,7 +923,10 @@ class ShardedScorer:
 
         def submit(task: _Task, g: _Group) -> None:
             task.attempts += 1
-            send(g, "score", task.seq, task.k, task.targets_ref, *task.hidden_refs)
+            if task.rows is not None:
+                send(g, "score_file", task.seq, task.k, task.rows)
+            else:
+                send(g, "score", task.seq, task.k, task.targets_ref, *task.hidden_refs)
             g.inflight.append(task.seq)
 
         def returned(call: _Call) -> None:
@@ -818,7 +939,7 @@ class ShardedScorer:
             seq, words = call.value
             if seq in g.inflight:
                 task = tasks[seq]
-                task.result = unpack_results(words, task.targets_ref is not None)
+                task.result = unpack_results(words, task.has_targets)
                 g.inflight.remove(seq)
                 clock.lap("unpack")
 
@@ -852,19 +973,25 @@ class ShardedScorer:
                     if len(g.inflight) >= self.max_inflight:
                         break
                     try:
-                        hidden, targets = next(source)
+                        item = next(source)
                     except StopIteration:
                         exhausted = True
                         break
-                    hidden, targets = self._check_batch(hidden, targets)
-                    clock.lap("read")
                     seq = self._next_seq  # unique over the scorer's life (see `returned`)
+                    if isinstance(item, FileRows):  # the workers read it: only the reference travels
+                        rows = self._check_rows(item)
+                        t = _Task(seq, k, rows.targets is not None, rows=rows)
+                        clock.lap("read")
+                    else:
+                        hidden, targets = self._check_batch(*item)
+                        clock.lap("read")
+                        faults = clock.faults()
+                        refs, targets_ref = self._put_batch(hidden, targets)
+                        t = _Task(seq, k, targets is not None, refs, targets_ref)
+                        clock.add("put_faults", clock.faults() - faults)
+                        clock.lap("put")
                     self._next_seq += 1
-                    faults = clock.faults()
-                    t = _Task(seq, k, *self._put_batch(hidden, targets))
-                    clock.add("put_faults", clock.faults() - faults)
                     clock.add("batches", 1)
-                    clock.lap("put")
                     tasks[seq] = t
                     order.append(seq)
                     submit(t, g)
@@ -923,17 +1050,19 @@ class ShardedScorer:
         (``breakdown=True``; empty dicts otherwise). Waits for the workers' answers, so call it
         between iterations.
 
-        ``driver``: ``read`` (next batch from the caller's iterable, checks), ``put`` (into the
-        object store, see ``_put_batch``; ``put_faults``: page faults per batch, ``put_objects``:
-        objects per batch), ``send`` (actor calls), ``wait`` (blocked on the workers), ``get``
+        ``driver``: ``read`` (next batch from the caller's iterable, checks; for a ``FileRows``,
+        the check against its file's header), ``put`` (tensors into the object store, see
+        ``_put_batch``; ``put_faults``: page faults per batch, ``put_objects``: objects per batch;
+        absent for ``FileRows``), ``send`` (actor calls), ``wait`` (blocked on the workers), ``get``
         (their answers), ``unpack``, ``caller`` (between a yield and the next request), ``rebuild``;
         ``batches`` (put) and ``results`` (yielded); the stages of a put are per batch, the others
         per result. ``workers``: one dict per actor (``replica``, ``rank``): ``idle`` (between
         calls: Ray's argument and result transfer, or nothing to do), ``slot_wait`` (a staging slot
         still in use by the batch before last), ``stage`` (object store to pinned memory;
-        ``stage_faults`` per batch), ``prev_wait`` (the previous batch still on the GPU), ``launch``
+        ``stage_faults`` per batch), ``read`` (a ``FileRows`` batch from its file to pinned
+        memory, ``read_faults``), ``prev_wait`` (the previous batch still on the GPU), ``launch``
         (queueing this batch; on CPU, computing it), ``take`` (results to the reply), ``flush``;
-        ``calls`` and ``threads`` (torch threads of the staging copy).
+        ``calls`` and ``threads`` (torch threads of the staging copy, also the reading threads).
         """
         if not self._clock.on:
             return {"driver": {}, "workers": []}
@@ -971,6 +1100,8 @@ class ShardedScorer:
         if self._put_pool is not None:
             self._put_pool.shutdown()
             self._put_pool = None
+        if getattr(self, "_headers", None) is not None:
+            self._headers.close()
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
         self._owns_ray = False
