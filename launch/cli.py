@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local instance)")
     p.add_argument("--num-cpus", type=_positive, help="logical CPUs of a local Ray instance")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--read-in-driver", action="store_true",
+        help="the driver reads each batch and ships it through Ray's object store (for a cluster "
+        "without a shared file system; by default the workers read their batches from the input files, "
+        "which must then be readable at the same path on every node)",
+    )  # fmt: skip
     return parser
 
 
@@ -76,7 +82,7 @@ def _score(args, parser) -> int:
         replicas=args.replicas, k=args.k, batch_tokens=args.batch_tokens, vocab_size=args.vocab_size,
         max_retries=args.max_retries, device=args.device, dtype=args.dtype, temperature=args.temperature,
         softcap=args.softcap, ignore_index=args.ignore_index, ray_address=args.ray_address,
-        num_cpus=args.num_cpus, progress=not args.no_progress,
+        num_cpus=args.num_cpus, progress=not args.no_progress, read_in_driver=args.read_in_driver,
     )  # fmt: skip
     try:
         if args.demo:

@@ -249,14 +249,19 @@ def inspect_inputs(spec, head: HeadInfo, *, ignore_index: int = -100) -> list[In
     return shards
 
 
-def iter_batches(shard: InputShard, batch_tokens: int):
-    """Yield ``(start, hidden [b, H], targets [b] int64 or None)`` slices of one shard, in order."""
-    with _st_open(shard.path) as f:
-        h = f.get_slice("hidden")
+def iter_batches(shard: InputShard, batch_tokens: int, *, read_hidden: bool = True):
+    """Yield ``(start, hidden, targets [b] int64 or None)`` for each batch of ``batch_tokens`` rows of
+    one shard, in order. ``hidden``: the rows ``[b, H]`` read here, or with ``read_hidden=False``
+    a ``FileRows`` reference to them (for the workers to read; the targets are still read here,
+    for the output's nulls)."""
+    path = os.path.abspath(shard.path)
+    with _st_open(path) as f:
+        h = f.get_slice("hidden") if read_hidden else None
         t = f.get_slice("targets") if shard.has_targets else None
         for a in range(0, shard.n_tokens, batch_tokens):
             b = min(a + batch_tokens, shard.n_tokens)
-            yield a, h[a:b], (None if t is None else t[a:b].to(torch.int64))
+            hidden = h[a:b] if read_hidden else FileRows(path, a, b, "hidden", "targets" if t else None)
+            yield a, hidden, (None if t is None else t[a:b].to(torch.int64))
 
 
 # ---------------------------------------------------------------------------------- worker-side reads
@@ -416,14 +421,19 @@ class RowReader:
             self._close(next(iter(self._files)))
         return fd, spans
 
+    def span(self, path: str, name: str) -> TensorSpan:
+        """Where tensor ``name`` of ``path`` is (``InputError`` if there is no such tensor)."""
+        spans = self.layout(path)[1]
+        if name not in spans:
+            raise InputError(f"{path}: no tensor named {name!r} (found {sorted(spans)})")
+        return spans[name]
+
     def read_into(self, path: str, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """Rows ``[start, stop)`` of tensor ``name`` into the front of ``out`` (a contiguous CPU
         tensor of at least that many bytes); returns them as a view of ``out`` with the tensor's
         dtype and shape ``[stop - start, ...]``."""
-        fd, spans = self.layout(path)
-        span = spans.get(name)
-        if span is None:
-            raise InputError(f"{path}: no tensor named {name!r} (found {sorted(spans)})")
+        span = self.span(path, name)
+        fd = self.layout(path)[0]
         if not 0 <= start <= stop <= span.shape[0]:
             raise InputError(f"{path}: rows [{start}, {stop}) are not within {name!r}'s {span.shape[0]} rows")
         nbytes = (stop - start) * span.row_bytes

@@ -22,6 +22,13 @@ Exactly once and resumable:
 * Worker failures are handled by the scorer (the failed group is rebuilt and its batches retried),
   so a failure costs recomputing a few batches, not the shard.
 
+Data path: by default the driver sends each batch as a ``FileRows`` reference (input file, row
+range) and every worker of the group reads the rows itself, straight into its pinned staging
+buffer; the driver reads only the headers and the target ids (for the output's nulls). The input
+files must then be readable at the same path on every node of the cluster (a shared file system;
+always true on one machine). ``read_in_driver`` (``--read-in-driver``) restores the driver path
+for clusters without one: the driver reads each batch and ships it through Ray's object store.
+
 Everything (head, every input header, every target id) is validated before Ray starts and before
 ``OUT`` is created, so bad input produces a clear error and no output.
 """
@@ -67,6 +74,7 @@ class JobConfig:
     ray_address: str | None = None
     num_cpus: int | None = None
     progress: bool = True
+    read_in_driver: bool = False  # the driver reads the batches and ships them (no shared file system)
 
 
 @dataclass
@@ -350,9 +358,9 @@ def _score_shards(cfg, scorer, todo, out_dir, manifest, settings, schema, on_sha
 
     def batches():
         for s in todo:
-            for start, hidden, targets in iter_batches(s, cfg.batch_tokens):
+            for start, hidden, targets in iter_batches(s, cfg.batch_tokens, read_hidden=cfg.read_in_driver):
                 meta.append((s, start, targets))
-                yield hidden, targets
+                yield (hidden, targets) if cfg.read_in_driver else hidden  # tensors, or a FileRows
 
     done: list = []
     writer: _ShardWriter | None = None
