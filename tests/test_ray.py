@@ -22,8 +22,9 @@ pq = pytest.importorskip("pyarrow.parquet")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 pytest.importorskip("tqdm")
 
+from shardsoftmax.launch import data as data_mod  # noqa: E402
 from shardsoftmax.launch import ray_scorer  # noqa: E402
-from shardsoftmax.launch.data import InputError  # noqa: E402
+from shardsoftmax.launch.data import FileRows, InputError, RowReader  # noqa: E402
 from shardsoftmax.launch.job import MANIFEST, JobConfig, run_job  # noqa: E402
 from shardsoftmax.launch.ray_scorer import ShardedScorer  # noqa: E402
 
@@ -221,11 +222,108 @@ def test_scorer_pipelined_many_batches_in_flight(ray_cluster, data, monkeypatch)
         check(list(scorer.score_iter(batches)), batches)
 
 
-def test_job_dp2_tp2(ray_cluster, data, tmp_path):
-    summary = run_job(job(data, tmp_path / "out", replicas=2))
+@pytest.mark.parametrize("read_in_driver", [False, True], ids=["workers_read", "read_in_driver"])
+def test_job_dp2_tp2(ray_cluster, data, tmp_path, monkeypatch, read_in_driver):
+    """Both data paths of the job: by default the workers read their batches (no object-store put
+    of hidden states), with ``read_in_driver`` the driver puts every batch."""
+    puts = []
+    real_put = ShardedScorer._put_batch
+    monkeypatch.setattr(ShardedScorer, "_put_batch", lambda self, *a: puts.append(1) or real_put(self, *a))
+    summary = run_job(job(data, tmp_path / "out", replicas=2, read_in_driver=read_in_driver))
     assert summary.workers == 4 and summary.shards_computed == len(SHARDS)
     assert summary.tokens == sum(SHARDS.values())
+    n_batches = sum(-(-n // 64) for n in SHARDS.values())
+    assert len(puts) == (n_batches if read_in_driver else 0)
     check_output(tmp_path / "out", data)
+
+
+FIELDS = ("lse", "target_logprob", "entropy", "topk_ids", "topk_logprobs")
+
+
+def test_scorer_workers_read_file_rows(ray_cluster, data, tmp_path, monkeypatch):
+    """``score_files``/``FileRows``: the workers read the rows themselves; the results equal the
+    driver path's bit for bit and the single-process API's; bad references fail before anything
+    is sent, and a file the workers cannot read fails with their error, not retried."""
+    paths = [os.path.join(data["inputs"], f"{n}.safetensors") for n in SHARDS]
+    with ShardedScorer(
+        data["weight"], bias=data["bias"], vocab_size=VOCAB, tp=2, k=K, device="cpu", breakdown=True
+    ) as scorer:
+        got = list(scorer.score_files(paths, batch_tokens=64))
+        want = [(n, a, min(a + 64, rows)) for n, rows in SHARDS.items() for a in range(0, rows, 64)]
+        assert [(os.path.basename(r.path)[:-12], r.start, r.stop) for r, _ in got] == want
+        bd = scorer.timing_breakdown(reset=True)
+        assert "put_ms" not in bd["driver"] and bd["driver"]["batches"] == len(want)
+        assert all(w["read_ms"] > 0 and "stage_ms" not in w for w in bd["workers"])
+        tensors = []
+        for name, a, b in want:
+            hidden, targets = data["shards"][name]
+            tensors.append((hidden[a:b], None if targets is None else targets[a:b]))
+        via_driver = list(scorer.score_iter(tensors))
+        for (rows, res), other, (h, t) in zip(got, via_driver, tensors):
+            assert (res.target_logprob is None) == (t is None) == (rows.targets is None)
+            for f in FIELDS:
+                if t is not None or f != "target_logprob":
+                    np.testing.assert_array_equal(getattr(res, f), getattr(other, f))
+            assert_matches(res._asdict(), reference(data, h.float(), t), t, null_ignored=False)
+
+        # one FileRows with a relative path (from the driver's directory), its targets not used
+        monkeypatch.chdir(data["inputs"])
+        res = scorer.score(FileRows("a.safetensors", 10, 75, targets=None))
+        hidden = data["shards"]["a"][0][10:75]
+        assert_matches(res._asdict(), reference(data, hidden, None), None, null_ignored=False)
+
+        # bad references: a clear error before anything is sent; the scorer keeps working
+        a_path, e_path = paths[0], paths[-1]
+        with pytest.raises(InputError, match=r"rows \[0, 301\) are not within the file's 300 rows"):
+            scorer.score(FileRows(a_path, 0, 301))
+        with pytest.raises(InputError, match="no tensor named 'targets'.*targets=None"):
+            scorer.score(FileRows(e_path, 0, 1))
+        with pytest.raises(InputError, match="nope.safetensors: cannot read it"):
+            scorer.score_files([a_path, str(tmp_path / "nope.safetensors")])
+        blob = open(a_path, "rb").read()
+        (tmp_path / "cut.safetensors").write_bytes(blob[:-100])
+        with pytest.raises(InputError, match="cut.safetensors: truncated"):
+            scorer.score_files([str(tmp_path / "cut.safetensors")])
+        # a file the workers cannot read (a node without the shared file system): every rank fails
+        # the same way, the error is theirs and is not retried
+        monkeypatch.setattr(scorer, "_check_rows", lambda rows: rows)
+        with pytest.raises(InputError, match="same path on every node"):
+            scorer.score(FileRows(str(tmp_path / "gone.safetensors"), 0, 1))
+        assert scorer.rebuilds == 0
+        again = scorer.score(FileRows(a_path, 0, 300))
+        np.testing.assert_array_equal(again.topk_ids, np.concatenate([r.topk_ids for _, r in got[:5]]))
+
+
+def test_row_reader_reads_row_ranges_into_a_buffer(tmp_path, monkeypatch):
+    """``RowReader`` (no Ray): row ranges of any dtype, split over threads, equal the file's rows; a
+    file replaced at the same path is read again; a truncated or foreign file is an InputError."""
+    monkeypatch.setattr(data_mod, "READ_BLOCK_MIN_BYTES", 64)  # several threads on small rows
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(301, 33, generator=g).bfloat16()
+    targets = torch.randint(-100, 50, (301,), generator=g, dtype=torch.int32)
+    path = str(tmp_path / "x.safetensors")
+    safetensors_torch.save_file({"targets": targets, "hidden": hidden}, path, metadata={"k": "v"})
+    reader = RowReader(threads=3, max_open=1)
+    buf = torch.empty(301 * 33 * 2 + 5, dtype=torch.uint8)
+    for a, b in [(0, 301), (7, 8), (5, 5), (100, 250)]:
+        x = reader.read_into(path, "hidden", a, b, buf)
+        assert x.dtype == torch.bfloat16 and torch.equal(x, hidden[a:b])
+    t = reader.read_into(path, "targets", 3, 300, torch.empty(2000, dtype=torch.uint8))
+    assert t.dtype == torch.int32 and torch.equal(t, targets[3:300])
+    with pytest.raises(InputError, match="rows \\[0, 302\\) are not within 'hidden'"):
+        reader.read_into(path, "hidden", 0, 302, buf)
+    other = str(tmp_path / "y.safetensors")
+    safetensors_torch.save_file({"hidden": hidden[:5] + 1}, other)
+    assert torch.equal(reader.read_into(other, "hidden", 0, 5, buf), hidden[:5] + 1)  # closes x (max_open=1)
+    safetensors_torch.save_file({"hidden": hidden[:9] * 2}, path)  # replaced at the same path
+    assert torch.equal(reader.read_into(path, "hidden", 0, 9, buf), hidden[:9] * 2)
+    os.truncate(path, os.path.getsize(path) - 10)
+    with pytest.raises(InputError, match="truncated"):
+        reader.read_into(path, "hidden", 0, 9, buf)
+    (tmp_path / "z.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(InputError, match="not a safetensors file"):
+        reader.read_into(str(tmp_path / "z.safetensors"), "hidden", 0, 1, buf)
+    reader.close()
 
 
 def test_resume_recomputes_only_the_missing_shard(ray_cluster, data, tmp_path):
