@@ -2,32 +2,46 @@
 
 The computation, per batch of T tokens: this rank's logits ``hidden @ W_shard.T`` (bf16, [T, V/G]),
 ``ss.softmax_stats(..., k)`` over the group (one all-gather), and rank 0 copies the per-token
-results (lse, target log-prob, entropy, top-k ids and log-probs) to the host. Both launchers start
-from hidden states in host memory, as a scoring job does (torchrun's are pinned beforehand; the
-Ray driver puts each batch in the object store, and the actors stage it through pinned memory).
+results (lse, target log-prob, entropy, top-k ids and log-probs) to the host. Where the batches
+come from (``--source``, several allowed):
+
+* ``file`` (default; what the scoring job does): the batches live in safetensors files (``hidden``
+  [T, H] bf16 and ``targets`` [T]), written once to ``--data-dir`` (a new temporary folder by
+  default) and read again for every batch (from the page cache after the warm-up). Every
+  torchrun rank reads each batch from its file into pinned memory (``RowReader``: positional reads
+  by ``--cpus-per-worker`` threads), then copies it to the GPU; it reads batch i+1 on a second
+  thread while batch i computes, into the other of two pinned buffers, as a prefetching data
+  loader would. The Ray driver sends each batch as a ``FileRows`` reference, and every actor reads
+  it the same way into its pinned staging buffer (the scorer's worker-side reading).
+* ``memory``: the batches are tensors in host memory (torchrun's pinned beforehand); the Ray
+  driver puts each batch in the object store and the actors stage it through pinned memory.
 
 Timing: wall clock over ``--batches`` batches after ``--warmup`` batches. torchrun runs them one
 after the other (a host sync per batch, for the results); the Ray scorer streams them through one
 ``score_iter`` (``--max-inflight`` batches in flight), timed from the warm-up's last result to the
 last result, i.e. its steady-state rate. Before the numbers count, every Ray result is checked
-against torchrun's result of the same batch (top-k ids and floats; printed as ``check``).
+against torchrun's result of the same batch (top-k ids and floats; printed as ``check``, with
+``bit for bit`` when every value is identical).
 
 ``--breakdown``: the Ray scorer also times each stage of its data path over the timed batches
 (``ShardedScorer.timing_breakdown``: a clock read per stage, no sync) and prints it per batch: the
-driver's put into the object store (and its page faults), its waits, each actor's staging copy
-into pinned memory, its wait for the previous batch on the GPU, and so on. ``busy`` sums what is
-not waiting: the side whose ``busy`` is near the wall time per batch is the bottleneck (the GPU
-when the workers' ``prev_wait`` is large).
+driver's put into the object store (and its page faults; ``memory`` only), its waits, each
+actor's staging copy into pinned memory (``stage``, ``memory``) or its read of the batch from the
+file into pinned memory (``read``, ``file``), its wait for the previous batch on the GPU, and so
+on. ``busy`` sums what is not waiting: the side whose ``busy`` is near the wall time per batch is
+the bottleneck (the GPU when the workers' ``prev_wait`` is large).
 
     # the torchrun baseline (G processes), then the Ray scorer with tp=G, in one command:
-    python benchmarks/bench_ray.py --tp 2 4 --v 128256 256000 [--h 4096] [--tokens 8192] [--out DIR]
+    python benchmarks/bench_ray.py --tp 2 4 --v 128256 256000 [--source file memory] [--out DIR]
 
 On the GPU machine: install into a folder and run from outside the source tree with ``python -P``
 (so that the source folder never shadows the installed package, in the driver and in the Ray
 workers), e.g. ``pip install --no-deps --no-build-isolation --target /tmp/ss_site . && cd /tmp &&
 PYTHONPATH=/tmp/ss_site python -P REPO/benchmarks/bench_ray.py --tp 2 4``.
 
-With no GPU it runs tiny sizes on the CPU (gloo, a local Ray) so that the code is exercised.
+With no GPU the sizes default to tiny ones on the CPU (gloo, a local Ray) so that the code is
+exercised; sizes given on the command line are kept (e.g. ``--h 4096 --tokens 8192 --v 64`` to see
+the driver's busy time per 64 MiB batch on a CPU machine).
 """
 
 from __future__ import annotations
@@ -35,10 +49,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -66,6 +82,70 @@ def make_batches(n: int, t: int, h: int, v: int, *, pin: bool = False):
     return [(hid[i % DISTINCT], tgt) for i in range(n)]
 
 
+def write_batch_files(folder: str, t: int, h: int, v: int) -> list[str]:
+    """The DISTINCT batches of ``make_batches`` as safetensors files (``hidden``, ``targets``)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i, (hid, tgt) in enumerate(make_batches(DISTINCT, t, h, v)):
+        paths.append(os.path.join(folder, f"batch{i}_v{v}.safetensors"))
+        save_file({"hidden": hid, "targets": tgt}, paths[-1])
+    return paths
+
+
+def file_batch(files: list[str], i: int, t: int):
+    """Batch i as a reference: all rows of file ``i % DISTINCT``."""
+    from shardsoftmax.launch.data import FileRows
+
+    return FileRows(files[i % DISTINCT], 0, t)
+
+
+class PrefetchReader:
+    """torchrun's file loader: batch i read with ``RowReader`` into pinned buffer ``i % 2`` on a
+    background thread while the batch before computes; ``get(i)`` returns batch i on the device
+    (its host-to-device copy queued) and starts reading batch i + 1."""
+
+    def __init__(self, files, t, threads, dev, n):
+        from shardsoftmax.launch.data import RowReader
+
+        self.files, self.t, self.dev, self.n = files, t, dev, n
+        self.reader = RowReader(threads)
+        cuda = dev.type == "cuda"
+        nbytes = [self.reader.span(files[0], name).row_bytes * t for name in ("hidden", "targets")]
+
+        def buffer(size):
+            return torch.empty(size, dtype=torch.uint8, pin_memory=cuda)
+
+        self.slots = [
+            {"h": buffer(nbytes[0]), "t": buffer(nbytes[1]), "copied": torch.cuda.Event() if cuda else None}
+            for _ in range(2)
+        ]
+        self.pool = ThreadPoolExecutor(1)
+        self.next = self.pool.submit(self._load, 0) if n else None
+
+    def _load(self, i):
+        slot = self.slots[i % 2]
+        if slot["copied"] is not None:
+            slot["copied"].synchronize()  # batch i - 2's copy out of this buffer is done
+        path = self.files[i % DISTINCT]
+        h = self.reader.read_into(path, "hidden", 0, self.t, slot["h"])
+        t = self.reader.read_into(path, "targets", 0, self.t, slot["t"])
+        return h, t, slot
+
+    def get(self, i):
+        h, t, slot = self.next.result()
+        self.next = self.pool.submit(self._load, i + 1) if i + 1 < self.n else None
+        x, y = h.to(self.dev, non_blocking=True), t.to(self.dev, non_blocking=True)
+        if slot["copied"] is not None:
+            slot["copied"].record()
+        return x, y
+
+    def close(self):
+        self.pool.shutdown()
+        self.reader.close()
+
+
 def compare(ray_results: list, base: dict) -> tuple[bool, str]:
     """Ray's result of batch i against torchrun's of batch i % DISTINCT: the fraction of equal
     top-k ids and the largest float difference (both ran the same kernels on the same data)."""
@@ -79,7 +159,8 @@ def compare(ray_results: list, base: dict) -> tuple[bool, str]:
             diffs.append(float(np.abs(getattr(res, f) - ref[f]).max()))
     frac, worst = equal / max(total, 1), float(np.max(diffs))  # a NaN anywhere makes worst NaN
     ok = frac >= 0.999 and worst <= 1e-3
-    summary = f"{len(ray_results)} batches: top-k ids equal {frac:.4%}, max |diff| {worst:.2e}"
+    same = ", bit for bit" if frac == 1 and worst == 0 else ""
+    summary = f"{len(ray_results)} batches: top-k ids equal {frac:.4%}, max |diff| {worst:.2e}{same}"
     return ok, f"{'PASS' if ok else 'FAIL'} ({summary})"
 
 
@@ -109,7 +190,13 @@ def torchrun_worker(args) -> None:
     b = bounds(args.v, world)
     dtype = torch.bfloat16 if cuda else torch.float32
     w = make_shard(args.v, args.h, b[rank], b[rank + 1], dtype).to(dev)
-    batches = make_batches(args.batches + args.warmup, args.tokens, args.h, args.v, pin=cuda)
+    n = args.batches + args.warmup
+    if args.source == "file":  # read from the files (prefetched into pinned memory), then to the GPU
+        loaders = [PrefetchReader(args.files, args.tokens, args.threads, dev, m) for m in (DISTINCT, n)]
+        batches = [[loaders[0].get] * DISTINCT, [loaders[1].get] * n]
+    else:  # pinned host tensors
+        loaded = make_batches(n, args.tokens, args.h, args.v, pin=cuda)
+        batches = [[lambda i, b=b: b for b in loaded[:DISTINCT]], [lambda i, b=b: b for b in loaded]]
 
     def step(x, t):
         x = x.to(dev, dtype, non_blocking=True)
@@ -125,16 +212,17 @@ def torchrun_worker(args) -> None:
         return None
 
     saved = {}  # the DISTINCT batches' results, for the Ray run's check (untimed, like the warm-up)
-    for i, (x, t) in enumerate(batches[:DISTINCT]):
-        res = step(x, t)
+    for i, get in enumerate(batches[0]):
+        res = step(*get(i))
         if rank == 0:
             saved.update({f"{i}_{f}": v for f, v in res.items()})
-    for x, t in batches[: args.warmup]:
-        step(x, t)
+    timed = batches[1]
+    for i in range(args.warmup):
+        step(*timed[i](i))
     dist.barrier()
     t0 = time.perf_counter()
-    for x, t in batches[args.warmup :]:
-        step(x, t)
+    for i in range(args.warmup, n):
+        step(*timed[i](i))
     if cuda:
         torch.cuda.synchronize()
     dist.barrier()
@@ -143,6 +231,9 @@ def torchrun_worker(args) -> None:
         np.savez(args.result + ".npz", **saved)
         with open(args.result, "w") as f:
             json.dump({"seconds": dt, "tokens": args.batches * args.tokens}, f)
+    if args.source == "file":
+        for loader in loaders:
+            loader.close()
     dist.destroy_process_group()
 
 
@@ -154,7 +245,8 @@ def run_torchrun(args, g: int) -> dict:
         os.path.abspath(__file__), "--worker",
     ]  # fmt: skip
     # The worker's settings travel in the environment (torchrun's parser would take --v etc.).
-    cfg = dict(v=[args.v1], h=args.h, tokens=args.tokens, batches=args.batches, warmup=args.warmup, k=args.k)
+    cfg = dict(v=[args.v1], h=args.h, tokens=args.tokens, batches=args.batches, warmup=args.warmup, k=args.k,
+               source=args.source1, files=args.files, threads=args.cpus_per_worker)  # fmt: skip
     env = dict(os.environ, BENCH_RAY_WORKER=json.dumps(dict(cfg, result=result)))
     subprocess.run(cmd, check=True, timeout=args.timeout, env=env)
     with open(result) as f:
@@ -176,7 +268,11 @@ def run_ray(args, g: int) -> dict:
     b = bounds(args.v1, g)
     dtype = torch.bfloat16 if cuda else torch.float32
     weight = torch.cat([make_shard(args.v1, args.h, b[r], b[r + 1], dtype) for r in range(g)])
-    batches = make_batches(args.batches + args.warmup, args.tokens, args.h, args.v1)
+    n = args.batches + args.warmup
+    if args.source1 == "file":  # references only: the actors read the rows
+        batches = (file_batch(args.files, i, args.tokens) for i in range(n))
+    else:
+        batches = make_batches(n, args.tokens, args.h, args.v1)
     results = []
     with ShardedScorer(
         weight, tp=g, replicas=1, k=args.k, device="cuda" if cuda else "cpu",
@@ -195,7 +291,7 @@ def run_ray(args, g: int) -> dict:
 
 
 DRIVER_STAGES = ("read", "put", "send", "wait", "get", "unpack", "caller", "rebuild")
-WORKER_STAGES = ("idle", "slot_wait", "stage", "prev_wait", "launch", "take", "flush")
+WORKER_STAGES = ("idle", "slot_wait", "stage", "read", "prev_wait", "launch", "take", "flush")
 WAITING = ("wait", "caller", "idle", "prev_wait")  # not counted as busy
 
 
@@ -221,14 +317,50 @@ def format_breakdown(bd: dict, wall_ms: float) -> str:
     return "\n".join(out)
 
 
+def bench_one(args, g: int, v: int, name: str, rows: list) -> bool:
+    """torchrun, then Ray, on one configuration; print and record the comparison. False if the
+    results differ."""
+    base = run_torchrun(args, g)
+    ray_r = run_ray(args, g)
+    same, check = compare(ray_r["results"], base["results"])
+    tr = base["tokens"] / base["seconds"]
+    rr = ray_r["tokens"] / ray_r["seconds"]
+    overhead = tr / rr - 1
+    rows.append(
+        dict(gpu=name, tp=g, v=v, h=args.h, tokens_per_batch=args.tokens, k=args.k, source=args.source1,
+             batches=args.batches, max_inflight=args.max_inflight, cpus_per_worker=args.cpus_per_worker,
+             put_threads=args.put_threads, torchrun_tok_s=tr, ray_tok_s=rr, ray_tok_s_per_gpu=rr / g,
+             ray_overhead=overhead, check=check, ray_breakdown=ray_r["breakdown"])
+    )  # fmt: skip
+    print(
+        f"tp={g} V={v} source={args.source1}: "
+        f"torchrun {tr:,.0f} tok/s ({1e3 * args.tokens / tr:.2f} ms/batch), "
+        f"Ray {rr:,.0f} tok/s ({1e3 * args.tokens / rr:.2f} ms/batch, {rr / g:,.0f} tok/s per GPU), "
+        f"Ray overhead {overhead:+.1%} ({'PASS' if overhead < 0.10 else 'FAIL'} < 10%); "
+        f"check {check}",
+        flush=True,
+    )
+    if ray_r["breakdown"] is not None:
+        print(format_breakdown(ray_r["breakdown"], 1e3 * args.tokens / rr), flush=True)
+    return same
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tp", type=int, nargs="+", default=[2])
-    ap.add_argument("--v", type=int, nargs="+", default=[128256, 256000])
-    ap.add_argument("--h", type=int, default=4096)
-    ap.add_argument("--tokens", type=int, default=8192, help="tokens per batch")
-    ap.add_argument("--batches", type=int, default=50, help="timed batches")
-    ap.add_argument("--warmup", type=int, default=5, help="batches before the clock starts (>= 1)")
+    ap.add_argument("--v", type=int, nargs="+", help="default 128256 256000 (CPU: 1000)")
+    ap.add_argument("--h", type=int, help="default 4096 (CPU: 32)")
+    ap.add_argument("--tokens", type=int, help="tokens per batch, default 8192 (CPU: 64)")
+    ap.add_argument("--batches", type=int, help="timed batches, default 50 (CPU: 6)")
+    ap.add_argument("--warmup", type=int, help="batches before the clock starts (>= 1), default 5 (CPU: 2)")
+    ap.add_argument(
+        "--source", nargs="+", choices=("file", "memory"), default=["file"],
+        help="where the batches are: safetensors files read by each rank / actor (default), or host "
+        "memory (torchrun: pinned; Ray: put in the object store by the driver)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--data-dir", help="file source: folder for the batch files (default: a new temporary one)"
+    )
     ap.add_argument("--max-inflight", type=int, default=4, help="Ray: batches in flight per replica")
     ap.add_argument(
         "--cpus-per-worker", type=int, default=None,
@@ -245,8 +377,12 @@ def main() -> None:
         torchrun_worker(argparse.Namespace(**json.loads(os.environ["BENCH_RAY_WORKER"])))
         return
     cuda = torch.cuda.is_available()
+    defaults = dict(v=[128256, 256000], h=4096, tokens=8192, batches=50, warmup=5)
     if not cuda:  # exercise the code on tiny sizes
-        args.v, args.h, args.tokens, args.batches, args.warmup = [1000], 32, 64, 6, 2
+        defaults = dict(v=[1000], h=32, tokens=64, batches=6, warmup=2)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.warmup < 1:
         raise SystemExit("--warmup must be >= 1 (the Ray clock starts at the warm-up's last result)")
     if args.cpus_per_worker is None:
@@ -256,39 +392,28 @@ def main() -> None:
     print(
         f"{name}: H={args.h}, {args.tokens} tokens per batch, {args.batches} timed batches after "
         f"{args.warmup}, k={args.k}; Ray: max_inflight={args.max_inflight}, "
-        f"cpus_per_worker={args.cpus_per_worker}, put_threads={args.put_threads}",
+        f"cpus_per_worker={args.cpus_per_worker} (also the reading threads of each torchrun rank), "
+        f"put_threads={args.put_threads}",
         flush=True,
     )
     failed = False
-    for g in args.tp:
-        if cuda and torch.cuda.device_count() < g:
-            print(f"tp={g}: skipped ({torch.cuda.device_count()} GPUs)", flush=True)
-            continue
-        for v in args.v:
-            args.v1 = v
-            base = run_torchrun(args, g)
-            ray_r = run_ray(args, g)
-            same, check = compare(ray_r["results"], base["results"])
-            tr = base["tokens"] / base["seconds"]
-            rr = ray_r["tokens"] / ray_r["seconds"]
-            overhead = tr / rr - 1
-            failed |= not same
-            rows.append(
-                dict(gpu=name, tp=g, v=v, h=args.h, tokens_per_batch=args.tokens, k=args.k,
-                     batches=args.batches, max_inflight=args.max_inflight,
-                     cpus_per_worker=args.cpus_per_worker, put_threads=args.put_threads,
-                     torchrun_tok_s=tr, ray_tok_s=rr, ray_tok_s_per_gpu=rr / g, ray_overhead=overhead,
-                     check=check, ray_breakdown=ray_r["breakdown"])
-            )  # fmt: skip
-            print(
-                f"tp={g} V={v}: torchrun {tr:,.0f} tok/s ({1e3 * args.tokens / tr:.2f} ms/batch), "
-                f"Ray {rr:,.0f} tok/s ({1e3 * args.tokens / rr:.2f} ms/batch, {rr / g:,.0f} tok/s per GPU), "
-                f"Ray overhead {overhead:+.1%} ({'PASS' if overhead < 0.10 else 'FAIL'} < 10%); "
-                f"check {check}",
-                flush=True,
-            )
-            if ray_r["breakdown"] is not None:
-                print(format_breakdown(ray_r["breakdown"], 1e3 * args.tokens / rr), flush=True)
+    data_dir = args.data_dir or tempfile.mkdtemp(prefix="bench_ray_")
+    try:
+        for g in args.tp:
+            if cuda and torch.cuda.device_count() < g:
+                print(f"tp={g}: skipped ({torch.cuda.device_count()} GPUs)", flush=True)
+                continue
+            for v in args.v:
+                args.v1 = v
+                for source in args.source:
+                    args.source1 = source
+                    args.files = None
+                    if source == "file":
+                        args.files = write_batch_files(data_dir, args.tokens, args.h, v)
+                    failed |= not bench_one(args, g, v, name, rows)
+    finally:
+        if args.data_dir is None:
+            shutil.rmtree(data_dir, ignore_errors=True)
     if args.out and rows:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "bench_ray.json")

@@ -445,7 +445,7 @@ def test_bench_ray_cpu_dry_run(tmp_path):
     cmd = [sys.executable, bench, "--tp", "2", "--breakdown", "--out", str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=_cli_env(), timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "tp=2 V=1000: torchrun " in r.stdout and "check PASS (8 batches" in r.stdout, r.stdout
+    assert "tp=2 V=1000 source=file: torchrun " in r.stdout and "check PASS (8 batches" in r.stdout, r.stdout
     assert "  driver: read " in r.stdout and "  worker (replica 0 rank 1, 1 threads): idle " in r.stdout
     (row,) = json.load(open(tmp_path / "bench_ray.json"))
     assert row["tp"] == 2 and row["torchrun_tok_s"] > 0 and row["ray_tok_s"] > 0
