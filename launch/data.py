@@ -37,7 +37,8 @@ _ST_INT = {"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64"}
 _ST_TORCH = {
     **_ST_FLOAT,
     **{"I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "U8": torch.uint8},
-    **{"U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64},
+    **{"U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool},
+    **{"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2},
 }
 
 
@@ -309,8 +310,9 @@ MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
 def safetensors_layout(path: str, size: int | None = None) -> dict[str, TensorSpan]:
     """Every tensor's dtype, shape and byte range, from the header of a safetensors file (an
     8-byte little-endian header length, then a JSON header; tensor offsets are relative to the end
-    of the header). Reads the header only. Raises ``InputError`` if the header is malformed or the
-    file (``size`` bytes, default its current size) is too short for its tensors."""
+    of the header). Reads the header only; tensors of a dtype torch lacks are left out. Raises
+    ``InputError`` if the header is malformed or the file (``size`` bytes, default its current
+    size) is too short for its tensors."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size if size is None else size
@@ -331,6 +333,8 @@ def safetensors_layout(path: str, size: int | None = None) -> dict[str, TensorSp
         if name == "__metadata__":
             continue
         try:
+            if d["dtype"] not in _ST_TORCH:
+                continue
             dtype = _ST_TORCH[d["dtype"]]
             shape = tuple(int(x) for x in d["shape"])
             begin, end = (base + int(x) for x in d["data_offsets"])
