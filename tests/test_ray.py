@@ -436,20 +436,40 @@ def test_cli_demo(tmp_path):
 
 
 def test_bench_ray_cpu_dry_run(tmp_path):
-    """benchmarks/bench_ray.py on tiny CPU sizes: torchrun and Ray both run, and Ray's results
-    equal torchrun's batch by batch (the benchmark's own check); the timing breakdown is printed
-    and saved."""
+    """benchmarks/bench_ray.py on tiny CPU sizes, both sources: torchrun and Ray both run, and
+    Ray's results equal torchrun's batch by batch (the benchmark's own check); the timing breakdown
+    is printed and saved (file source: the actors read, the driver puts nothing)."""
     bench = os.path.join(
         os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_ray.py"
     )
-    cmd = [sys.executable, bench, "--tp", "2", "--breakdown", "--out", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        bench,
+        "--tp",
+        "2",
+        "--breakdown",
+        "--source",
+        "file",
+        "memory",
+        "--out",
+        str(tmp_path),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=_cli_env(), timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "tp=2 V=1000 source=file: torchrun " in r.stdout and "check PASS (8 batches" in r.stdout, r.stdout
+    for source in ("file", "memory"):
+        assert f"tp=2 V=1000 source={source}: torchrun " in r.stdout, r.stdout
+    assert r.stdout.count("check PASS (8 batches") == 2, r.stdout
     assert "  driver: read " in r.stdout and "  worker (replica 0 rank 1, 1 threads): idle " in r.stdout
-    (row,) = json.load(open(tmp_path / "bench_ray.json"))
-    assert row["tp"] == 2 and row["torchrun_tok_s"] > 0 and row["ray_tok_s"] > 0
-    assert row["ray_breakdown"]["driver"]["results"] == 6  # the timed batches only
+    file_row, memory_row = json.load(open(tmp_path / "bench_ray.json"))
+    assert (file_row["source"], memory_row["source"]) == ("file", "memory")
+    for row in (file_row, memory_row):
+        assert row["tp"] == 2 and row["torchrun_tok_s"] > 0 and row["ray_tok_s"] > 0
+        assert row["ray_breakdown"]["driver"]["results"] == 6  # the timed batches only
+    assert (
+        "put_ms" not in file_row["ray_breakdown"]["driver"]
+        and "put_ms" in memory_row["ray_breakdown"]["driver"]
+    )
+    assert all(w["read_ms"] > 0 for w in file_row["ray_breakdown"]["workers"])
 
 
 # ---------------------------------------------------------------------------------------- GPU tier
