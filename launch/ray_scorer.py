@@ -306,12 +306,13 @@ class TPWorker:
     """One rank of a tensor-parallel group: one vocabulary shard of the head.
 
     Protocol, one batch behind: ``score(seq, k, targets, *hidden_blocks)`` stages and launches
-    batch ``seq`` (its hidden states as consecutive row blocks, one object each; or
-    ``score_file(seq, k, rows)``: reads the ``FileRows`` itself) and returns
-    the results of the batch before it as ``(prev_seq, words)`` (``None`` for the first batch);
+    batch ``seq`` (its hidden states as consecutive row blocks, one object each), or
+    ``score_file(seq, k, rows)`` reads the ``FileRows`` itself and launches it; both return the
+    results of the batch before it as ``(prev_seq, words)`` (``None`` for the first batch);
     ``flush()`` returns the last one. On a GPU this keeps the device busy: batch ``seq`` is copied
-    from the object store (or its file) into pinned memory and on to the GPU (on a copy stream) while the
-    previous batch computes, and its kernels are queued before the previous results are read.
+    from the object store (or read from its file) into pinned memory and on to the GPU (on a copy
+    stream) while the previous batch computes, and its kernels are queued before the previous
+    results are read.
     ``words`` is the ``pack_results`` array on rank 0 and None on the other ranks (every rank holds
     the same global results; only one ships them). ``timings()`` returns the summed stage times
     when ``breakdown`` is on (see ``ShardedScorer.timing_breakdown``).
@@ -983,7 +984,8 @@ class ShardedScorer:
                         t = _Task(seq, k, rows.targets is not None, rows=rows)
                         clock.lap("read")
                     else:
-                        hidden, targets = self._check_batch(*item)
+                        hidden, targets = item
+                        hidden, targets = self._check_batch(hidden, targets)
                         clock.lap("read")
                         faults = clock.faults()
                         refs, targets_ref = self._put_batch(hidden, targets)
