@@ -549,14 +549,15 @@ _PER_PUT = ("read", "put", "put_faults", "put_objects")
 
 def _per_batch(sums: dict[str, float], per: str) -> dict[str, float]:
     """The sums of a ``_Clock`` per event: seconds as milliseconds (``<stage>_ms``), other sums
-    (``*_faults``, ``*_objects``) as they are, each divided by ``sums[per]``, or by
-    ``sums["batches"]`` for ``_PER_PUT`` stages; the counters themselves unchanged."""
+    (``*_faults``, ``*_objects``) as they are, each divided by ``sums[per]``, or, for the driver
+    (``per == "results"``), by ``sums["batches"]`` for ``_PER_PUT`` stages (a worker's ``read``
+    is per call); the counters themselves unchanged."""
     out = {}
     for name, v in sorted(sums.items()):
         if name in _COUNTS:
             out[name] = v
             continue
-        v /= max(sums.get("batches" if name in _PER_PUT else per, 0), 1)
+        v /= max(sums.get("batches" if per == "results" and name in _PER_PUT else per, 0), 1)
         if name.endswith(("_faults", "_objects")):
             out[name] = v
         else:

@@ -294,6 +294,19 @@ def test_scorer_workers_read_file_rows(ray_cluster, data, tmp_path, monkeypatch)
         np.testing.assert_array_equal(again.topk_ids, np.concatenate([r.topk_ids for _, r in got[:5]]))
 
 
+def test_breakdown_per_batch_divides_driver_and_worker_stages_by_their_events():
+    """The driver's read/put happen once per batch sent, its other stages once per result; every
+    worker stage (its ``read`` of a FileRows batch too) once per call."""
+    driver = {"read": 0.3, "put": 0.6, "wait": 0.2, "batches": 3, "results": 2}
+    assert ray_scorer._per_batch(driver, "results") == pytest.approx({
+        "read_ms": 100.0, "put_ms": 200.0, "wait_ms": 100.0, "batches": 3, "results": 2,
+    })  # fmt: skip
+    worker = {"read": 0.9, "read_faults": 30, "launch": 0.3, "calls": 3, "threads": 2}
+    assert ray_scorer._per_batch(worker, "calls") == pytest.approx({
+        "read_ms": 300.0, "read_faults": 10.0, "launch_ms": 100.0, "calls": 3, "threads": 2,
+    })  # fmt: skip
+
+
 def test_row_reader_reads_row_ranges_into_a_buffer(tmp_path, monkeypatch):
     """``RowReader`` (no Ray): row ranges of any dtype, split over threads, equal the file's rows; a
     file replaced at the same path is read again; a truncated or foreign file is an InputError."""
