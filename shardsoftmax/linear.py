@@ -313,9 +313,11 @@ def eager_linear_cross_entropy(
     pieces and zero gradients. The loss is the sum of the blocks' sums (divided by the number of
     valid targets for "mean": NaN when there is none, as the other paths). No host sync.
 
-    Memory beyond the inputs: one [rows, nv] block of logits in the inputs' dtype (512 MiB at
-    rows = 2048, nv = 128256, bf16), the fp32 grad_weight accumulator [nv, H] (2 GiB at H = 4096)
-    and the fp32 grad_hidden [N, H] (128 MiB at N = 8192); the last two are what backward scales."""
+    Memory beyond the inputs: one [rows, nv] block of logits in the inputs' dtype (501 MiB at
+    rows = 2048, nv = 128256, bf16; freed on return), the fp32 grad_weight accumulator [nv, H]
+    (2.0 GiB at H = 4096) and the fp32 grad_hidden [N, H] (128 MiB at N = 8192); the last two
+    are what backward scales and rounds (kept in fp32 until then: rounding them here and scaling
+    them again in backward would round twice and read and write grad_weight once more)."""
     n_rows, n_cols = hidden2d.shape[0], weight.shape[0]
     device = hidden2d.device
     acc_dtype = reference.compute_dtype(hidden2d.dtype)
