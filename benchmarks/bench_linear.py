@@ -2,6 +2,7 @@
 
     python benchmarks/bench_linear.py [--out DIR] [--n 8192] [--h 4096] [--v 32064 128256]
     TRITON_INTERPRET=1 python benchmarks/bench_linear.py --device cpu     # smoke test of every path
+    torchrun --nproc-per-node 2 benchmarks/bench_linear.py --tp [--vocab 128256]  # (3), a rank per GPU
 
 (1) Checks, bf16 inputs, a few shapes (odd H, bias, padding, softcap, smoothing, z-loss, ignored
 tokens), for every implementation (``impl="chunked"``: cuBLAS per vocabulary chunk + the shard
@@ -30,6 +31,13 @@ whole ``ce_fwd+bwd`` work). At each timed shape, before timing: the statistics (
 of chunked against the unfused API on bf16 logits and of fused against it on float32 logits, and
 every loss provider against chunked (loss and gradients). ``--no-fused`` leaves the Triton
 kernels out of (2). Writes a CSV and the table under --out (default $OUT or ./bench_out).
+
+(3) ``--tp``, under ``torchrun --nproc-per-node TP``: per rank, ``linear_cross_entropy`` forward +
+backward (chunked: eager; recompute) of this rank's V_shard = V / TP slice (uneven when V does not
+divide) in a NCCL group, timed with a fixed iteration count and CUDA events, against the rank's
+floor: three matmuls of its own shape measured in the same run plus the all-reduce of the fp32
+[N, H] grad_hidden measured alone. Checked first against one rank's unsplit computation. Liger's
+TP variant (a CuTe DSL kernel) is tried and skipped with the reason when it does not import.
 """
 
 from __future__ import annotations
@@ -67,14 +75,25 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT") or "bench_out", help="folder for the CSV")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu (smoke sizes)")
-    p.add_argument("--n", type=int, default=None, help="tokens (default 8192)")
-    p.add_argument("--h", type=int, default=None, help="hidden size (default 4096)")
-    p.add_argument("--v", type=int, nargs="+", default=None, help="V_shard values (default 32064 128256)")
+    # --tokens, --hidden, --vocab: the same, for torchrun, whose parser rejects --n and --v (prefixes
+    # of several of its own options)
+    p.add_argument("--n", "--tokens", type=int, default=None, help="tokens (default 8192)")
+    p.add_argument("--h", "--hidden", type=int, default=None, help="hidden size (default 4096)")
+    p.add_argument(
+        "--v",
+        "--vocab",
+        type=int,
+        nargs="+",
+        default=None,
+        help="V_shard values (default 32064 128256); --tp: the whole vocabulary (default 128256)",
+    )
     p.add_argument("--k", type=int, default=None, help="k of the top-k rows (default 50; CPU 3; 0: none)")
     p.add_argument("--skip-checks", action="store_true", help="timings only")
     p.add_argument("--no-peers", action="store_true", help="skip Liger / CCE / F.linear_cross_entropy")
     p.add_argument("--no-fused", action="store_true", help="skip the Triton kernels (impl='fused') in (2)")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--tp", action="store_true", help="(3): per-rank fwd+bwd in a group, under torchrun")
+    p.add_argument("--iters", type=int, default=None, help="--tp: timed calls (default 10; CPU 2)")
     return p.parse_args(argv)
 
 
@@ -199,10 +218,10 @@ def _check_impl(impl, name, hidden, weight, b, target, lay, tf, opts, report) ->
 
 
 class Run:
-    def __init__(self, args, device, meta):
+    def __init__(self, args, device, meta, stem: str = "bench_linear"):
         self.args, self.device, self.meta = args, device, meta
         os.makedirs(args.out, exist_ok=True)
-        self.path = C.out_path(args.out, "bench_linear", meta)
+        self.path = C.out_path(args.out, stem, meta)
         self._f = open(self.path, "w", newline="")
         self._w = csv.DictWriter(self._f, fieldnames=COLUMNS)
         self._w.writeheader()
@@ -426,8 +445,147 @@ def bars(rows: list[dict], k_top: int) -> list[str]:
     return out
 
 
+# ------------------------------------------------------------------------------------------------
+# (3) Tensor parallel: per-rank forward + backward in a process group (under torchrun)
+# ------------------------------------------------------------------------------------------------
+
+
+def _liger_tp_reason(device) -> str:
+    """Why Liger's tensor-parallel fused linear cross-entropy is not timed here."""
+    lt, reason = C.find_liger(device)
+    if lt is None:
+        return reason
+    found = [name for name in dir(lt) if "Parallel" in name and "Linear" in name]
+    if not found:
+        return "liger_kernel.transformers has no vocab-parallel fused linear cross-entropy here"
+    return f"found {found}, not wired into this benchmark (its tensor-parallel API is not checked here)"
+
+
+def tp_main(args) -> int:
+    """(3): every rank holds V_shard = shard_sizes(V, TP)[rank] rows of the head and runs
+    ``linear_cross_entropy`` forward + backward (gradients of hidden and its weight slice) in the
+    group. Checked against one process's unsplit computation on each rank; timed with a fixed
+    iteration count and CUDA events (``C.time_fixed``: the max over the ranks of each rank's
+    median), against the floor 3 x the rank's own matmul, plus the collectives measured alone:
+    the fp32 [N, H] all-reduce of grad_hidden, and the all-gathers of the partials (the eager
+    forward: one per block of rows)."""
+    import torch.distributed as dist
+
+    cuda = args.device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    n, h = args.n or (8192 if cuda else 64), args.h or (4096 if cuda else 48)
+    meta = C.run_meta(device, bench="linear_tp", world_size=world, preset="default")
+    run = Run(args, device, meta, f"bench_linear_tp{world}") if rank == 0 else None
+    say = C.log if rank == 0 else (lambda *a, **kw: None)
+    t0 = time.perf_counter()
+    say(f"== bench_linear --tp | TP={world} | {meta['gpu']} | torch {meta['torch']} | {meta['commit']}")
+    say(f"  skip liger (TP): {_liger_tp_reason(device)}")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    checks, bar_lines = [], []
+    for v in args.v or ([128256] if cuda else [257]):
+        _tp_shape(args, run, say, device, n, h, v, checks, bar_lines)
+        C.empty_cache(device)
+    failed = [c for c in checks if not c[1]]
+    if run is not None:
+        run.close()
+        lines = ["", f"== bench_linear --tp: TP={world} N={n} H={h} bf16 on {meta['gpu']} "
+                 f"({time.perf_counter() - t0:.0f} s)", table(run.rows), "", *bar_lines,
+                 f"checks: {len(checks) - len(failed)} PASS, {len(failed)} FAIL",
+                 "PASS all checks" if not failed else "FAIL", f"csv: {run.path}"]  # fmt: skip
+        C.write_report(lines, run.path)
+    dist.destroy_process_group()
+    return 1 if failed else 0
+
+
+def _tp_shape(args, run, say, device, n: int, h: int, v: int, checks: list, bar_lines: list) -> None:
+    """(3) at one vocabulary size: the checks (appended to ``checks``, the same on every rank),
+    the timings (rank 0's ``run`` rows) and the bar lines."""
+    import torch.distributed as dist
+
+    from shardsoftmax.nn import shard_sizes
+
+    group, rank, world = dist.group.WORLD, dist.get_rank(), dist.get_world_size()
+    cuda = C.is_cuda(device)
+    iters, warmup = args.iters or (10 if cuda else 2), 3 if cuda else 1
+    widths = shard_sizes(v, world)
+    cols = slice(sum(widths[:rank]), sum(widths[: rank + 1]))
+    hidden, weight, _, target = make_inputs(n, h, v, torch.bfloat16, device, seed=args.seed, ignore_frac=0.0,
+                                            scale=3.0)  # fmt: skip
+    w_shard = weight[cols].contiguous()
+    h_req, w_req = hidden.detach().requires_grad_(True), w_shard.detach().requires_grad_(True)
+
+    def fwd_bwd(impl):
+        loss = ss.linear_cross_entropy(h_req, w_req, target, process_group=group, impl=impl)
+        return (loss, *torch.autograd.grad(loss, (h_req, w_req)))
+
+    # the check: one process's unsplit computation (eager), on every rank
+    h1, w1 = hidden.detach().requires_grad_(True), weight.detach().requires_grad_(True)
+    loss1 = ss.linear_cross_entropy(h1, w1, target)
+    ref = (loss1.detach().float(), *torch.autograd.grad(loss1, (h1, w1)))
+    ok_impl = {}
+    for impl in ("chunked", "recompute"):
+        loss, g_h, g_w = fwd_bwd(impl)
+        e_loss = normwise(loss.detach().float(), ref[0])
+        e_g = max(normwise(g_h, ref[1]), normwise(g_w, ref[2][cols]))
+        ok = e_loss <= UNFUSED_LOSS_TOL and e_g <= 2 * GRAD_TOL
+        all_ok = torch.tensor([int(ok)], dtype=torch.int32, device=device)
+        dist.all_reduce(all_ok, op=dist.ReduceOp.MIN, group=group)
+        ok_impl[impl] = bool(all_ok.item())
+        what = f"TP={world} V={v} {impl} vs one process (every rank)"
+        detail = (
+            f"rank 0: loss {e_loss:.1e} (tol {UNFUSED_LOSS_TOL:g}), grads {e_g:.1e} (tol {2 * GRAD_TOL:g})"
+        )
+        checks.append((what, ok_impl[impl], detail))
+        say(f"  {'PASS' if ok_impl[impl] else 'FAIL'} {what}: {detail}")
+    del h1, w1, loss1, ref, loss, g_h, g_w, weight
+    C.empty_cache(device)
+
+    # floors: the rank's own matmul, the all-reduce of fp32 grad_hidden, one block's all-gather
+    def timed(fn) -> float:
+        return C.time_fixed(fn, device, iters=iters, warmup=warmup, group=group)
+
+    mm_ms = timed(lambda: hidden @ w_shard.T)
+    grad32 = torch.zeros(n, h, dtype=torch.float32, device=device)
+    ar_ms = timed(lambda: dist.all_reduce(grad32, group=group))
+    rows, blocks = ss_linear.eager_blocks(n)
+    send = torch.zeros(32 + 7 * rows, dtype=torch.int32, device=device)  # header + a block's stats
+    gathered = torch.empty(world * send.numel(), dtype=torch.int32, device=device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # (torch 2.12 name)
+    ag_ms = timed(lambda: gather(gathered, send, group=group))
+    for impl, n_gathers in (("chunked", len(blocks)), ("recompute", 1)):
+        try:
+            ms = timed(lambda impl=impl: fwd_bwd(impl))
+            mem = C.extra_peak_memory(lambda impl=impl: fwd_bwd(impl), device, (hidden, w_shard))
+        except C.OOM:
+            ms = mem = None
+        coll = ar_ms + n_gathers * ag_ms
+        floor = 3 * mm_ms + coll
+        note = (f"TP={world} V={v}: floor 3 x {mm_ms:.3f} ms matmul + {coll:.3f} ms collectives (all-reduce "
+                f"{ar_ms:.3f} ms, {n_gathers} all-gather(s) {ag_ms:.3f} ms each)")  # fmt: skip
+        if run is not None:
+            check = "PASS" if ok_impl[impl] else "FAIL"
+            flops = 6.0 * n * h * widths[0]  # rank 0's shard, the widest (times: the slowest rank's)
+            run.row("tp_fwd+bwd", impl, n, h, widths[0], 0, ms, flops, floor, mem, check, note)
+            say(f"    {note}")
+        if ms is not None:
+            x = (ms - coll) / (3 * mm_ms)
+            verdict = "PASS" if x <= 1.25 else "FAIL"
+            what = f"{impl} (eager)" if impl == "chunked" else impl
+            bar_lines.append(f"{verdict} bar TP={world} V={v} fwd+bwd {what} <= 1.25x 3 matmuls + "
+                             f"collectives: {x:.2f}x ({ms:.3f} ms, floor {floor:.3f} ms)")  # fmt: skip
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.tp:
+        return tp_main(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = C.is_cuda(device)
     meta = C.run_meta(device, bench="linear", world_size=1, preset="default")
