@@ -2,27 +2,42 @@
 
     python benchmarks/bench_linear.py [--out DIR] [--n 8192] [--h 4096] [--v 32064 128256]
     TRITON_INTERPRET=1 python benchmarks/bench_linear.py --device cpu     # smoke test of every path
+    torchrun --nproc-per-node 2 benchmarks/bench_linear.py --tp [--vocab 128256]  # (3), a rank per GPU
 
 (1) Checks, bf16 inputs, a few shapes (odd H, bias, padding, softcap, smoothing, z-loss, ignored
-tokens), for both implementations (``impl="chunked"``: cuBLAS per vocabulary chunk + the shard
-kernels, several chunks; ``impl="fused"``: the Triton kernels): ``ss.linear_softmax_stats`` and
-``ss.linear_cross_entropy`` (forward and the gradients of hidden, weight, bias) against a ``torch``
-matmul of the same inputs in the implementation's precision (bf16 for chunked, which rounds the
-logits as ``F.linear`` does; float32 for fused, which never rounds them) followed by the unfused
-API (``ss.softmax_stats`` / ``ss.cross_entropy``) and autograd. One PASS/FAIL line per quantity.
+tokens), for every implementation (``impl="chunked"``: cuBLAS per vocabulary chunk + the shard
+kernels, several chunks, and in training the eager-gradient forward, several blocks of rows on
+the first shape; ``impl="recompute"``: the same forward, backward recomputing the chunks;
+``impl="fused"``: the Triton kernels): ``ss.linear_softmax_stats`` (chunked and fused; recompute's
+is chunked's) and ``ss.linear_cross_entropy`` (forward and the gradients of hidden, weight, bias)
+against a ``torch`` matmul of the same inputs in the implementation's precision (bf16 for chunked
+and recompute, which round the logits as ``F.linear`` does; float32 for fused, which never rounds
+them) followed by the unfused API (``ss.softmax_stats`` / ``ss.cross_entropy``) and autograd. One
+PASS/FAIL line per quantity.
 
 (2) Timings (``triton.testing.do_bench``, median of few repeats: every call is milliseconds) at
 N x H x V_shard, bf16: the bf16 matmul ``hidden @ weight.T`` of the same sizes first (its rate
 sets the floors: forward 2 N H V FLOPs = one matmul, forward + backward 6 N H V = three), then per
 op and provider the time, the fraction of the floor reached (floor_ms / ms) and the extra peak
 memory (``max_memory_allocated`` during one call, beyond the inputs and the returned outputs).
-Providers: ``chunked`` and ``fused`` (ours, the two impls), ``unfused`` (cuBLAS bf16 logits + our
-unfused API), ``torch`` (bf16 logits + ``F.cross_entropy`` on fp32 logits), and where importable
-``liger`` (LigerFusedLinearCrossEntropyLoss), ``cce`` (Cut Cross-Entropy) and ``torch.lce``
-(``F.linear_cross_entropy``). At each timed shape, before timing: the statistics (k = 0 and
-k = --k) of chunked against the unfused API on bf16 logits and of fused against it on float32
-logits, and every loss provider against chunked (loss and gradients). ``--no-fused`` leaves the
-Triton kernels out of (2). Writes a CSV and the table under --out (default $OUT or ./bench_out).
+Providers: ``chunked``, ``recompute`` and ``fused`` (ours, the three impls; ``chunked``'s
+``ce_fwd+bwd`` row is the eager-gradient forward, 3 GEMMs; ``recompute`` only has that row: its
+forward is chunked's), ``unfused`` (cuBLAS bf16 logits + our unfused API), ``torch`` (bf16 logits
++ ``F.cross_entropy`` on fp32 logits), and where importable ``liger``
+(LigerFusedLinearCrossEntropyLoss), ``cce`` (Cut Cross-Entropy) and ``torch.lce``
+(``F.linear_cross_entropy``). ``ce_fwd`` rows run under ``torch.no_grad()`` (the loss as an
+evaluation computes it; with gradients enabled, chunked's forward would be the eager one, the
+whole ``ce_fwd+bwd`` work). At each timed shape, before timing: the statistics (k = 0 and k = --k)
+of chunked against the unfused API on bf16 logits and of fused against it on float32 logits, and
+every loss provider against chunked (loss and gradients). ``--no-fused`` leaves the Triton
+kernels out of (2). Writes a CSV and the table under --out (default $OUT or ./bench_out).
+
+(3) ``--tp``, under ``torchrun --nproc-per-node TP``: per rank, ``linear_cross_entropy`` forward +
+backward (chunked: eager; recompute) of this rank's V_shard = V / TP slice (uneven when V does not
+divide) in a NCCL group, timed with a fixed iteration count and CUDA events, against the rank's
+floor: three matmuls of its own shape measured in the same run plus the all-reduce of the fp32
+[N, H] grad_hidden measured alone. Checked first against one rank's unsplit computation. Liger's
+TP variant (a CuTe DSL kernel) is tried and skipped with the reason when it does not import.
 """
 
 from __future__ import annotations
@@ -53,21 +68,32 @@ STATS_TOL = 1e-4  # normwise, fp32 per-row results: the same bf16 products, anot
 LOSS_TOL = 1e-4
 GRAD_TOL = 1e-2  # normwise, bf16 gradients (one bf16 rounding of dloss/dlogits, one of the output)
 UNFUSED_LOSS_TOL = 2e-3  # timed shapes: against the unfused path on bf16-rounded logits
-IMPLS = ("chunked", "fused")
+IMPLS = ("chunked", "recompute", "fused")
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT") or "bench_out", help="folder for the CSV")
     p.add_argument("--device", default=None, help="cuda (default when available) or cpu (smoke sizes)")
-    p.add_argument("--n", type=int, default=None, help="tokens (default 8192)")
-    p.add_argument("--h", type=int, default=None, help="hidden size (default 4096)")
-    p.add_argument("--v", type=int, nargs="+", default=None, help="V_shard values (default 32064 128256)")
+    # --tokens, --hidden, --vocab: the same, for torchrun, whose parser rejects --n and --v (prefixes
+    # of several of its own options)
+    p.add_argument("--n", "--tokens", type=int, default=None, help="tokens (default 8192)")
+    p.add_argument("--h", "--hidden", type=int, default=None, help="hidden size (default 4096)")
+    p.add_argument(
+        "--v",
+        "--vocab",
+        type=int,
+        nargs="+",
+        default=None,
+        help="V_shard values (default 32064 128256); --tp: the whole vocabulary (default 128256)",
+    )
     p.add_argument("--k", type=int, default=None, help="k of the top-k rows (default 50; CPU 3; 0: none)")
     p.add_argument("--skip-checks", action="store_true", help="timings only")
     p.add_argument("--no-peers", action="store_true", help="skip Liger / CCE / F.linear_cross_entropy")
     p.add_argument("--no-fused", action="store_true", help="skip the Triton kernels (impl='fused') in (2)")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--tp", action="store_true", help="(3): per-rank fwd+bwd in a group, under torchrun")
+    p.add_argument("--iters", type=int, default=None, help="--tp: timed calls (default 10; CPU 2)")
     return p.parse_args(argv)
 
 
@@ -100,23 +126,27 @@ def make_inputs(n, h, v, dtype, device, *, seed, bias=False, ignore_frac=0.1, vo
 
 def run_checks(device, dtype, shapes, report: Callable[[str, bool, str], None]) -> None:
     """``shapes``: (N, H, V_shard, bias, vocab_size, options, chunk columns of the chunked path
-    or None for its default)."""
+    or None for its default, rows per block of the eager forward or None for its default)."""
     torch.backends.cuda.matmul.allow_tf32 = False
-    for i, (n, h, v, bias, vocab, opts, cols) in enumerate(shapes):
+    for i, (n, h, v, bias, vocab, opts, cols, rows) in enumerate(shapes):
         name = f"N={n} H={h} V={v}" + (" bias" if bias else "") + (f" vocab={vocab}" if vocab else "")
         name += "".join(f" {k}={val}" for k, val in opts.items())
         width = cols or ss_linear.chunk_cols(n, torch.empty((), dtype=dtype).element_size())
         hidden, weight, b, target = make_inputs(n, h, v, dtype, device, seed=100 + i, bias=bias, vocab=vocab)
         lay = {"vocab_size": vocab} if vocab else {}
         tf = {k: opts[k] for k in ("softcap", "temperature") if k in opts}
-        default_bytes = ss_linear.CHUNK_BYTES
+        default_bytes, default_rows = ss_linear.CHUNK_BYTES, ss_linear.EAGER_ROWS
         try:
             if cols:
                 ss_linear.CHUNK_BYTES = n * cols * torch.empty((), dtype=dtype).element_size()
+            if rows:
+                ss_linear.EAGER_ROWS = rows
             chunks = f" ({-(-(vocab or v) // width)} chunks)"
-            _check_impl("chunked", name + chunks, hidden, weight, b, target, lay, tf, opts, report)
+            blocks = f" ({len(ss_linear.eager_blocks(n)[1])} eager blocks)"
+            _check_impl("chunked", name + chunks + blocks, hidden, weight, b, target, lay, tf, opts, report)
+            _check_impl("recompute", name + chunks, hidden, weight, b, target, lay, tf, opts, report)
         finally:
-            ss_linear.CHUNK_BYTES = default_bytes
+            ss_linear.CHUNK_BYTES, ss_linear.EAGER_ROWS = default_bytes, default_rows
         _check_impl("fused", name, hidden, weight, b, target, lay, tf, opts, report)
 
 
@@ -139,10 +169,10 @@ def _check_impl(impl, name, hidden, weight, b, target, lay, tf, opts, report) ->
     logits are bit for bit the ones the chunks were given (one GEMM over all columns may round a
     logit to another bf16 value: cuBLAS picks its algorithm by shape), and what is checked is
     the partials of the chunks and their merge."""
-    ref_dtype = hidden.dtype if impl == "chunked" else torch.float32  # of the loss's reference
+    ref_dtype = torch.float32 if impl == "fused" else hidden.dtype  # of the loss's reference
     stats_tol, loss_tol = STATS_TOL, LOSS_TOL
     name = f"{impl} {name}"
-    for k in (0, 5):
+    for k in () if impl == "recompute" else (0, 5):  # recompute's statistics are chunked's
         if impl == "chunked":
             logits_ref = _chunked_logits(hidden, weight, b, lay.get("vocab_size") or weight.shape[0], k)
         else:
@@ -188,10 +218,10 @@ def _check_impl(impl, name, hidden, weight, b, target, lay, tf, opts, report) ->
 
 
 class Run:
-    def __init__(self, args, device, meta):
+    def __init__(self, args, device, meta, stem: str = "bench_linear"):
         self.args, self.device, self.meta = args, device, meta
         os.makedirs(args.out, exist_ok=True)
-        self.path = C.out_path(args.out, "bench_linear", meta)
+        self.path = C.out_path(args.out, stem, meta)
         self._f = open(self.path, "w", newline="")
         self._w = csv.DictWriter(self._f, fieldnames=COLUMNS)
         self._w.writeheader()
@@ -271,16 +301,21 @@ def time_shape(run: Run, n: int, h: int, v: int, k_top: int, peers: dict) -> Non
 
     # forward statistics: chunked checked against the unfused API on the same bf16 logits, fused
     # against it on float32 logits (it never rounds them), at this shape; then all three timed
-    notes = {"chunked": f"{n_chunks} chunks of <= {ss_linear.CHUNK_BYTES >> 20} MiB", "fused": ""}
+    # (recompute's statistics are chunked's)
+    chunks = f"{n_chunks} chunks of <= {ss_linear.CHUNK_BYTES >> 20} MiB"
+    rows, blocks = ss_linear.eager_blocks(n)
+    notes = {"chunked": chunks, "recompute": chunks, "fused": ""}
+    bwd_notes = {**notes, "chunked": f"eager: {len(blocks)} blocks of {rows} rows"}
+    stat_impls = [i for i in impls if i != "recompute"]
     torch.backends.cuda.matmul.allow_tf32 = False
     for k in sorted({0, k_top}):
         stats: dict[str, Callable] = {
             name: (lambda name=name, k=k: ss.linear_softmax_stats(hidden, weight, target, k=k, impl=name))
-            for name in impls
+            for name in stat_impls
         }
         stats["unfused"] = lambda k=k: ss.softmax_stats(hidden @ weight.T, target, k=k)
         checks = {}
-        for name in impls:
+        for name in stat_impls:
             logits = hidden @ weight.T if name == "chunked" else hidden.float() @ weight.float().T
             ref, st = ss.softmax_stats(logits, target, k=k), stats[name]()
             errs = [normwise(getattr(st, f), getattr(ref, f)) for f in ("lse", "entropy", "target_logprob")]
@@ -313,6 +348,13 @@ def time_shape(run: Run, n: int, h: int, v: int, k_top: int, peers: dict) -> Non
     def grads(loss_fn):
         return lambda: torch.autograd.grad(loss_fn(), (h_req, w_req))
 
+    def no_grad(loss_fn):
+        def fwd():
+            with torch.no_grad():
+                return loss_fn()
+
+        return fwd
+
     # check every provider against chunked at this shape first
     ours_loss = losses["chunked"]().detach().float()
     ours_grads = grads(losses["chunked"])()
@@ -342,8 +384,10 @@ def time_shape(run: Run, n: int, h: int, v: int, k_top: int, peers: dict) -> Non
         if name != "chunked" and name not in ok_providers:
             continue
         check = "" if name == "chunked" else ("PASS" if ok_providers[name] else "FAIL")
-        note = notes.get(name, "")
-        timed("ce_fwd", name, loss_fn, fwd_flops, floors["fwd"], check=check, note=note)
+        if name != "recompute":  # (its forward is chunked's)
+            note = "no_grad" + (f"; {notes[name]}" if notes.get(name) else "")
+            timed("ce_fwd", name, no_grad(loss_fn), fwd_flops, floors["fwd"], check=check, note=note)
+        note = bwd_notes.get(name, "")
         timed("ce_fwd+bwd", name, grads(loss_fn), all_flops, floors["fwd+bwd"], check=check, note=note)
 
 
@@ -371,7 +415,8 @@ def table(rows: list[dict]) -> str:
 
 def bars(rows: list[dict], k_top: int) -> list[str]:
     """The issue's bars (informational), for each of our impls: forward <= 1.15x its floor,
-    forward + backward <= 1.25x, top-k k=50 <= 1.10x the k=0 forward."""
+    forward + backward <= 1.25x of three matmuls (chunked: the eager-gradient forward; with its
+    extra memory), top-k k=50 <= 1.10x the k=0 forward."""
 
     def find(op, provider, v, k=0):
         return next(
@@ -386,7 +431,11 @@ def bars(rows: list[dict], k_top: int) -> list[str]:
                 if r and r["ms"] and r["floor_ms"]:
                     x = r["ms"] / r["floor_ms"]
                     verdict = "PASS" if x <= limit else "FAIL"
-                    out.append(f"{verdict} bar V={v} {op} {impl} <= {limit}x floor: {x:.2f}x")
+                    what = f"{impl} (eager)" if impl == "chunked" and op == "ce_fwd+bwd" else impl
+                    line = f"{verdict} bar V={v} {op} {what} <= {limit}x floor: {x:.2f}x"
+                    if op == "ce_fwd+bwd" and r["extra_mem_bytes"] is not None:
+                        line += f", extra memory {r['extra_mem_bytes'] / 2**20:.0f} MiB"
+                    out.append(line)
             k0, kk = find("stats_fwd", impl, v), find("stats_fwd", impl, v, k_top)
             if k_top and k0 and kk and k0["ms"] and kk["ms"]:
                 x = kk["ms"] / k0["ms"]
@@ -396,8 +445,147 @@ def bars(rows: list[dict], k_top: int) -> list[str]:
     return out
 
 
+# ------------------------------------------------------------------------------------------------
+# (3) Tensor parallel: per-rank forward + backward in a process group (under torchrun)
+# ------------------------------------------------------------------------------------------------
+
+
+def _liger_tp_reason(device) -> str:
+    """Why Liger's tensor-parallel fused linear cross-entropy is not timed here."""
+    lt, reason = C.find_liger(device)
+    if lt is None:
+        return reason
+    found = [name for name in dir(lt) if "Parallel" in name and "Linear" in name]
+    if not found:
+        return "liger_kernel.transformers has no vocab-parallel fused linear cross-entropy here"
+    return f"found {found}, not wired into this benchmark (its tensor-parallel API is not checked here)"
+
+
+def tp_main(args) -> int:
+    """(3): every rank holds V_shard = shard_sizes(V, TP)[rank] rows of the head and runs
+    ``linear_cross_entropy`` forward + backward (gradients of hidden and its weight slice) in the
+    group. Checked against one process's unsplit computation on each rank; timed with a fixed
+    iteration count and CUDA events (``C.time_fixed``: the max over the ranks of each rank's
+    median), against the floor 3 x the rank's own matmul, plus the collectives measured alone:
+    the fp32 [N, H] all-reduce of grad_hidden, and the all-gathers of the partials (the eager
+    forward: one per block of rows)."""
+    import torch.distributed as dist
+
+    cuda = args.device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    n, h = args.n or (8192 if cuda else 64), args.h or (4096 if cuda else 48)
+    meta = C.run_meta(device, bench="linear_tp", world_size=world, preset="default")
+    run = Run(args, device, meta, f"bench_linear_tp{world}") if rank == 0 else None
+    say = C.log if rank == 0 else (lambda *a, **kw: None)
+    t0 = time.perf_counter()
+    say(f"== bench_linear --tp | TP={world} | {meta['gpu']} | torch {meta['torch']} | {meta['commit']}")
+    say(f"  skip liger (TP): {_liger_tp_reason(device)}")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    checks, bar_lines = [], []
+    for v in args.v or ([128256] if cuda else [257]):
+        _tp_shape(args, run, say, device, n, h, v, checks, bar_lines)
+        C.empty_cache(device)
+    failed = [c for c in checks if not c[1]]
+    if run is not None:
+        run.close()
+        lines = ["", f"== bench_linear --tp: TP={world} N={n} H={h} bf16 on {meta['gpu']} "
+                 f"({time.perf_counter() - t0:.0f} s)", table(run.rows), "", *bar_lines,
+                 f"checks: {len(checks) - len(failed)} PASS, {len(failed)} FAIL",
+                 "PASS all checks" if not failed else "FAIL", f"csv: {run.path}"]  # fmt: skip
+        C.write_report(lines, run.path)
+    dist.destroy_process_group()
+    return 1 if failed else 0
+
+
+def _tp_shape(args, run, say, device, n: int, h: int, v: int, checks: list, bar_lines: list) -> None:
+    """(3) at one vocabulary size: the checks (appended to ``checks``, the same on every rank),
+    the timings (rank 0's ``run`` rows) and the bar lines."""
+    import torch.distributed as dist
+
+    from shardsoftmax.nn import shard_sizes
+
+    group, rank, world = dist.group.WORLD, dist.get_rank(), dist.get_world_size()
+    cuda = C.is_cuda(device)
+    iters, warmup = args.iters or (10 if cuda else 2), 3 if cuda else 1
+    widths = shard_sizes(v, world)
+    cols = slice(sum(widths[:rank]), sum(widths[: rank + 1]))
+    hidden, weight, _, target = make_inputs(n, h, v, torch.bfloat16, device, seed=args.seed, ignore_frac=0.0,
+                                            scale=3.0)  # fmt: skip
+    w_shard = weight[cols].contiguous()
+    h_req, w_req = hidden.detach().requires_grad_(True), w_shard.detach().requires_grad_(True)
+
+    def fwd_bwd(impl):
+        loss = ss.linear_cross_entropy(h_req, w_req, target, process_group=group, impl=impl)
+        return (loss, *torch.autograd.grad(loss, (h_req, w_req)))
+
+    # the check: one process's unsplit computation (eager), on every rank
+    h1, w1 = hidden.detach().requires_grad_(True), weight.detach().requires_grad_(True)
+    loss1 = ss.linear_cross_entropy(h1, w1, target)
+    ref = (loss1.detach().float(), *torch.autograd.grad(loss1, (h1, w1)))
+    ok_impl = {}
+    for impl in ("chunked", "recompute"):
+        loss, g_h, g_w = fwd_bwd(impl)
+        e_loss = normwise(loss.detach().float(), ref[0])
+        e_g = max(normwise(g_h, ref[1]), normwise(g_w, ref[2][cols]))
+        ok = e_loss <= UNFUSED_LOSS_TOL and e_g <= 2 * GRAD_TOL
+        all_ok = torch.tensor([int(ok)], dtype=torch.int32, device=device)
+        dist.all_reduce(all_ok, op=dist.ReduceOp.MIN, group=group)
+        ok_impl[impl] = bool(all_ok.item())
+        what = f"TP={world} V={v} {impl} vs one process (every rank)"
+        detail = (
+            f"rank 0: loss {e_loss:.1e} (tol {UNFUSED_LOSS_TOL:g}), grads {e_g:.1e} (tol {2 * GRAD_TOL:g})"
+        )
+        checks.append((what, ok_impl[impl], detail))
+        say(f"  {'PASS' if ok_impl[impl] else 'FAIL'} {what}: {detail}")
+    del h1, w1, loss1, ref, loss, g_h, g_w, weight
+    C.empty_cache(device)
+
+    # floors: the rank's own matmul, the all-reduce of fp32 grad_hidden, one block's all-gather
+    def timed(fn) -> float:
+        return C.time_fixed(fn, device, iters=iters, warmup=warmup, group=group)
+
+    mm_ms = timed(lambda: hidden @ w_shard.T)
+    grad32 = torch.zeros(n, h, dtype=torch.float32, device=device)
+    ar_ms = timed(lambda: dist.all_reduce(grad32, group=group))
+    rows, blocks = ss_linear.eager_blocks(n)
+    send = torch.zeros(32 + 7 * rows, dtype=torch.int32, device=device)  # header + a block's stats
+    gathered = torch.empty(world * send.numel(), dtype=torch.int32, device=device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # (torch 2.12 name)
+    ag_ms = timed(lambda: gather(gathered, send, group=group))
+    for impl, n_gathers in (("chunked", len(blocks)), ("recompute", 1)):
+        try:
+            ms = timed(lambda impl=impl: fwd_bwd(impl))
+            mem = C.extra_peak_memory(lambda impl=impl: fwd_bwd(impl), device, (hidden, w_shard))
+        except C.OOM:
+            ms = mem = None
+        coll = ar_ms + n_gathers * ag_ms
+        floor = 3 * mm_ms + coll
+        note = (f"TP={world} V={v}: floor 3 x {mm_ms:.3f} ms matmul + {coll:.3f} ms collectives (all-reduce "
+                f"{ar_ms:.3f} ms, {n_gathers} all-gather(s) {ag_ms:.3f} ms each)")  # fmt: skip
+        if run is not None:
+            check = "PASS" if ok_impl[impl] else "FAIL"
+            flops = 6.0 * n * h * widths[0]  # rank 0's shard, the widest (times: the slowest rank's)
+            run.row("tp_fwd+bwd", impl, n, h, widths[0], 0, ms, flops, floor, mem, check, note)
+            say(f"    {note}")
+        if ms is not None:
+            x = (ms - coll) / (3 * mm_ms)
+            verdict = "PASS" if x <= 1.25 else "FAIL"
+            what = f"{impl} (eager)" if impl == "chunked" else impl
+            bar_lines.append(f"{verdict} bar TP={world} V={v} fwd+bwd {what} <= 1.25x 3 matmuls + "
+                             f"collectives: {x:.2f}x ({ms:.3f} ms, floor {floor:.3f} ms)")  # fmt: skip
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.tp:
+        return tp_main(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = C.is_cuda(device)
     meta = C.run_meta(device, bench="linear", world_size=1, preset="default")
@@ -415,13 +603,14 @@ def main(argv=None) -> int:
     if not args.skip_checks:
         C.log("(1) checks, bf16 inputs: chunked vs bf16 torch matmul, fused vs float32 + the unfused API")
         smooth = {"label_smoothing": 0.1, "z_loss": 1e-4, "softcap": 30.0}
-        shapes = [  # (N, H, V_shard, bias, vocab_size, options, chunk columns of the chunked path)
-            (1000, 1000, 5003, True, 5000, smooth, 1024),  # 5 chunks, the last with 904 real columns
-            (4096, 4096, 32064, False, None, {}, None),  # the default: 2 chunks, 16384 + 15680
-            (3, 512, 1000, True, None, {"temperature": 0.7}, None),
+        shapes = [  # (N, H, V_shard, bias, vocab_size, options, chunk columns, eager rows per block)
+            # 5 chunks, the last with 904 real columns; 3 eager blocks of 334 rows, the last padded
+            (1000, 1000, 5003, True, 5000, smooth, 1024, 384),
+            (4096, 4096, 32064, False, None, {}, None, None),  # the defaults: 2 chunks, 2 blocks
+            (3, 512, 1000, True, None, {"temperature": 0.7}, None, None),
         ]
-        if not cuda:
-            shapes = [(37, 40, 101, True, 99, smooth, 32)]  # 4 chunks, the last with 3 real columns
+        if not cuda:  # 4 chunks, the last with 3 real columns; 3 blocks of 13 rows, the last padded
+            shapes = [(37, 40, 101, True, 99, smooth, 32, 13)]
         from shardsoftmax.kernels import linear as kernels_linear
 
         tune, kernels_linear.AUTOTUNE = kernels_linear.AUTOTUNE, False  # fewer compiles: first configs
@@ -431,12 +620,8 @@ def main(argv=None) -> int:
             kernels_linear.AUTOTUNE = tune
         C.log(f"   checks took {time.perf_counter() - t0:.0f} s")
         if cuda:
-            how = (
-                "addmm(fp32 C, out_dtype=fp32)"
-                if ss_linear._addmm_out_dtype[0]
-                else "mm(out_dtype=fp32) + add"
-            )
-            C.log(f"   chunked backward sums grad_hidden over chunks with {how}")
+            how = ss_linear.ADDMM_WAYS[ss_linear._addmm_way[0]]
+            C.log(f"   fp32 accumulators (recompute's grad_hidden, eager grad_weight) summed with {how}")
     C.log(f"(2) timings: N={n} H={h} bf16, floors from the bf16 matmul rate of this run")
     peers = _peers(args.no_peers)
     for v in vs:

@@ -9,13 +9,14 @@
 #     bash benchmarks/gpu_session.sh [steps...]   # steps: install tests bench dist2 dist4 plot summary
 #                                                 # (default: all of them); optional: host selftest
 #                                                 # linear (the fused LM head, bench_linear.py)
+#                                                 # linear_tp (bench_linear.py --tp on 2 and 4 GPUs)
 #                                                 # nccl (the NCCL pytest tier, 2 and 4 GPUs)
 #                                                 # profile (profile_group.py on 2 and 4 GPUs)
 #                                                 # ray (Ray's NCCL job test and bench_ray.py;
 #                                                 # needs the wheels of .whl/ carried)
 #
 # Limits (seconds, environment): TEST_LIMIT=80 BENCH_LIMIT=210 DIST2_LIMIT=70 DIST4_LIMIT=120;
-# LINEAR_LIMIT=300 NCCL_LIMIT=200 RAY_LIMIT=300 PROFILE_LIMIT=60 (opt-in steps); RAY_TEST=0 skips
+# LINEAR_LIMIT=300 LINEAR_TP_LIMIT=150 NCCL_LIMIT=200 RAY_LIMIT=300 PROFILE_LIMIT=60 (opt-in steps); RAY_TEST=0 skips
 # Ray's NCCL job test, RAY_BATCHES sets bench_ray's timed batches (default 30).
 # The device tool returns at most 8 files from $OUT: with many steps, the last logs may not come
 # back (their tails are printed by each step).
@@ -72,6 +73,13 @@ if has host; then
 fi
 if has linear; then
     step bench_linear "${LINEAR_LIMIT:-300}" python -P benchmarks/bench_linear.py --out "$OUT"
+fi
+if has linear_tp; then
+    for n in 2 4; do
+        [ "$NGPU" -ge "$n" ] || continue
+        step "bench_linear_tp$n" "${LINEAR_TP_LIMIT:-150}" python -P -m torch.distributed.run --standalone \
+            --nproc-per-node "$n" benchmarks/bench_linear.py --tp --out "$OUT"
+    done
 fi
 run_dist() {  # run_dist NAME NPROC LIMIT ARGS...
     local name=$1 nproc=$2 limit=$3

@@ -347,9 +347,11 @@ def linear_softmax_stats(
     ``impl``: ``"chunked"`` (default) computes the logits one vocabulary chunk at a time with
     ``torch.mm`` (cuBLAS on CUDA) in the inputs' dtype, rounded to it as ``F.linear`` rounds them,
     and runs the partials kernel on each chunk; one chunk (at most ``linear.CHUNK_BYTES``, 128 MiB)
-    exists at a time. ``"fused"``: the Triton kernels of ``kernels/linear.py``, which accumulate
-    the logits in fp32 and never round them (k = 0 writes none; k > 0 writes fp32 logits of a
-    chunk of rows, at most 256 MiB, at a time). Both give the same results up to that rounding."""
+    exists at a time. ``"recompute"``: the same here (it differs from "chunked" only in the
+    loss's backward, see ``linear_cross_entropy``). ``"fused"``: the Triton kernels of
+    ``kernels/linear.py``, which accumulate the logits in fp32 and never round them (k = 0 writes
+    none; k > 0 writes fp32 logits of a chunk of rows, at most 256 MiB, at a time). All give the
+    same results up to that rounding."""
     call = ShardCall("linear_stats", k, temperature, softcap, ignore_index, vocab_size, vocab_start)
 
     def checks():
@@ -395,15 +397,31 @@ def linear_cross_entropy(
 
     Shapes, dtypes and options as ``linear_softmax_stats`` and ``cross_entropy`` (reductions,
     ignored tokens, label smoothing over the true vocabulary, z-loss); the loss is float32
-    (float64 for float64 inputs). Forward: one collective in a group. Backward recomputes the
-    logits from hidden and weight with the saved per-row lse (no [N, V_shard] buffer is saved);
-    weight and bias get this shard's gradient (padding rows: 0). ``hidden`` gets this shard's
-    contribution, summed over the group by one all-reduce (in fp32) when ``reduce_hidden_grad``
-    (the column-parallel rule, for hidden states replicated on every rank); pass False to reduce
-    it yourself. ``impl`` as ``linear_softmax_stats``; ``"chunked"`` recomputes one vocabulary
-    chunk of logits at a time, turns it into dloss/dlogits in place (inputs' dtype, as the
-    unfused backward) and takes the three gradients from it with cuBLAS (hidden's summed over
-    the chunks in fp32)."""
+    (float64 for float64 inputs). Weight and bias get this shard's gradient (padding rows: 0).
+    ``hidden`` gets this shard's contribution, summed over the group by one all-reduce (in fp32)
+    when ``reduce_hidden_grad`` (the column-parallel rule, for hidden states replicated on every
+    rank; the only collective in backward); pass False to reduce it yourself.
+
+    ``impl`` (each turns a block of logits into dloss/dlogits in place, in the inputs' dtype as
+    the unfused backward, and takes the gradients from it with cuBLAS):
+
+    * ``"chunked"`` (default): with gradients enabled, an input that requires them and reduction
+      "mean" or "sum", the forward computes the three gradients itself (eager gradients): blocks
+      of ``linear.EAGER_ROWS`` = 2048 rows, each block's logits over the whole shard -> its global
+      partials (one all-gather per block in a group, all the same size) -> loss and gradient of
+      the block -> ``grad_hidden`` rows (fp32), ``grad_weight`` and ``grad_bias`` accumulated in
+      fp32 over the blocks. 3 GEMMs, the matmul floor of forward + backward; backward multiplies
+      the saved gradients by grad_output and rounds them once to the inputs' dtype. Memory until
+      backward: one block of logits (rows x V_shard in the inputs' dtype, 512 MiB at V_shard =
+      128256 bf16, during forward), fp32 grad_weight [V_shard, H] (2 GiB at H = 4096) and fp32
+      grad_hidden [N, H]. A forward with gradients enabled and no backward wastes two GEMMs:
+      evaluate under ``torch.no_grad()``. Otherwise (no gradients, reduction "none") as
+      ``"recompute"``'s forward.
+    * ``"recompute"``: forward as ``linear_softmax_stats`` (vocabulary chunks, nothing of size
+      N x V_shard saved: backward reads hidden, weight and the per-row lse); backward recomputes
+      each chunk's logits. 4 GEMMs, the least memory (one chunk of at most 128 MiB and fp32
+      grad_hidden).
+    * ``"fused"``: the Triton kernels, forward and backward (recomputing, fp32 logits)."""
     call = ShardCall(
         "linear_cross_entropy", 0, temperature, softcap, ignore_index, vocab_size, vocab_start,
         label_smoothing, z_loss,

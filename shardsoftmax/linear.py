@@ -1,32 +1,42 @@
 """Math layer of the LM head: the partials of ``hidden @ weight^T (+ bias)`` without storing the
 [N, V_shard] logits, through the same pieces -> finalize path as every other op
-(``ops.global_pieces``), and the cross-entropy autograd Function whose backward recomputes the
-logits from hidden and weight. Two implementations (``impl``), the same results up to the
-rounding of the matmul:
+(``ops.global_pieces``), and the cross-entropy autograd Function. Three implementations
+(``impl``), the same results up to the rounding of the matmul:
 
-* ``"chunked"`` (the default): the shard's vocabulary in chunks of ``chunk_cols`` columns (one
-  chunk of logits in the inputs' dtype, at most ``CHUNK_BYTES``, exists at a time). Forward, per
-  chunk: ``logits_j = hidden @ W_j^T (+ b_j)`` with ``torch.mm`` / ``torch.addmm`` (cuBLAS on
-  CUDA), then the shard partials (``backend.shard_pieces``) of that chunk, with its vocabulary
-  offset and its count of real columns, so target logits, counts and global top-k ids are exact;
-  the chunks' pieces are concatenated along the split axis and merged by finalize (or by the
-  collective, which merges a rank's own pieces first) with the one merge of ``partials``. The
-  logits are rounded to the inputs' dtype, as ``F.linear`` + the unfused API rounds them.
-  Backward, per chunk: recompute ``logits_j``, overwrite it with dloss/dlogits_j
+* ``"chunked"`` (the default). Forward without gradients (``linear_softmax_stats``, the loss under
+  ``torch.no_grad()`` or with reduction "none"): the shard's vocabulary in chunks of
+  ``chunk_cols`` columns (one chunk of logits in the inputs' dtype, at most ``CHUNK_BYTES``,
+  exists at a time). Per chunk: ``logits_j = hidden @ W_j^T (+ b_j)`` with ``torch.mm`` /
+  ``torch.addmm`` (cuBLAS on CUDA), then the shard partials (``backend.shard_pieces``) of that
+  chunk, with its vocabulary offset and its count of real columns, so target logits, counts and
+  global top-k ids are exact; the chunks' pieces are concatenated along the split axis and merged
+  by finalize (or by the collective, which merges a rank's own pieces first) with the one merge of
+  ``partials``. The logits are rounded to the inputs' dtype, as ``F.linear`` + the unfused API
+  rounds them. The reduced loss ("mean" / "sum") with gradients: the *eager-gradient* forward
+  (``eager_linear_cross_entropy``): blocks of ``EAGER_ROWS`` rows over the whole shard, each
+  block's logits -> its global partials (one collective per block in a group) -> its loss and,
+  in the same buffer, dloss/dlogits -> its contribution to the three gradients. 3 GEMMs in all
+  (the three-matmul floor); backward only scales the saved gradients by grad_output.
+* ``"recompute"``: the chunked forward above, and a backward that recomputes the logits, per
+  chunk: ``logits_j`` again, overwritten with dloss/dlogits_j
   (``backend.shard_cross_entropy_backward`` with ``out=`` the chunk), then ``grad_W_j = G_j^T @
   hidden`` (complete for those rows: no accumulation across chunks), ``grad_b_j = sum_rows G_j``
   (summed in fp32) and ``grad_hidden += G_j @ W_j`` in an fp32 accumulator (see
-  ``_matmul_accumulate``). Only the real columns are computed (padding rows' gradients are 0).
+  ``_matmul_accumulate``). 4 GEMMs, the least memory (one chunk + fp32 grad_hidden). Only the
+  real columns are computed (padding rows' gradients are 0).
 * ``"fused"``: the Triton kernels of ``kernels/linear.py`` (``tl.dot`` tiles straight into the
   partials, fp32 logits never rounded; backward with Triton GEMMs).
 
-Forward: one collective (the all-gather of the partials), as ``cross_entropy``. Backward: the
-gradients of weight and bias are this shard's own; the gradient of the (replicated) hidden states
-is this shard's partial sum, all-reduced over the group when ``reduce_hidden_grad`` (the
-column-parallel rule; the only collective in backward).
+Forward: one collective (the all-gather of the partials), as ``cross_entropy``; the eager
+forward: one per block of rows, all of the same size. Backward: the gradients of weight and bias
+are this shard's own; the gradient of the (replicated) hidden states is this shard's partial
+sum, all-reduced over the group when ``reduce_hidden_grad`` (the column-parallel rule; the only
+collective in backward).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -36,17 +46,25 @@ from .collective import Layout
 from .ops import ShardCall, ShardShape, finalize_loss, global_pieces, grad_kwargs, shard_kwargs
 from .partials import Pieces, identity, pack
 
-IMPLS = ("chunked", "fused")
+IMPLS = ("chunked", "recompute", "fused")
 # One chunk of logits (and, in backward, of their gradient, in the same memory) in the inputs'
 # dtype: N = 8192 rows of bf16 give chunks of 8192 columns. Larger chunks mean fewer, larger
 # GEMMs and fewer passes over the fp32 grad_hidden accumulator, at this much extra memory.
 CHUNK_BYTES = 128 << 20
 CHUNK_ALIGN = 256  # chunk widths above this are multiples of it (GEMM and partials tiles)
+# Rows per block of the eager-gradient forward (see ``eager_blocks``). Each block's grad_weight
+# GEMM reads and writes the fp32 [V_shard, H] accumulator (8 V H bytes) for 2 rows V H FLOPs: 2048
+# rows give 512 FLOP per byte of it, above an H100 / H200's ~200-300 (bf16 matmul rate over
+# memory bandwidth), so that GEMM stays compute-bound.
+EAGER_ROWS = 2048
 # torch >= 2.8 on CUDA: fp16/bf16 GEMMs with an fp32 output (cuBLAS accumulates in fp32 anyway).
 _HAS_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
-# addmm with an fp32 C and fp16/bf16 A, B: later torch versions accept it; earlier ones with
-# out_dtype insist that C has A's dtype. Set to False by the first call that raises.
-_addmm_out_dtype = [hasattr(torch.ops.aten.addmm, "dtype")]
+# How ``_matmul_accumulate`` adds an fp16/bf16 product to an fp32 C on CUDA: the first of these
+# that torch accepts (later torch versions take an fp32 C with out_dtype, earlier ones insist that
+# C has A's dtype); the index moves on at the first call that raises.
+ADDMM_WAYS = ("addmm in place (fp32 C, out_dtype=fp32, out=C)", "addmm (fp32 C, out_dtype=fp32)",
+              "mm(out_dtype=fp32) + add")  # fmt: skip
+_addmm_way = [0 if hasattr(torch.ops.aten.addmm, "dtype") else 2]
 
 
 def chunk_cols(n_rows: int, itemsize: int) -> int:
@@ -125,14 +143,15 @@ def chunked_linear_pieces(
 
 
 def _matmul_accumulate(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, acc_dtype) -> torch.Tensor:
-    """``acc + a @ b`` (``a @ b`` when acc is None) in ``acc_dtype`` (fp32, fp64 for fp64 inputs).
+    """``acc + a @ b`` (``a @ b`` when acc is None) in ``acc_dtype`` (fp32, fp64 for fp64 inputs),
+    in ``acc``'s memory where possible.
 
     Precision: fp16/bf16 inputs on CUDA take cuBLAS's fp32 output (``out_dtype``, torch >= 2.8):
-    each chunk's product is accumulated in fp32 and never rounded, so grad_hidden is rounded once,
-    at the end, as a single GEMM over the whole shard would round it. The sum is cuBLAS's own
-    ``C + A @ B`` (fp32 C read in the epilogue) where torch accepts an fp32 C, else a separate
-    fp32 add. Without ``out_dtype`` on CUDA, each chunk's product is rounded to the inputs' dtype
-    before the fp32 sum (one more rounding per chunk). Off CUDA the inputs are upcast (exact
+    each product is accumulated in fp32 and never rounded, so the sum is rounded once, at the end,
+    as a single GEMM over everything would round it. The sum is cuBLAS's own ``C + A @ B`` (fp32 C
+    read in the epilogue, written in place) where torch accepts an fp32 C (``ADDMM_WAYS``), else a
+    separate fp32 add. Without ``out_dtype`` on CUDA, each product is rounded to the inputs' dtype
+    before the fp32 sum (one more rounding per product). Off CUDA the inputs are upcast (exact
     products; slow, for tests and the CPU)."""
     if a.dtype == acc_dtype:
         return torch.mm(a, b) if acc is None else acc.addmm_(a, b)
@@ -144,13 +163,15 @@ def _matmul_accumulate(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tenso
         return prod if acc is None else acc.add_(prod)
     if acc is None:
         return torch.mm(a, b, out_dtype=acc_dtype)
-    if _addmm_out_dtype[0]:
+    while _addmm_way[0] < 2:
         try:
+            if _addmm_way[0] == 0:
+                return torch.addmm(acc, a, b, out_dtype=acc_dtype, out=acc)
             return torch.addmm(acc, a, b, out_dtype=acc_dtype)
         except torch.OutOfMemoryError:
             raise
-        except RuntimeError:  # raised by the argument check, before any launch
-            _addmm_out_dtype[0] = False
+        except (RuntimeError, TypeError):  # raised by the argument check, before any launch
+            _addmm_way[0] += 1
     return acc.add_(torch.mm(a, b, out_dtype=acc_dtype))
 
 
@@ -219,9 +240,9 @@ def linear_global_pieces(
 
     def pieces(layout: Layout) -> Pieces:
         kw = shard_kwargs(call, layout)
-        if impl == "chunked":
-            return chunked_linear_pieces(hidden2d, weight, bias, target1d, **kw)
-        return backend.linear_pieces(hidden2d, weight, bias, target1d, **kw)
+        if impl == "fused":
+            return backend.linear_pieces(hidden2d, weight, bias, target1d, **kw)
+        return chunked_linear_pieces(hidden2d, weight, bias, target1d, **kw)
 
     shape = ShardShape((hidden2d.shape[0], weight.shape[0]), hidden2d.dtype, hidden2d.device)
     return global_pieces(shape, target1d, call, process_group, pieces_fn=pieces)
@@ -236,46 +257,205 @@ def linear_cross_entropy_forward(
     return loss, lse_bwd, layout
 
 
+# ------------------------------------------------------------------------------------------------
+# The eager-gradient forward: loss and the three gradients in one pass of 3 GEMMs
+# ------------------------------------------------------------------------------------------------
+
+
+def eager_blocks(n_rows: int) -> tuple[int, list[tuple[int, int]]]:
+    """``(rows, [(r0, r1), ...])``: the eager forward's blocks of rows, ``ceil(N / EAGER_ROWS)`` of
+    them, balanced (``rows = ceil(N / n_blocks)``; the last may be shorter and is then padded to
+    ``rows``). The size depends on N alone, so it is the same on every rank of a group (each block
+    is one exchange, whose header holds its row count; V_shard differs between ranks when the
+    shards are uneven and must not enter it)."""
+    if n_rows == 0:
+        return 0, []
+    n_blocks = -(-n_rows // EAGER_ROWS)
+    rows = -(-n_rows // n_blocks)
+    return rows, [(r0, min(n_rows, r0 + rows)) for r0 in range(0, n_rows, rows)]
+
+
+class EagerGrads(NamedTuple):
+    """What the eager forward leaves for backward, not yet scaled by grad_output, in the compute
+    dtype (fp32; fp64 for fp64 inputs); None where not needed."""
+
+    hidden: torch.Tensor | None  # [N, H], this shard's share (before the all-reduce)
+    weight: torch.Tensor | None  # [n_valid_cols, H]: the real rows only (padding rows get 0)
+    bias: torch.Tensor | None  # [n_valid_cols]
+
+
+def eager_linear_cross_entropy(
+    hidden2d: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target1d: torch.Tensor,
+    call: ShardCall,
+    reduction: str,
+    process_group,
+    *,
+    need_hidden_grad: bool,
+    need_weight_grad: bool,
+    need_bias_grad: bool,
+) -> tuple[torch.Tensor, EagerGrads]:
+    """The reduced loss ("mean" or "sum") and its gradients w.r.t. hidden, weight and bias, by the
+    blocks of ``eager_blocks``: 3 GEMMs in all, the logits of one block at a time.
+
+    Per block (r0, r1), padded to ``rows``: ``logits = hidden[r0:r1] @ W[:nv]^T (+ b[:nv])`` in the
+    inputs' dtype (only the ``nv`` real columns of the layout), its partials, the global pieces
+    (one collective in a group, every block with the same header, so the group stays on its
+    steady-state path), the block's loss sum and lse, then dloss/dlogits in place
+    (``backend.shard_cross_entropy_backward``, scaled by 1 for "sum", 1 / (valid targets over all
+    N) for "mean", so each row's gradient is rounded to the inputs' dtype as in the recomputing
+    backward), and from it ``grad_hidden[r0:r1] = G @ W[:nv]`` (fp32 out), ``grad_W += G^T @
+    hidden[r0:r1]`` (fp32 accumulator, see ``_matmul_accumulate``) and ``grad_b += sum_rows G``
+    (fp32). Padding rows of the last block have logits 0 and target ``ignore_index``: no loss, no
+    gradient, and they enter no GEMM. A shard with no real column contributes the identity
+    pieces and zero gradients. The loss is the sum of the blocks' sums (divided by the number of
+    valid targets for "mean": NaN when there is none, as the other paths). No host sync.
+
+    Memory beyond the inputs: one [rows, nv] block of logits in the inputs' dtype (501 MiB at
+    rows = 2048, nv = 128256, bf16; freed on return), the fp32 grad_weight accumulator [nv, H]
+    (2.0 GiB at H = 4096) and the fp32 grad_hidden [N, H] (128 MiB at N = 8192); the last two
+    are what backward scales and rounds (kept in fp32 until then: rounding them here and scaling
+    them again in backward would round twice and read and write grad_weight once more)."""
+    n_rows, n_cols = hidden2d.shape[0], weight.shape[0]
+    device = hidden2d.device
+    acc_dtype = reference.compute_dtype(hidden2d.dtype)
+    need_bias_grad = need_bias_grad and bias is not None
+    rows, blocks = eager_blocks(n_rows)
+    one = torch.ones((), dtype=acc_dtype, device=device)
+    n_valid = (target1d != call.ignore_index).sum() if reduction == "mean" else None
+    # the reduction's scale, on the device (inf when no target is valid: every row is ignored then)
+    scale = one / n_valid if n_valid is not None else one
+    grad_hidden = torch.empty(hidden2d.shape, dtype=acc_dtype, device=device) if need_hidden_grad else None
+    grad_weight = grad_bias = None
+    shape = ShardShape((rows, n_cols), hidden2d.dtype, device)
+    state: dict = {}  # the logits buffer: its width (the layout's real columns) is known in pieces_fn
+    total = None
+    for r0, r1 in blocks:
+        n = r1 - r0
+        h_b = hidden2d[r0:r1]
+        t_b = target1d[r0:r1]
+        if n < rows:  # the last block: padded with ignored rows (same header as the others)
+            t_b = torch.cat([t_b, t_b.new_full((rows - n,), call.ignore_index)])
+
+        def pieces(layout: Layout, h_b=h_b, t_b=t_b, n=n) -> Pieces:
+            nv = layout.n_valid_cols
+            if nv == 0:  # no real column in this shard: the monoid's identity
+                return pack(identity(rows, 0, dtype=acc_dtype, device=device))
+            if "buf" not in state:
+                state["buf"] = torch.empty(rows * nv, dtype=hidden2d.dtype, device=device)
+            logits = state["buf"].view(rows, nv)
+            _logits_chunk(h_b, weight, bias, 0, nv, state["buf"])  # rows [0, n) of ``logits``
+            if n < rows:
+                logits[n:].zero_()
+            state["logits"] = logits
+            return backend.shard_pieces(logits, t_b, **shard_kwargs(call, layout))
+
+        block_pieces, layout = global_pieces(shape, t_b, call, process_group, pieces_fn=pieces)
+        loss_b, lse_bwd = finalize_loss(hidden2d, block_pieces, t_b, call, "sum")
+        total = loss_b if total is None else total + loss_b
+        nv = layout.n_valid_cols
+        if nv == 0:
+            continue
+        logits = state["logits"]
+        g = backend.shard_cross_entropy_backward(
+            logits, t_b, lse_bwd, scale, **grad_kwargs(call, layout), out=logits
+        )[:n]
+        if need_hidden_grad:
+            grad_hidden[r0:r1] = _matmul_accumulate(None, g, weight[:nv], acc_dtype)
+        if need_weight_grad:
+            grad_weight = _matmul_accumulate(grad_weight, g.t(), h_b, acc_dtype)
+        if need_bias_grad:
+            part = g.sum(dim=0, dtype=acc_dtype)
+            grad_bias = part if grad_bias is None else grad_bias.add_(part)
+    state.clear()
+    if layout.n_valid_cols == 0 and grad_hidden is not None:  # (the same layout for every block)
+        grad_hidden.zero_()
+    loss = total / n_valid if n_valid is not None else total
+    return loss, EagerGrads(grad_hidden, grad_weight, grad_bias)
+
+
+def _scaled_rows(acc: torch.Tensor | None, grad_out: torch.Tensor, shape, dtype) -> torch.Tensor:
+    """``acc * grad_out`` rounded once to ``dtype``, in a new tensor of ``shape`` whose rows past
+    ``acc``'s (the padding rows) are 0; all 0 when ``acc`` is None (no real column)."""
+    out = torch.empty(shape, dtype=dtype, device=grad_out.device)
+    nv = 0 if acc is None else acc.shape[0]
+    if nv:
+        torch.mul(acc, grad_out, out=out[:nv])
+    if nv < out.shape[0]:
+        out[nv:].zero_()
+    return out
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """The reduced cross-entropy of the logit shard ``hidden @ weight^T (+ bias)``. Saves hidden,
-    weight, bias (no copies), the targets and ``lse_bwd`` ([N + 1]: per-row lse, then the
-    reduction's scale); no logits."""
+    """The reduced cross-entropy of the logit shard ``hidden @ weight^T (+ bias)``.
+
+    Eager (``impl="chunked"``, reduction "mean" or "sum", N > 0): forward is
+    ``eager_linear_cross_entropy`` and saves the gradients it computed (fp32, unscaled); backward
+    multiplies them by grad_output (out of place, so a retained graph can run backward again) and
+    rounds them once to the inputs' dtype. Otherwise (``"recompute"``, ``"fused"``, reduction
+    "none"): saves hidden, weight, bias (no copies), the targets and ``lse_bwd`` ([N + 1]: per-row
+    lse, then the reduction's scale), no logits, and backward recomputes the logits. Either way
+    hidden's gradient is all-reduced over the group in fp32 when ``reduce_hidden_grad``."""
 
     @staticmethod
     def forward(
         ctx, hidden2d, weight, bias, target1d, call: ShardCall, reduction: str, process_group,
         reduce_hidden_grad, impl,
     ):  # fmt: skip
+        ctx.process_group, ctx.reduce_hidden_grad = process_group, reduce_hidden_grad
+        ctx.eager = impl == "chunked" and reduction in ("mean", "sum") and hidden2d.shape[0] > 0
+        if ctx.eager:
+            need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+            loss, grads = eager_linear_cross_entropy(
+                hidden2d, weight, bias, target1d, call, reduction, process_group,
+                need_hidden_grad=need_hidden, need_weight_grad=need_weight, need_bias_grad=need_bias,
+            )  # fmt: skip
+            # saved tensors (not attributes): freed after backward unless the graph is retained
+            ctx.save_for_backward(*grads)
+            ctx.hidden_dtype = hidden2d.dtype
+            ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
+            return loss
         loss, lse_bwd, layout = linear_cross_entropy_forward(
             hidden2d, weight, bias, target1d, call, reduction, process_group, impl
         )
         ctx.save_for_backward(hidden2d, weight, bias, target1d, lse_bwd)
         ctx.call, ctx.layout, ctx.impl = call, layout, impl
-        ctx.process_group, ctx.reduce_hidden_grad = process_group, reduce_hidden_grad
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden2d, weight, bias, target1d, lse_bwd = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_fn = chunked_linear_backward if ctx.impl == "chunked" else backend.linear_cross_entropy_backward
-        grad_hidden, grad_weight, grad_bias = grad_fn(
-            hidden2d,
-            weight,
-            bias,
-            target1d,
-            lse_bwd,
-            grad_out,
-            **grad_kwargs(ctx.call, ctx.layout),
-            need_hidden_grad=need_hidden,
-            need_weight_grad=need_weight,
-            need_bias_grad=need_bias,
-        )
+        if ctx.eager:
+            grad_hidden, acc_weight, acc_bias = ctx.saved_tensors
+            hidden_dtype, shape, dtype = ctx.hidden_dtype, ctx.weight_shape, ctx.weight_dtype
+            if grad_hidden is not None:
+                grad_hidden = grad_hidden * grad_out  # fp32, a new tensor (the saved one stays)
+            grad_weight = _scaled_rows(acc_weight, grad_out, shape, dtype) if need_weight else None
+            grad_bias = _scaled_rows(acc_bias, grad_out, shape[:1], dtype) if need_bias else None
+        else:
+            hidden2d, weight, bias, target1d, lse_bwd = ctx.saved_tensors
+            hidden_dtype = hidden2d.dtype
+            fused = ctx.impl == "fused"
+            grad_fn = backend.linear_cross_entropy_backward if fused else chunked_linear_backward
+            grad_hidden, grad_weight, grad_bias = grad_fn(
+                hidden2d,
+                weight,
+                bias,
+                target1d,
+                lse_bwd,
+                grad_out,
+                **grad_kwargs(ctx.call, ctx.layout),
+                need_hidden_grad=need_hidden,
+                need_weight_grad=need_weight,
+                need_bias_grad=need_bias,
+            )
         if grad_hidden is not None:
             group = ctx.process_group
             if ctx.reduce_hidden_grad and group is not None and dist.get_world_size(group) > 1:
                 dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=group)  # in fp32
-            grad_hidden = grad_hidden.to(hidden2d.dtype)
+            grad_hidden = grad_hidden.to(hidden_dtype)
         return (
             grad_hidden,
             grad_weight if need_weight else None,

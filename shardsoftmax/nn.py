@@ -154,16 +154,18 @@ class VocabParallelLMHead(nn.Module):
     ``temperature``, ``softcap``) are those of ``shardsoftmax.cross_entropy``.
 
     ``fused``: compute the loss and statistics with ``linear_cross_entropy`` /
-    ``linear_softmax_stats`` (their default ``impl="chunked"``: cuBLAS logits of one vocabulary
-    chunk of at most ``shardsoftmax.linear.CHUNK_BYTES`` = 128 MiB at a time, each handed to the
-    shard kernels; backward recomputes each chunk) instead of ``F.linear`` + ``cross_entropy`` /
-    ``softmax_stats``, which store the whole [N, V_shard] logits (and, in training, their
-    gradient). The price of the memory is one more matmul in training (the recomputation in
-    backward); the forward does the same work as the unfused path, one chunk at a time. Off by
-    default until the chunked path is measured on a GPU (docs/performance.md; the Triton
-    kernels, ``impl="fused"``, measured slower than the unfused path on an H200). Both paths
-    round the logits to the weight's dtype as ``F.linear`` does and give the same results up to
-    the matmul's summation order, with the same collectives and the same gradients.
+    ``linear_softmax_stats`` (their default ``impl="chunked"``) instead of ``F.linear`` +
+    ``cross_entropy`` / ``softmax_stats``, which store the whole [N, V_shard] logits (and, in
+    training, their gradient). Statistics and evaluation (``torch.no_grad()``): cuBLAS logits of
+    one vocabulary chunk of at most ``shardsoftmax.linear.CHUNK_BYTES`` = 128 MiB at a time, each
+    handed to the shard kernels. Training with reduction "mean" or "sum": the eager-gradient
+    forward (blocks of 2048 rows; the three gradients computed in forward, 3 GEMMs as the unfused
+    path; one all-gather per block in a group; memory: one block of logits and the fp32
+    grad_weight accumulator, see ``linear_cross_entropy``); with reduction "none", backward
+    recomputes each chunk (one more GEMM). Off by default until measured on a GPU
+    (docs/performance.md; the Triton kernels, ``impl="fused"``, measured slower than the unfused
+    path on an H200). Both paths round the logits to the weight's dtype as ``F.linear`` does and
+    give the same results up to the matmul's summation order, with the same gradients.
 
     ``forward(hidden, target=None, *, k=0, return_stats=False)``:
 

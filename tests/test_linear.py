@@ -115,12 +115,14 @@ def three_chunks(case: Case) -> int:
 
 
 def use_impl(monkeypatch, impl: str, n_rows: int, dtype: torch.dtype, cols: int) -> dict:
-    """The keyword that selects ``impl``; for "chunked", chunks of ``cols`` columns (CHUNK_BYTES of
-    n_rows x cols logits of ``dtype``)."""
-    if impl == "chunked":
+    """The keyword that selects ``impl``; for "chunked" and "recompute", chunks of ``cols`` columns
+    (CHUNK_BYTES of n_rows x cols logits of ``dtype``) and, for the eager forward of "chunked",
+    blocks of ceil(n_rows / 3) rows (3 blocks for n_rows > 3, the last one padded when shorter)."""
+    if impl in ("chunked", "recompute"):
         itemsize = torch.empty((), dtype=dtype).element_size()
         monkeypatch.setattr(L, "CHUNK_BYTES", n_rows * cols * itemsize)
         assert L.chunk_cols(n_rows, itemsize) == cols
+        monkeypatch.setattr(L, "EAGER_ROWS", max(1, -(-n_rows // 3)))
     return {"impl": impl}
 
 
@@ -214,6 +216,32 @@ CE_CASES = [
 ]  # fmt: skip
 
 
+def assert_like_oracle(case: Case, inputs, target, reduction: str, up, loss, got: dict, what: str) -> None:
+    """``loss`` and the gradients ``got`` ({"hidden", "weight", "bias"}: tensor or None) of the
+    case's ``inputs`` (hidden, weight, bias) against the float64 oracle, within 4x the error of
+    PyTorch's unfused path in the inputs' dtype (see the module docstring), for the gradient
+    ``up`` of the loss."""
+    tl = local_target(case, target)
+    results = {}
+    for dt in (torch.float64, DTYPES[case.dtype]):  # the truth, and PyTorch's unfused path
+        leaves = [x.detach().clone().requires_grad_(True) if x is not None else None for x in inputs]
+        x = oracle_logits(case, *leaves, dtype=dt)
+        ref_loss = R.oracle_cross_entropy(x, tl, reduction=reduction, **case.opts)
+        ref_loss.backward(up.to(ref_loss.dtype))
+        results[dt] = (
+            ref_loss.detach(),
+            dict(zip(("hidden", "weight", "bias"), [None if v is None else v.grad for v in leaves])),
+        )
+    (loss64, g64), (loss_low, g_low) = results[torch.float64], results[DTYPES[case.dtype]]
+    assert_like_torch(loss.detach(), loss64, loss_low, loss64.abs() + 1, what=f"{case.name} {what} loss")
+    for name in ("hidden", "weight", "bias"):
+        if got[name] is None:
+            assert inputs[2] is None and name == "bias"
+            continue
+        mine, ref, base = got[name].cpu(), g64[name], g_low[name]
+        assert_grad_like_torch(mine, ref, base, f"{case.name} {what} grad {name}")
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("case", CE_CASES, ids=lambda c: c.name)
@@ -236,27 +264,7 @@ def test_linear_cross_entropy_and_grads_match_oracle(core_tier, case, reduction,
     got = {"hidden": h.grad, "weight": w.grad, "bias": None if b is None else b.grad}
     assert got["hidden"].dtype == hidden.dtype and got["weight"].dtype == weight.dtype
 
-    tl = local_target(case, target)
-    results = {}
-    for dt in (torch.float64, DTYPES[case.dtype]):  # the truth, and PyTorch's unfused path
-        leaves = [
-            x.detach().clone().requires_grad_(True) if x is not None else None for x in (hidden, weight, bias)
-        ]
-        x = oracle_logits(case, *leaves, dtype=dt)
-        ref_loss = R.oracle_cross_entropy(x, tl, reduction=reduction, **case.opts)
-        ref_loss.backward(up.to(ref_loss.dtype))
-        results[dt] = (
-            ref_loss.detach(),
-            dict(zip(("hidden", "weight", "bias"), [None if v is None else v.grad for v in leaves])),
-        )
-    (loss64, g64), (loss_low, g_low) = results[torch.float64], results[DTYPES[case.dtype]]
-    assert_like_torch(loss.detach(), loss64, loss_low, loss64.abs() + 1, what=f"{case.name} loss")
-    for name in ("hidden", "weight", "bias"):
-        if got[name] is None:
-            assert not case.bias and name == "bias"
-            continue
-        mine, ref, base = got[name].cpu(), g64[name], g_low[name]
-        assert_grad_like_torch(mine, ref, base, f"{case.name} {reduction} {impl} grad {name}")
+    assert_like_oracle(case, (hidden, weight, bias), target, reduction, up, loss, got, f"{reduction} {impl}")
     assert torch.all(got["weight"].cpu()[real:] == 0), "padding rows of weight get no gradient"
     if case.bias:
         assert torch.all(got["bias"].cpu()[real:] == 0), "padding entries of bias get no gradient"
@@ -309,17 +317,27 @@ def test_frozen_parameters(core_tier):
         assert (w if trained == "hidden" else h).grad is None and b.grad is None
 
 
-def test_backward_saves_no_logits(core_tier):
-    """Forward saves hidden, weight and bias themselves and per-row tensors; nothing of size N x V."""
+@pytest.mark.parametrize("impl", ["recompute", "chunked"])
+def test_backward_saves_no_logits(core_tier, impl):
+    """Nothing of size N x V is saved. "recompute": hidden, weight and bias themselves and per-row
+    tensors. "chunked" (eager): only the gradients its forward computed, in fp32 ([N, H], and the
+    real rows [V - 2, H] and [V - 2] of weight and bias), none of the inputs."""
     case = Case("saved", 8, 16, 300, "fp32", True, {})
     hidden, weight, bias, target = on(core_tier, *make_inputs(case))
     leaves = [x.clone().requires_grad_(True) for x in (hidden, weight, bias)]
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
-        loss = ss.linear_cross_entropy(leaves[0], leaves[1], target, bias=leaves[2])
+        loss = ss.linear_cross_entropy(
+            leaves[0], leaves[1], target, bias=leaves[2], impl=impl, vocab_size=298
+        )
     inputs = {x.data_ptr() for x in leaves}
     others = [s for s in saved if s.data_ptr() not in inputs]
-    assert sum(s.numel() for s in others) <= 8 * case.n, [tuple(s.shape) for s in others]
+    if impl == "recompute":
+        assert sum(s.numel() for s in others) <= 8 * case.n, [tuple(s.shape) for s in others]
+    else:
+        assert len(others) == len(saved) == 3, [tuple(s.shape) for s in saved]
+        assert [tuple(s.shape) for s in saved] == [(8, 16), (298, 16), (298,)]
+        assert all(s.dtype == torch.float32 for s in saved)
     loss.backward()
     assert all(torch.isfinite(x.grad).all() for x in leaves)
 
@@ -334,6 +352,11 @@ def test_out_of_range_target_gives_nan_in_its_row(core_tier):
     assert rows[1].isnan() and torch.isfinite(rows[[0, 2]]).all()
     rows.sum().backward()
     assert h.grad[1].isnan().all() and torch.isfinite(h.grad[[0, 2, 3]]).all()
+    h.grad = None
+    loss = ss.linear_cross_entropy(h, w, t, reduction="sum")  # the eager forward
+    assert loss.isnan()
+    loss.backward()
+    assert h.grad[1].isnan().all() and torch.isfinite(h.grad[[0, 2, 3]]).all()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -344,9 +367,10 @@ def test_out_of_range_target_gives_nan_in_its_row(core_tier):
 @pytest.mark.core_tiers("cpu-torch", "cuda-triton")  # k > a chunk's 32-column blocks: slow interpreted
 def test_chunked_narrow_chunks_cover_the_shard_once(core_tier, monkeypatch):
     """Chunks of 3 columns (fewer than k = 5) over 40 columns, 37 real, at vocab_start 5: the loss
-    and its gradients go by vocabulary chunks at most 3 wide, the top-k stats by chunks of rows
-    over every real column; together they cover the real columns once (padding: none), and the
-    results (top-k ids exact) equal the float64 oracle and the one-chunk path."""
+    and its gradients (``impl="recompute"``) go by vocabulary chunks at most 3 wide, the top-k
+    stats by chunks of rows over every real column; together they cover the real columns once
+    (padding: none), and the results (top-k ids exact) equal the float64 oracle and the one-chunk
+    path."""
     case = Case("narrow", 6, 16, 40, "fp32", True, {"z_loss": 1e-3}, vocab_size=42, vocab_start=5, k=5)
     hidden, weight, bias, target = make_inputs(case, seed=12)
     h, w, b, t = on(core_tier, hidden, weight, bias, target)
@@ -366,7 +390,9 @@ def test_chunked_narrow_chunks_cover_the_shard_once(core_tier, monkeypatch):
             monkeypatch.undo()
         st = ss.linear_softmax_stats(h, w, t, bias=b, k=case.k, **layout(case))
         leaves = [x.clone().requires_grad_(True) for x in (h, w, b)]
-        loss = ss.linear_cross_entropy(leaves[0], leaves[1], t, bias=leaves[2], z_loss=1e-3, **layout(case))
+        loss = ss.linear_cross_entropy(
+            leaves[0], leaves[1], t, bias=leaves[2], z_loss=1e-3, impl="recompute", **layout(case)
+        )
         loss.backward()
         out[cols] = [st.lse, st.entropy, st.target_logprob, st.topk_logprobs, loss.detach()]
         out[cols] += [x.grad for x in leaves]
@@ -425,10 +451,11 @@ def test_chunked_topk_by_row_blocks(core_tier, monkeypatch, splits):
         torch.testing.assert_close(getattr(got, f), getattr(whole, f), rtol=1e-6, atol=1e-6, msg=f)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", ["chunked", "recompute", "fused"])
 def test_shard_of_padding_only(core_tier, impl):
     """vocab_start past vocab_size: no real column. Stats and loss as the unfused API gives them
-    (lse -inf), every gradient 0 (both impls; the unfused ``cross_entropy`` too)."""
+    (lse -inf), every gradient 0 (every impl, the eager forward of "chunked" included; the
+    unfused ``cross_entropy`` too)."""
     case = Case("padding", 4, 16, 9, "fp32", True, {})
     hidden, weight, bias, _ = on(core_tier, *make_inputs(case, seed=4))
     target = torch.full((case.n,), IGNORE, device=core_tier.device)
@@ -448,6 +475,181 @@ def test_shard_of_padding_only(core_tier, impl):
     logits = F.linear(hidden, weight, bias).detach().requires_grad_(True)
     ss.cross_entropy(logits, target, reduction="sum", label_smoothing=0.1, **lay).backward()
     assert torch.all(logits.grad == 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The eager-gradient forward: impl="chunked" with gradients and a reduced loss
+# ------------------------------------------------------------------------------------------------
+
+EAGER_N, EAGER_ROWS = 13, 5  # 3 blocks of 5 rows, the last with 3 real rows and 2 of padding
+EAGER_CASES = [  # (case, reduction, rows set to ignore_index besides make_inputs' every 4th)
+    (Case("fp32-bias-mean", EAGER_N, 24, 60, "fp32", True, {}), "mean", []),
+    (Case("fp32-block-ignored-sum", EAGER_N, 24, 60, "fp32", False, {"z_loss": 1e-3}), "sum", [5, 6, 8, 9]),
+    (Case("bf16-smooth-softcap-padded-offset", EAGER_N, 24, 70, "bf16", True,
+          {"label_smoothing": 0.1, "softcap": 4.0, "temperature": 0.8}, vocab_size=70, vocab_start=4),
+     "sum", []),
+    # ignore_index = 2, a real class: padding rows that did not carry it would count (or be NaN)
+    (Case("fp16-ignore-real-class-z", EAGER_N, 24, 60, "fp16", False, {"ignore_index": 2, "z_loss": 1e-2}),
+     "mean", [10, 12]),
+]  # fmt: skip
+
+
+def spy(fn, seen: list):
+    """``fn``, appending its positional arguments to ``seen`` at each call."""
+
+    def wrapped(*a, **kw):
+        seen.append(a)
+        return fn(*a, **kw)
+
+    return wrapped
+
+
+def leaves_like(inputs) -> list:
+    return [None if x is None else x.detach().clone().requires_grad_(True) for x in inputs]
+
+
+def grads_of(leaves) -> dict:
+    return dict(zip(("hidden", "weight", "bias"), (None if x is None else x.grad for x in leaves)))
+
+
+def loss_and_grads(impl: str, inputs, target, up: float = 3.0, **kw):
+    """The loss of ``impl`` on fresh leaves of ``inputs`` and their gradients after
+    ``(up * loss).backward()``."""
+    leaves = leaves_like(inputs)
+    loss = ss.linear_cross_entropy(leaves[0], leaves[1], target, bias=leaves[2], impl=impl, **kw)
+    (up * loss).backward()
+    return loss.detach(), grads_of(leaves)
+
+
+@pytest.mark.parametrize(("case", "reduction", "ignored"), EAGER_CASES, ids=[c[0].name for c in EAGER_CASES])
+def test_eager_matches_oracle_and_recompute(core_tier, case, reduction, ignored, monkeypatch):
+    """13 rows in 3 blocks of 5 (the last padded) and grad_output 3 (``(3 * loss).backward()``,
+    applied in backward): loss and gradients against the float64 oracle (as every impl), equal to
+    the recomputing backward's in fp32; padding rows of weight and bias and ignored rows of hidden
+    get 0 (a whole block ignored included)."""
+    monkeypatch.setattr(L, "EAGER_ROWS", EAGER_ROWS)
+    assert L.eager_blocks(EAGER_N) == (5, [(0, 5), (5, 10), (10, 13)])
+    hidden, weight, bias, target = make_inputs(case, seed=len(case.name))
+    ignore = case.opts.get("ignore_index", IGNORE)
+    target[ignored] = ignore
+    inputs, t = on(core_tier, hidden, weight, bias), target.to(core_tier.device)
+    kw = {**case.opts, **layout(case), "reduction": reduction}
+    seen = []
+    monkeypatch.setattr(L, "eager_linear_cross_entropy", spy(L.eager_linear_cross_entropy, seen))
+    loss, got = loss_and_grads("chunked", inputs, t, **kw)
+    assert len(seen) == 1, "the eager forward ran"
+    assert got["hidden"].dtype == hidden.dtype and got["weight"].dtype == weight.dtype
+    assert_like_oracle(case, (hidden, weight, bias), target, reduction, torch.tensor(3.0), loss, got, "eager")
+    real = (case.vocab_size or case.vocab_start + case.v) - case.vocab_start
+    assert torch.all(got["weight"].cpu()[real:] == 0), "padding rows of weight get no gradient"
+    if case.bias:
+        assert torch.all(got["bias"].cpu()[real:] == 0), "padding entries of bias get no gradient"
+    assert torch.all(got["hidden"].cpu()[target == ignore] == 0), "ignored rows get no gradient"
+    if case.dtype == "fp32":
+        loss_r, got_r = loss_and_grads("recompute", inputs, t, **kw)
+        torch.testing.assert_close(loss, loss_r, rtol=1e-6, atol=1e-6)
+        for name, g in got.items():
+            if g is not None:
+                torch.testing.assert_close(g, got_r[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_eager_every_target_ignored(core_tier, monkeypatch):
+    """Every target ignored: "mean" is NaN (0 / 0, as the recomputing path and PyTorch), "sum" 0;
+    every gradient 0 either way."""
+    monkeypatch.setattr(L, "EAGER_ROWS", EAGER_ROWS)
+    case = Case("ignored", EAGER_N, 16, 40, "fp32", True, {})
+    hidden, weight, bias, _ = make_inputs(case, seed=3)
+    inputs = on(core_tier, hidden, weight, bias)
+    target = torch.full((EAGER_N,), IGNORE, device=core_tier.device)
+    for reduction in ("mean", "sum"):
+        for impl in ("chunked", "recompute"):
+            loss, got = loss_and_grads(impl, inputs, target, reduction=reduction)
+            assert loss.isnan() if reduction == "mean" else loss == 0, (impl, reduction, loss)
+            assert all(torch.all(g == 0) for g in got.values()), (impl, reduction)
+
+
+def test_eager_backward_twice(core_tier, monkeypatch):
+    """``retain_graph=True``: a second backward (another grad_output) adds the same gradients
+    again (the saved ones are scaled out of place), as with the recomputing backward."""
+    monkeypatch.setattr(L, "EAGER_ROWS", EAGER_ROWS)
+    case = Case("twice", EAGER_N, 16, 40, "fp32", True, {"label_smoothing": 0.1})
+    hidden, weight, bias, target = on(core_tier, *make_inputs(case, seed=4))
+    out = {}
+    for impl in ("chunked", "recompute"):
+        leaves = leaves_like((hidden, weight, bias))
+        loss = ss.linear_cross_entropy(
+            leaves[0], leaves[1], target, bias=leaves[2], impl=impl, label_smoothing=0.1
+        )
+        (3 * loss).backward(retain_graph=True)
+        first = [x.grad.clone() for x in leaves]
+        (0.5 * loss).backward()
+        out[impl] = [x.grad for x in leaves]
+        for a, b in zip(out[impl], first):
+            torch.testing.assert_close(a, b * (3.5 / 3), rtol=1e-5, atol=1e-6, msg=impl)
+    for a, b in zip(out["chunked"], out["recompute"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("trained", ["hidden", "weight", "bias", "all"])
+def test_eager_computes_only_what_is_needed(trained, monkeypatch):
+    """The eager forward makes the logits GEMM of each of the 3 blocks and, per block, one GEMM for
+    each of hidden and weight that needs a gradient; a frozen input gets none. Gradients as the
+    recomputing path's."""
+    monkeypatch.setattr(L, "EAGER_ROWS", EAGER_ROWS)
+    case = Case("needed", EAGER_N, 16, 40, "fp32", True, {"z_loss": 1e-3})
+    inputs, target = make_inputs(case, seed=5)[:3], make_inputs(case, seed=5)[3]
+    names = ("hidden", "weight", "bias") if trained == "all" else (trained,)
+    logits, gemms = [], []
+    monkeypatch.setattr(L, "_logits_chunk", spy(L._logits_chunk, logits))
+    monkeypatch.setattr(L, "_matmul_accumulate", spy(L._matmul_accumulate, gemms))
+    out = {}
+    with ss.use_backend("torch"):
+        for impl in ("recompute", "chunked"):
+            logits.clear(), gemms.clear()
+            leaves = [
+                x.clone().requires_grad_(name in names)
+                for name, x in zip(("hidden", "weight", "bias"), inputs)
+            ]
+            ss.linear_cross_entropy(
+                leaves[0], leaves[1], target, bias=leaves[2], impl=impl, z_loss=1e-3
+            ).backward()
+            out[impl] = grads_of(leaves)
+    assert len(logits) == 3, logits
+    assert len(gemms) == 3 * (("hidden" in names) + ("weight" in names)), len(gemms)
+    for name, g in out["chunked"].items():
+        if name not in names:
+            assert g is None and out["recompute"][name] is None, name
+        else:
+            torch.testing.assert_close(g, out["recompute"][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_eager_only_where_it_applies(monkeypatch):
+    """The eager forward runs for impl="chunked" with gradients enabled, an input that requires
+    one and reduction "mean" / "sum" over N > 0 rows; otherwise the forward is the chunked one and
+    backward (if any) recomputes."""
+    case = Case("where", 6, 16, 40, "fp32", False, {})
+    hidden, weight, _, target = make_inputs(case, seed=6)
+    eager, recomputed = [], []
+    monkeypatch.setattr(L, "eager_linear_cross_entropy", spy(L.eager_linear_cross_entropy, eager))
+    monkeypatch.setattr(L, "chunked_linear_backward", spy(L.chunked_linear_backward, recomputed))
+
+    def call(impl="chunked", reduction="mean", grad=True, n=6, backward=True):
+        eager.clear(), recomputed.clear()
+        h = hidden[:n].clone().requires_grad_(grad)
+        with ss.use_backend("torch"):
+            loss = ss.linear_cross_entropy(h, weight, target[:n], reduction=reduction, impl=impl)
+            if backward and loss.requires_grad:
+                loss.sum().backward()
+        return len(eager), len(recomputed)
+
+    assert call() == (1, 0)
+    assert call(reduction="sum") == (1, 0)
+    assert call(reduction="none") == (0, 1)
+    assert call(impl="recompute") == (0, 1)
+    assert call(grad=False) == (0, 0)
+    assert call(n=0) == (0, 1)
+    with torch.no_grad():
+        assert call() == (0, 0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -619,7 +821,8 @@ BAD = [
     ("label_smoothing", {}, {"label_smoothing": 1.0}, ValueError, "label_smoothing must be in [0, 1)"),
     ("temperature", {}, {"temperature": 0.0}, ValueError, "temperature must be a finite number > 0"),
     ("vocab_size", {}, {"vocab_size": V + 1}, ValueError, "vocab_size=11 is larger"),
-    ("impl", {}, {"impl": "cublas"}, ValueError, "impl must be one of ('chunked', 'fused'), got 'cublas'"),
+    ("impl", {}, {"impl": "cublas"}, ValueError,
+     "impl must be one of ('chunked', 'recompute', 'fused'), got 'cublas'"),
 ]  # fmt: skip
 ONLY = {"k": "stats", "reduce_hidden_grad": "loss", "label_smoothing": "loss"}  # options of one function
 BAD_CALLS = [(fn, b) for b in BAD for fn in ("stats", "loss") if ONLY.get(next(iter(b[2]), fn), fn) == fn]
@@ -645,14 +848,14 @@ DIST_OPTS = {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 6.0}
 DIST_CHUNK_COLS = 24  # 51 + 50 columns: 3 chunks each, the last of 3 and 2; 34 + 34 + 33 (31 real): 2 each
 
 
-def _dist_inputs():
+def _dist_inputs(n: int = DIST_N):
     g = torch.Generator().manual_seed(77)
-    hidden = torch.randn(DIST_N, DIST_H, generator=g, dtype=torch.float64)
+    hidden = torch.randn(n, DIST_H, generator=g, dtype=torch.float64)
     weight = torch.randn(DIST_V_PADDED, DIST_H, generator=g, dtype=torch.float64) * 0.5
     bias = torch.randn(DIST_V_PADDED, generator=g, dtype=torch.float64) * 0.5
     weight[DIST_VOCAB:] = 0
     bias[DIST_VOCAB:] = 0
-    target = torch.randint(0, DIST_VOCAB, (DIST_N,), generator=g)
+    target = torch.randint(0, DIST_VOCAB, (n,), generator=g)
     target[1] = IGNORE
     return hidden, weight, bias, target
 
@@ -735,3 +938,77 @@ def test_process_group_matches_unsplit_model(world_size):
             torch.testing.assert_close(st.lse.double(), st64["lse"], **tol, msg=f"{what} lse")
             torch.testing.assert_close(st.entropy.double(), st64["entropy"], **tol, msg=f"{what} entropy")
     torch.testing.assert_close(partial_sum, gh64, rtol=1e-10, atol=1e-12)  # the shares sum to the whole
+
+
+# Process groups: every block is one exchange of the same size; the results equal one process's.
+DIST_EAGER_N = 13  # with EAGER_ROWS = 5: 3 blocks, the last padded; rows 5-9 (one block) ignored
+
+
+def _dist_eager_inputs():
+    hidden, weight, bias, target = (
+        x.float() if x.is_floating_point() else x for x in _dist_inputs(DIST_EAGER_N)
+    )
+    target[5:10] = IGNORE
+    return hidden, weight, bias, target
+
+
+def _dist_eager_rank(ctx, widths):
+    hidden, weight, bias, target = _dist_eager_inputs()
+    start = sum(widths[: ctx.rank])
+    cols = slice(start, start + widths[ctx.rank])
+    L.EAGER_ROWS = EAGER_ROWS
+    out = {}
+    for backend in ("torch", "triton"):
+        ss.set_backend(backend)
+        kw = dict(vocab_size=DIST_VOCAB, process_group=ctx.group, **DIST_OPTS)
+        with torch.no_grad():  # agrees a layout of 13 rows: the first eager call changes it once
+            ss.linear_cross_entropy(hidden, weight[cols], target, bias=bias[cols], **kw)
+        steps = []
+        for _ in range(2):
+            h, w, b = (x.clone().requires_grad_(True) for x in (hidden, weight[cols], bias[cols]))
+            with count_collectives() as calls:
+                loss = ss.linear_cross_entropy(h, w, target, bias=b, **kw)
+                forward = dict(calls)
+                calls.clear()
+                (3 * loss).backward()
+                backward = dict(calls)
+            steps.append((forward, backward))
+        out[backend] = (loss.detach(), h.grad, w.grad, b.grad, steps)
+    return {"start": start, "width": widths[ctx.rank], **out}
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_eager_process_group_matches_one_process(world_size, monkeypatch):
+    """Vocabulary 99 padded to 101 over 2 or 3 gloo ranks, 13 rows in 3 blocks (the last padded,
+    one block all ignored), grad_output 3: loss and gradients equal one process's eager forward on
+    the whole weight and the unsplit float64 model; forward makes one all-gather per block (after
+    the first step, which changes the agreed row count once: one more), backward one all-reduce."""
+    from shardsoftmax.nn import shard_sizes
+
+    widths = shard_sizes(DIST_V_PADDED, world_size)
+    out = run_ranks(_dist_eager_rank, world_size, widths, timeout=150)
+    monkeypatch.setattr(L, "EAGER_ROWS", EAGER_ROWS)
+    hidden, weight, bias, target = _dist_eager_inputs()
+    with ss.use_backend("torch"):
+        one = loss_and_grads("chunked", (hidden, weight, bias), target, vocab_size=DIST_VOCAB, **DIST_OPTS)
+    leaves = [x.double().requires_grad_(True) for x in (hidden, weight, bias)]
+    loss64 = R.oracle_linear_cross_entropy(
+        leaves[0], leaves[1], target, bias=leaves[2], vocab_size=DIST_VOCAB, **DIST_OPTS
+    )
+    (3 * loss64).backward()
+    tol = {"rtol": 2e-5, "atol": 2e-6}
+    torch.testing.assert_close(one[0].double(), loss64.detach(), **tol)
+    for r, res in enumerate(out):
+        cols = slice(res["start"], res["start"] + res["width"])
+        for backend in ("torch", "triton"):
+            loss, gh, gw, gb, steps = res[backend]
+            what = f"rank {r} {backend}"
+            torch.testing.assert_close(loss, one[0], **tol, msg=f"{what} loss")
+            torch.testing.assert_close(gh, one[1]["hidden"], **tol, msg=f"{what} hidden")
+            torch.testing.assert_close(gw, one[1]["weight"][cols], **tol, msg=f"{what} weight")
+            torch.testing.assert_close(gb, one[1]["bias"][cols], **tol, msg=f"{what} bias")
+            torch.testing.assert_close(gw.double(), leaves[1].grad[cols], **tol, msg=f"{what} weight64")
+            for step, n_gathers in zip(steps, (4, 3)):
+                assert all("gather" in name for name in step[0]), f"{what}: forward {step[0]}"
+                assert sum(step[0].values()) == n_gathers, f"{what}: forward {step[0]}"
+            assert steps[1][1] == {"all_reduce": 1}, f"{what}: backward {steps[1][1]}"
