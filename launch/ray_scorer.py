@@ -447,7 +447,7 @@ class TPWorker:
         shape = (sum(b.shape[0] for b in blocks), *x.shape[1:])
         nbytes = x.element_size() * math.prod(shape)
         host = _grown(slot.host, name, nbytes, device="cpu", pin=True)
-        dev = _grown(slot.dev, name, nbytes, device=self.device, pin=False)
+        dev = self._device_buffer(slot, name, nbytes)
         rows = host.view(x.dtype).view(shape)
         start = 0
         for b in blocks:
@@ -456,6 +456,16 @@ class TPWorker:
         with torch.cuda.stream(self.copy_stream):
             dev.copy_(host, non_blocking=True)
         return dev.view(x.dtype).view(shape)
+
+    def _device_buffer(self, slot: _Slot, name: str, nbytes: int) -> torch.Tensor:
+        """The slot's device buffer ``name``, allocated (when missing or too small) on the copy
+        stream that writes it. Allocated on the compute stream instead, it could be carved from
+        memory the previous batch's kernels just freed there and are still reading: the caching
+        allocator reuses a block freed on a stream right away for that stream's next allocation,
+        which is safe only for work queued on the same stream, and the copy stream's write would
+        race them."""
+        with torch.cuda.stream(self.copy_stream):
+            return _grown(slot.dev, name, nbytes, device=self.device, pin=False)
 
     def _read(self, slot: _Slot, rows: FileRows):
         """``rows`` read from their file (``RowReader``: positional reads by the worker's threads)
@@ -466,7 +476,7 @@ class TPWorker:
         host = _grown(slot.host, "hidden", nbytes, device="cpu", pin=self.cuda)
         h = self.reader.read_into(rows.path, rows.hidden, rows.start, rows.stop, host)
         if self.cuda:
-            dev = _grown(slot.dev, "hidden", nbytes, device=self.device, pin=False)
+            dev = self._device_buffer(slot, "hidden", nbytes)
             with torch.cuda.stream(self.copy_stream):
                 dev.copy_(host, non_blocking=True)
             h = dev.view(h.dtype).view(h.shape)
