@@ -135,18 +135,18 @@ def run_checks(device, dtype, shapes, report: Callable[[str, bool, str], None]) 
         hidden, weight, b, target = make_inputs(n, h, v, dtype, device, seed=100 + i, bias=bias, vocab=vocab)
         lay = {"vocab_size": vocab} if vocab else {}
         tf = {k: opts[k] for k in ("softcap", "temperature") if k in opts}
-        default_bytes, default_rows = ss_linear.CHUNK_BYTES, ss_linear.EAGER_ROWS
+        defaults = ss_linear.CHUNK_BYTES, ss_linear.EAGER_ROWS, ss_linear.EAGER_BLOCK_BYTES
         try:
             if cols:
                 ss_linear.CHUNK_BYTES = n * cols * torch.empty((), dtype=dtype).element_size()
-            if rows:
-                ss_linear.EAGER_ROWS = rows
+            if rows:  # blocks of exactly this many rows
+                ss_linear.EAGER_ROWS, ss_linear.EAGER_BLOCK_BYTES = rows, 0
             chunks = f" ({-(-(vocab or v) // width)} chunks)"
             blocks = f" ({len(ss_linear.eager_blocks(n)[1])} eager blocks)"
             _check_impl("chunked", name + chunks + blocks, hidden, weight, b, target, lay, tf, opts, report)
             _check_impl("recompute", name + chunks, hidden, weight, b, target, lay, tf, opts, report)
         finally:
-            ss_linear.CHUNK_BYTES, ss_linear.EAGER_ROWS = default_bytes, default_rows
+            ss_linear.CHUNK_BYTES, ss_linear.EAGER_ROWS, ss_linear.EAGER_BLOCK_BYTES = defaults
         _check_impl("fused", name, hidden, weight, b, target, lay, tf, opts, report)
 
 
@@ -522,7 +522,9 @@ def _tp_shape(args, run, say, device, n: int, h: int, v: int, checks: list, bar_
     h_req, w_req = hidden.detach().requires_grad_(True), w_shard.detach().requires_grad_(True)
 
     def fwd_bwd(impl):
-        loss = ss.linear_cross_entropy(h_req, w_req, target, process_group=group, impl=impl)
+        # vocab_size (the true vocabulary, known to a TP head) also sizes the eager blocks alike on
+        # every rank (``linear.eager_max_width``)
+        loss = ss.linear_cross_entropy(h_req, w_req, target, vocab_size=v, process_group=group, impl=impl)
         return (loss, *torch.autograd.grad(loss, (h_req, w_req)))
 
     # the check: one process's unsplit computation (eager), on every rank

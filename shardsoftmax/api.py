@@ -406,17 +406,19 @@ def linear_cross_entropy(
     the unfused backward, and takes the gradients from it with cuBLAS):
 
     * ``"chunked"`` (default): with gradients enabled, an input that requires them and reduction
-      "mean" or "sum", the forward computes the three gradients itself (eager gradients): blocks
-      of ``linear.EAGER_ROWS`` = 2048 rows, each block's logits over the whole shard -> its global
-      partials (one all-gather per block in a group, all the same size) -> loss and gradient of
-      the block -> ``grad_hidden`` rows (fp32), ``grad_weight`` and ``grad_bias`` accumulated in
-      fp32 over the blocks. 3 GEMMs, the matmul floor of forward + backward; backward multiplies
-      the saved gradients by grad_output and rounds them once to the inputs' dtype. Memory until
-      backward: one block of logits (rows x V_shard in the inputs' dtype, 512 MiB at V_shard =
-      128256 bf16, during forward), fp32 grad_weight [V_shard, H] (2 GiB at H = 4096) and fp32
-      grad_hidden [N, H]. A forward with gradients enabled and no backward wastes two GEMMs:
-      evaluate under ``torch.no_grad()``. Otherwise (no gradients, reduction "none") as
-      ``"recompute"``'s forward.
+      "mean" or "sum", the forward computes the three gradients itself (eager gradients): blocks of
+      at least ``linear.EAGER_ROWS`` = 2048 rows (more while the widest shard's block of logits fits
+      ``linear.EAGER_BLOCK_BYTES`` = 512 MiB; in a group the widest shard is taken as
+      ceil(vocab_size / world size), or 2048 rows without ``vocab_size``), each block's logits over
+      the whole shard -> its global partials (one all-gather per block in a group, all the same
+      size) -> loss and gradient of the block -> ``grad_hidden`` rows (fp32), ``grad_weight`` and
+      ``grad_bias`` accumulated in fp32 over the blocks. 3 GEMMs, the matmul floor of forward +
+      backward; backward multiplies the saved gradients by grad_output and rounds them once to the
+      inputs' dtype. Memory until backward: one block of logits (rows x V_shard in the inputs'
+      dtype, 512 MiB at V_shard = 128256 bf16, during forward), fp32 grad_weight [V_shard, H] (2 GiB
+      at H = 4096) and fp32 grad_hidden [N, H]. A forward with gradients enabled and no backward
+      wastes two GEMMs: evaluate under ``torch.no_grad()``. Otherwise (no gradients, reduction
+      "none") as ``"recompute"``'s forward.
     * ``"recompute"``: forward as ``linear_softmax_stats`` (vocabulary chunks, nothing of size
       N x V_shard saved: backward reads hidden, weight and the per-row lse); backward recomputes
       each chunk's logits. 4 GEMMs, the least memory (one chunk of at most 128 MiB and fp32

@@ -13,7 +13,7 @@
   by finalize (or by the collective, which merges a rank's own pieces first) with the one merge of
   ``partials``. The logits are rounded to the inputs' dtype, as ``F.linear`` + the unfused API
   rounds them. The reduced loss ("mean" / "sum") with gradients: the *eager-gradient* forward
-  (``eager_linear_cross_entropy``): blocks of ``EAGER_ROWS`` rows over the whole shard, each
+  (``eager_linear_cross_entropy``): blocks of rows (``eager_blocks``) over the whole shard, each
   block's logits -> its global partials (one collective per block in a group) -> its loss and,
   in the same buffer, dloss/dlogits -> its contribution to the three gradients. 3 GEMMs in all
   (the three-matmul floor); backward only scales the saved gradients by grad_output.
@@ -57,6 +57,10 @@ CHUNK_ALIGN = 256  # chunk widths above this are multiples of it (GEMM and parti
 # rows give 512 FLOP per byte of it, above an H100 / H200's ~200-300 (bf16 matmul rate over
 # memory bandwidth), so that GEMM stays compute-bound.
 EAGER_ROWS = 2048
+# ... and as many more as fit this many bytes of logits in the inputs' dtype, over the group's
+# widest shard (``eager_blocks``): each block's grad_weight GEMM reads and writes the fp32
+# accumulator [V_shard, H] once, so narrow shards (TP = 2, 4) want fewer, taller blocks.
+EAGER_BLOCK_BYTES = 512 << 20
 # torch >= 2.8 on CUDA: fp16/bf16 GEMMs with an fp32 output (cuBLAS accumulates in fp32 anyway).
 _HAS_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 # How ``_matmul_accumulate`` adds an fp16/bf16 product to an fp32 C on CUDA: the first of these
@@ -262,17 +266,36 @@ def linear_cross_entropy_forward(
 # ------------------------------------------------------------------------------------------------
 
 
-def eager_blocks(n_rows: int) -> tuple[int, list[tuple[int, int]]]:
-    """``(rows, [(r0, r1), ...])``: the eager forward's blocks of rows, ``ceil(N / EAGER_ROWS)`` of
-    them, balanced (``rows = ceil(N / n_blocks)``; the last may be shorter and is then padded to
-    ``rows``). The size depends on N alone, so it is the same on every rank of a group (each block
-    is one exchange, whose header holds its row count; V_shard differs between ranks when the
-    shards are uneven and must not enter it)."""
+def eager_blocks(
+    n_rows: int, max_width: int | None = None, itemsize: int = 2
+) -> tuple[int, list[tuple[int, int]]]:
+    """``(rows, [(r0, r1), ...])``: the eager forward's blocks of rows, balanced (``rows =
+    ceil(N / n_blocks)``; the last may be shorter and is then padded to ``rows``), of at most
+    ``max(EAGER_ROWS, EAGER_BLOCK_BYTES // (max_width * itemsize))`` rows: the widest shard's
+    logits block within EAGER_BLOCK_BYTES, at least EAGER_ROWS rows (``max_width`` None: EAGER_ROWS).
+    Every rank of a group must get the same blocks (each is one exchange, whose header holds its
+    row count), so ``max_width`` is the same on every rank (``eager_max_width``), never this rank's
+    own width (uneven shards differ)."""
     if n_rows == 0:
         return 0, []
-    n_blocks = -(-n_rows // EAGER_ROWS)
+    cap = EAGER_ROWS
+    if max_width:
+        cap = max(cap, EAGER_BLOCK_BYTES // (max_width * itemsize))
+    n_blocks = -(-n_rows // cap)
     rows = -(-n_rows // n_blocks)
     return rows, [(r0, min(n_rows, r0 + rows)) for r0 in range(0, n_rows, rows)]
+
+
+def eager_max_width(width: int, vocab_size: int | None, process_group) -> int | None:
+    """A width for sizing the eager blocks that every rank computes alike without a collective:
+    one process, this shard's width; in a group, ``ceil(vocab_size / world_size)`` when
+    ``vocab_size`` is given (equal on every rank, or the exchange raises), else None (EAGER_ROWS).
+    Only real columns are computed, so with even shards this is the widest block's width."""
+    if process_group is None:
+        return width
+    if vocab_size is None:
+        return None
+    return -(-vocab_size // dist.get_world_size(process_group))
 
 
 class EagerGrads(NamedTuple):
@@ -313,8 +336,9 @@ def eager_linear_cross_entropy(
     pieces and zero gradients. The loss is the sum of the blocks' sums (divided by the number of
     valid targets for "mean": NaN when there is none, as the other paths). No host sync.
 
-    Memory beyond the inputs: one [rows, nv] block of logits in the inputs' dtype (501 MiB at
-    rows = 2048, nv = 128256, bf16; freed on return), the fp32 grad_weight accumulator [nv, H]
+    Memory beyond the inputs: one [rows, nv] block of logits in the inputs' dtype (at most
+    EAGER_BLOCK_BYTES, or EAGER_ROWS rows if more: 501 MiB at rows = 2048, nv = 128256, bf16;
+    freed on return), the fp32 grad_weight accumulator [nv, H]
     (2.0 GiB at H = 4096) and the fp32 grad_hidden [N, H] (128 MiB at N = 8192); the last two
     are what backward scales and rounds (kept in fp32 until then: rounding them here and scaling
     them again in backward would round twice and read and write grad_weight once more)."""
@@ -322,7 +346,8 @@ def eager_linear_cross_entropy(
     device = hidden2d.device
     acc_dtype = reference.compute_dtype(hidden2d.dtype)
     need_bias_grad = need_bias_grad and bias is not None
-    rows, blocks = eager_blocks(n_rows)
+    max_width = eager_max_width(n_cols, call.vocab_size, process_group)
+    rows, blocks = eager_blocks(n_rows, max_width, hidden2d.element_size())
     one = torch.ones((), dtype=acc_dtype, device=device)
     n_valid = (target1d != call.ignore_index).sum() if reduction == "mean" else None
     # the reduction's scale, on the device (inf when no target is valid: every row is ignored then)

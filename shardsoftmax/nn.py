@@ -159,7 +159,7 @@ class VocabParallelLMHead(nn.Module):
     training, their gradient). Statistics and evaluation (``torch.no_grad()``): cuBLAS logits of
     one vocabulary chunk of at most ``shardsoftmax.linear.CHUNK_BYTES`` = 128 MiB at a time, each
     handed to the shard kernels. Training with reduction "mean" or "sum": the eager-gradient
-    forward (blocks of 2048 rows; the three gradients computed in forward, 3 GEMMs as the unfused
+    forward (blocks of 2048 rows or more; the three gradients computed in forward, 3 GEMMs as the unfused
     path; one all-gather per block in a group; memory: one block of logits and the fp32
     grad_weight accumulator, see ``linear_cross_entropy``); with reduction "none", backward
     recomputes each chunk (one more GEMM). Off by default until measured on a GPU

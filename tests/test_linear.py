@@ -123,6 +123,7 @@ def use_impl(monkeypatch, impl: str, n_rows: int, dtype: torch.dtype, cols: int)
         monkeypatch.setattr(L, "CHUNK_BYTES", n_rows * cols * itemsize)
         assert L.chunk_cols(n_rows, itemsize) == cols
         monkeypatch.setattr(L, "EAGER_ROWS", max(1, -(-n_rows // 3)))
+        monkeypatch.setattr(L, "EAGER_BLOCK_BYTES", 0)
     return {"impl": impl}
 
 
@@ -528,6 +529,7 @@ def test_eager_matches_oracle_and_recompute(core_tier, case, reduction, ignored,
     the recomputing backward's in fp32; padding rows of weight and bias and ignored rows of hidden
     get 0 (a whole block ignored included)."""
     monkeypatch.setattr(L, "EAGER_ROWS", EAGER_ROWS)
+    monkeypatch.setattr(L, "EAGER_BLOCK_BYTES", 0)
     assert L.eager_blocks(EAGER_N) == (5, [(0, 5), (5, 10), (10, 13)])
     hidden, weight, bias, target = make_inputs(case, seed=len(case.name))
     ignore = case.opts.get("ignore_index", IGNORE)
@@ -557,6 +559,7 @@ def test_eager_every_target_ignored(core_tier, monkeypatch):
     """Every target ignored: "mean" is NaN (0 / 0, as the recomputing path and PyTorch), "sum" 0;
     every gradient 0 either way."""
     monkeypatch.setattr(L, "EAGER_ROWS", EAGER_ROWS)
+    monkeypatch.setattr(L, "EAGER_BLOCK_BYTES", 0)
     case = Case("ignored", EAGER_N, 16, 40, "fp32", True, {})
     hidden, weight, bias, _ = make_inputs(case, seed=3)
     inputs = on(core_tier, hidden, weight, bias)
@@ -572,6 +575,7 @@ def test_eager_backward_twice(core_tier, monkeypatch):
     """``retain_graph=True``: a second backward (another grad_output) adds the same gradients
     again (the saved ones are scaled out of place), as with the recomputing backward."""
     monkeypatch.setattr(L, "EAGER_ROWS", EAGER_ROWS)
+    monkeypatch.setattr(L, "EAGER_BLOCK_BYTES", 0)
     case = Case("twice", EAGER_N, 16, 40, "fp32", True, {"label_smoothing": 0.1})
     hidden, weight, bias, target = on(core_tier, *make_inputs(case, seed=4))
     out = {}
@@ -596,6 +600,7 @@ def test_eager_computes_only_what_is_needed(trained, monkeypatch):
     each of hidden and weight that needs a gradient; a frozen input gets none. Gradients as the
     recomputing path's."""
     monkeypatch.setattr(L, "EAGER_ROWS", EAGER_ROWS)
+    monkeypatch.setattr(L, "EAGER_BLOCK_BYTES", 0)
     case = Case("needed", EAGER_N, 16, 40, "fp32", True, {"z_loss": 1e-3})
     inputs, target = make_inputs(case, seed=5)[:3], make_inputs(case, seed=5)[3]
     names = ("hidden", "weight", "bias") if trained == "all" else (trained,)
@@ -940,6 +945,22 @@ def test_process_group_matches_unsplit_model(world_size):
     torch.testing.assert_close(partial_sum, gh64, rtol=1e-10, atol=1e-12)  # the shares sum to the whole
 
 
+def test_eager_block_sizes():
+    """Blocks of at least EAGER_ROWS rows, more while the widest shard's logits block fits
+    EAGER_BLOCK_BYTES (bf16, N = 8192: 4 blocks at V_shard = 128256, 2 at 64128, 1 at 32064),
+    balanced, and the block width is the same on every rank: from vocab_size in a group."""
+    assert (L.EAGER_ROWS, L.EAGER_BLOCK_BYTES) == (2048, 512 << 20)
+    assert L.eager_blocks(8192, None) == (2048, [(0, 2048), (2048, 4096), (4096, 6144), (6144, 8192)])
+    assert L.eager_blocks(8192, 128256, 2)[0] == 2048
+    assert L.eager_blocks(8192, 64128, 2) == (4096, [(0, 4096), (4096, 8192)])
+    assert L.eager_blocks(8192, 32064, 2) == (8192, [(0, 8192)])
+    assert L.eager_blocks(8191, 64128, 2) == (4096, [(0, 4096), (4096, 8191)])
+    assert L.eager_blocks(10000, 256000, 4)[1][-1] == (8000, 10000)  # cap 524 -> 2048 rows: 5 of 2000
+    assert L.eager_blocks(0, 128256) == (0, [])
+    assert L.eager_max_width(64128, None, None) == 64128
+    assert L.eager_max_width(64128, 128256, None) == 64128  # one process: its own shard
+
+
 # Process groups: every block is one exchange of the same size; the results equal one process's.
 DIST_EAGER_N = 13  # with EAGER_ROWS = 5: 3 blocks, the last padded; rows 5-9 (one block) ignored
 
@@ -952,11 +973,11 @@ def _dist_eager_inputs():
     return hidden, weight, bias, target
 
 
-def _dist_eager_rank(ctx, widths):
+def _dist_eager_rank(ctx, widths, block_bytes=0):
     hidden, weight, bias, target = _dist_eager_inputs()
     start = sum(widths[: ctx.rank])
     cols = slice(start, start + widths[ctx.rank])
-    L.EAGER_ROWS = EAGER_ROWS
+    L.EAGER_ROWS, L.EAGER_BLOCK_BYTES = EAGER_ROWS, block_bytes
     out = {}
     for backend in ("torch", "triton"):
         ss.set_backend(backend)
@@ -977,17 +998,26 @@ def _dist_eager_rank(ctx, widths):
     return {"start": start, "width": widths[ctx.rank], **out}
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_eager_process_group_matches_one_process(world_size, monkeypatch):
+# (world size, byte budget of a block): 0 keeps blocks of EAGER_ROWS rows (3 blocks); 7 rows of
+# the widest shard's real columns (ceil(99 / 2) = 50 fp32 columns) give 2 blocks of 7 rows.
+@pytest.mark.parametrize(
+    "world_size, block_bytes", [(2, 0), (3, 0), (2, 7 * 50 * 4)], ids=["tp2", "tp3", "tp2-wide"]
+)
+def test_eager_process_group_matches_one_process(world_size, block_bytes, monkeypatch):
     """Vocabulary 99 padded to 101 over 2 or 3 gloo ranks, 13 rows in 3 blocks (the last padded,
-    one block all ignored), grad_output 3: loss and gradients equal one process's eager forward on
-    the whole weight and the unsplit float64 model; forward makes one all-gather per block (after
-    the first step, which changes the agreed row count once: one more), backward one all-reduce."""
+    one block all ignored), or 2 blocks when the byte budget of a block allows 7 rows of the
+    widest shard (the same on every rank: from vocab_size, not the uneven widths), grad_output 3:
+    loss and gradients equal one process's eager forward on the whole weight and the unsplit
+    float64 model; forward makes one all-gather per block (after the first step, which changes
+    the agreed row count once: one more), backward one all-reduce."""
     from shardsoftmax.nn import shard_sizes
 
     widths = shard_sizes(DIST_V_PADDED, world_size)
-    out = run_ranks(_dist_eager_rank, world_size, widths, timeout=150)
+    out = run_ranks(_dist_eager_rank, world_size, widths, block_bytes, timeout=150)
+    n_blocks = 2 if block_bytes else 3
     monkeypatch.setattr(L, "EAGER_ROWS", EAGER_ROWS)
+    monkeypatch.setattr(L, "EAGER_BLOCK_BYTES", 0)
+    monkeypatch.setattr(L, "EAGER_BLOCK_BYTES", 0)
     hidden, weight, bias, target = _dist_eager_inputs()
     with ss.use_backend("torch"):
         one = loss_and_grads("chunked", (hidden, weight, bias), target, vocab_size=DIST_VOCAB, **DIST_OPTS)
@@ -1008,7 +1038,7 @@ def test_eager_process_group_matches_one_process(world_size, monkeypatch):
             torch.testing.assert_close(gw, one[1]["weight"][cols], **tol, msg=f"{what} weight")
             torch.testing.assert_close(gb, one[1]["bias"][cols], **tol, msg=f"{what} bias")
             torch.testing.assert_close(gw.double(), leaves[1].grad[cols], **tol, msg=f"{what} weight64")
-            for step, n_gathers in zip(steps, (4, 3)):
+            for step, n_gathers in zip(steps, (n_blocks + 1, n_blocks)):
                 assert all("gather" in name for name in step[0]), f"{what}: forward {step[0]}"
                 assert sum(step[0].values()) == n_gathers, f"{what}: forward {step[0]}"
             assert steps[1][1] == {"all_reduce": 1}, f"{what}: backward {steps[1][1]}"
