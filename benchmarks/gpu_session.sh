@@ -72,7 +72,10 @@ if has host; then
     step bench_host "${HOST_LIMIT:-150}" python -P benchmarks/bench_host.py --out "$OUT"
 fi
 if has linear; then
-    step bench_linear "${LINEAR_LIMIT:-300}" python -P benchmarks/bench_linear.py --out "$OUT"
+    # LINEAR_ARGS: extra arguments (default --no-fused: the Triton tl.dot kernels are slower than
+    # cuBLAS and not a default; their timings take ~2 minutes more)
+    # shellcheck disable=SC2086
+    step bench_linear "${LINEAR_LIMIT:-300}" python -P benchmarks/bench_linear.py ${LINEAR_ARGS---no-fused} --out "$OUT"
 fi
 if has linear_tp; then
     for n in 2 4; do
