@@ -55,6 +55,11 @@ def free_bytes(device: torch.device) -> int | None:
 
 
 def git_commit() -> str:
+    """The checkout's commit (``+dirty`` with uncommitted changes), or ``SHARDSOFTMAX_COMMIT``
+    when set: a copy of the working tree on another machine may carry a stale ``.git`` (the GPU
+    machine's copies reported the session's first commit, +dirty), so pass the real one there."""
+    if os.environ.get("SHARDSOFTMAX_COMMIT"):
+        return os.environ["SHARDSOFTMAX_COMMIT"]
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(

@@ -20,6 +20,8 @@
 # Ray's NCCL job test, RAY_BATCHES sets bench_ray's timed batches (default 30).
 # The device tool returns at most 8 files from $OUT: with many steps, the last logs may not come
 # back (their tails are printed by each step).
+# Commit: the copy of the tree on the GPU machine may carry a stale .git; run with
+# SHARDSOFTMAX_COMMIT=<the commit you sent> so that the CSVs name the code that ran.
 # Carried wheels: .wheels/*.whl (liger-kernel 0.8.5) are installed too; without them the Liger
 # peers are skipped with the reason printed.
 set -uo pipefail
