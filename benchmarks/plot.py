@@ -36,6 +36,8 @@ def load(paths: list[str]) -> list[dict]:
             for r in csv.DictReader(f):
                 if not r.get("ms") or r.get("status", "ok") not in ("ok", ""):
                     continue
+                if not r.get("pass") or not r.get("v_shard"):  # another benchmark's CSV
+                    continue
                 r.setdefault("bench", "ops" if r.get("world_size", "1") == "1" else "dist")
                 if not r.get("tp"):
                     r["tp"] = "1" if r["bench"] == "ops" else r.get("world_size", "1")
@@ -81,6 +83,13 @@ def style(provider: str) -> dict:
     if provider == OURS:
         return {"color": "black", "linewidth": 2.5, "marker": "o", "zorder": 5}
     return {"linewidth": 1.2, "marker": ".", "alpha": 0.85}
+
+
+def ours_style(label: str) -> dict:
+    """Our several lines in one panel: black, told apart by line style and marker."""
+    looks = {"fwd+bwd": ("--", "s"), "CE fwd": (":", "^")}
+    ls, marker = next((v for key, v in looks.items() if label.endswith(key)), ("-", "o"))
+    return {**style(OURS), "linestyle": ls, "marker": marker}
 
 
 def finish(fig, note: str, path: str, plt, rect=(0, 0.05, 1, 0.95)) -> str:
@@ -295,7 +304,7 @@ def plot_scaling(rows: list[dict], out: str, plt) -> list[str]:
                     [t for t, _ in pts],
                     [m for _, m in pts],
                     label=label,
-                    **(style(OURS) if label.startswith("shardsoftmax") else style(label)),
+                    **(ours_style(label) if label.startswith("shardsoftmax") else style(label)),
                 )
         floor = sorted(
             (int(r["tp"]), float(r["floor_ms"]))
