@@ -445,41 +445,36 @@ class TPWorker:
             return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
         x = blocks[0]
         shape = (sum(b.shape[0] for b in blocks), *x.shape[1:])
-        nbytes = x.element_size() * math.prod(shape)
-        host = _grown(slot.host, name, nbytes, device="cpu", pin=True)
-        dev = self._device_buffer(slot, name, nbytes)
+        host = _grown(slot.host, name, x.element_size() * math.prod(shape), device="cpu", pin=True)
         rows = host.view(x.dtype).view(shape)
         start = 0
         for b in blocks:
             rows[start : start + b.shape[0]].copy_(b)
             start += b.shape[0]
-        with torch.cuda.stream(self.copy_stream):
-            dev.copy_(host, non_blocking=True)
-        return dev.view(x.dtype).view(shape)
+        return self._to_device(slot, name, rows)
 
-    def _device_buffer(self, slot: _Slot, name: str, nbytes: int) -> torch.Tensor:
-        """The slot's device buffer ``name``, allocated (when missing or too small) on the copy
-        stream that writes it. Allocated on the compute stream instead, it could be carved from
-        memory the previous batch's kernels just freed there and are still reading: the caching
-        allocator reuses a block freed on a stream right away for that stream's next allocation,
-        which is safe only for work queued on the same stream, and the copy stream's write would
-        race them."""
+    def _to_device(self, slot: _Slot, name: str, host: torch.Tensor) -> torch.Tensor:
+        """The pinned ``host`` tensor in the slot's device buffer ``name``: one asynchronous copy
+        on the copy stream. The buffer is allocated (when missing or too small) on that stream:
+        allocated on the compute stream instead, it could be carved from memory the previous
+        batch's kernels just freed there and are still reading (the caching allocator reuses a
+        block freed on a stream right away for that stream's next allocation, which is safe only
+        for work queued on the same stream), and the copy would race them."""
         with torch.cuda.stream(self.copy_stream):
-            return _grown(slot.dev, name, nbytes, device=self.device, pin=False)
+            dev = _grown(slot.dev, name, host.numel() * host.element_size(), device=self.device, pin=False)
+            out = dev.view(host.dtype).view(host.shape)
+            out.copy_(host, non_blocking=True)
+        return out
 
     def _read(self, slot: _Slot, rows: FileRows):
         """``rows`` read from their file (``RowReader``: positional reads by the worker's threads)
         into the slot's host buffer (pinned on CUDA, then one asynchronous copy on the copy
         stream), as ``(hidden, targets)`` on this worker's device; targets as int64."""
         span = self.reader.span(rows.path, rows.hidden)
-        nbytes = rows.n_rows * span.row_bytes
-        host = _grown(slot.host, "hidden", nbytes, device="cpu", pin=self.cuda)
+        host = _grown(slot.host, "hidden", rows.n_rows * span.row_bytes, device="cpu", pin=self.cuda)
         h = self.reader.read_into(rows.path, rows.hidden, rows.start, rows.stop, host)
         if self.cuda:
-            dev = self._device_buffer(slot, "hidden", nbytes)
-            with torch.cuda.stream(self.copy_stream):
-                dev.copy_(host, non_blocking=True)
-            h = dev.view(h.dtype).view(h.shape)
+            h = self._to_device(slot, "hidden", h)
         if rows.targets is None:
             return h, None
         raw_bytes = rows.n_rows * self.reader.span(rows.path, rows.targets).row_bytes
