@@ -452,11 +452,8 @@ class DistBench:
                     call = lambda kk=kk: ss.softmax_stats(self.nxt(), k=kk, process_group=g)  # noqa: E731
                     ms = self.timed(call)
                     self.keep(f"stats{kk}", self.record("softmax_stats", OURS, "fwd", ms, floor, k=kk))
-                    gpu = C.time_queued(call, self.device, group=g) if kk == 0 else None
-                    if gpu is not None:
-                        note = "GPU time per call with the host ahead (C.time_queued)"
-                        r = self.record("softmax_stats", f"{OURS} host-ahead", "fwd", gpu, floor, note=note)
-                        self.keep("stats0_gpu", r)
+                    if kk == 0:
+                        self.host_ahead("softmax_stats", OURS, "fwd", call, floor, "stats0_gpu")
                 else:
                     r = self.record(
                         "softmax_stats", OURS, "fwd", None, floor, k=kk, status=status, note=reason
@@ -594,11 +591,15 @@ class DistBench:
         # The same passes with the host ahead of the GPU (every provider alike): the GPU work per
         # call, which the ratio bars are judged on when both sides have it (see ``faster``).
         for pass_, key, fn, fl in (("fwd", "ce_fwd", fwd, floor), ("fwd+bwd", "ce_fb", fwd_bwd, 3 * floor)):
-            gpu = C.time_queued(fn, self.device, group=self.group)
-            if gpu is not None:
-                note = "GPU time per call with the host ahead (C.time_queued)"
-                r = self.record("cross_entropy", f"{name} host-ahead", pass_, gpu, fl, note=note)
-                self.keep(f"{key}_gpu:{name}", r)
+            self.host_ahead("cross_entropy", name, pass_, fn, fl, f"{key}_gpu:{name}")
+
+    def host_ahead(self, op, provider, pass_, fn, floor, key) -> None:
+        """``fn`` timed again with the host ahead of the GPU (``C.time_queued``), recorded as
+        "<provider> host-ahead" and kept under ``key``; nothing where it cannot be measured."""
+        gpu = C.time_queued(fn, self.device, group=self.group)
+        if gpu is not None:
+            r = self.record(op, f"{provider} host-ahead", pass_, gpu, floor, note=C.HOST_AHEAD_NOTE)
+            self.keep(key, r)
 
     # -- whole run ------------------------------------------------------------------------------
 

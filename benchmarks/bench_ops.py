@@ -706,7 +706,7 @@ class Bench:
             return
         gpu = C.time_queued(fn, self.device)
         if gpu is not None:
-            note = "GPU time per call with the host ahead (C.time_queued); no L2 flush"
+            note = C.HOST_AHEAD_NOTE + "; no L2 flush"
             self.record(task, prov.name, f"{pass_}-gpu", gpu, floor, note=note)
 
     # -- whole run ------------------------------------------------------------------------------

@@ -242,6 +242,9 @@ def _sleep_cycles_per_ms() -> float:
     return _SLEEP_CYCLES_PER_MS[0]
 
 
+HOST_AHEAD_NOTE = "GPU time per call with the host ahead (C.time_queued)"
+
+
 def time_queued(
     fn: Callable[[], object], device: torch.device, *, calls: int = 12, warmup: int = 3, group=None
 ) -> float | None:
