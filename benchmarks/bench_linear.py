@@ -131,18 +131,19 @@ def run_checks(device, dtype, shapes, report: Callable[[str, bool, str], None]) 
     for i, (n, h, v, bias, vocab, opts, cols, rows) in enumerate(shapes):
         name = f"N={n} H={h} V={v}" + (" bias" if bias else "") + (f" vocab={vocab}" if vocab else "")
         name += "".join(f" {k}={val}" for k, val in opts.items())
-        width = cols or ss_linear.chunk_cols(n, torch.empty((), dtype=dtype).element_size())
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        width = cols or ss_linear.chunk_cols(n, itemsize)
         hidden, weight, b, target = make_inputs(n, h, v, dtype, device, seed=100 + i, bias=bias, vocab=vocab)
         lay = {"vocab_size": vocab} if vocab else {}
         tf = {k: opts[k] for k in ("softcap", "temperature") if k in opts}
         defaults = ss_linear.CHUNK_BYTES, ss_linear.EAGER_ROWS, ss_linear.EAGER_BLOCK_BYTES
         try:
             if cols:
-                ss_linear.CHUNK_BYTES = n * cols * torch.empty((), dtype=dtype).element_size()
+                ss_linear.CHUNK_BYTES = n * cols * itemsize
             if rows:  # blocks of exactly this many rows
                 ss_linear.EAGER_ROWS, ss_linear.EAGER_BLOCK_BYTES = rows, 0
             chunks = f" ({-(-(vocab or v) // width)} chunks)"
-            blocks = f" ({len(ss_linear.eager_blocks(n)[1])} eager blocks)"
+            blocks = f" ({len(ss_linear.eager_blocks(n, v, itemsize)[1])} eager blocks)"
             _check_impl("chunked", name + chunks + blocks, hidden, weight, b, target, lay, tf, opts, report)
             _check_impl("recompute", name + chunks, hidden, weight, b, target, lay, tf, opts, report)
         finally:
@@ -303,7 +304,8 @@ def time_shape(run: Run, n: int, h: int, v: int, k_top: int, peers: dict) -> Non
     # against it on float32 logits (it never rounds them), at this shape; then all three timed
     # (recompute's statistics are chunked's)
     chunks = f"{n_chunks} chunks of <= {ss_linear.CHUNK_BYTES >> 20} MiB"
-    rows, blocks = ss_linear.eager_blocks(n)
+    # the eager forward's blocks, as it sizes them (one process: from the shard's own width)
+    rows, blocks = ss_linear.eager_blocks(n, v, hidden.element_size())
     notes = {"chunked": chunks, "recompute": chunks, "fused": ""}
     bwd_notes = {**notes, "chunked": f"eager: {len(blocks)} blocks of {rows} rows"}
     stat_impls = [i for i in impls if i != "recompute"]
@@ -556,7 +558,9 @@ def _tp_shape(args, run, say, device, n: int, h: int, v: int, checks: list, bar_
     mm_ms = timed(lambda: hidden @ w_shard.T)
     grad32 = torch.zeros(n, h, dtype=torch.float32, device=device)
     ar_ms = timed(lambda: dist.all_reduce(grad32, group=group))
-    rows, blocks = ss_linear.eager_blocks(n)
+    # the eager forward's blocks, as it sizes them (vocab_size given, see fwd_bwd)
+    max_width = ss_linear.eager_max_width(w_shard.shape[0], v, group)
+    rows, blocks = ss_linear.eager_blocks(n, max_width, hidden.element_size())
     send = torch.zeros(32 + 7 * rows, dtype=torch.int32, device=device)  # header + a block's stats
     gathered = torch.empty(world * send.numel(), dtype=torch.int32, device=device)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # (torch 2.12 name)
@@ -608,7 +612,7 @@ def main(argv=None) -> int:
         shapes = [  # (N, H, V_shard, bias, vocab_size, options, chunk columns, eager rows per block)
             # 5 chunks, the last with 904 real columns; 3 eager blocks of 334 rows, the last padded
             (1000, 1000, 5003, True, 5000, smooth, 1024, 384),
-            (4096, 4096, 32064, False, None, {}, None, None),  # the defaults: 2 chunks, 2 blocks
+            (4096, 4096, 32064, False, None, {}, None, None),  # the defaults: 2 chunks, 1 block
             (3, 512, 1000, True, None, {"temperature": 0.7}, None, None),
         ]
         if not cuda:  # 4 chunks, the last with 3 real columns; 3 blocks of 13 rows, the last padded
