@@ -287,6 +287,13 @@ class FileRows:
         return self.stop - self.start
 
 
+def _named(path: str, spans: dict, name: str) -> TensorSpan:
+    """Tensor ``name`` of a file's layout (``InputError`` if there is no such tensor)."""
+    if name not in spans:
+        raise InputError(f"{path}: no tensor named {name!r} (found {sorted(spans)})")
+    return spans[name]
+
+
 @dataclass(frozen=True)
 class TensorSpan:
     """Where one tensor's bytes are in a safetensors file."""
@@ -427,17 +434,14 @@ class RowReader:
 
     def span(self, path: str, name: str) -> TensorSpan:
         """Where tensor ``name`` of ``path`` is (``InputError`` if there is no such tensor)."""
-        spans = self.layout(path)[1]
-        if name not in spans:
-            raise InputError(f"{path}: no tensor named {name!r} (found {sorted(spans)})")
-        return spans[name]
+        return _named(path, self.layout(path)[1], name)
 
     def read_into(self, path: str, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """Rows ``[start, stop)`` of tensor ``name`` into the front of ``out`` (a contiguous CPU
         tensor of at least that many bytes); returns them as a view of ``out`` with the tensor's
         dtype and shape ``[stop - start, ...]``."""
-        span = self.span(path, name)
-        fd = self.layout(path)[0]
+        fd, spans = self.layout(path)  # one stat of the file per read
+        span = _named(path, spans, name)
         if not 0 <= start <= stop <= span.shape[0]:
             raise InputError(f"{path}: rows [{start}, {stop}) are not within {name!r}'s {span.shape[0]} rows")
         nbytes = (stop - start) * span.row_bytes
