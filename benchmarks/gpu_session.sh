@@ -8,6 +8,7 @@
 #
 #     bash benchmarks/gpu_session.sh [steps...]   # steps: install tests bench dist2 dist4 plot summary
 #                                                 # (default: all of them); optional: host selftest
+#                                                 # tune (benchmarks/tune.py ${TUNE_ARGS})
 #                                                 # linear (the fused LM head, bench_linear.py)
 #                                                 # linear_tp (bench_linear.py --tp on 2 and 4 GPUs)
 #                                                 # nccl (the NCCL pytest tier, 2 and 4 GPUs)
@@ -16,7 +17,7 @@
 #                                                 # needs the wheels of .whl/ carried)
 #
 # Limits (seconds, environment): TEST_LIMIT=80 BENCH_LIMIT=210 DIST2_LIMIT=70 DIST4_LIMIT=120;
-# LINEAR_LIMIT=300 LINEAR_TP_LIMIT=150 NCCL_LIMIT=200 RAY_LIMIT=300 PROFILE_LIMIT=60 (opt-in steps); RAY_TEST=0 skips
+# TUNE_LIMIT=300 LINEAR_LIMIT=300 LINEAR_TP_LIMIT=150 NCCL_LIMIT=200 RAY_LIMIT=300 PROFILE_LIMIT=60 (opt-in steps); RAY_TEST=0 skips
 # Ray's NCCL job test, RAY_BATCHES sets bench_ray's timed batches (default 30).
 # The device tool returns at most 8 files from $OUT: with many steps, the last logs may not come
 # back (their tails are printed by each step).
@@ -69,6 +70,10 @@ fi
 if has bench; then
     limit=${BENCH_LIMIT:-210}
     step bench_ops "$limit" python -P benchmarks/bench_ops.py --preset bars --max-seconds $((limit - 45)) --out "$OUT"
+fi
+if has tune; then
+    # shellcheck disable=SC2086
+    step tune "${TUNE_LIMIT:-300}" python -P benchmarks/tune.py ${TUNE_ARGS:-}
 fi
 if has host; then
     step bench_host "${HOST_LIMIT:-150}" python -P benchmarks/bench_host.py --out "$OUT"

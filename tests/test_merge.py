@@ -310,3 +310,22 @@ def test_kernel_topk_nan_row_and_ties(device, k):
     # The NaN row's raw max is the kernels' own business (finalize makes the row NaN).
     rows = [0, 2]
     assert_same_partials(Partials(*(f[rows] for f in got)), Partials(*(f[rows] for f in want)), "rows 0, 2")
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_kernel_topk_rows_in_several_launches(device, monkeypatch):
+    """When the chunk maxima of all rows would outgrow CM_MAX_BYTES, the rows go through the two
+    top-k kernels in blocks; every block writes its own rows of the outputs (here 2 rows, then 1)."""
+    v, k, tile = 1000, 5, (4, 16)
+    cm_bytes_per_row = 4 * math.ceil(v / (tile[0] * tile[1])) * tile[0]
+    monkeypatch.setattr(kernels.partials, "CM_MAX_BYTES", 2 * cm_bytes_per_row)
+    x = torch.round(torch.randn(3, v, generator=torch.Generator().manual_seed(3)) * 48) / 16
+    x[2, 10] = float("nan")
+    target = torch.tensor([4, 999, IGNORE])
+    kw = dict(k=k, n_valid_cols=v, vocab_start=0, ignore_index=IGNORE, softcap=None, temperature=1.0)
+    stats, vals, ids = kernels.shard_partials(x.to(device), target.to(device), tile=tile, n_splits=1, **kw)
+    got = Partials(*(f.cpu() for f in merge_stacked(Partials(*stats.unbind(0), vals, ids))))
+    want = partials_of(x, target, k=k, start=0, hi=v)
+    assert torch.equal(got.topk_ids, want.topk_ids)
+    assert got.topk_ids[2, 0] == 10, "NaN ranks first in the second block too"
+    assert_same_partials(Partials(*(f[:2] for f in got)), Partials(*(f[:2] for f in want)), "rows 0, 1")
