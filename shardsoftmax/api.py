@@ -22,7 +22,9 @@ Common conventions:
   match only after its call returns (the header check runs on the device, see ``collective``):
   that call's results are NaN (ids -1) and the error is raised by the rank's next call on the
   group or by ``synchronize(process_group)``. ``SHARDSOFTMAX_SYNC_CHECKS=1`` checks within
-  each call instead (a host sync per call).
+  each call instead (a host sync per call). A call that makes several collectives (the eager
+  forward of ``linear_cross_entropy``) resolves its first exchange's check before the second, so
+  ranks that disagree never leave one rank waiting in a collective the others skip.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ import torch
 
 from . import _validate as V
 from . import backend
+from .collective import IMPLS, grad_bits
 from .collective import synchronize as synchronize  # noqa: F401  (public)
-from .linear import IMPLS, LinearCrossEntropyFunction, linear_cross_entropy_forward, linear_global_pieces
+from .linear import LinearCrossEntropyFunction, linear_cross_entropy_forward, linear_global_pieces
 from .ops import (
     MAX_K,
     CrossEntropyFunction,
@@ -168,7 +171,7 @@ def cross_entropy(
     """
     call = ShardCall(
         "cross_entropy", 0, temperature, softcap, ignore_index, vocab_size, vocab_start,
-        label_smoothing, z_loss,
+        label_smoothing, z_loss, reduction=reduction,
     )  # fmt: skip
 
     def checks():
@@ -352,7 +355,9 @@ def linear_softmax_stats(
     ``kernels/linear.py``, which accumulate the logits in fp32 and never round them (k = 0 writes
     none; k > 0 writes fp32 logits of a chunk of rows, at most 256 MiB, at a time). All give the
     same results up to that rounding."""
-    call = ShardCall("linear_stats", k, temperature, softcap, ignore_index, vocab_size, vocab_start)
+    call = ShardCall(
+        "linear_stats", k, temperature, softcap, ignore_index, vocab_size, vocab_start, impl=impl
+    )
 
     def checks():
         _check_impl(impl)
@@ -418,15 +423,24 @@ def linear_cross_entropy(
       dtype, 512 MiB at V_shard = 128256 bf16, during forward), fp32 grad_weight [V_shard, H] (2 GiB
       at H = 4096) and fp32 grad_hidden [N, H]. A forward with gradients enabled and no backward
       wastes two GEMMs: evaluate under ``torch.no_grad()``. Otherwise (no gradients, reduction
-      "none") as ``"recompute"``'s forward.
+      "none") as ``"recompute"``'s forward. In a group every rank must take the same path: the
+      header of the first all-gather holds ``impl``, ``reduction``, the rows, the number of
+      all-gathers and the gradients computed (grad mode, ``requires_grad`` of each input,
+      ``reduce_hidden_grad``), and ranks that differ raise there, each naming the argument; on
+      CUDA a call of 2+ blocks waits for that header check (one host sync) before its second.
     * ``"recompute"``: forward as ``linear_softmax_stats`` (vocabulary chunks, nothing of size
       N x V_shard saved: backward reads hidden, weight and the per-row lse); backward recomputes
       each chunk's logits. 4 GEMMs, the least memory (one chunk of at most 128 MiB and fp32
       grad_hidden).
     * ``"fused"``: the Triton kernels, forward and backward (recomputing, fp32 logits)."""
+    # The gradients this call computes decide its collectives (the eager forward's exchanges,
+    # backward's all-reduce): they travel in the header, so ranks that differ raise at once.
+    inputs = (hidden, weight, bias)
+    needs = [torch.is_grad_enabled() and getattr(t, "requires_grad", False) is True for t in inputs]
     call = ShardCall(
         "linear_cross_entropy", 0, temperature, softcap, ignore_index, vocab_size, vocab_start,
-        label_smoothing, z_loss,
+        label_smoothing, z_loss, reduction=reduction, impl=impl,
+        grads=grad_bits(*needs, reduce_hidden=reduce_hidden_grad is True),
     )  # fmt: skip
 
     def checks():
@@ -440,8 +454,7 @@ def linear_cross_entropy(
 
     _checked(call, process_group, checks)
     h2, t1 = _flatten_hidden(hidden, target)
-    inputs = (hidden, weight, bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+    if any(needs):
         loss = LinearCrossEntropyFunction.apply(
             h2, weight, bias, t1, call, reduction, process_group, reduce_hidden_grad, impl
         )

@@ -16,6 +16,14 @@ Protocol (keeps every rank's buffer size equal, so no input can hang the group):
   will not exchange again, so every rank raises the same clear error. If none did, every rank
   either raises the same error or adopts the new layout and exchanges again (two collectives for
   that call only). Buffers are the agreed size in every case, so no input can hang the group.
+* The header also holds what decides the call's sequence of collectives: the LM head's ``impl``,
+  the loss's ``reduction``, which gradients the call computes (grad mode, the inputs'
+  ``requires_grad``, ``reduce_hidden_grad``: they decide the eager-gradient forward and backward's
+  all-reduce), the call's rows and its number of exchanges (one per block of rows for the eager
+  forward, each with the same header). So ranks that would make different collectives disagree at
+  the call's first exchange. A call that exchanges again first resolves that exchange's check
+  (``confirm``, one host sync per such call on CUDA), and backward polls it before its all-reduce
+  (``poll``, no wait), so no rank enters a second collective that the others skip.
 * A rank that dies leaves the others in the all-gather until the process group's timeout
   (``timeout=`` of ``init_process_group``) expires; nothing here waits longer than that.
 """
@@ -32,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from . import backend
+from ._validate import REDUCTIONS
 from .partials import Pieces
 from .partials import pack as pack_pieces
 
@@ -52,11 +61,24 @@ HEADER_FIELDS = (
     "softcap_bits",
     "label_smoothing_bits",
     "z_loss_bits",
+    "impl",  # the LM head's implementation (CHOICES); 0: not the LM head
+    "reduction",  # the loss's reduction (CHOICES); 0: not a loss
+    "grads",  # the gradients the call computes (bits of GRADS); recorded by the LM head's loss only
+    "call_rows",  # rows of the whole call (n_rows is per exchange)
+    "exchanges",  # exchanges the call makes (the eager forward: one per block of rows)
 )
 H = len(HEADER_FIELDS)
 _DTYPES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4}
 OPS = {"stats": 1, "cross_entropy": 2, "softmax": 3, "log_softmax": 4, "topk": 5, "sample": 6,
        "linear_stats": 7, "linear_cross_entropy": 8}  # fmt: skip
+
+IMPLS = ("chunked", "recompute", "fused")  # the LM head's implementations (see ``linear``)
+# String options as header words: 1 + their index here; 0 where the op has no such option, -2 for
+# a value that is none of these (a rank reporting bad input still sends a well-formed header).
+CHOICES = {"impl": IMPLS, "reduction": REDUCTIONS}
+# Bits of the header's "grads": which gradients the LM head's loss computes (they decide its
+# eager forward, one exchange per block of rows, and backward's all-reduce of hidden's gradient).
+GRADS = ("hidden", "weight", "bias", "hidden's all-reduced")
 
 # Error codes a rank can report instead of its partials.
 ERR_INVALID_INPUT = 1
@@ -81,11 +103,31 @@ def _shown(field: str, value: int):
         return next((str(d) for d, code in _DTYPES.items() if code == value), value)
     if field == "op":
         return next((name for name, code in OPS.items() if code == value), value)
+    if field in CHOICES:
+        options = CHOICES[field]
+        return options[value - 1] if 0 < value <= len(options) else {0: None}.get(value, "invalid")
+    if field == "grads":
+        names = [name for i, name in enumerate(GRADS) if value >> i & 1]
+        return "gradients of " + ", ".join(names) if names else "no gradients"
     return {-1: None, -2: "invalid"}.get(value, value) if field.endswith("_bits") else value
 
 
 def _int_or(x, default: int = -2) -> int:
     return int(x) if isinstance(x, numbers.Integral) else default
+
+
+def _choice(field: str, value) -> int:
+    if value is None:
+        return 0
+    options = CHOICES[field]
+    return options.index(value) + 1 if isinstance(value, str) and value in options else -2
+
+
+def grad_bits(hidden: bool, weight: bool, bias: bool, reduce_hidden: bool) -> int:
+    """The header's "grads" word: the gradients a call computes (``GRADS``); the all-reduce of
+    hidden's gradient counts only when that gradient is computed."""
+    bits = (bool(hidden), bool(weight), bool(bias), bool(hidden) and bool(reduce_hidden))
+    return sum(b << i for i, b in enumerate(bits))
 
 
 @dataclass(frozen=True)
@@ -103,14 +145,20 @@ class Header:
     softcap_bits: int
     label_smoothing_bits: int
     z_loss_bits: int
+    impl: int = 0
+    reduction: int = 0
+    grads: int = 0
+    call_rows: int = -1
+    exchanges: int = 1
     error: int = 0
     magic: int = MAGIC
 
     @classmethod
     def make(
         cls, op, n_rows, k, dtype, has_target, width, start, vocab_size, ignore_index, temperature, softcap,
-        label_smoothing, z_loss,
+        label_smoothing, z_loss, *, impl=None, reduction=None, grads=0, call_rows=None, exchanges=1,
     ):  # fmt: skip
+        """``call_rows``: the call's rows when it makes several exchanges of ``n_rows`` each."""
         return cls(
             op=OPS[op],
             n_rows=int(n_rows),
@@ -125,6 +173,11 @@ class Header:
             softcap_bits=_float_bits(softcap),
             label_smoothing_bits=_float_bits(label_smoothing),
             z_loss_bits=_float_bits(z_loss),
+            impl=_choice("impl", impl),
+            reduction=_choice("reduction", reduction),
+            grads=_int_or(grads),
+            call_rows=int(n_rows) if call_rows is None else _int_or(call_rows),
+            exchanges=_int_or(exchanges),
         )
 
     def as_list(self) -> list[int]:
@@ -235,9 +288,14 @@ def _check_consistent(headers: list[Header]) -> tuple[tuple[int, ...], int, int]
                 "no rank computed a result"
             )
     h0 = headers[0]
-    names = {
+    names = {  # in this order: the first mismatch found is the one reported
         "op": "operation",
-        "n_rows": "number of rows (tokens)",
+        "impl": "impl",
+        "reduction": "reduction",
+        "grads": "grad mode / requires_grad (the gradients the call computes: torch.is_grad_enabled(), "
+        "requires_grad of hidden, weight and bias, reduce_hidden_grad)",
+        "call_rows": "number of rows (tokens)",
+        "n_rows": "rows per exchange",
         "k": "k",
         "dtype": "logits dtype",
         "has_target": "target given or not",
@@ -247,6 +305,7 @@ def _check_consistent(headers: list[Header]) -> tuple[tuple[int, ...], int, int]
         "softcap_bits": "softcap",
         "label_smoothing_bits": "label_smoothing",
         "z_loss_bits": "z_loss",
+        "exchanges": "number of exchanges in the call",
     }
     for r, h in enumerate(headers[1:], start=1):
         for f, what in names.items():
@@ -254,7 +313,7 @@ def _check_consistent(headers: list[Header]) -> tuple[tuple[int, ...], int, int]
                 mine, theirs = _shown(f, getattr(h0, f)), _shown(f, getattr(h, f))
                 raise ValueError(
                     f"shardsoftmax: ranks disagree on {what}: rank 0 has {mine}, rank {r} has {theirs}. "
-                    "Every rank must call with the same rows, options and dtype."
+                    "Every rank must call with the same rows, options, dtype and grad mode."
                 )
     widths = [h.width for h in headers]
     total = sum(widths)
@@ -345,7 +404,8 @@ def _mismatch(headers: list[Header], agreed: Agreed | None) -> BaseException:
 # the ranks whose own call was wrong, at the next call on the group once the copy has landed, or
 # at ``synchronize(group)``. ``SHARDSOFTMAX_SYNC_CHECKS=1`` resolves every check within its call
 # (a host sync per call, like CUDA_LAUNCH_BLOCKING for kernels). On the CPU checks always resolve
-# within the call (nothing to overlap), unless ``DEFER_ON_CPU`` (set by tests of the deferred path).
+# within the call (nothing to overlap), unless ``DEFER_ON_CPU`` (set by tests of the deferred path:
+# a check then lands only when waited for, as on a GPU that is behind the host, see ``_LateEvent``).
 SYNC_CHECKS = os.environ.get("SHARDSOFTMAX_SYNC_CHECKS", "0") not in ("", "0")
 DEFER_ON_CPU = False
 MAX_PENDING = 16  # pending checks per group; the oldest is waited for beyond this
@@ -354,11 +414,30 @@ MAX_PENDING = 16  # pending checks per group; the oldest is waited for beyond th
 @dataclass
 class _Check:
     words: torch.Tensor  # [G * H * 2 + 2] int32 on the host (pinned when CUDA): headers, the flag, a pad
-    event: object  # torch.cuda.Event recorded after the copy, or None (already on the host)
+    event: object  # torch.cuda.Event recorded after the copy (``_LateEvent`` on the CPU)
     agreed: Agreed
+    seq: int  # checks queued on the group before this one
 
 
 _pending: dict[int, deque] = {}
+_queued: dict[int, int] = {}  # checks ever queued per group (the next check's ``seq``)
+
+
+class _LateEvent:
+    """``DEFER_ON_CPU``'s stand-in for a CUDA event: not landed until waited for (the worst case
+    on a GPU: the host far ahead), so tests see every check resolve where the code waits for it."""
+
+    def __init__(self):
+        self.landed = False
+
+    def record(self):
+        self.landed = False
+
+    def query(self) -> bool:
+        return self.landed
+
+    def synchronize(self):
+        self.landed = True
 
 
 class _Ring:
@@ -372,7 +451,7 @@ class _Ring:
         cuda = device.type == "cuda"
         self.dev = torch.empty(n_words, dtype=torch.int32, device=device)
         self.host = torch.empty((MAX_PENDING + 1, n_words), dtype=torch.int32, pin_memory=cuda)
-        self.events = [torch.cuda.Event() if cuda else None for _ in range(MAX_PENDING + 1)]
+        self.events = [torch.cuda.Event() if cuda else _LateEvent() for _ in range(MAX_PENDING + 1)]
         self.i = 0
 
     def next(self):
@@ -383,13 +462,15 @@ class _Ring:
 _rings: dict[int, _Ring] = {}
 
 
-def _resolve(key: int, *, wait: bool) -> None:
+def _resolve(key: int, *, wait: bool, own_from: int | None = None) -> None:
     """Drop the checks of group ``key`` whose headers have landed and agree (with ``wait``: all
-    of them); raise the error of the first that does not (each failed call raises once)."""
+    of them); raise the error of the first that does not (each failed call raises once).
+    ``own_from``: checks with this ``seq`` or later are the running call's own (their error is
+    not attributed to an earlier call)."""
     queue = _pending.get(key)
     while queue:
         check = queue[0]
-        if check.event is not None and not check.event.query():  # not landed yet
+        if not check.event.query():  # not landed yet
             if not wait and len(queue) <= MAX_PENDING:
                 return
             check.event.synchronize()
@@ -398,6 +479,8 @@ def _resolve(key: int, *, wait: bool) -> None:
         if check.words[n_head].item():  # the kernel's flag: some header differs from the agreed one
             words = check.words[:n_head].view(-1, 2 * H)
             err = _mismatch(_read_headers(words), check.agreed)
+            if own_from is not None and check.seq >= own_from:
+                raise err
             raise type(err)(
                 f"{err} (found by the check of an earlier call on this rank, whose results are NaN / id -1)"
             ) from None
@@ -407,6 +490,27 @@ def synchronize(process_group) -> None:
     """Wait for this group's pending header checks (see ``_resolve``) and raise the error of any
     earlier call whose ranks disagreed. A no-op when none is pending."""
     _resolve(id(process_group), wait=True)
+
+
+def checks_queued(process_group) -> int:
+    """How many deferred header checks this rank has queued on the group so far (for ``confirm``)."""
+    return _queued.get(id(process_group), 0)
+
+
+def confirm(process_group, since: int) -> None:
+    """Within a call that exchanges more than once: wait for the header checks pending on the group
+    (its own since ``since`` = ``checks_queued`` before its first exchange, and any before them)
+    and raise if the ranks disagreed, before this rank exchanges again (the other ranks raised at
+    that exchange and will not). On CUDA one host sync; nothing to wait for where the exchange
+    checked within the call (the CPU, or a layout change)."""
+    _resolve(id(process_group), wait=True, own_from=since)
+
+
+def poll(process_group) -> None:
+    """Raise the error of any pending header check of this group that has landed and failed,
+    without waiting (before a collective outside ``exchange``, e.g. backward's all-reduce, that a
+    rank which raised at the exchange would not join). Checks not landed yet stay pending."""
+    _resolve(id(process_group), wait=False)
 
 
 def _check_fast(key: int, gathered: torch.Tensor, agreed: Agreed) -> None:
@@ -424,9 +528,10 @@ def _check_fast(key: int, gathered: torch.Tensor, agreed: Agreed) -> None:
     host, event = ring.next()
     backend.check_headers(gathered, agreed.words, ring.dev)
     host.copy_(ring.dev, non_blocking=cuda)
-    if event is not None:
-        event.record()
-    _pending.setdefault(key, deque()).append(_Check(host, event, agreed))
+    event.record()
+    seq = _queued.get(key, 0)
+    _queued[key] = seq + 1
+    _pending.setdefault(key, deque()).append(_Check(host, event, agreed, seq))
     if SYNC_CHECKS:
         _resolve(key, wait=True)
 
@@ -487,3 +592,4 @@ def forget(group) -> None:
     _agreed.pop(id(group), None)
     _pending.pop(id(group), None)
     _rings.pop(id(group), None)
+    _queued.pop(id(group), None)

@@ -28,7 +28,10 @@
   partials, fp32 logits never rounded; backward with Triton GEMMs).
 
 Forward: one collective (the all-gather of the partials), as ``cross_entropy``; the eager
-forward: one per block of rows, all of the same size. Backward: the gradients of weight and bias
+forward: one per block of rows, all with the same header, which holds the call's rows, its number
+of exchanges, ``impl``, ``reduction`` and the gradients it computes, so ranks on different paths
+raise at the first; its check is resolved before the second (``collective.confirm``: one host sync
+on CUDA). Backward: the gradients of weight and bias
 are this shard's own; the gradient of the (replicated) hidden states is this shard's partial
 sum, all-reduced over the group when ``reduce_hidden_grad`` (the column-parallel rule; the only
 collective in backward).
@@ -36,17 +39,17 @@ collective in backward).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from . import backend, reference
+from . import backend, collective, reference
 from .collective import Layout
 from .ops import ShardCall, ShardShape, finalize_loss, global_pieces, grad_kwargs, shard_kwargs
 from .partials import Pieces, identity, pack
 
-IMPLS = ("chunked", "recompute", "fused")
 # One chunk of logits (and, in backward, of their gradient, in the same memory) in the inputs'
 # dtype: N = 8192 rows of bf16 give chunks of 8192 columns. Larger chunks mean fewer, larger
 # GEMMs and fewer passes over the fp32 grad_hidden accumulator, at this much extra memory.
@@ -348,6 +351,8 @@ def eager_linear_cross_entropy(
     need_bias_grad = need_bias_grad and bias is not None
     max_width = eager_max_width(n_cols, call.vocab_size, process_group)
     rows, blocks = eager_blocks(n_rows, max_width, hidden2d.element_size())
+    # every block's header: the call's rows and exchanges too (ranks that differ raise at the first)
+    call = replace(call, call_rows=n_rows, exchanges=len(blocks))
     one = torch.ones((), dtype=acc_dtype, device=device)
     n_valid = (target1d != call.ignore_index).sum() if reduction == "mean" else None
     # the reduction's scale, on the device (inf when no target is valid: every row is ignored then)
@@ -357,7 +362,14 @@ def eager_linear_cross_entropy(
     shape = ShardShape((rows, n_cols), hidden2d.dtype, device)
     state: dict = {}  # the logits buffer: its width (the layout's real columns) is known in pieces_fn
     total = None
-    for r0, r1 in blocks:
+    since = collective.checks_queued(process_group) if process_group is not None else 0
+    for i, (r0, r1) in enumerate(blocks):
+        if i == 1 and process_group is not None:
+            # The first exchange's header check, before the second exchange (the ranks' calls may
+            # disagree: those that found out at the first raised and will not exchange again).
+            # Here, not right after the first exchange: the GPU has the first block's gradient
+            # GEMMs queued while the host waits (on the CPU the check already ran: no wait).
+            collective.confirm(process_group, since)
         n = r1 - r0
         h_b = hidden2d[r0:r1]
         t_b = target1d[r0:r1]
@@ -479,6 +491,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if grad_hidden is not None:
             group = ctx.process_group
             if ctx.reduce_hidden_grad and group is not None and dist.get_world_size(group) > 1:
+                collective.poll(group)  # a landed check that failed: raise instead of all-reducing
                 dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=group)  # in fp32
             grad_hidden = grad_hidden.to(hidden_dtype)
         return (

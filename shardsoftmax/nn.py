@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _validate as V
+from . import collective
 from .api import SoftmaxStats, cross_entropy, linear_cross_entropy, linear_softmax_stats, softmax_stats
 
 __all__ = ["VocabParallelCrossEntropy", "VocabParallelLMHead", "copy_to_vocab_parallel", "shard_sizes"]
@@ -64,6 +65,7 @@ class _CopyToVocabParallel(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad = grad.clone(memory_format=torch.contiguous_format)  # never modify autograd's buffer
+        collective.poll(ctx.process_group)  # a landed header check that failed: raise, do not all-reduce
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.process_group)
         return grad, None
 

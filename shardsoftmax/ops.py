@@ -23,7 +23,8 @@ from .partials import Partials, Pieces, pack, topk_select
 
 @dataclass(frozen=True)
 class ShardCall:
-    """Everything the shard pass needs besides tensors; identical on every rank of a group."""
+    """Everything the shard pass needs besides tensors, and what decides the call's collectives
+    (its header, see ``collective``); identical on every rank of a group."""
 
     op: str
     k: int = 0
@@ -34,6 +35,12 @@ class ShardCall:
     vocab_start: int | None = None
     label_smoothing: float = 0.0
     z_loss: float = 0.0
+    # The header's record of the call's collectives (the shard pass does not read them).
+    reduction: str | None = None  # the loss's; None: not a loss
+    impl: str | None = None  # the LM head's; None: not the LM head
+    grads: int = 0  # collective.grad_bits of the LM head's loss
+    call_rows: int | None = None  # the call's rows when it makes several exchanges (None: one)
+    exchanges: int = 1
 
     # The kernel skips sums nobody reads (they come back as NaN).
     @property
@@ -59,6 +66,8 @@ def _header(call: ShardCall, n_rows: int, width: int, dtype, has_target: bool) -
     return Header.make(
         call.op, n_rows, call.k, dtype, has_target, width, call.vocab_start, call.vocab_size,
         call.ignore_index, call.temperature, call.softcap, call.label_smoothing, call.z_loss,
+        impl=call.impl, reduction=call.reduction, grads=call.grads, call_rows=call.call_rows,
+        exchanges=call.exchanges,
     )  # fmt: skip
 
 

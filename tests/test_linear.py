@@ -890,11 +890,14 @@ def dist_rank(ctx, widths):
         ss.set_backend(backend)
         res = {}
         kw = dict(bias=bias[cols], vocab_size=DIST_VOCAB, process_group=ctx.group, impl=impl, **DIST_OPTS)
-        ss.linear_cross_entropy(hidden, weight[cols], target, **kw)  # agrees the layout (first call only)
         for reduce in (True, False):
             h, w, b = (x.clone().requires_grad_(True) for x in (hidden, weight[cols], bias[cols]))
+            kw_grad = {**kw, "bias": b, "reduce_hidden_grad": reduce}
+            # agrees the layout (the header holds the gradients a call computes: a change is one
+            # more exchange); its graph is dropped
+            ss.linear_cross_entropy(h, w, target, **kw_grad)
             with count_collectives() as calls:
-                loss = ss.linear_cross_entropy(h, w, target, **{**kw, "bias": b}, reduce_hidden_grad=reduce)
+                loss = ss.linear_cross_entropy(h, w, target, **kw_grad)
                 forward = sum(calls.values())
                 calls.clear()
                 loss.backward()
