@@ -77,7 +77,15 @@ def test_ops_dry_run_checks_and_times_every_provider(ops_run):
     }
     for op, provs in want.items():
         for prov in provs:
-            got = status_of(rows, op=op, provider=prov, n=9)
+            # Megatron's backward works in place on its saved softmax, so it cannot be repeated:
+            # its time is fwd+bwd - fwd, which CPU timing noise (other processes on a loaded
+            # machine) can make non-positive; that row then says so instead of giving a number.
+            got = [
+                r["status"]
+                for r in rows
+                if r["op"] == op and r["provider"] == prov and r["n"] == "9"
+                and not (prov == "megatron" and "backward not measurable" in r["note"])
+            ]  # fmt: skip
             assert got and set(got) == {"ok"}, (op, prov, got)
     for pass_ in ("fwd", "bwd", "fwd+bwd"):
         assert status_of(rows, op="cross_entropy", provider="shardsoftmax", **{"pass": pass_}) == ["ok"]
