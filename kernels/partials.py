@@ -162,6 +162,17 @@ def _select_topk(row_ptr, cm_ptr, gmax_ptr, chunks_ptr, vals_ptr, cols_ptr, coun
 
 
 @triton.jit
+def _split_columns(cols_per_split, n_valid_cols, ROWS: tl.constexpr, CHUNK: tl.constexpr):
+    """This program's column split (grid axis 1): (split, n_splits, col_lo, col_hi), and the
+    offsets of a ROWS x CHUNK tile."""
+    split = tl.program_id(1)
+    col_lo = split * cols_per_split
+    col_hi = tl.minimum(col_lo + cols_per_split, n_valid_cols)
+    tile_offs = tl.arange(0, ROWS)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
+    return split, tl.num_programs(1), col_lo, col_hi, tile_offs
+
+
+@triton.jit
 def _shard_partials_kernel(
     # pointers
     logits_ptr,
@@ -200,12 +211,8 @@ def _shard_partials_kernel(
     for ``_select_kernel``, 4 bytes per CHUNK columns.
     """
     pid = tl.program_id(0)
-    split = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    col_lo = split * cols_per_split
-    col_hi = tl.minimum(col_lo + cols_per_split, n_valid_cols)
+    split, n_splits, col_lo, col_hi, tile_offs = _split_columns(cols_per_split, n_valid_cols, ROWS, CHUNK)
     BLOCK_V: tl.constexpr = ROWS * CHUNK
-    tile_offs = tl.arange(0, ROWS)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
     local = pid + tl.zeros([], tl.int64)  # int64 offsets (pid is a plain int in the interpreter)
     row = row0 + local
     row_ptr = logits_ptr + row * stride_logits_row
@@ -304,13 +311,9 @@ def _select_kernel(
     re-reading only the few candidate chunks (see ``_select_topk``). A split whose sum came out
     NaN (a NaN or +inf in it) is re-read once to rank NaN highest, as ``torch.topk`` does."""
     pid = tl.program_id(0)
-    split = tl.program_id(1)
     n_programs = tl.num_programs(0)
-    n_splits = tl.num_programs(1)
-    col_lo = split * cols_per_split
-    col_hi = tl.minimum(col_lo + cols_per_split, n_valid_cols)
+    split, n_splits, col_lo, col_hi, tile_offs = _split_columns(cols_per_split, n_valid_cols, ROWS, CHUNK)
     BLOCK_V: tl.constexpr = ROWS * CHUNK
-    tile_offs = tl.arange(0, ROWS)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
     SLOT_WORDS: tl.constexpr = CAPE + CAPC // 2 + NGP // 2 + 1
     slot = scratch_ptr + (pid * n_splits + split) * SLOT_WORDS
     vals_ptr = slot.to(tl.pointer_type(tl.float32))

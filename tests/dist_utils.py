@@ -260,6 +260,29 @@ _PG_METHODS = (
 )
 
 
+def calls_that_sync(calls: dict, group, repeats: int = 3) -> list[str]:
+    """Run each of ``calls`` (name -> no-argument function making group calls on CUDA) once to
+    agree on the layout (that reads the headers: a sync), then ``repeats`` times under
+    ``torch.cuda.set_sync_debug_mode("error")``, where any op that syncs the host with the GPU
+    raises. Returns "name: error" for the calls that synced."""
+    import shardsoftmax as ss
+
+    synced = []
+    for name, call in calls.items():
+        call()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(repeats):
+                call()
+        except RuntimeError as err:
+            synced.append(f"{name}: {err}")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        ss.synchronize(group)
+    return synced
+
+
 @contextlib.contextmanager
 def count_collectives():
     """Count torch.distributed collective calls (and point-to-point ones) made in this process.

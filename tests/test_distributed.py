@@ -32,7 +32,7 @@ import shardsoftmax as ss
 from shardsoftmax import reference as R
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_utils import count_collectives, run_ranks  # noqa: E402
+from dist_utils import calls_that_sync, count_collectives, run_ranks  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -615,20 +615,7 @@ def steady_no_sync_rank(ctx) -> list[str]:
         "cross_entropy": lambda: ss.cross_entropy(x, t, process_group=ctx.group),
         "log_softmax": lambda: ss.log_softmax(x, process_group=ctx.group),
     }
-    synced = []
-    for name, call in calls.items():
-        call()  # agree on the layout (reads the headers: a sync)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for _ in range(3):
-                call()
-        except RuntimeError as err:
-            synced.append(f"{name}: {err}")
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        ss.synchronize(ctx.group)
-    return synced
+    return calls_that_sync(calls, ctx.group)
 
 
 @pytest.mark.gpu

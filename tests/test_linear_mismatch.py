@@ -27,7 +27,7 @@ from shardsoftmax import linear as L
 from shardsoftmax import reference as R
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_utils import count_collectives, run_ranks  # noqa: E402
+from dist_utils import calls_that_sync, count_collectives, run_ranks  # noqa: E402
 
 N, H, V_PADDED, VOCAB, BLOCK_ROWS = 13, 8, 21, 20, 5
 GRADS = "ranks disagree on grad mode / requires_grad"
@@ -200,7 +200,7 @@ def steady_no_sync_rank(ctx) -> list[str]:
     wait for the GPU. Returns the steps that synced."""
     hidden, w_shard, target, _ = _setup(ctx, "auto")
     steps = {"recompute": {"impl": "recompute"}, "eager, one block": {"n": BLOCK_ROWS}}
-    synced = []
+    calls = {}
     for name, opts in steps.items():
         n = opts.get("n", N)
         kw = {"impl": opts.get("impl", "chunked"), "vocab_size": VOCAB, "process_group": ctx.group}
@@ -209,18 +209,8 @@ def steady_no_sync_rank(ctx) -> list[str]:
             h, w = hidden[:n].clone().requires_grad_(True), w_shard.clone().requires_grad_(True)
             ss.linear_cross_entropy(h, w, target[:n], **kw).backward()
 
-        step()  # agrees the layout (reads the headers: a sync)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for _ in range(3):
-                step()
-        except RuntimeError as err:
-            synced.append(f"{name}: {err}")
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        ss.synchronize(ctx.group)
-    return synced
+        calls[name] = step
+    return calls_that_sync(calls, ctx.group)
 
 
 @pytest.mark.gpu
