@@ -72,6 +72,26 @@ def rescale_factor(m, new_max):
 
 
 @triton.jit
+def online_update(m, s, t, sum_x, x, valid, tile_max, NEED_ENTROPY: tl.constexpr,
+                  NEED_SUM_X: tl.constexpr):  # fmt: skip
+    """Fold a tile ``x`` [R, C] (fp32 transformed logits, -inf where not ``valid``) with its row
+    maxima ``tile_max`` [R] into R online states (m = max x, s = sum exp(x - m),
+    t = sum exp(x - m) x, sum x); returns the new (m, s, t, sum_x). The monoid's rescale, as in
+    shardsoftmax.partials."""
+    m_new = tl.maximum(m, tile_max)
+    alpha = rescale_factor(m, m_new)
+    # exp(x - m) as exp2(x log2e - m log2e): one FMA and one MUFU op per element.
+    e = tl.exp2(x * 1.4426950408889634 - (safe_max(m_new) * 1.4426950408889634)[:, None])
+    s = s * alpha + tl.sum(e, axis=1)
+    if NEED_ENTROPY:
+        # max(x, -FLT_MAX) keeps e * x = 0 (not NaN) for -inf columns.
+        t = t * alpha + tl.sum(e * tl.maximum(x, -3.4028234663852886e38), axis=1)
+    if NEED_SUM_X:
+        sum_x += tl.sum(tl.where(valid, x, 0.0), axis=1)
+    return m_new, s, t, sum_x
+
+
+@triton.jit
 def ordered_int32(x):
     """fp32 -> int32 with the same order; NaN maps above +inf, -0.0 equals +0.0."""
     i = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)

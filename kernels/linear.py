@@ -38,10 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cross_entropy_grad, rescale_factor, safe_max, transform_logits
+from .common import cross_entropy_grad, online_update, transform_logits
 from .partials import N_FIELDS, default_splits, shard_partials, tile_shape
 
-LOG2E = tl.constexpr(1.4426950408889634)
 TOPK_CHUNK_BYTES = 256 << 20  # fp32 logits of one chunk of rows on the top-k path
 GRAD_CHUNK_BYTES = 256 << 20  # one chunk of the gradient G in backward
 GROUP_N = 16  # row blocks that run side by side (their hidden rows stay in L2)
@@ -235,18 +234,11 @@ def _linear_partials_kernel(
         )  # fmt: skip
         x = transform_logits(raw, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
         x = tl.where(col_ok[None, :], x, float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, axis=1))
-        alpha = rescale_factor(m, m_new)
-        e = tl.exp2(x * LOG2E - (safe_max(m_new) * LOG2E)[:, None])
-        s = s * alpha + tl.sum(e, axis=1)
-        if NEED_ENTROPY:
-            # max(x, -FLT_MAX) keeps e * x = 0 (not NaN) for -inf columns.
-            t = t * alpha + tl.sum(e * tl.maximum(x, -3.4028234663852886e38), axis=1)
-        if NEED_SUM_X:
-            sum_x += tl.sum(tl.where(col_ok[None, :], x, 0.0), axis=1)
+        m, s, t, sum_x = online_update(
+            m, s, t, sum_x, x, col_ok[None, :], tl.max(x, axis=1), NEED_ENTROPY, NEED_SUM_X
+        )
         if HAS_TARGET:
             tgt_logit += tl.sum(tl.where(cols[None, :] == local[:, None], x, 0.0), axis=1)
-        m = m_new
 
     count = tl.zeros([BLOCK_N], tl.float32) + tl.maximum(col_hi - col_lo, 0).to(tl.float32)
     if HAS_TARGET:

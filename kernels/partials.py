@@ -20,8 +20,8 @@ from .common import (
     key_value,
     make_key,
     min_key_like,
+    online_update,
     rescale_factor,
-    safe_max,
     transform_logits,
 )
 
@@ -29,7 +29,6 @@ from .common import (
 FIELDS = ("max", "sumexp", "sumexp_x", "sum_x", "count", "target_logit", "target_hits")
 N_FIELDS = len(FIELDS)
 MAX_K = 1024
-LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -231,17 +230,7 @@ def _shard_partials_kernel(
         chunk_max = tl.max(x, axis=1)  # NaN is skipped here (it makes s NaN instead)
         if STORE_CM:
             tl.store(cm_row + start // CHUNK + tl.arange(0, ROWS), chunk_max)
-        m_new = tl.maximum(m, chunk_max)
-        alpha = rescale_factor(m, m_new)
-        # exp(x - m) as exp2(x log2e - m log2e): one FMA and one MUFU op per element.
-        e = tl.exp2(x * LOG2E - (safe_max(m_new) * LOG2E)[:, None])
-        s = s * alpha + tl.sum(e, axis=1)
-        if NEED_ENTROPY:
-            # max(x, -FLT_MAX) keeps e * x = 0 (not NaN) for -inf columns.
-            t = t * alpha + tl.sum(e * tl.maximum(x, -3.4028234663852886e38), axis=1)
-        if NEED_SUM_X:
-            sum_x += tl.sum(tl.where(mask, x, 0.0), axis=1)
-        m = m_new
+        m, s, t, sum_x = online_update(m, s, t, sum_x, x, mask, chunk_max, NEED_ENTROPY, NEED_SUM_X)
 
     # Combine the ROWS states (the same rescale as the monoid's merge).
     m_all = tl.max(m, axis=0)
