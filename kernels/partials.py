@@ -55,16 +55,15 @@ def _merge_top(best, new, KP: tl.constexpr):
 
 
 @triton.jit
-def _chunk_elements(row_ptr, chunks, valid, col_lo, col_hi, softcap, inv_temperature,
-                    HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr,
-                    CHUNK: tl.constexpr):  # fmt: skip
-    """The transformed values, keys and validity of the elements of ``chunks`` ([BC] indices
-    relative to the split), flattened to [BC * CHUNK]."""
+def _chunk_tile(row_ptr, chunks, valid, col_lo, col_hi, softcap, inv_temperature,
+                HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr,
+                CHUNK: tl.constexpr):  # fmt: skip
+    """The transformed values, columns and validity of the elements of ``chunks`` ([BC] indices
+    relative to the split, those not ``valid`` masked), as [BC, CHUNK] tiles."""
     cols = col_lo + chunks[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
     mask = valid[:, None] & (cols < col_hi)
     x = _load_transformed(row_ptr, cols, mask, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
-    n: tl.constexpr = chunks.shape[0] * CHUNK
-    return tl.reshape(x, [n]), tl.reshape(make_key(x, cols), [n]), tl.reshape(mask, [n])
+    return x, cols, mask
 
 
 @triton.jit
@@ -89,9 +88,10 @@ def _brute_force_topk(row_ptr, cm_ptr, chunks_ptr, n_chunks, col_lo, col_hi, sof
     for b in range(0, n_best, BC):
         r = b + tl.arange(0, BC)
         ch = tl.load(chunks_ptr + r, mask=r < n_best, other=0)
-        _, keys, mask = _chunk_elements(row_ptr, ch, r < n_best, col_lo, col_hi, softcap,
-                                        inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE, CHUNK)  # fmt: skip
-        top = _merge_top(top, tl.topk(tl.where(mask, keys, min_key_like([BC * CHUNK])), KP), KP)
+        x, cols, mask = _chunk_tile(row_ptr, ch, r < n_best, col_lo, col_hi, softcap,
+                                    inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE, CHUNK)  # fmt: skip
+        keys = tl.reshape(tl.where(mask, make_key(x, cols), min_key_like([BC, CHUNK])), [BC * CHUNK])
+        top = _merge_top(top, tl.topk(keys, KP), KP)
     return top
 
 
@@ -137,10 +137,8 @@ def _select_topk(row_ptr, cm_ptr, gmax_ptr, chunks_ptr, vals_ptr, cols_ptr, coun
         for b in range(0, n_c, BC):
             r = b + tl.arange(0, BC)
             ch = tl.load(chunks_ptr + r, mask=r < n_c, other=0)
-            cols = col_lo + ch[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
-            mask = (r < n_c)[:, None] & (cols < col_hi)
-            x = _load_transformed(row_ptr, cols, mask, softcap, inv_temperature, HAS_SOFTCAP,
-                                  HAS_TEMPERATURE)  # fmt: skip
+            x, cols, mask = _chunk_tile(row_ptr, ch, r < n_c, col_lo, col_hi, softcap,
+                                        inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE, CHUNK)  # fmt: skip
             cand = mask & (tl.where(x != x, float("inf"), x) >= tau)  # NaN ranks highest
             pos = _append_positions(cand, count_ptr + 1)
             tl.store(vals_ptr + pos, x, mask=cand & (pos < CAPE))
@@ -325,9 +323,8 @@ def _select_kernel(
                 tl.store(cm_split + (start - col_lo) // CHUNK + tl.arange(0, ROWS), chunk_max)
             tl.debug_barrier()  # the chunk maxima stored above are read by other threads
         top = _select_topk(row_ptr, cm_split, gmax_ptr, chunks_ptr, vals_ptr, cols_ptr, count_ptr,
-                           col_lo, col_hi,
-                           softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE, K, KP, CHUNK,
-                           NGP, C2, CB, GB, CAPC, CAPE, BC)  # fmt: skip
+                           col_lo, col_hi, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE,
+                           K, KP, CHUNK, NGP, C2, CB, GB, CAPC, CAPE, BC)  # fmt: skip
         real = top != min_key_like([KP])
         kk = tl.arange(0, KP)
         base = (split * total_rows + row) * K
