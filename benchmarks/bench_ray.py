@@ -27,9 +27,11 @@ against torchrun's result of the same batch (top-k ids and floats; printed as ``
 (``ShardedScorer.timing_breakdown``: a clock read per stage, no sync) and prints it per batch: the
 driver's put into the object store (and its page faults; ``memory`` only), its waits, each
 actor's staging copy into pinned memory (``stage``, ``memory``) or its read of the batch from the
-file into pinned memory (``read``, ``file``), its wait for the previous batch on the GPU, and so
-on. ``busy`` sums what is not waiting: the side whose ``busy`` is near the wall time per batch is
-the bottleneck (the GPU when the workers' ``prev_wait`` is large).
+file into pinned memory (``read``, ``file``), both on the actor's stager thread, overlapped with
+the rest ("in the background"), its wait for that thread (``*_wait``) and for the previous batch on
+the GPU, and so on. ``busy`` sums what the driver's or the actor's main thread spends not waiting:
+the side whose ``busy`` (or background stage) is near the wall time per batch is the bottleneck
+(the GPU when the workers' ``prev_wait`` is large).
 
     # the torchrun baseline (G processes), then the Ray scorer with tp=G, in one command:
     python benchmarks/bench_ray.py --tp 2 4 --v 128256 256000 [--source file memory] [--out DIR]
@@ -291,8 +293,11 @@ def run_ray(args, g: int) -> dict:
 
 
 DRIVER_STAGES = ("read", "put", "send", "wait", "get", "unpack", "caller", "rebuild")
-WORKER_STAGES = ("idle", "slot_wait", "stage", "read", "prev_wait", "launch", "take", "flush")
-WAITING = ("wait", "caller", "idle", "prev_wait")  # not counted as busy
+WORKER_STAGES = (
+    "idle", "slot_wait", "stage_wait", "read_wait", "prev_wait", "launch", "take", "flush", "stage", "read",
+)  # fmt: skip
+WAITING = ("wait", "caller", "idle", "prev_wait", "stage_wait", "read_wait")  # not counted as busy
+BACKGROUND = ("stage", "read")  # a worker's stager thread, overlapped: shown, not counted as busy
 
 
 def format_breakdown(bd: dict, wall_ms: float) -> str:
@@ -306,8 +311,9 @@ def format_breakdown(bd: dict, wall_ms: float) -> str:
                 continue
             counts = (name + "_objects", name + "_faults")
             extra = [f"{d[k]:,.0f} {k.split('_')[-1]}" for k in counts if k in d]
-            parts.append(f"{name} {ms:.2f}" + (f" ({', '.join(extra)})" if extra else ""))
-            busy += 0.0 if name in WAITING else ms
+            tag = " in the background" if d is not bd["driver"] and name in BACKGROUND else ""
+            parts.append(f"{name}{tag} {ms:.2f}" + (f" ({', '.join(extra)})" if extra else ""))
+            busy += 0.0 if name in WAITING or tag else ms
         return " | ".join(parts) + f"; busy {busy:.2f} of {wall_ms:.2f}"
 
     out = [f"  driver: {line(bd['driver'], DRIVER_STAGES)}"]

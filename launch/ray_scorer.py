@@ -279,17 +279,36 @@ def _grown(buffers: dict, name: str, nbytes: int, *, device, pin: bool) -> torch
 
 
 class _Slot:
-    """The buffers of one batch on a worker. Two slots alternate, so that one batch is staged while
-    the previous one computes. On CUDA: pinned host buffers and their device twins; ``copied`` is
-    recorded on the copy stream after the host-to-device copies, ``done`` on the compute stream
-    after the results' device-to-host copy (then every buffer of the slot is free again). On the
-    CPU only the results buffer ``host["out"]`` is used and there are no events."""
+    """The buffers of one batch on a worker. Three slots rotate: one batch is staged while the
+    previous one computes and the results of the one before are returned. On CUDA: pinned host
+    buffers and their device twins; ``copied`` is recorded on the copy stream after the
+    host-to-device copies, ``done`` on the compute stream after the results' device-to-host copy
+    (then every buffer of the slot is free again). On the CPU the staged tensors are used as they
+    are (file reads go to the slot's host buffer) and there are no events."""
 
     def __init__(self, cuda: bool):
         self.host: dict[str, torch.Tensor] = {}
         self.dev: dict[str, torch.Tensor] = {}
         self.copied = torch.cuda.Event() if cuda else None
         self.done = torch.cuda.Event() if cuda else None
+
+
+@dataclass
+class _Staged:
+    """A batch whose staging into host memory runs (or ran) on the worker's stager thread."""
+
+    seq: int
+    k: int
+    slot: _Slot
+    stage_name: str  # "stage" (from the object store) or "read" (from its file)
+    future: object  # concurrent.futures.Future of ``_timed(stage, slot)``
+
+
+def _timed(fn, *args):
+    """``(fn(*args), seconds, minor page faults)``: the stager thread's own clock."""
+    t0, f0 = time.perf_counter(), _minor_faults()
+    out = fn(*args)
+    return out, time.perf_counter() - t0, _minor_faults() - f0
 
 
 @dataclass
@@ -305,14 +324,17 @@ class _Pending:
 class TPWorker:
     """One rank of a tensor-parallel group: one vocabulary shard of the head.
 
-    Protocol, one batch behind: ``score(seq, k, targets, *hidden_blocks)`` stages and launches
-    batch ``seq`` (its hidden states as consecutive row blocks, one object each), or
-    ``score_file(seq, k, rows)`` reads the ``FileRows`` itself and launches it; both return the
-    results of the batch before it as ``(prev_seq, words)`` (``None`` for the first batch);
-    ``flush()`` returns the last one. On a GPU this keeps the device busy: batch ``seq`` is copied
-    from the object store (or read from its file) into pinned memory and on to the GPU (on a copy
-    stream) while the previous batch computes, and its kernels are queued before the previous
-    results are read.
+    Protocol, two batches behind: ``score(seq, k, targets, *hidden_blocks)`` (its hidden states
+    as consecutive row blocks from the object store, one object each) or ``score_file(seq, k,
+    rows)`` (a ``FileRows`` the worker reads itself) starts staging batch ``seq`` into host memory
+    on the worker's stager thread, launches the batch staged by the call before (host to device on
+    a copy stream, then its kernels), and returns the results of the batch launched by the call
+    before that as ``(prev_seq, words)`` (``None`` while there is none). ``flush()`` launches the
+    staged batch, if any, and returns the next results; the driver calls it until every batch it
+    sent has come back. On a GPU this keeps every stage busy at once: batch ``seq`` is read (or
+    copied from the object store) into pinned memory while batch ``seq - 1`` is launched and
+    ``seq - 2``'s results are returned, so a batch costs the slowest stage, not their sum (the
+    read of a 64 MiB batch took 4-6 ms on an H200 host, as long as the GPU's work at TP = 4).
     ``words`` is the ``pack_results`` array on rank 0 and None on the other ranks (every rank holds
     the same global results; only one ships them). ``timings()`` returns the summed stage times
     when ``breakdown`` is on (see ``ShardedScorer.timing_breakdown``).
@@ -338,8 +360,13 @@ class TPWorker:
         self.options = options  # temperature, softcap, ignore_index
         self.group = None
         self.copy_stream = torch.cuda.Stream() if self.cuda else None
-        self.slots = (_Slot(self.cuda), _Slot(self.cuda))
-        self.pending: _Pending | None = None
+        # Three slots: one being staged (in the background), one computing, one whose results
+        # were taken in the last call; see the class docstring.
+        self.slots = tuple(_Slot(self.cuda) for _ in range(3))
+        self.n_used = 0  # batches given a slot so far (the next slot is slots[n_used % 3])
+        self.staged: _Staged | None = None  # staged in host memory (or staging), not yet launched
+        self.pending: _Pending | None = None  # launched, results not yet returned
+        self.stager = ThreadPoolExecutor(1, "shardsoftmax-stage")
         self.clock = _Clock(breakdown)
         self.reader = RowReader(threads)  # batches sent as FileRows: read here, by `threads` threads
 
@@ -362,74 +389,95 @@ class TPWorker:
         return os.getpid()
 
     def score(self, seq: int, k: int, targets, *hidden_blocks):
-        """Launch batch ``seq``, sent through the object store; return the previous batch's results
-        (see the class docstring)."""
+        """Stage batch ``seq``, sent through the object store, and launch the one before it; return
+        the results of the one before that (see the class docstring)."""
         self.clock.start(idle=True)
         blocks, targets = [from_wire(b) for b in hidden_blocks], from_wire(targets)
 
         def stage(slot: _Slot):
-            h = self._stage(slot, "hidden", blocks)
-            return h, None if targets is None else self._stage(slot, "targets", [targets])
+            h = self._stage_host(slot, "hidden", blocks)
+            return h, None if targets is None else self._stage_host(slot, "targets", [targets])
 
-        return self._launch(seq, k, stage, "stage")
+        return self._advance(seq, k, stage, "stage")
 
     def score_file(self, seq: int, k: int, rows: FileRows):
-        """Launch batch ``seq``, read by this worker from ``rows`` straight into its staging buffer;
-        return the previous batch's results (see the class docstring)."""
+        """Read batch ``seq`` from ``rows`` (in the background, straight into its staging buffer)
+        and launch the one before it; return the results of the one before that (see the class
+        docstring)."""
         self.clock.start(idle=True)
-        try:
-            return self._launch(seq, k, lambda slot: self._read(slot, rows), "read")
-        except InputError as err:  # deterministic: the driver does not retry it
-            raise InputError(
-                f"worker rank {self.rank} on node {ray.util.get_node_ip_address()}: {err}. Workers read "
-                "their batches from the input files, which must exist at the same path on every node "
-                "(a shared file system); otherwise read in the driver (`--read-in-driver`, or pass tensors)"
-            ) from None
+        return self._advance(seq, k, lambda slot: self._read_host(slot, rows), "read")
 
-    def _launch(self, seq: int, k: int, stage, stage_name: str):
-        """Stage batch ``seq`` into a free slot (``stage(slot) -> (hidden, targets)`` on the device)
-        and launch it; return the previous batch's results."""
+    def _advance(self, seq: int, k: int, stage, stage_name: str):
+        """Start staging batch ``seq`` into a free slot on the stager thread
+        (``stage(slot) -> (hidden, targets)`` in host memory), launch the batch staged before it,
+        and return the results of the batch launched before that."""
         c = self.clock
-        prev = self.pending
-        slot = self.slots[1] if prev is not None and prev.slot is self.slots[0] else self.slots[0]
-        if self.cuda:  # the batch that used this slot two calls ago is finished with its buffers
+        slot = self.slots[self.n_used % len(self.slots)]
+        self.n_used += 1
+        if self.cuda:  # the batch that used this slot three calls ago: its buffers are free again
             slot.copied.synchronize()
             slot.done.synchronize()
         c.lap("slot_wait")
-        faults = c.faults()
-        h, t = stage(slot)
-        c.add(stage_name + "_faults", c.faults() - faults)
-        c.lap(stage_name)
-        if self.cuda:
-            slot.copied.record(self.copy_stream)
-            if prev is not None:
-                # Wait for the previous batch before launching this one (a few microseconds of idle
-                # GPU): then this call's collective resolves the library's deferred checks of the
-                # previous batch, which raise here, before its results are returned, if they failed.
+        previous = self.staged
+        self.staged = _Staged(seq, k, slot, stage_name, self.stager.submit(_timed, stage, slot))
+        return self._launch(previous)
+
+    def _launch(self, staged: _Staged | None, *, count: bool = True):
+        """Launch ``staged`` (once its staging finished: host to device on the copy stream, then
+        the compute) and return the results of the batch launched before it."""
+        c = self.clock
+        prev = self.pending
+        if staged is not None:
+            try:
+                (h, t), seconds, faults = staged.future.result()
+            except InputError as err:  # deterministic: the driver does not retry it
+                if staged.stage_name != "read":
+                    raise
+                raise InputError(
+                    f"worker rank {self.rank} on node {ray.util.get_node_ip_address()}: {err}. Workers "
+                    "read their batches from the input files, which must exist at the same path on every "
+                    "node (a shared file system); otherwise read in the driver (`--read-in-driver`, or "
+                    "pass tensors)"
+                ) from None
+            c.lap(staged.stage_name + "_wait")  # this thread waiting for the stager
+            c.add(staged.stage_name, seconds)  # the stager's own time (overlapped with this thread's)
+            c.add(staged.stage_name + "_faults", faults)
+            slot = staged.slot
+            h = self._to_device(slot, "hidden", h)
+            t = None if t is None else self._to_device(slot, "targets", t)
+            if self.cuda:
+                slot.copied.record(self.copy_stream)
+                if prev is not None:
+                    # Wait for the previous batch before launching this one (a few microseconds of
+                    # idle GPU): then this call's collective resolves the library's deferred checks
+                    # of the previous batch, which raise here, before its results are returned.
+                    prev.slot.done.synchronize()
+                torch.cuda.current_stream().wait_event(slot.copied)
+            c.lap("prev_wait")
+            width = self._compute(slot, h, t, staged.k)
+            c.lap("launch")
+            self.pending = _Pending(staged.seq, slot, h.shape[0], width)
+        else:
+            self.pending = None
+            if prev is not None and self.cuda:
                 prev.slot.done.synchronize()
-            torch.cuda.current_stream().wait_event(slot.copied)
-        c.lap("prev_wait")
-        width = self._compute(slot, h, t, k)
-        c.lap("launch")
-        self.pending = _Pending(seq, slot, h.shape[0], width)
+            if prev is not None:
+                self.ss.synchronize(self.group)  # raise any deferred check of that batch first
+            c.lap("prev_wait")
         out = self._take(prev)
-        c.lap("take")
-        c.add("calls", 1)
+        c.lap("take" if count else "flush")
+        if count:
+            c.add("calls", 1)
         c.stop()
         return out
 
     def flush(self):
-        """The results of the last launched batch, ``(seq, words)``, or None if there is none."""
+        """With no new batch: launch the staged batch, if any, and return the results of the one
+        launched before it, ``(seq, words)``, or None if there is none. Called until nothing is
+        left (each call returns at most one batch's results)."""
         self.clock.start(idle=True)
-        prev, self.pending = self.pending, None
-        if prev is not None and self.cuda:
-            prev.slot.done.synchronize()
-        if prev is not None:
-            self.ss.synchronize(self.group)  # raise any deferred check of that batch first
-        out = self._take(prev)
-        self.clock.lap("flush")
-        self.clock.stop()
-        return out
+        staged, self.staged = self.staged, None
+        return self._launch(staged, count=False)
 
     def timings(self, reset: bool = False) -> dict[str, float]:
         """Summed seconds per stage (and ``calls``, ``stage_faults``) since the last reset, and
@@ -437,10 +485,10 @@ class TPWorker:
         sums = self.clock.take() if reset else dict(self.clock.sums)
         return {**sums, "threads": torch.get_num_threads()} if self.clock.on else {}
 
-    def _stage(self, slot: _Slot, name: str, blocks: list[torch.Tensor]) -> torch.Tensor:
-        """Consecutive row blocks (host memory, read-only in the object store) as one tensor on this
-        worker's device. On CUDA: copied into the slot's pinned buffer (torch's ``copy_`` splits
-        each block over the worker's ``threads``), then one asynchronous copy on the copy stream."""
+    def _stage_host(self, slot: _Slot, name: str, blocks: list[torch.Tensor]) -> torch.Tensor:
+        """Consecutive row blocks (host memory, read-only in the object store) as one tensor in
+        host memory: on CUDA copied into the slot's pinned buffer (torch's ``copy_`` splits each
+        block over the worker's ``threads``); on the CPU the blocks themselves (concatenated)."""
         if not self.cuda:
             return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
         x = blocks[0]
@@ -451,36 +499,37 @@ class TPWorker:
         for b in blocks:
             rows[start : start + b.shape[0]].copy_(b)
             start += b.shape[0]
-        return self._to_device(slot, name, rows)
+        return rows
 
-    def _to_device(self, slot: _Slot, name: str, host: torch.Tensor) -> torch.Tensor:
-        """The pinned ``host`` tensor in the slot's device buffer ``name``: one asynchronous copy
-        on the copy stream. The buffer is allocated (when missing or too small) on that stream:
-        allocated on the compute stream instead, it could be carved from memory the previous
-        batch's kernels just freed there and are still reading (the caching allocator reuses a
-        block freed on a stream right away for that stream's next allocation, which is safe only
-        for work queued on the same stream), and the copy would race them."""
-        with torch.cuda.stream(self.copy_stream):
-            dev = _grown(slot.dev, name, host.numel() * host.element_size(), device=self.device, pin=False)
-            out = dev.view(host.dtype).view(host.shape)
-            out.copy_(host, non_blocking=True)
-        return out
-
-    def _read(self, slot: _Slot, rows: FileRows):
+    def _read_host(self, slot: _Slot, rows: FileRows):
         """``rows`` read from their file (``RowReader``: positional reads by the worker's threads)
-        into the slot's host buffer (pinned on CUDA, then one asynchronous copy on the copy
-        stream), as ``(hidden, targets)`` on this worker's device; targets as int64."""
+        into the slot's host buffer (pinned on CUDA), as ``(hidden, targets)`` in host memory;
+        targets as int64."""
         span = self.reader.span(rows.path, rows.hidden)
         host = _grown(slot.host, "hidden", rows.n_rows * span.row_bytes, device="cpu", pin=self.cuda)
         h = self.reader.read_into(rows.path, rows.hidden, rows.start, rows.stop, host)
-        if self.cuda:
-            h = self._to_device(slot, "hidden", h)
         if rows.targets is None:
             return h, None
         raw_bytes = rows.n_rows * self.reader.span(rows.path, rows.targets).row_bytes
         raw = _grown(slot.host, "targets_raw", raw_bytes, device="cpu", pin=False)
         t = self.reader.read_into(rows.path, rows.targets, rows.start, rows.stop, raw)
-        return h, self._stage(slot, "targets", [t.to(torch.int64)])
+        return h, self._stage_host(slot, "targets", [t.to(torch.int64)])
+
+    def _to_device(self, slot: _Slot, name: str, host: torch.Tensor) -> torch.Tensor:
+        """The staged ``host`` tensor (pinned) in the slot's device buffer ``name``: one
+        asynchronous copy on the copy stream (CUDA), or ``host`` itself (CPU). The buffer is
+        allocated (when missing or too small) on that stream: allocated on the compute stream
+        instead, it could be carved from memory the previous batch's kernels just freed there and
+        are still reading (the caching allocator reuses a block freed on a stream right away for
+        that stream's next allocation, which is safe only for work queued on the same stream), and
+        the copy would race them."""
+        if not self.cuda:
+            return host
+        with torch.cuda.stream(self.copy_stream):
+            dev = _grown(slot.dev, name, host.numel() * host.element_size(), device=self.device, pin=False)
+            out = dev.view(host.dtype).view(host.shape)
+            out.copy_(host, non_blocking=True)
+        return out
 
     def _compute(self, slot: _Slot, hidden: torch.Tensor, targets, k: int) -> int:
         """Queue the batch on the current stream; rank 0 also queues its packed results' copy into
@@ -1066,9 +1115,11 @@ class ShardedScorer:
         ``batches`` (put) and ``results`` (yielded); the stages of a put are per batch, the others
         per result. ``workers``: one dict per actor (``replica``, ``rank``): ``idle`` (between
         calls: Ray's argument and result transfer, or nothing to do), ``slot_wait`` (a staging slot
-        still in use by the batch before last), ``stage`` (object store to pinned memory;
-        ``stage_faults`` per batch), ``read`` (a ``FileRows`` batch from its file to pinned
-        memory, ``read_faults``), ``prev_wait`` (the previous batch still on the GPU), ``launch``
+        still in use three calls ago), ``stage`` (object store to pinned memory, on the worker's
+        stager thread, overlapped with the other stages; ``stage_faults`` per batch), ``read``
+        (the same for a ``FileRows`` batch read from its file, ``read_faults``), ``stage_wait`` /
+        ``read_wait`` (the worker waiting for its stager), ``prev_wait`` (the batch launched before
+        still on the GPU), ``launch``
         (queueing this batch; on CPU, computing it), ``take`` (results to the reply), ``flush``;
         ``calls`` and ``threads`` (torch threads of the staging copy, also the reading threads).
         """
