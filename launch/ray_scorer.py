@@ -21,12 +21,13 @@ with one all-gather inside the group, so no actor ever holds the whole vocabular
   reads by ``cpus_per_worker`` threads straight into its pinned buffer (``RowReader``), so the
   driver is out of the data path (it checks each file's header once). The files must then be
   readable at the same path on every node.
-* **Pipelining.** A worker answers one batch behind: the call that sends batch ``i`` launches it
-  and returns batch ``i-1``'s results (a ``flush`` call returns the last one). On a GPU the actor
-  stages batch ``i`` into reused pinned memory and copies it to the device on a copy stream while
-  batch ``i-1`` computes, and the results come back through pinned memory as one packed int32
-  array per batch, from rank 0 only. The driver prepares the next batches meanwhile.
-  On CPU (gloo) the same protocol runs without pinned memory or streams.
+* **Pipelining.** A worker answers two batches behind: the call that sends batch ``i`` starts
+  staging it on the actor's stager thread, launches batch ``i-1`` and returns batch ``i-2``'s
+  results (``flush`` calls launch and return the last ones). On a GPU the stager reads (or copies)
+  batch ``i`` into reused pinned memory and copies it to the device on a copy stream while batch
+  ``i-1`` computes, and the results come back through pinned memory as one packed int32 array per
+  batch, from rank 0 only. The driver prepares the next batches meanwhile. On CPU (gloo) the same
+  protocol runs without pinned memory or streams.
 * **Timing breakdown.** With ``breakdown=True`` the driver and every actor sum the time (and the
   page faults) of each stage of the data path; ``timing_breakdown()`` returns them per batch.
   Off, each stage boundary costs one flag test.
@@ -279,12 +280,13 @@ def _grown(buffers: dict, name: str, nbytes: int, *, device, pin: bool) -> torch
 
 
 class _Slot:
-    """The buffers of one batch on a worker. Three slots rotate: one batch is staged while the
-    previous one computes and the results of the one before are returned. On CUDA: pinned host
-    buffers and their device twins; ``copied`` is recorded on the copy stream after the
-    host-to-device copies, ``done`` on the compute stream after the results' device-to-host copy
-    (then every buffer of the slot is free again). On the CPU the staged tensors are used as they
-    are (file reads go to the slot's host buffer) and there are no events."""
+    """The buffers of one batch on a worker. Three slots rotate: one batch is staged (on the
+    stager thread) while the previous one computes and the results of the one before that are
+    returned. On CUDA: pinned host buffers and their device twins; ``copied`` is recorded on the
+    copy stream after the batch's host-to-device copies (by the stager thread), ``done`` on the
+    compute stream after its kernels and the results' device-to-host copy; once both have passed,
+    every buffer of the slot is free again. On the CPU the staged tensors are used as they are
+    (file reads go to the slot's host buffer) and there are no events."""
 
     def __init__(self, cuda: bool):
         self.host: dict[str, torch.Tensor] = {}
@@ -295,13 +297,13 @@ class _Slot:
 
 @dataclass
 class _Staged:
-    """A batch whose staging into host memory runs (or ran) on the worker's stager thread."""
+    """A batch whose staging runs (or ran) on the worker's stager thread."""
 
     seq: int
     k: int
     slot: _Slot
     stage_name: str  # "stage" (from the object store) or "read" (from its file)
-    future: object  # concurrent.futures.Future of ``_timed(stage, slot)``
+    future: object  # concurrent.futures.Future of ``_timed(TPWorker._stage, slot, fill)``
 
 
 def _timed(fn, *args):
@@ -326,18 +328,30 @@ class TPWorker:
 
     Protocol, two batches behind: ``score(seq, k, targets, *hidden_blocks)`` (its hidden states
     as consecutive row blocks from the object store, one object each) or ``score_file(seq, k,
-    rows)`` (a ``FileRows`` the worker reads itself) starts staging batch ``seq`` into host memory
-    on the worker's stager thread, launches the batch staged by the call before (host to device on
-    a copy stream, then its kernels), and returns the results of the batch launched by the call
-    before that as ``(prev_seq, words)`` (``None`` while there is none). ``flush()`` launches the
-    staged batch, if any, and returns the next results; the driver calls it until every batch it
-    sent has come back. On a GPU this keeps every stage busy at once: batch ``seq`` is read (or
-    copied from the object store) into pinned memory while batch ``seq - 1`` is launched and
-    ``seq - 2``'s results are returned, so a batch costs the slowest stage, not their sum (the
-    read of a 64 MiB batch took 4-6 ms on an H200 host, as long as the GPU's work at TP = 4).
+    rows)`` (a ``FileRows`` the worker reads itself) starts staging batch ``seq`` on the worker's
+    stager thread (into pinned memory, then on a GPU its host-to-device copy on a copy stream),
+    launches the batch staged by the call before, and returns the results of the batch launched
+    by the call before that as ``(prev_seq, words)`` (``None`` while there is none). ``flush()``
+    launches the staged batch, if any, and returns the next results; the driver calls it until
+    every batch it sent has come back. On a GPU this keeps every stage busy at once: batch ``seq``
+    is read (or copied from the object store) into pinned memory and copied to the GPU while batch
+    ``seq - 1`` is launched and ``seq - 2``'s results are returned, so a batch costs the slowest
+    stage, not their sum (the read of a 64 MiB batch took 4-6 ms on an H200 host, as long as the
+    GPU's work at TP = 4). Only the calling thread launches kernels and collectives, in call
+    order, so every rank of a group runs the same collectives in the same order.
     ``words`` is the ``pack_results`` array on rank 0 and None on the other ranks (every rank holds
     the same global results; only one ships them). ``timings()`` returns the summed stage times
     when ``breakdown`` is on (see ``ShardedScorer.timing_breakdown``).
+
+    Cross-stream and cross-thread hazards, and what guards each (``_stage``, ``_advance``,
+    ``_launch``, ``_compute``): a slot is reused only after the batch before in it is copied in
+    (``copied``), computed and copied out (``done``); the device buffers are allocated on the copy
+    stream that writes them; the compute stream waits for ``copied``, recorded before the stager's
+    future completes; the results are read after ``done``; the stager thread sets this worker's
+    device and the copy stream as its own. A pinned buffer that grows is freed to torch's pinned
+    allocator, which reuses it only after the copies that used it (it records an event per
+    asynchronous copy); a device buffer that grows, after the compute stream's kernels that read
+    it (``record_stream``).
     """
 
     def __init__(self, rank, world, vocab_start, weight, bias, vocab_size, device, dtype, backend, options,
@@ -361,14 +375,18 @@ class TPWorker:
         self.group = None
         self.copy_stream = torch.cuda.Stream() if self.cuda else None
         # Three slots: one being staged (in the background), one computing, one whose results
-        # were taken in the last call; see the class docstring.
+        # are returned by the current call; see the class docstring.
         self.slots = tuple(_Slot(self.cuda) for _ in range(3))
         self.n_used = 0  # batches given a slot so far (the next slot is slots[n_used % 3])
-        self.staged: _Staged | None = None  # staged in host memory (or staging), not yet launched
+        self.staged: _Staged | None = None  # staging or staged, not yet launched
         self.pending: _Pending | None = None  # launched, results not yet returned
-        self.stager = ThreadPoolExecutor(1, "shardsoftmax-stage")
+        # Hazard: CUDA's current device is per thread (a new thread starts on device 0), so the
+        # stager thread sets this worker's device before anything else; its current stream is
+        # per thread too, and `_stage` makes it the copy stream.
+        init = (torch.cuda.set_device, (self.device,)) if self.cuda else (None, ())
+        self.stager = ThreadPoolExecutor(1, "shardsoftmax-stage", initializer=init[0], initargs=init[1])
         self.clock = _Clock(breakdown)
-        self.reader = RowReader(threads)  # batches sent as FileRows: read here, by `threads` threads
+        self.reader = RowReader(threads)  # batches sent as FileRows: read here (stager thread only)
 
     def rendezvous_address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), _free_port()
@@ -392,13 +410,15 @@ class TPWorker:
         """Stage batch ``seq``, sent through the object store, and launch the one before it; return
         the results of the one before that (see the class docstring)."""
         self.clock.start(idle=True)
+        # The blocks are read-only views of the object store; the closure keeps them (and so the
+        # objects) alive until the stager has copied them.
         blocks, targets = [from_wire(b) for b in hidden_blocks], from_wire(targets)
 
-        def stage(slot: _Slot):
+        def fill(slot: _Slot):
             h = self._stage_host(slot, "hidden", blocks)
             return h, None if targets is None else self._stage_host(slot, "targets", [targets])
 
-        return self._advance(seq, k, stage, "stage")
+        return self._advance(seq, k, fill, "stage")
 
     def score_file(self, seq: int, k: int, rows: FileRows):
         """Read batch ``seq`` from ``rows`` (in the background, straight into its staging buffer)
@@ -407,24 +427,62 @@ class TPWorker:
         self.clock.start(idle=True)
         return self._advance(seq, k, lambda slot: self._read_host(slot, rows), "read")
 
-    def _advance(self, seq: int, k: int, stage, stage_name: str):
-        """Start staging batch ``seq`` into a free slot on the stager thread
-        (``stage(slot) -> (hidden, targets)`` in host memory), launch the batch staged before it,
+    def _advance(self, seq: int, k: int, fill, stage_name: str):
+        """Start staging batch ``seq`` into a free slot on the stager thread (``fill(slot) ->
+        (hidden, targets)`` in host memory, then ``_stage``), launch the batch staged before it,
         and return the results of the batch launched before that."""
         c = self.clock
         slot = self.slots[self.n_used % len(self.slots)]
         self.n_used += 1
-        if self.cuda:  # the batch that used this slot three calls ago: its buffers are free again
+        # The two batches that may still use slots are the two given one most recently (staged
+        # and pending; a flush only moves one to the other), never the one before them.
+        if any(b is not None and b.slot is slot for b in (self.staged, self.pending)):
+            raise RuntimeError(f"worker rank {self.rank}: staging slot still in use (protocol bug)")
+        if self.cuda:
+            # Hazard: the stager refills this slot's pinned buffers and device buffers. The batch
+            # that used it three slots ago must be done reading them: its host-to-device copy out
+            # of the pinned buffers (``copied``; an asynchronous copy reads the host memory when it
+            # runs, not when it is queued), and its kernels reading the device buffers and its
+            # results' copy into ``host["out"]`` (``done``). Both passed already in the protocol
+            # (its results were returned), so this costs nothing; it keeps the slot safe if a call
+            # failed half-way.
             slot.copied.synchronize()
             slot.done.synchronize()
         c.lap("slot_wait")
         previous = self.staged
-        self.staged = _Staged(seq, k, slot, stage_name, self.stager.submit(_timed, stage, slot))
+        future = self.stager.submit(_timed, self._stage, slot, fill)
+        self.staged = _Staged(seq, k, slot, stage_name, future)
         return self._launch(previous)
 
+    def _stage(self, slot: _Slot, fill):
+        """On the stager thread: ``fill(slot)`` (the batch into the slot's host buffers), then on
+        CUDA its host-to-device copies (``_to_device``) with ``slot.copied`` recorded after them.
+        Returns ``(hidden, targets)`` on this worker's device (targets None or int64)."""
+        if not self.cuda:
+            return fill(slot)
+        with torch.cuda.stream(self.copy_stream):  # this thread's current stream: the copy stream
+            try:
+                h, t = fill(slot)
+                h = self._to_device(slot, "hidden", h)
+                return h, None if t is None else self._to_device(slot, "targets", t)
+            finally:
+                # Recorded even if a step raised after a copy was queued (say the targets' buffer
+                # after the hidden states' copy): the next batch in this slot waits on it
+                # (``_advance``) before it refills the pinned buffers.
+                slot.copied.record(self.copy_stream)
+
     def _launch(self, staged: _Staged | None, *, count: bool = True):
-        """Launch ``staged`` (once its staging finished: host to device on the copy stream, then
-        the compute) and return the results of the batch launched before it."""
+        """Launch ``staged`` (once the stager finished it) and return the results of the batch
+        launched before it. If that fails, the launched batch is forgotten: the driver abandons
+        the batches of a call that raised (a retried batch is sent again), and its slot is free
+        for the next batch (whose staging waits for the slot's events first)."""
+        try:
+            return self._launch_inner(staged, count=count)
+        except BaseException:
+            self.pending = None
+            raise
+
+    def _launch_inner(self, staged: _Staged | None, *, count: bool):
         c = self.clock
         prev = self.pending
         if staged is not None:
@@ -443,16 +501,25 @@ class TPWorker:
             c.add(staged.stage_name, seconds)  # the stager's own time (overlapped with this thread's)
             c.add(staged.stage_name + "_faults", faults)
             slot = staged.slot
-            h = self._to_device(slot, "hidden", h)
-            t = None if t is None else self._to_device(slot, "targets", t)
             if self.cuda:
-                slot.copied.record(self.copy_stream)
                 if prev is not None:
                     # Wait for the previous batch before launching this one (a few microseconds of
                     # idle GPU): then this call's collective resolves the library's deferred checks
                     # of the previous batch, which raise here, before its results are returned.
                     prev.slot.done.synchronize()
-                torch.cuda.current_stream().wait_event(slot.copied)
+                compute = torch.cuda.current_stream()
+                # Hazard: ``h`` and ``t`` are written on the copy stream and read on this one. The
+                # compute stream waits for ``copied``, which the stager recorded before its future
+                # completed (waiting on an event not recorded yet would wait for nothing: the
+                # ``result()`` above comes first).
+                compute.wait_event(slot.copied)
+                # Hazard: the buffers belong to the copy stream's pool (allocated there). If one is
+                # freed (a slot's buffer grows), the caching allocator must not hand its memory to
+                # the copy stream again before this stream's kernels reading it are done; it knows
+                # of those only through ``record_stream``.
+                h.record_stream(compute)
+                if t is not None:
+                    t.record_stream(compute)
             c.lap("prev_wait")
             width = self._compute(slot, h, t, staged.k)
             c.lap("launch")
@@ -464,6 +531,8 @@ class TPWorker:
             if prev is not None:
                 self.ss.synchronize(self.group)  # raise any deferred check of that batch first
             c.lap("prev_wait")
+        # Hazard: the results' device-to-host copy is asynchronous; ``prev.slot.done`` (recorded
+        # after it) was synchronized above before ``_take`` reads ``host["out"]``.
         out = self._take(prev)
         c.lap("take" if count else "flush")
         if count:
@@ -518,11 +587,11 @@ class TPWorker:
     def _to_device(self, slot: _Slot, name: str, host: torch.Tensor) -> torch.Tensor:
         """The staged ``host`` tensor (pinned) in the slot's device buffer ``name``: one
         asynchronous copy on the copy stream (CUDA), or ``host`` itself (CPU). The buffer is
-        allocated (when missing or too small) on that stream: allocated on the compute stream
-        instead, it could be carved from memory the previous batch's kernels just freed there and
-        are still reading (the caching allocator reuses a block freed on a stream right away for
-        that stream's next allocation, which is safe only for work queued on the same stream), and
-        the copy would race them."""
+        allocated (when missing or too small) on that stream. Hazard: allocated on the compute
+        stream instead, it could be carved from memory the previous batch's kernels just freed
+        there and are still reading (the caching allocator reuses a block freed on a stream right
+        away for that stream's next allocation, which is safe only for work queued on the same
+        stream), and the copy would race them."""
         if not self.cuda:
             return host
         with torch.cuda.stream(self.copy_stream):
@@ -534,20 +603,25 @@ class TPWorker:
     def _compute(self, slot: _Slot, hidden: torch.Tensor, targets, k: int) -> int:
         """Queue the batch on the current stream; rank 0 also queues its packed results' copy into
         ``slot.host["out"]``. Returns the packed width."""
-        with torch.no_grad():
-            h = hidden.to(self.dtype)
-            t = None if targets is None else targets.to(torch.int64)
-            logits = torch.nn.functional.linear(h, self.weight, self.bias)  # [T, V_shard]: this shard only
-            st = self.ss.softmax_stats(
-                logits, t, k=k, vocab_size=self.vocab_size, vocab_start=self.vocab_start,
-                process_group=self.group, **self.options,
-            )  # fmt: skip
-            if self.rank == 0:
-                words = pack_results(st, k)
-                out = _grown(slot.host, "out", words.numel() * 4, device="cpu", pin=self.cuda)
-                out.view(torch.int32).view(words.shape).copy_(words, non_blocking=self.cuda)
-        if self.cuda:
-            slot.done.record()
+        try:
+            with torch.no_grad():
+                h = hidden.to(self.dtype)
+                t = None if targets is None else targets.to(torch.int64)
+                logits = torch.nn.functional.linear(h, self.weight, self.bias)  # [T, V_shard]: this shard
+                st = self.ss.softmax_stats(
+                    logits, t, k=k, vocab_size=self.vocab_size, vocab_start=self.vocab_start,
+                    process_group=self.group, **self.options,
+                )  # fmt: skip
+                if self.rank == 0:
+                    words = pack_results(st, k)
+                    out = _grown(slot.host, "out", words.numel() * 4, device="cpu", pin=self.cuda)
+                    out.view(torch.int32).view(words.shape).copy_(words, non_blocking=self.cuda)
+        finally:
+            if self.cuda:
+                # After everything queued for this batch, also when a check raised half-way with
+                # kernels reading the slot's device buffers already queued: the slot is not reused
+                # before they are done (``_advance``).
+                slot.done.record()
         return PACKED_HEAD + 2 * k
 
     def _take(self, prev: _Pending | None):
@@ -956,9 +1030,10 @@ class ShardedScorer:
 
         At most ``replicas * max_inflight`` batches are in flight: read from ``batches``, put in the
         object store and not yet yielded (each group holds at most ``max_inflight`` of them). The
-        workers answer one batch behind (``TPWorker``): a group's ``score`` call for batch ``s``
-        returns the results of the batch sent to it before ``s``; when nothing more can be sent to
-        a group that still holds a batch, it is sent ``flush``."""
+        workers answer two batches behind (``TPWorker``): a group's ``score`` call for batch ``s``
+        returns the results of the batch sent to it two calls before ``s`` (or None); when nothing
+        more can be sent to a group that still holds a batch, it is sent ``flush`` (which launches
+        the batch staged last and returns the one before it) until every batch came back."""
         k = self.k if k is None else k
         if not isinstance(k, int) or not 0 <= k <= min(1024, self.info.vocab_size):
             raise ValueError(
@@ -1114,14 +1189,15 @@ class ShardedScorer:
         (their answers), ``unpack``, ``caller`` (between a yield and the next request), ``rebuild``;
         ``batches`` (put) and ``results`` (yielded); the stages of a put are per batch, the others
         per result. ``workers``: one dict per actor (``replica``, ``rank``): ``idle`` (between
-        calls: Ray's argument and result transfer, or nothing to do), ``slot_wait`` (a staging slot
-        still in use three calls ago), ``stage`` (object store to pinned memory, on the worker's
-        stager thread, overlapped with the other stages; ``stage_faults`` per batch), ``read``
-        (the same for a ``FileRows`` batch read from its file, ``read_faults``), ``stage_wait`` /
-        ``read_wait`` (the worker waiting for its stager), ``prev_wait`` (the batch launched before
-        still on the GPU), ``launch``
-        (queueing this batch; on CPU, computing it), ``take`` (results to the reply), ``flush``;
-        ``calls`` and ``threads`` (torch threads of the staging copy, also the reading threads).
+        calls: Ray's argument and result transfer, or nothing to do), ``slot_wait`` (the staging
+        slot's batch of three slots ago still on the GPU), ``stage`` (object store to pinned memory
+        and, on a GPU, the copy to the device queued, on the worker's stager thread, overlapped
+        with the other stages; ``stage_faults`` per batch), ``read`` (the same for a ``FileRows``
+        batch read from its file, ``read_faults``), ``stage_wait`` / ``read_wait`` (the worker
+        waiting for its stager), ``prev_wait`` (the batch launched before still on the GPU),
+        ``launch`` (queueing this batch; on CPU, computing it), ``take`` (results to the reply),
+        ``flush``; ``calls`` and ``threads`` (torch threads of the staging copy, also the reading
+        threads).
         """
         if not self._clock.on:
             return {"driver": {}, "workers": []}
