@@ -19,17 +19,23 @@ come from (``--source``, several allowed):
 Timing: wall clock over ``--batches`` batches after ``--warmup`` batches. torchrun runs them one
 after the other (a host sync per batch, for the results); the Ray scorer streams them through one
 ``score_iter`` (``--max-inflight`` batches in flight), timed from the warm-up's last result to the
-last result, i.e. its steady-state rate. Before the numbers count, every Ray result is checked
-against torchrun's result of the same batch (top-k ids and floats; printed as ``check``, with
-``bit for bit`` when every value is identical).
+last result, i.e. its steady-state rate. Every Ray result (the warm-up's too) is checked against
+torchrun's result of the same batch, every field: top-k ids, and lse, target log-prob, entropy and
+top-k log-probs bit for bit, NaN positions included (``--atol`` accepts float differences up to
+that, with the ids and the NaN / inf positions still equal). ``check PASS`` or ``check FAIL`` per
+configuration, with, per field that differs, the first batch and rows, the NaN counts and the
+largest difference; the checks are printed again together at the end, and the script exits
+non-zero if one failed.
 
 ``--breakdown``: the Ray scorer also times each stage of its data path over the timed batches
 (``ShardedScorer.timing_breakdown``: a clock read per stage, no sync) and prints it per batch: the
 driver's put into the object store (and its page faults; ``memory`` only), its waits, each
 actor's staging copy into pinned memory (``stage``, ``memory``) or its read of the batch from the
-file into pinned memory (``read``, ``file``), its wait for the previous batch on the GPU, and so
-on. ``busy`` sums what is not waiting: the side whose ``busy`` is near the wall time per batch is
-the bottleneck (the GPU when the workers' ``prev_wait`` is large).
+file into pinned memory (``read``, ``file``), with the copy to the GPU queued, both on the
+actor's stager thread, overlapped with the rest ("in the background"), its wait for that thread
+(``*_wait``) and for the previous batch on the GPU, and so on. ``busy`` sums what the driver's or
+the actor's main thread spends not waiting: the side whose ``busy`` (or background stage) is near
+the wall time per batch is the bottleneck (the GPU when the workers' ``prev_wait`` is large).
 
     # the torchrun baseline (G processes), then the Ray scorer with tp=G, in one command:
     python benchmarks/bench_ray.py --tp 2 4 --v 128256 256000 [--source file memory] [--out DIR]
@@ -146,22 +152,90 @@ class PrefetchReader:
         self.reader.close()
 
 
-def compare(ray_results: list, base: dict) -> tuple[bool, str]:
-    """Ray's result of batch i against torchrun's of batch i % DISTINCT: the fraction of equal
-    top-k ids and the largest float difference (both ran the same kernels on the same data)."""
-    equal = total = 0
-    diffs = [0.0]
+FLOATS = ("lse", "target_logprob", "entropy", "topk_logprobs")
+
+
+def compare_field(got, want) -> dict:
+    """One field of one batch, Ray's (``got``) against torchrun's (``want``): ``bits`` (every
+    value's bits equal, NaN included), and where they are not, ``shape`` (the shapes differ),
+    ``ids`` (top-k ids that differ), or for floats ``ray_nan`` / ``base_nan`` (NaN counts),
+    ``nonfinite`` (positions where one side is NaN or +-inf and the other is not that same value),
+    ``rows`` (the first rows that differ) and ``diff`` (the largest |difference| over the positions
+    finite on both sides)."""
+    if got is None or want is None or np.shape(got) != np.shape(want):
+        return {"bits": False, "shape": f"{np.shape(got) if got is not None else None} vs {np.shape(want)}"}
+    got, want = np.asarray(got), np.asarray(want)
+    if got.dtype.kind in "iu":
+        bad = got != want
+        out = {"bits": not bad.any(), "ids": int(bad.sum())}
+    else:
+        got, want = got.astype(np.float32), want.astype(np.float32)
+        bad = got.view(np.uint32) != want.view(np.uint32)  # NaN == NaN of the same bits; -0 != 0
+        finite = np.isfinite(got) & np.isfinite(want)
+        nonfinite = ~finite & ~((got == want) | (np.isnan(got) & np.isnan(want)))
+        diff = np.abs(got[finite].astype(np.float64) - want[finite]) if finite.any() else np.zeros(1)
+        out = {
+            "bits": not bad.any(),
+            "ray_nan": int(np.isnan(got).sum()),
+            "base_nan": int(np.isnan(want).sum()),
+            "nonfinite": int(nonfinite.sum()),
+            "diff": float(diff.max()),
+        }
+    out["rows"] = np.flatnonzero(bad.reshape(bad.shape[0], -1).any(axis=1))[:5].tolist()
+    return out
+
+
+def compare(ray_results: list, base: dict, atol: float = 0.0) -> tuple[bool, str]:
+    """Ray's result of batch i against torchrun's of batch i % DISTINCT (both ran the same kernels
+    on the same data), every field of every batch: the top-k ids, and lse, target log-prob,
+    entropy and top-k log-probs with their NaN and +-inf positions. PASS when every value is the
+    same bit for bit, or (``atol`` > 0) when the ids and the non-finite positions are the same and
+    no finite value differs by more than ``atol``. The message names, per field that differs, the
+    first batch and rows that differ, the NaN counts of both sides and the largest difference."""
+    worst: dict[str, dict] = {}  # per field: the first batch that differs, and totals
+    nan = [0, 0]  # NaN values in Ray's and torchrun's float fields, every batch
     for i, res in enumerate(ray_results):
-        ref = {f: base[f"{i % DISTINCT}_{f}"] for f in FIELDS}
-        equal += int((res.topk_ids == ref["topk_ids"]).sum())
-        total += ref["topk_ids"].size
-        for f in ("lse", "target_logprob", "entropy", "topk_logprobs"):
-            diffs.append(float(np.abs(getattr(res, f) - ref[f]).max()))
-    frac, worst = equal / max(total, 1), float(np.max(diffs))  # a NaN anywhere makes worst NaN
-    ok = frac >= 0.999 and worst <= 1e-3
-    same = ", bit for bit" if frac == 1 and worst == 0 else ""
-    summary = f"{len(ray_results)} batches: top-k ids equal {frac:.4%}, max |diff| {worst:.2e}{same}"
-    return ok, f"{'PASS' if ok else 'FAIL'} ({summary})"
+        for f in FIELDS:
+            got, want = getattr(res, f), base[f"{i % DISTINCT}_{f}"]
+            if f in FLOATS:
+                nan[0] += 0 if got is None else int(np.isnan(got).sum())
+                nan[1] += int(np.isnan(want).sum())
+            c = compare_field(got, want)
+            if c["bits"]:
+                continue
+            totals = dict.fromkeys(("batches", "ids", "ray_nan", "base_nan", "nonfinite"), 0)
+            w = worst.setdefault(
+                f, {**totals, "first": i, "rows": c.get("rows", []), "shape": None, "diff": 0.0}
+            )
+            w["batches"] += 1
+            w["shape"] = w["shape"] or c.get("shape")
+            for key in ("ids", "ray_nan", "base_nan", "nonfinite"):
+                w[key] += c.get(key, 0)
+            w["diff"] = max(w["diff"], c.get("diff", 0.0))
+    n = len(ray_results)
+    nans = f"NaN values: Ray {nan[0]}, torchrun {nan[1]}"
+    if not worst:
+        return True, f"PASS ({n} batches, every field bit for bit: {', '.join(FIELDS)}; {nans})"
+    ok = atol > 0 and all(
+        w["shape"] is None and w["ids"] == 0 and w["nonfinite"] == 0 and w["diff"] <= atol
+        for w in worst.values()
+    )
+    parts = []
+    for f, w in worst.items():
+        where = f"{f} differs in {w['batches']} batches (first: batch {w['first']}, rows {w['rows']})"
+        if w["shape"]:
+            parts.append(f"{where}: shapes {w['shape']}")
+        elif f == "topk_ids":
+            parts.append(f"{where}: {w['ids']} ids")
+        else:
+            parts.append(
+                f"{where}: NaN Ray {w['ray_nan']} / torchrun {w['base_nan']}, {w['nonfinite']} non-finite "
+                f"positions differ, max finite |diff| {w['diff']:.2e}"
+            )
+    same = [f for f in FIELDS if f not in worst]
+    tail = f"; bit for bit: {', '.join(same)}" if same else ""
+    rule = f"within atol {atol:g}" if atol > 0 else "bit for bit required"
+    return ok, f"{'PASS' if ok else 'FAIL'} ({n} batches, {rule}: {'; '.join(parts)}{tail}; {nans})"
 
 
 def bounds(v: int, g: int) -> list[int]:
@@ -291,8 +365,11 @@ def run_ray(args, g: int) -> dict:
 
 
 DRIVER_STAGES = ("read", "put", "send", "wait", "get", "unpack", "caller", "rebuild")
-WORKER_STAGES = ("idle", "slot_wait", "stage", "read", "prev_wait", "launch", "take", "flush")
-WAITING = ("wait", "caller", "idle", "prev_wait")  # not counted as busy
+WORKER_STAGES = (
+    "idle", "slot_wait", "stage_wait", "read_wait", "prev_wait", "launch", "take", "flush", "stage", "read",
+)  # fmt: skip
+WAITING = ("wait", "caller", "idle", "prev_wait", "stage_wait", "read_wait")  # not counted as busy
+BACKGROUND = ("stage", "read")  # a worker's stager thread, overlapped: shown, not counted as busy
 
 
 def format_breakdown(bd: dict, wall_ms: float) -> str:
@@ -306,8 +383,9 @@ def format_breakdown(bd: dict, wall_ms: float) -> str:
                 continue
             counts = (name + "_objects", name + "_faults")
             extra = [f"{d[k]:,.0f} {k.split('_')[-1]}" for k in counts if k in d]
-            parts.append(f"{name} {ms:.2f}" + (f" ({', '.join(extra)})" if extra else ""))
-            busy += 0.0 if name in WAITING else ms
+            tag = " in the background" if d is not bd["driver"] and name in BACKGROUND else ""
+            parts.append(f"{name}{tag} {ms:.2f}" + (f" ({', '.join(extra)})" if extra else ""))
+            busy += 0.0 if name in WAITING or tag else ms
         return " | ".join(parts) + f"; busy {busy:.2f} of {wall_ms:.2f}"
 
     out = [f"  driver: {line(bd['driver'], DRIVER_STAGES)}"]
@@ -322,7 +400,7 @@ def bench_one(args, g: int, v: int, name: str, rows: list) -> bool:
     results differ."""
     base = run_torchrun(args, g)
     ray_r = run_ray(args, g)
-    same, check = compare(ray_r["results"], base["results"])
+    same, check = compare(ray_r["results"], base["results"], args.atol)
     tr = base["tokens"] / base["seconds"]
     rr = ray_r["tokens"] / ray_r["seconds"]
     overhead = tr / rr - 1
@@ -369,6 +447,11 @@ def main() -> None:
     ap.add_argument("--put-threads", type=int, default=4, help="Ray: driver threads that put a batch")
     ap.add_argument("--breakdown", action="store_true", help="Ray: print the time per stage of the data path")
     ap.add_argument("--k", type=int, default=20)
+    ap.add_argument(
+        "--atol", type=float, default=0.0,
+        help="check: accept float differences up to this (ids and NaN / inf positions must still be "
+        "equal); default 0: Ray's results must equal torchrun's bit for bit",
+    )  # fmt: skip
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -414,6 +497,8 @@ def main() -> None:
     finally:
         if args.data_dir is None:
             shutil.rmtree(data_dir, ignore_errors=True)
+    for r in rows:  # the checks again, together (the per-config lines above are far apart)
+        print(f"check tp={r['tp']} V={r['v']} source={r['source']}: {r['check']}", flush=True)
     if args.out and rows:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "bench_ray.json")

@@ -18,7 +18,8 @@
 #
 # Limits (seconds, environment): TEST_LIMIT=80 BENCH_LIMIT=210 DIST2_LIMIT=70 DIST4_LIMIT=120;
 # TUNE_LIMIT=300 LINEAR_LIMIT=300 LINEAR_TP_LIMIT=150 NCCL_LIMIT=200 RAY_LIMIT=300 PROFILE_LIMIT=60 (opt-in steps); RAY_TEST=0 skips
-# Ray's NCCL job test, RAY_BATCHES sets bench_ray's timed batches (default 30).
+# Ray's NCCL job test, RAY_STAGER_TEST=0 the one-GPU test of a worker's stager, RAY_BATCHES sets
+# bench_ray's timed batches (default 30), RAY_TPS its group sizes (default 2 4, or 2 on 2 GPUs).
 # The device tool returns at most 8 files from $OUT: with many steps, the last logs may not come
 # back (their tails are printed by each step).
 # Commit: the copy of the tree on the GPU machine may carry a stale .git; run with
@@ -129,8 +130,12 @@ if has ray && [ "$NGPU" -ge 2 ]; then
     R=$PWD
     limit=${RAY_LIMIT:-300}
     [ "${RAY_TEST:-1}" = 0 ] || (cd /tmp && step ray_nccl_test 150 python -P -m pytest -q -p no:cacheprovider "$R/tests/test_ray.py" -k gpu_tp2_nccl)
+    # One worker in one process on one GPU, its stager thread and slots under poisoned buffers,
+    # every batch against the single-process API (tests/test_ray.py; ~1 minute)
+    [ "${RAY_STAGER_TEST:-1}" = 0 ] || (cd /tmp && step ray_stager_test 120 python -P -m pytest -q -p no:cacheprovider "$R/tests/test_ray.py" -k "worker_stager and cuda")
     tps="2"
     [ "$NGPU" -ge 4 ] && tps="2 4"
+    tps=${RAY_TPS:-$tps}
     (cd /tmp && step bench_ray "$limit" python -P "$R/benchmarks/bench_ray.py" --tp $tps --v 128256 256000 --breakdown \
         --batches "${RAY_BATCHES:-30}" --out "$OUT")
 fi

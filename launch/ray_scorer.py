@@ -21,12 +21,13 @@ with one all-gather inside the group, so no actor ever holds the whole vocabular
   reads by ``cpus_per_worker`` threads straight into its pinned buffer (``RowReader``), so the
   driver is out of the data path (it checks each file's header once). The files must then be
   readable at the same path on every node.
-* **Pipelining.** A worker answers one batch behind: the call that sends batch ``i`` launches it
-  and returns batch ``i-1``'s results (a ``flush`` call returns the last one). On a GPU the actor
-  stages batch ``i`` into reused pinned memory and copies it to the device on a copy stream while
-  batch ``i-1`` computes, and the results come back through pinned memory as one packed int32
-  array per batch, from rank 0 only. The driver prepares the next batches meanwhile.
-  On CPU (gloo) the same protocol runs without pinned memory or streams.
+* **Pipelining.** A worker answers two batches behind: the call that sends batch ``i`` starts
+  staging it on the actor's stager thread, launches batch ``i-1`` and returns batch ``i-2``'s
+  results (``flush`` calls launch and return the last ones). On a GPU the stager reads (or copies)
+  batch ``i`` into reused pinned memory and copies it to the device on a copy stream while batch
+  ``i-1`` computes, and the results come back through pinned memory as one packed int32 array per
+  batch, from rank 0 only. The driver prepares the next batches meanwhile. On CPU (gloo) the same
+  protocol runs without pinned memory or streams.
 * **Timing breakdown.** With ``breakdown=True`` the driver and every actor sum the time (and the
   page faults) of each stage of the data path; ``timing_breakdown()`` returns them per batch.
   Off, each stage boundary costs one flag test.
@@ -279,17 +280,37 @@ def _grown(buffers: dict, name: str, nbytes: int, *, device, pin: bool) -> torch
 
 
 class _Slot:
-    """The buffers of one batch on a worker. Two slots alternate, so that one batch is staged while
-    the previous one computes. On CUDA: pinned host buffers and their device twins; ``copied`` is
-    recorded on the copy stream after the host-to-device copies, ``done`` on the compute stream
-    after the results' device-to-host copy (then every buffer of the slot is free again). On the
-    CPU only the results buffer ``host["out"]`` is used and there are no events."""
+    """The buffers of one batch on a worker. Three slots rotate: one batch is staged (on the
+    stager thread) while the previous one computes and the results of the one before that are
+    returned. On CUDA: pinned host buffers and their device twins; ``copied`` is recorded on the
+    copy stream after the batch's host-to-device copies (by the stager thread), ``done`` on the
+    compute stream after its kernels and the results' device-to-host copy; once both have passed,
+    every buffer of the slot is free again. On the CPU the staged tensors are used as they are
+    (file reads go to the slot's host buffer) and there are no events."""
 
     def __init__(self, cuda: bool):
         self.host: dict[str, torch.Tensor] = {}
         self.dev: dict[str, torch.Tensor] = {}
         self.copied = torch.cuda.Event() if cuda else None
         self.done = torch.cuda.Event() if cuda else None
+
+
+@dataclass
+class _Staged:
+    """A batch whose staging runs (or ran) on the worker's stager thread."""
+
+    seq: int
+    k: int
+    slot: _Slot
+    stage_name: str  # "stage" (from the object store) or "read" (from its file)
+    future: object  # concurrent.futures.Future of ``_timed(TPWorker._stage, slot, fill)``
+
+
+def _timed(fn, *args):
+    """``(fn(*args), seconds, minor page faults)``: the stager thread's own clock."""
+    t0, f0 = time.perf_counter(), _minor_faults()
+    out = fn(*args)
+    return out, time.perf_counter() - t0, _minor_faults() - f0
 
 
 @dataclass
@@ -305,17 +326,32 @@ class _Pending:
 class TPWorker:
     """One rank of a tensor-parallel group: one vocabulary shard of the head.
 
-    Protocol, one batch behind: ``score(seq, k, targets, *hidden_blocks)`` stages and launches
-    batch ``seq`` (its hidden states as consecutive row blocks, one object each), or
-    ``score_file(seq, k, rows)`` reads the ``FileRows`` itself and launches it; both return the
-    results of the batch before it as ``(prev_seq, words)`` (``None`` for the first batch);
-    ``flush()`` returns the last one. On a GPU this keeps the device busy: batch ``seq`` is copied
-    from the object store (or read from its file) into pinned memory and on to the GPU (on a copy
-    stream) while the previous batch computes, and its kernels are queued before the previous
-    results are read.
+    Protocol, two batches behind: ``score(seq, k, targets, *hidden_blocks)`` (its hidden states
+    as consecutive row blocks from the object store, one object each) or ``score_file(seq, k,
+    rows)`` (a ``FileRows`` the worker reads itself) starts staging batch ``seq`` on the worker's
+    stager thread (into pinned memory, then on a GPU its host-to-device copy on a copy stream),
+    launches the batch staged by the call before, and returns the results of the batch launched
+    by the call before that as ``(prev_seq, words)`` (``None`` while there is none). ``flush()``
+    launches the staged batch, if any, and returns the next results; the driver calls it until
+    every batch it sent has come back. On a GPU this keeps every stage busy at once: batch ``seq``
+    is read (or copied from the object store) into pinned memory and copied to the GPU while batch
+    ``seq - 1`` is launched and ``seq - 2``'s results are returned, so a batch costs the slowest
+    stage, not their sum (the read of a 64 MiB batch took 4-6 ms on an H200 host, as long as the
+    GPU's work at TP = 4). Only the calling thread launches kernels and collectives, in call
+    order, so every rank of a group runs the same collectives in the same order.
     ``words`` is the ``pack_results`` array on rank 0 and None on the other ranks (every rank holds
     the same global results; only one ships them). ``timings()`` returns the summed stage times
     when ``breakdown`` is on (see ``ShardedScorer.timing_breakdown``).
+
+    Cross-stream and cross-thread hazards, and what guards each (``_stage``, ``_advance``,
+    ``_launch``, ``_compute``): a slot is reused only after the batch before in it is copied in
+    (``copied``), computed and copied out (``done``); the device buffers are allocated on the copy
+    stream that writes them; the compute stream waits for ``copied``, recorded before the stager's
+    future completes; the results are read after ``done``; the stager thread sets this worker's
+    device and the copy stream as its own. A pinned buffer that grows is freed to torch's pinned
+    allocator, which reuses it only after the copies that used it (it records an event per
+    asynchronous copy); a device buffer that grows, after the compute stream's kernels that read
+    it (``record_stream``).
     """
 
     def __init__(self, rank, world, vocab_start, weight, bias, vocab_size, device, dtype, backend, options,
@@ -338,10 +374,19 @@ class TPWorker:
         self.options = options  # temperature, softcap, ignore_index
         self.group = None
         self.copy_stream = torch.cuda.Stream() if self.cuda else None
-        self.slots = (_Slot(self.cuda), _Slot(self.cuda))
-        self.pending: _Pending | None = None
+        # Three slots: one being staged (in the background), one computing, one whose results
+        # are returned by the current call; see the class docstring.
+        self.slots = tuple(_Slot(self.cuda) for _ in range(3))
+        self.n_used = 0  # batches given a slot so far (the next slot is slots[n_used % 3])
+        self.staged: _Staged | None = None  # staging or staged, not yet launched
+        self.pending: _Pending | None = None  # launched, results not yet returned
+        # Hazard: CUDA's current device is per thread (a new thread starts on device 0), so the
+        # stager thread sets this worker's device before anything else; its current stream is
+        # per thread too, and `_stage` makes it the copy stream.
+        init = (torch.cuda.set_device, (self.device,)) if self.cuda else (None, ())
+        self.stager = ThreadPoolExecutor(1, "shardsoftmax-stage", initializer=init[0], initargs=init[1])
         self.clock = _Clock(breakdown)
-        self.reader = RowReader(threads)  # batches sent as FileRows: read here, by `threads` threads
+        self.reader = RowReader(threads)  # batches sent as FileRows: read here (stager thread only)
 
     def rendezvous_address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), _free_port()
@@ -362,74 +407,146 @@ class TPWorker:
         return os.getpid()
 
     def score(self, seq: int, k: int, targets, *hidden_blocks):
-        """Launch batch ``seq``, sent through the object store; return the previous batch's results
-        (see the class docstring)."""
+        """Stage batch ``seq``, sent through the object store, and launch the one before it; return
+        the results of the one before that (see the class docstring)."""
         self.clock.start(idle=True)
+        # The blocks are read-only views of the object store; the closure keeps them (and so the
+        # objects) alive until the stager has copied them.
         blocks, targets = [from_wire(b) for b in hidden_blocks], from_wire(targets)
 
-        def stage(slot: _Slot):
-            h = self._stage(slot, "hidden", blocks)
-            return h, None if targets is None else self._stage(slot, "targets", [targets])
+        def fill(slot: _Slot):
+            h = self._stage_host(slot, "hidden", blocks)
+            return h, None if targets is None else self._stage_host(slot, "targets", [targets])
 
-        return self._launch(seq, k, stage, "stage")
+        return self._advance(seq, k, fill, "stage")
 
     def score_file(self, seq: int, k: int, rows: FileRows):
-        """Launch batch ``seq``, read by this worker from ``rows`` straight into its staging buffer;
-        return the previous batch's results (see the class docstring)."""
+        """Read batch ``seq`` from ``rows`` (in the background, straight into its staging buffer)
+        and launch the one before it; return the results of the one before that (see the class
+        docstring)."""
         self.clock.start(idle=True)
-        try:
-            return self._launch(seq, k, lambda slot: self._read(slot, rows), "read")
-        except InputError as err:  # deterministic: the driver does not retry it
-            raise InputError(
-                f"worker rank {self.rank} on node {ray.util.get_node_ip_address()}: {err}. Workers read "
-                "their batches from the input files, which must exist at the same path on every node "
-                "(a shared file system); otherwise read in the driver (`--read-in-driver`, or pass tensors)"
-            ) from None
+        return self._advance(seq, k, lambda slot: self._read_host(slot, rows), "read")
 
-    def _launch(self, seq: int, k: int, stage, stage_name: str):
-        """Stage batch ``seq`` into a free slot (``stage(slot) -> (hidden, targets)`` on the device)
-        and launch it; return the previous batch's results."""
+    def _advance(self, seq: int, k: int, fill, stage_name: str):
+        """Start staging batch ``seq`` into a free slot on the stager thread (``fill(slot) ->
+        (hidden, targets)`` in host memory, then ``_stage``), launch the batch staged before it,
+        and return the results of the batch launched before that."""
         c = self.clock
-        prev = self.pending
-        slot = self.slots[1] if prev is not None and prev.slot is self.slots[0] else self.slots[0]
-        if self.cuda:  # the batch that used this slot two calls ago is finished with its buffers
+        slot = self.slots[self.n_used % len(self.slots)]
+        self.n_used += 1
+        # The two batches that may still use slots are the two given one most recently (staged
+        # and pending; a flush only moves one to the other), never the one before them.
+        if any(b is not None and b.slot is slot for b in (self.staged, self.pending)):
+            raise RuntimeError(f"worker rank {self.rank}: staging slot still in use (protocol bug)")
+        if self.cuda:
+            # Hazard: the stager refills this slot's pinned buffers and device buffers. The batch
+            # that used it three slots ago must be done reading them: its host-to-device copy out
+            # of the pinned buffers (``copied``; an asynchronous copy reads the host memory when it
+            # runs, not when it is queued), and its kernels reading the device buffers and its
+            # results' copy into ``host["out"]`` (``done``). Both passed already in the protocol
+            # (its results were returned), so this costs nothing; it keeps the slot safe if a call
+            # failed half-way.
             slot.copied.synchronize()
             slot.done.synchronize()
         c.lap("slot_wait")
-        faults = c.faults()
-        h, t = stage(slot)
-        c.add(stage_name + "_faults", c.faults() - faults)
-        c.lap(stage_name)
-        if self.cuda:
-            slot.copied.record(self.copy_stream)
-            if prev is not None:
-                # Wait for the previous batch before launching this one (a few microseconds of idle
-                # GPU): then this call's collective resolves the library's deferred checks of the
-                # previous batch, which raise here, before its results are returned, if they failed.
+        previous = self.staged
+        future = self.stager.submit(_timed, self._stage, slot, fill)
+        self.staged = _Staged(seq, k, slot, stage_name, future)
+        return self._launch(previous)
+
+    def _stage(self, slot: _Slot, fill):
+        """On the stager thread: ``fill(slot)`` (the batch into the slot's host buffers), then on
+        CUDA its host-to-device copies (``_to_device``) with ``slot.copied`` recorded after them.
+        Returns ``(hidden, targets)`` on this worker's device (targets None or int64)."""
+        if not self.cuda:
+            return fill(slot)
+        with torch.cuda.stream(self.copy_stream):  # this thread's current stream: the copy stream
+            try:
+                h, t = fill(slot)
+                h = self._to_device(slot, "hidden", h)
+                return h, None if t is None else self._to_device(slot, "targets", t)
+            finally:
+                # Recorded even if a step raised after a copy was queued (say the targets' buffer
+                # after the hidden states' copy): the next batch in this slot waits on it
+                # (``_advance``) before it refills the pinned buffers.
+                slot.copied.record(self.copy_stream)
+
+    def _launch(self, staged: _Staged | None, *, count: bool = True):
+        """Launch ``staged`` (once the stager finished it) and return the results of the batch
+        launched before it. If that fails, the launched batch is forgotten: the driver abandons
+        the batches of a call that raised (a retried batch is sent again), and its slot is free
+        for the next batch (whose staging waits for the slot's events first)."""
+        try:
+            return self._launch_inner(staged, count=count)
+        except BaseException:
+            self.pending = None
+            raise
+
+    def _launch_inner(self, staged: _Staged | None, *, count: bool):
+        c = self.clock
+        prev = self.pending
+        if staged is not None:
+            try:
+                (h, t), seconds, faults = staged.future.result()
+            except InputError as err:  # deterministic: the driver does not retry it
+                if staged.stage_name != "read":
+                    raise
+                raise InputError(
+                    f"worker rank {self.rank} on node {ray.util.get_node_ip_address()}: {err}. Workers "
+                    "read their batches from the input files, which must exist at the same path on every "
+                    "node (a shared file system); otherwise read in the driver (`--read-in-driver`, or "
+                    "pass tensors)"
+                ) from None
+            c.lap(staged.stage_name + "_wait")  # this thread waiting for the stager
+            c.add(staged.stage_name, seconds)  # the stager's own time (overlapped with this thread's)
+            c.add(staged.stage_name + "_faults", faults)
+            slot = staged.slot
+            if self.cuda:
+                if prev is not None:
+                    # Wait for the previous batch before launching this one (a few microseconds of
+                    # idle GPU): then this call's collective resolves the library's deferred checks
+                    # of the previous batch, which raise here, before its results are returned.
+                    prev.slot.done.synchronize()
+                compute = torch.cuda.current_stream()
+                # Hazard: ``h`` and ``t`` are written on the copy stream and read on this one. The
+                # compute stream waits for ``copied``, which the stager recorded before its future
+                # completed (waiting on an event not recorded yet would wait for nothing: the
+                # ``result()`` above comes first).
+                compute.wait_event(slot.copied)
+                # Hazard: the buffers belong to the copy stream's pool (allocated there). If one is
+                # freed (a slot's buffer grows), the caching allocator must not hand its memory to
+                # the copy stream again before this stream's kernels reading it are done; it knows
+                # of those only through ``record_stream``.
+                h.record_stream(compute)
+                if t is not None:
+                    t.record_stream(compute)
+            c.lap("prev_wait")
+            width = self._compute(slot, h, t, staged.k)
+            c.lap("launch")
+            self.pending = _Pending(staged.seq, slot, h.shape[0], width)
+        else:
+            self.pending = None
+            if prev is not None and self.cuda:
                 prev.slot.done.synchronize()
-            torch.cuda.current_stream().wait_event(slot.copied)
-        c.lap("prev_wait")
-        width = self._compute(slot, h, t, k)
-        c.lap("launch")
-        self.pending = _Pending(seq, slot, h.shape[0], width)
+            if prev is not None:
+                self.ss.synchronize(self.group)  # raise any deferred check of that batch first
+            c.lap("prev_wait")
+        # Hazard: the results' device-to-host copy is asynchronous; ``prev.slot.done`` (recorded
+        # after it) was synchronized above before ``_take`` reads ``host["out"]``.
         out = self._take(prev)
-        c.lap("take")
-        c.add("calls", 1)
+        c.lap("take" if count else "flush")
+        if count:
+            c.add("calls", 1)
         c.stop()
         return out
 
     def flush(self):
-        """The results of the last launched batch, ``(seq, words)``, or None if there is none."""
+        """With no new batch: launch the staged batch, if any, and return the results of the one
+        launched before it, ``(seq, words)``, or None if there is none. Called until nothing is
+        left (each call returns at most one batch's results)."""
         self.clock.start(idle=True)
-        prev, self.pending = self.pending, None
-        if prev is not None and self.cuda:
-            prev.slot.done.synchronize()
-        if prev is not None:
-            self.ss.synchronize(self.group)  # raise any deferred check of that batch first
-        out = self._take(prev)
-        self.clock.lap("flush")
-        self.clock.stop()
-        return out
+        staged, self.staged = self.staged, None
+        return self._launch(staged, count=False)
 
     def timings(self, reset: bool = False) -> dict[str, float]:
         """Summed seconds per stage (and ``calls``, ``stage_faults``) since the last reset, and
@@ -437,10 +554,10 @@ class TPWorker:
         sums = self.clock.take() if reset else dict(self.clock.sums)
         return {**sums, "threads": torch.get_num_threads()} if self.clock.on else {}
 
-    def _stage(self, slot: _Slot, name: str, blocks: list[torch.Tensor]) -> torch.Tensor:
-        """Consecutive row blocks (host memory, read-only in the object store) as one tensor on this
-        worker's device. On CUDA: copied into the slot's pinned buffer (torch's ``copy_`` splits
-        each block over the worker's ``threads``), then one asynchronous copy on the copy stream."""
+    def _stage_host(self, slot: _Slot, name: str, blocks: list[torch.Tensor]) -> torch.Tensor:
+        """Consecutive row blocks (host memory, read-only in the object store) as one tensor in
+        host memory: on CUDA copied into the slot's pinned buffer (torch's ``copy_`` splits each
+        block over the worker's ``threads``); on the CPU the blocks themselves (concatenated)."""
         if not self.cuda:
             return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
         x = blocks[0]
@@ -451,54 +568,60 @@ class TPWorker:
         for b in blocks:
             rows[start : start + b.shape[0]].copy_(b)
             start += b.shape[0]
-        return self._to_device(slot, name, rows)
+        return rows
+
+    def _read_host(self, slot: _Slot, rows: FileRows):
+        """``rows`` read from their file (``RowReader``: positional reads by the worker's threads)
+        into the slot's host buffer (pinned on CUDA), as ``(hidden, targets)`` in host memory;
+        targets as int64."""
+        span = self.reader.span(rows.path, rows.hidden)
+        host = _grown(slot.host, "hidden", rows.n_rows * span.row_bytes, device="cpu", pin=self.cuda)
+        h = self.reader.read_into(rows.path, rows.hidden, rows.start, rows.stop, host)
+        if rows.targets is None:
+            return h, None
+        raw_bytes = rows.n_rows * self.reader.span(rows.path, rows.targets).row_bytes
+        raw = _grown(slot.host, "targets_raw", raw_bytes, device="cpu", pin=False)
+        t = self.reader.read_into(rows.path, rows.targets, rows.start, rows.stop, raw)
+        return h, self._stage_host(slot, "targets", [t.to(torch.int64)])
 
     def _to_device(self, slot: _Slot, name: str, host: torch.Tensor) -> torch.Tensor:
-        """The pinned ``host`` tensor in the slot's device buffer ``name``: one asynchronous copy
-        on the copy stream. The buffer is allocated (when missing or too small) on that stream:
-        allocated on the compute stream instead, it could be carved from memory the previous
-        batch's kernels just freed there and are still reading (the caching allocator reuses a
-        block freed on a stream right away for that stream's next allocation, which is safe only
-        for work queued on the same stream), and the copy would race them."""
+        """The staged ``host`` tensor (pinned) in the slot's device buffer ``name``: one
+        asynchronous copy on the copy stream (CUDA), or ``host`` itself (CPU). The buffer is
+        allocated (when missing or too small) on that stream. Hazard: allocated on the compute
+        stream instead, it could be carved from memory the previous batch's kernels just freed
+        there and are still reading (the caching allocator reuses a block freed on a stream right
+        away for that stream's next allocation, which is safe only for work queued on the same
+        stream), and the copy would race them."""
+        if not self.cuda:
+            return host
         with torch.cuda.stream(self.copy_stream):
             dev = _grown(slot.dev, name, host.numel() * host.element_size(), device=self.device, pin=False)
             out = dev.view(host.dtype).view(host.shape)
             out.copy_(host, non_blocking=True)
         return out
 
-    def _read(self, slot: _Slot, rows: FileRows):
-        """``rows`` read from their file (``RowReader``: positional reads by the worker's threads)
-        into the slot's host buffer (pinned on CUDA, then one asynchronous copy on the copy
-        stream), as ``(hidden, targets)`` on this worker's device; targets as int64."""
-        span = self.reader.span(rows.path, rows.hidden)
-        host = _grown(slot.host, "hidden", rows.n_rows * span.row_bytes, device="cpu", pin=self.cuda)
-        h = self.reader.read_into(rows.path, rows.hidden, rows.start, rows.stop, host)
-        if self.cuda:
-            h = self._to_device(slot, "hidden", h)
-        if rows.targets is None:
-            return h, None
-        raw_bytes = rows.n_rows * self.reader.span(rows.path, rows.targets).row_bytes
-        raw = _grown(slot.host, "targets_raw", raw_bytes, device="cpu", pin=False)
-        t = self.reader.read_into(rows.path, rows.targets, rows.start, rows.stop, raw)
-        return h, self._stage(slot, "targets", [t.to(torch.int64)])
-
     def _compute(self, slot: _Slot, hidden: torch.Tensor, targets, k: int) -> int:
         """Queue the batch on the current stream; rank 0 also queues its packed results' copy into
         ``slot.host["out"]``. Returns the packed width."""
-        with torch.no_grad():
-            h = hidden.to(self.dtype)
-            t = None if targets is None else targets.to(torch.int64)
-            logits = torch.nn.functional.linear(h, self.weight, self.bias)  # [T, V_shard]: this shard only
-            st = self.ss.softmax_stats(
-                logits, t, k=k, vocab_size=self.vocab_size, vocab_start=self.vocab_start,
-                process_group=self.group, **self.options,
-            )  # fmt: skip
-            if self.rank == 0:
-                words = pack_results(st, k)
-                out = _grown(slot.host, "out", words.numel() * 4, device="cpu", pin=self.cuda)
-                out.view(torch.int32).view(words.shape).copy_(words, non_blocking=self.cuda)
-        if self.cuda:
-            slot.done.record()
+        try:
+            with torch.no_grad():
+                h = hidden.to(self.dtype)
+                t = None if targets is None else targets.to(torch.int64)
+                logits = torch.nn.functional.linear(h, self.weight, self.bias)  # [T, V_shard]: this shard
+                st = self.ss.softmax_stats(
+                    logits, t, k=k, vocab_size=self.vocab_size, vocab_start=self.vocab_start,
+                    process_group=self.group, **self.options,
+                )  # fmt: skip
+                if self.rank == 0:
+                    words = pack_results(st, k)
+                    out = _grown(slot.host, "out", words.numel() * 4, device="cpu", pin=self.cuda)
+                    out.view(torch.int32).view(words.shape).copy_(words, non_blocking=self.cuda)
+        finally:
+            if self.cuda:
+                # After everything queued for this batch, also when a check raised half-way with
+                # kernels reading the slot's device buffers already queued: the slot is not reused
+                # before they are done (``_advance``).
+                slot.done.record()
         return PACKED_HEAD + 2 * k
 
     def _take(self, prev: _Pending | None):
@@ -907,9 +1030,10 @@ class ShardedScorer:
 
         At most ``replicas * max_inflight`` batches are in flight: read from ``batches``, put in the
         object store and not yet yielded (each group holds at most ``max_inflight`` of them). The
-        workers answer one batch behind (``TPWorker``): a group's ``score`` call for batch ``s``
-        returns the results of the batch sent to it before ``s``; when nothing more can be sent to
-        a group that still holds a batch, it is sent ``flush``."""
+        workers answer two batches behind (``TPWorker``): a group's ``score`` call for batch ``s``
+        returns the results of the batch sent to it two calls before ``s`` (or None); when nothing
+        more can be sent to a group that still holds a batch, it is sent ``flush`` (which launches
+        the batch staged last and returns the one before it) until every batch came back."""
         k = self.k if k is None else k
         if not isinstance(k, int) or not 0 <= k <= min(1024, self.info.vocab_size):
             raise ValueError(
@@ -1065,12 +1189,15 @@ class ShardedScorer:
         (their answers), ``unpack``, ``caller`` (between a yield and the next request), ``rebuild``;
         ``batches`` (put) and ``results`` (yielded); the stages of a put are per batch, the others
         per result. ``workers``: one dict per actor (``replica``, ``rank``): ``idle`` (between
-        calls: Ray's argument and result transfer, or nothing to do), ``slot_wait`` (a staging slot
-        still in use by the batch before last), ``stage`` (object store to pinned memory;
-        ``stage_faults`` per batch), ``read`` (a ``FileRows`` batch from its file to pinned
-        memory, ``read_faults``), ``prev_wait`` (the previous batch still on the GPU), ``launch``
-        (queueing this batch; on CPU, computing it), ``take`` (results to the reply), ``flush``;
-        ``calls`` and ``threads`` (torch threads of the staging copy, also the reading threads).
+        calls: Ray's argument and result transfer, or nothing to do), ``slot_wait`` (the staging
+        slot's batch of three slots ago still on the GPU), ``stage`` (object store to pinned memory
+        and, on a GPU, the copy to the device queued, on the worker's stager thread, overlapped
+        with the other stages; ``stage_faults`` per batch), ``read`` (the same for a ``FileRows``
+        batch read from its file, ``read_faults``), ``stage_wait`` / ``read_wait`` (the worker
+        waiting for its stager), ``prev_wait`` (the batch launched before still on the GPU),
+        ``launch`` (queueing this batch; on CPU, computing it), ``take`` (results to the reply),
+        ``flush``; ``calls`` and ``threads`` (torch threads of the staging copy, also the reading
+        threads).
         """
         if not self._clock.on:
             return {"driver": {}, "workers": []}

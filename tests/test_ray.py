@@ -7,11 +7,14 @@ Every output row is compared with the single-process API on the same data:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -292,6 +295,132 @@ def test_scorer_workers_read_file_rows(ray_cluster, data, tmp_path, monkeypatch)
         assert scorer.rebuilds == 0
         again = scorer.score(FileRows(a_path, 0, 300))
         np.testing.assert_array_equal(again.topk_ids, np.concatenate([r.topk_ids for _, r in got[:5]]))
+
+
+# The in-process worker test: sizes per device (the GPU's are large enough that a batch's kernels
+# still run while the stager stages the next batches and grows their buffers).
+STAGER_SIZES = {"cpu": (203, 200, 32, 1), "cuda": (32003, 32000, 1024, 40)}  # rows, vocab, H, scale
+STAGER_ROWS = [37, 1, 90, 64, 3, 128, 17, 90, 5, 77, 64, 2, 100, 33]  # x scale; 14 batches, 3 slots
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                             reason="needs a CUDA GPU")])],
+)  # fmt: skip
+def test_worker_stager_reuses_its_slots_safely(tmp_path, monkeypatch, device):
+    """``TPWorker``'s protocol in this process (no Ray: one rank, no process group), two batches
+    behind with its stager thread: 14 batches of different sizes, values, k, dtypes and targets
+    (ignored ones, none), read from files (``score_file``) or given as object-store blocks
+    (``score``), with ``flush`` calls in between, through 3 reused slots whose buffers grow and
+    shrink. Every buffer the worker takes (``_grown``) is first filled with NaN bytes, and on the
+    stager thread the fill is followed by a pause: a slot refilled while a launched batch still
+    reads it (or, on a GPU, a device buffer carved from memory in use) shows as NaN or wrong
+    results. Every batch equals the single-process API; a batch whose file is missing fails the
+    next call with the read error, and the worker goes on."""
+    rows, vocab, h, scale = STAGER_SIZES[device]
+    g = torch.Generator().manual_seed(11)
+    weight = torch.randn(rows, h, generator=g) * (0.3 if device == "cpu" else 0.03)
+    bias = torch.randn(rows, generator=g) * 0.1
+    batches = []  # (hidden, targets, k, how)
+    for i, n in enumerate(STAGER_ROWS):
+        n *= scale
+        hidden = torch.randn(n, h, generator=g) + i  # different values per batch
+        hidden = hidden.bfloat16() if i % 4 == 1 else hidden
+        targets = torch.randint(0, vocab, (n,), generator=g)
+        targets[torch.rand(n, generator=g) < 0.25] = -100
+        batches.append(
+            (hidden, None if i % 5 == 2 else targets, 33 if i % 3 else 5, "file" if i % 2 else "blocks")
+        )
+
+    real_grown = ray_scorer._grown
+
+    def poisoned(buffers, name, nbytes, *, device, pin):
+        buf = real_grown(buffers, name, nbytes, device=device, pin=pin)
+        buf.fill_(255)  # NaN in float32 and bfloat16, id -1 in int64; on a GPU on this thread's stream
+        if threading.current_thread().name.startswith("shardsoftmax-stage"):
+            time.sleep(0.002)
+        return buf
+
+    monkeypatch.setattr(ray_scorer, "_grown", poisoned)
+    threads = torch.get_num_threads()
+    backend = ss.use_backend("torch") if device == "cpu" else contextlib.nullcontext()
+    with backend:
+        worker = ray_scorer.TPWorker(
+            0, 1, 0, ray_scorer.to_wire(weight), ray_scorer.to_wire(bias), vocab, device, None, None,
+            {"temperature": 1.0, "softcap": None, "ignore_index": -100},
+        )  # fmt: skip
+        try:
+            got = {}
+
+            def answer(res):
+                if res is not None:
+                    assert res[0] not in got
+                    got[res[0]] = res[1]
+
+            for seq, (hidden, targets, k, how) in enumerate(batches):
+                if how == "file":
+                    path = str(tmp_path / f"b{seq}.safetensors")
+                    tensors = (
+                        {"hidden": hidden} if targets is None else {"hidden": hidden, "targets": targets}
+                    )
+                    safetensors_torch.save_file(tensors, path)
+                    name = None if targets is None else "targets"
+                    answer(worker.score_file(seq, k, FileRows(path, 0, hidden.shape[0], targets=name)))
+                else:
+                    blocks = [ray_scorer.to_wire(b) for b in hidden.split(max(1, hidden.shape[0] // 3))]
+                    answer(worker.score(seq, k, ray_scorer.to_wire(targets), *blocks))
+                if seq % 5 == 4:
+                    answer(worker.flush())
+            for _ in range(3):
+                answer(worker.flush())
+            assert sorted(got) == list(range(len(batches)))
+            assert worker.n_used == len(batches) and worker.staged is None and worker.pending is None
+
+            # a missing file: the call after it raises the read error, and the batch launched before
+            # it goes with that error (the driver abandons them); the next batches are unharmed,
+            # one of them in the dropped batch's slot
+            def blocks_call(seq, i):
+                hidden, targets, k, _ = batches[i]
+                return worker.score(seq, k, ray_scorer.to_wire(targets), ray_scorer.to_wire(hidden))
+
+            missing = FileRows(str(tmp_path / "gone.safetensors"), 0, 1, targets=None)
+            assert blocks_call(99, 0) is None
+            assert worker.score_file(100, 5, missing) is None
+            with pytest.raises(InputError, match="same path on every node"):
+                blocks_call(101, 1)
+            assert blocks_call(102, 2) is None
+            for _ in range(3):
+                answer(worker.flush())
+            assert sorted(got) == [*range(len(batches)), 101, 102]
+            want = dict(enumerate(batches))
+            want.update({101: batches[1], 102: batches[2]})
+
+            dev = torch.device(device)
+            for seq, (hidden, targets, k, _) in want.items():
+                logits = torch.nn.functional.linear(hidden.float().to(dev), weight.to(dev), bias.to(dev))
+                t = None if targets is None else targets.to(dev)
+                ref = ss.softmax_stats(logits, t, k=k, vocab_size=vocab, vocab_start=0)
+                res = ray_scorer.unpack_results(got[seq], targets is not None)
+                np.testing.assert_array_equal(
+                    res.topk_ids, ref.topk_ids.cpu().numpy(), err_msg=f"batch {seq}"
+                )
+                for f in ("lse", "target_logprob", "entropy", "topk_logprobs"):
+                    expect = getattr(ref, f)
+                    if expect is None:
+                        assert getattr(res, f) is None
+                        continue
+                    np.testing.assert_allclose(
+                        getattr(res, f),
+                        expect.float().cpu().numpy(),
+                        rtol=1e-5,
+                        atol=1e-5,
+                        err_msg=f"batch {seq} {f}",
+                    )
+        finally:
+            worker.stager.shutdown()
+            worker.reader.close()
+            torch.set_num_threads(threads)
 
 
 def test_breakdown_per_batch_divides_driver_and_worker_stages_by_their_events():
