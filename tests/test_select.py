@@ -80,11 +80,21 @@ def test_selection_knobs(device, params):
     check(x, 33, device=device, n_valid=4101, tile=(16, 32), **params)
 
 
+OVERFLOWS = {  # each case overflows one list only (the others hold every candidate)
+    "groups": dict(capg=8, cape=1024),  # 33 or more groups reach the threshold
+    "chunks": dict(capc=16, cape=1024),  # 33 or more chunks
+    "columns": dict(cape=64),  # 128 columns and more (see below)
+}
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_selection_brute_force(device):
-    """Lists too small for the candidates: every row takes the brute-force path."""
-    x = rows_for_selection(6, 4103, seed=2)
-    check(x, 5, device=device, n_valid=4101, tile=(16, 32), capg=8, capc=8, cape=16)
+@pytest.mark.parametrize("params", OVERFLOWS.values(), ids=OVERFLOWS.keys())
+def test_selection_brute_force(device, params):
+    """A list too small for the candidates: every row takes the brute-force path. Four chunks of
+    each row hold 128 large values, so the threshold that 33 groups reach admits them all."""
+    x = torch.randn(4, 4103, generator=torch.Generator().manual_seed(5)) * 3
+    x[:, 3904:4032] += 20.0  # listed last (lists go by group and chunk index)
+    check(x, 33, device=device, n_valid=4101, tile=(16, 32), **params)
 
 
 @pytest.mark.parametrize("device", DEVICES)
