@@ -37,14 +37,21 @@ CHECK_ROWS = 512
 
 
 def select_variants(k: int) -> list[dict]:
-    """Keywords of shard_partials for the selection sweep (each one compiles the selection)."""
+    """Keywords of shard_partials for the selection sweep (all but the programs per SM compile)."""
     kp = max(2, 1 << (k - 1).bit_length())
     if k > 128:
-        return [dict(select_warps=8), dict(select_warps=2), dict(select_params=dict(ug=k + k // 4))]
-    return [
+        return [
+            dict(select_programs_per_sm=4),
+            dict(select_programs_per_sm=16),
+            dict(select_warps=8),
+            dict(select_params=dict(ug=k + k // 4)),
+        ]
+    return [  # programs per SM first: no compilation
+        dict(select_programs_per_sm=16),
+        dict(select_programs_per_sm=24),
+        dict(select_programs_per_sm=64),
         dict(select_warps=2),
         dict(select_warps=4),
-        dict(select_programs_per_sm=16),
         dict(select_params=dict(rows=2)),
         dict(select_params=dict(cb=1024)),  # all chunk maxima of V = 32064 at once
         dict(select_params=dict(bc=32)),

@@ -427,6 +427,8 @@ def _select_kernel(
         gkey = tl.where((gi < n_chunks)[None, :], ordered_int32(gmax), NO_KEY)
         lo = tl.min(tl.where(gkey == NO_KEY, 2147483647, gkey), axis=1).to(tl.int64)
         hi = tl.max(gkey, axis=1).to(tl.int64) + 1
+        if K == 1:  # the largest group maximum is the answer
+            lo = tl.where(hi > KEY_NEG_INF, hi - 1, lo)
         n_g = tl.sum((gkey >= lo.to(tl.int32)[:, None]).to(tl.int32), axis=1)
         ok = n_g >= K  # else fewer than K chunks: every chunk is a candidate
         lo = _bisect(gkey, lo, hi, n_g, ok & (n_g > UG) & (hi - lo > 1), K, UG)
@@ -560,7 +562,10 @@ CM_MAX_BYTES = 256 * 1024**2  # the chunk-maxima buffer of k > 0; more rows go i
 # KP keys, no barriers); larger k sorts KP = 1024 keys, which one warp holds only by spilling
 SELECT_WARPS = 1
 SELECT_WARPS_LARGE_K = 4
-PROGRAMS_PER_SM = 32  # programs of the top-k selection per SM (each loops over blocks of rows)
+# programs of the top-k selection per SM (each loops over blocks of rows): one-warp programs of
+# 72 registers fit 28 per SM; k > 128 (4 warps, ~244 registers) 2
+PROGRAMS_PER_SM = 32
+PROGRAMS_PER_SM_LARGE_K = 8
 
 
 def default_select_warps(k: int) -> int:
@@ -579,12 +584,14 @@ def topk_params(k: int, chunks_per_split: int, chunk: int, *, rows: int | None =
     kp = max(2, _next_pow2(k))
     r = rows or 1
     ncp = _next_pow2(chunks_per_split)
-    # 4 KP groups for k <= 128 (fewer ties between group maxima near the threshold); at least
-    # ncp / 16, so that a group's members fit 16 bits (a list entry: group | member bits << 16)
-    ngp = max(ngp or max(8, (4 if kp <= 128 else 2) * kp), ncp // 16)
+    # 4 KP groups for k <= 128 (fewer ties between group maxima near the threshold)
+    ngp = ngp or max(8, (4 if kp <= 128 else 2) * kp)
     # blocks of 512 chunk maxima per row: 72 registers, where all 1002 of V = 32064 at once
     # (kept for the second step) take 114 (sm_90, Triton 3.8)
-    cb = max(ngp, cb or min(ncp, max(ngp, 512 // r)))
+    cb = cb or min(ncp, max(ngp, 512 // r))
+    # a group's members fit 16 bits (a list entry: group | member bits << 16)
+    ngp = max(ngp, ncp // 16, cb // 16)
+    cb = max(cb, ngp)
     bc = bc or max(1, min(kp, 2048 // (chunk * r)))
     cape = cape or max(16, 2 * kp)
     return dict(
@@ -670,7 +677,8 @@ def shard_partials(
         step = max(1, min(n_rows, CM_MAX_BYTES // (4 * cm_stride)))
         cm = torch.empty((step, cm_stride), dtype=torch.float32, device=device)
         tk = topk_params(k, cols_per_split // chunk, chunk, **(select_params or {}))
-        programs = min(cdiv(step, tk["R"]), max_resident_programs(device, select_programs_per_sm))
+        per_sm = select_programs_per_sm or (PROGRAMS_PER_SM if k <= 128 else PROGRAMS_PER_SM_LARGE_K)
+        programs = min(cdiv(step, tk["R"]), max_resident_programs(device, per_sm))
         slot_words = tk["R"] * (tk["CAPG"] + 3 * tk["CAPC"] + tk["CAPE"])
         scratch = torch.empty(programs * n_splits * slot_words, dtype=torch.int32, device=device)
     else:
