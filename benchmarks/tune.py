@@ -50,6 +50,9 @@ def select_variants(k: int) -> list[dict]:
         dict(select_programs_per_sm=16),
         dict(select_programs_per_sm=24),
         dict(select_programs_per_sm=64),
+        dict(select_params=dict(maxnreg=96)),
+        dict(select_params=dict(maxnreg=72)),
+        dict(select_params=dict(maxnreg=0)),  # uncapped
         dict(select_warps=2),
         dict(select_warps=4),
         dict(select_params=dict(rows=2)),
@@ -186,7 +189,10 @@ def main() -> None:
         for c in same_k:
             if time.time() - t0 < args.budget_s:
                 base = dict(c.best[3]) if c.best and "tile" not in kw else {}
-                c.run(f"{base} {kw}" if base else f"{kw}", **dict(base, **kw))
+                merged = dict(base, **kw)
+                if "select_params" in base and "select_params" in kw:
+                    merged["select_params"] = {**base["select_params"], **kw["select_params"]}
+                c.run(f"{base} {kw}" if base else f"{kw}", **merged)
     print(f"\nbest per (v, k): ms, fraction of copy bandwidth, variant ({time.time() - t0:.0f} s)")
     for c in cases:
         if c.best:

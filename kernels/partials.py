@@ -265,38 +265,35 @@ def _brute_force_topk(row_ptr, cm_row, chunks_ptr, n_chunks, col_lo, col_hi, sof
 
 
 @triton.jit
-def _rescan_nan_row(row_ptr, cm_row, col_lo, col_hi, softcap, inv_temperature,
-                    HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, ROWS: tl.constexpr,
-                    CHUNK: tl.constexpr):  # fmt: skip
+def _rescan_nan_row(row_ptr, cm_row, col_lo, col_hi, n_chunks, softcap, inv_temperature,
+                    HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, CHUNK: tl.constexpr,
+                    RB: tl.constexpr):  # fmt: skip
     """Store one row's chunk maxima again with NaN ranked highest (a chunk holding a NaN gets
-    NaN), for a row whose sum came out NaN (the streaming loop's maxima skip NaN)."""
-    BLOCK_V: tl.constexpr = ROWS * CHUNK
-    tile_offs = tl.arange(0, ROWS)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
-    for start in range(col_lo, col_hi, BLOCK_V):
-        cols = start + tile_offs
+    NaN), for a row whose sum came out NaN (the streaming loop's maxima skip NaN); RB chunks at
+    a time (few registers: they count for the whole kernel)."""
+    for c0 in range(0, n_chunks, RB):
+        ci = c0 + tl.arange(0, RB)
+        cols = col_lo + ci[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
         x = _load_transformed(row_ptr, cols, cols < col_hi, softcap, inv_temperature, HAS_SOFTCAP,
                               HAS_TEMPERATURE)  # fmt: skip
         nan = x != x
         chunk_max = tl.max(tl.where(nan, float("-inf"), x), axis=1)
         chunk_max = tl.where(tl.max(nan.to(tl.int32), axis=1) > 0, float("nan"), chunk_max)
-        tl.store(cm_row + (start - col_lo) // CHUNK + tl.arange(0, ROWS), chunk_max)
+        tl.store(cm_row + ci, chunk_max, mask=ci < n_chunks)
 
 
 @triton.jit
 def _rank_candidates(list_e, n_e, row_ptr, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr,
-                     HAS_TEMPERATURE: tl.constexpr, N: tl.constexpr, KP: tl.constexpr):  # fmt: skip
-    """The KP best keys (sorted, descending) of the first N (>= KP) columns of the rows' lists
-    (-1: no column)."""
-    e = tl.arange(0, N)[None, :]
+                     HAS_TEMPERATURE: tl.constexpr, KP: tl.constexpr):  # fmt: skip
+    """The keys (sorted, descending) of the first n_e (<= KP) columns of the rows' lists (-1: no
+    column)."""
+    e = tl.arange(0, KP)[None, :]
     cols = tl.load(list_e[:, None] + e, mask=e < n_e[:, None], other=-1)
     real = cols >= 0
     x = _load_transformed(row_ptr[:, None], cols, real, softcap, inv_temperature, HAS_SOFTCAP,
                           HAS_TEMPERATURE)  # fmt: skip
-    keys = tl.where(real, make_key(x, cols), min_key_like([n_e.shape[0], N]))
-    if N == KP:
-        return tl.sort(keys, dim=1, descending=True)
-    else:
-        return tl.topk(keys, KP, dim=1)
+    keys = tl.where(real, make_key(x, cols), min_key_like([n_e.shape[0], KP]))
+    return tl.sort(keys, dim=1, descending=True)
 
 
 @triton.jit
@@ -351,8 +348,9 @@ def _select_kernel(
     CAPC: tl.constexpr,  # capacity of the chunk list
     CAPE: tl.constexpr,  # capacity of the candidate-column list (a power of two >= KP)
     BC: tl.constexpr,  # listed chunks re-read at once
-    BF: tl.constexpr,  # chunk maxima ranked at once on the brute-force path (>= KP)
-    BE: tl.constexpr,  # chunks re-read at once on the brute-force path (BE * CHUNK >= KP)
+    # the brute-force path, in small blocks (its registers count for the whole kernel):
+    BF: tl.constexpr,  # chunk maxima ranked at once (>= KP)
+    BE: tl.constexpr,  # chunks re-read at once (BE * CHUNK >= KP)
 ):
     """Grid: (programs, n_splits); each program selects the exact top-K of blocks of R rows
     (rows pid * R.., (pid + programs) * R.., ...) of one column split from the chunk maxima the
@@ -375,7 +373,7 @@ def _select_kernel(
     re-scanned first so that NaN ranks highest, as in ``torch.topk``."""
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
-    split, n_splits, col_lo, col_hi, tile_offs = _split_columns(cols_per_split, n_valid_cols, ROWS, CHUNK)
+    split, n_splits, col_lo, col_hi, _ = _split_columns(cols_per_split, n_valid_cols, ROWS, CHUNK)
     n_cols = col_hi - col_lo
     n_chunks = tl.cdiv(n_cols, CHUNK)
     n_full = n_cols // CHUNK  # chunks without padding columns (the last one may have some)
@@ -389,6 +387,28 @@ def _select_kernel(
     list_g = slot0 + rr * SLOT  # [R] pointers; entries: group | member bits << 16
     list_c = list_g + CAPG  # then 2 * CAPC words: the chunks' element bit masks
     list_e = list_c + 3 * CAPC
+    # Rare paths stay out of the row loop (their registers would count in it): first, rows whose
+    # sum came out NaN, 32 blocks of rows at a time; flags from reductions over the warp are
+    # uniform (a flag from a plain load is not, and the compiler would emulate every shuffle of
+    # the branch it guards).
+    stride = n_programs * R
+    blocks = tl.arange(0, 32)[:, None] * stride + rr[None, :]  # rows, from the first one's
+    which = tl.arange(0, 32)[:, None] * R + rr[None, :]
+    for b0 in range(pid * R, n_rows, 32 * stride):
+        here = b0 + blocks < n_rows
+        s_all = tl.load(stats_ptr + (n_splits + split) * total_rows + row0 + b0 + blocks, mask=here,
+                        other=0.0)  # fmt: skip
+        nan_row = (s_all != s_all).to(tl.int32)
+        if tl.max(tl.max(nan_row, axis=1), axis=0) > 0:
+            for j in range(32 * R):
+                if tl.max(tl.max(tl.where(which == j, nan_row, 0), axis=1), axis=0) > 0:
+                    one = b0 + (j // R) * stride + j % R + tl.zeros([], tl.int64)
+                    _rescan_nan_row(logits_ptr + (row0 + one) * stride_logits_row,
+                                    cm_ptr + one * cm_stride + split * chunks_per_split, col_lo,
+                                    col_hi, n_chunks, softcap, inv_temperature, HAS_SOFTCAP,
+                                    HAS_TEMPERATURE, CHUNK, 512 // CHUNK)  # fmt: skip
+    tl.debug_barrier()  # the chunk maxima stored above are read by other threads
+
     for r0 in range(pid * R, n_rows, n_programs * R):
         local = r0 + rr
         live = local < n_rows
@@ -396,27 +416,12 @@ def _select_kernel(
         row = row0 + local
         row_ptr = logits_ptr + row * stride_logits_row  # [R]
         cm_row = cm_ptr + local * cm_stride + split * chunks_per_split  # [R]
-        s_all = tl.load(stats_ptr + (n_splits + split) * total_rows + row)
         ci = tl.arange(0, CB)
-        if ONE_BLOCK:  # issued with the sum's load (the NaN re-scan below is rare)
-            cm = tl.load(cm_row[:, None] + ci[None, :], mask=(ci < n_stored)[None, :],
-                         other=float("-inf"))  # fmt: skip
-        nan_row = (s_all != s_all).to(tl.int32)
-        if tl.max(nan_row, axis=0) > 0:
-            for r in range(R):
-                if _pick(nan_row, rr, r) > 0:
-                    one = _pick(local, rr, r)
-                    _rescan_nan_row(logits_ptr + (row0 + one) * stride_logits_row,
-                                    cm_ptr + one * cm_stride + split * chunks_per_split, col_lo,
-                                    col_hi, softcap, inv_temperature, HAS_SOFTCAP,
-                                    HAS_TEMPERATURE, ROWS, CHUNK)  # fmt: skip
-            tl.debug_barrier()  # the chunk maxima stored above are read by other threads
-            if ONE_BLOCK:
-                cm = tl.load(cm_row[:, None] + ci[None, :], mask=(ci < n_stored)[None, :],
-                             other=float("-inf"))  # fmt: skip
 
         # 1. Group maxima, and the threshold t (key lo) by bisection.
         if ONE_BLOCK:
+            cm = tl.load(cm_row[:, None] + ci[None, :], mask=(ci < n_stored)[None, :],
+                         other=float("-inf"))  # fmt: skip
             gmax = tl.max(tl.reshape(cm, [R, NB, NGP]), axis=1)
         else:
             gmax = tl.full([R, NGP], float("-inf"), tl.float32)
@@ -508,31 +513,56 @@ def _select_kernel(
         tl.debug_barrier()
         over = over | (n_e > CAPE)
 
-        # 5. Rank the candidates.
+        # 5. Rank the candidates. More than KP of them (2-20% of rows at k = 50): raise the
+        # threshold over their own keys until at most KP are left (unless ties), listed anew in
+        # the chunk list's room (a tl.topk of CAPE keys would cost twice the sort, and registers).
         n_e = tl.where(over, 0, n_e)
-        if tl.max(n_e, axis=0) <= KP:
-            top = _rank_candidates(list_e, n_e, row_ptr, softcap, inv_temperature, HAS_SOFTCAP,
-                                   HAS_TEMPERATURE, KP, KP)  # fmt: skip
-        else:
-            top = _rank_candidates(list_e, n_e, row_ptr, softcap, inv_temperature, HAS_SOFTCAP,
-                                   HAS_TEMPERATURE, CAPE, KP)  # fmt: skip
+        ranked = list_e
+        if tl.max(n_e, axis=0) > KP:
+            e = tl.arange(0, CAPE)[None, :]
+            cols = tl.load(list_e[:, None] + e, mask=e < n_e[:, None], other=-1)
+            real = cols >= 0
+            x = _load_transformed(row_ptr[:, None], cols, real, softcap, inv_temperature,
+                                  HAS_SOFTCAP, HAS_TEMPERATURE)  # fmt: skip
+            ekey = tl.where(real, ordered_int32(x), NO_KEY)
+            many = n_e > KP
+            lo_e = tl.min(tl.where(real, ekey, 2147483647), axis=1).to(tl.int64)
+            hi_e = tl.max(ekey, axis=1).to(tl.int64) + 1
+            n_real = tl.sum(real.to(tl.int32), axis=1)
+            lo_e = _bisect(ekey, lo_e, hi_e, n_real, many & (n_real > KP) & (hi_e - lo_e > 1), K, KP)
+            keep = real & (~many[:, None] | (ekey >= lo_e.to(tl.int32)[:, None]))
+            n_e = _append(list_c, tl.zeros([R], tl.int32), keep, cols, CAPC)
+            ranked = list_c
+            tl.debug_barrier()
+        over = over | (n_e > KP)
+        n_e = tl.where(over, 0, n_e)
+        top = _rank_candidates(ranked, n_e, row_ptr, softcap, inv_temperature, HAS_SOFTCAP,
+                               HAS_TEMPERATURE, KP)  # fmt: skip
         kk = tl.arange(0, KP)[None, :]
         base = ((split * total_rows + row) * K)[:, None]
         _store_top(topk_vals_ptr, topk_ids_ptr, base, top, vocab_start,
                    live[:, None] & ~over[:, None] & (kk < K), KP)  # fmt: skip
-        brute = (over & live).to(tl.int32)
-        if tl.max(brute, axis=0) > 0:
-            for r in range(R):
-                if _pick(brute, rr, r) > 0:
-                    one = _pick(local, rr, r)
+        # a row whose lists overflowed is marked (id -2) and ranked after the loop
+        tl.store(topk_ids_ptr + base + kk, tl.full([R, KP], -2, tl.int64),
+                 mask=live[:, None] & over[:, None] & (kk == 0))  # fmt: skip
+
+    tl.debug_barrier()  # the marks above are read by other threads
+    lanes = tl.arange(0, 32)
+    for r0 in range(pid * R, n_rows, n_programs * R):
+        for r in range(R):
+            one = r0 + r + tl.zeros([], tl.int64)  # int64 offsets (a plain int in the interpreter)
+            if one < n_rows:
+                base1 = (split * total_rows + row0 + one) * K
+                # the mark loaded by one thread, seen by all through a reduction (uniform)
+                mark = tl.load(topk_ids_ptr + base1 + lanes, mask=lanes == 0, other=0)
+                if tl.max((mark == -2).to(tl.int32), axis=0) > 0:
                     top1 = _brute_force_topk(logits_ptr + (row0 + one) * stride_logits_row,
                                              cm_ptr + one * cm_stride + split * chunks_per_split,
                                              slot0, n_chunks, col_lo, col_hi, softcap,
                                              inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE, K, KP,
                                              CHUNK, BF, BE)  # fmt: skip
                     k1 = tl.arange(0, KP)
-                    _store_top(topk_vals_ptr, topk_ids_ptr, (split * total_rows + row0 + one) * K,
-                               top1, vocab_start, k1 < K, KP)  # fmt: skip
+                    _store_top(topk_vals_ptr, topk_ids_ptr, base1, top1, vocab_start, k1 < K, KP)
 
 
 def _next_pow2(n: int) -> int:
@@ -566,6 +596,10 @@ SELECT_WARPS_LARGE_K = 4
 # 72 registers fit 28 per SM; k > 128 (4 warps, ~244 registers) 2
 PROGRAMS_PER_SM = 32
 PROGRAMS_PER_SM_LARGE_K = 8
+# k <= 128: a register cap for the selection (sm_90, Triton 3.8: its main path needs 72-80, the
+# brute-force and NaN paths raise the whole kernel to 120-165 uncapped; at 80 they spill ~100
+# bytes, the main path ~20 loads and stores per row): 25 one-warp programs per SM instead of 12
+SELECT_MAXNREG = 80
 
 
 def default_select_warps(k: int) -> int:
@@ -606,8 +640,9 @@ def topk_params(k: int, chunks_per_split: int, chunk: int, *, rows: int | None =
         CAPC=capc or max(8, 2 * kp),
         CAPE=max(cape, kp),
         BC=bc,
-        BF=bf or max(kp, 256),
-        BE=max(bc, kp // chunk),
+        # the brute-force path's blocks: KP keys
+        BF=bf or kp,
+        BE=max(1, kp // chunk),
     )
 
 
@@ -638,8 +673,9 @@ def shard_partials(
     one piece per column split S. Shape and dtype checks are the caller's (the math layer
     validates once, before any kernel). ``need_entropy`` / ``need_sum_x`` = False skip those sums
     (written as NaN). ``tile`` and ``num_warps`` (the streaming kernel), ``select_warps``,
-    ``select_programs_per_sm`` and ``select_params`` (keywords of ``topk_params``; the top-k
-    selection) override the defaults (tuning); ``select_launch=False`` skips the selection (timing
+    ``select_programs_per_sm`` and ``select_params`` (keywords of ``topk_params``, and
+    ``maxnreg``: the selection's register cap on CUDA, 0 for none; the top-k selection) override
+    the defaults (tuning); ``select_launch=False`` skips the selection (timing
     the streaming kernel alone: the top-k outputs are left unwritten). ``out``:
     (stats, topk_vals, topk_ids) to write into when the launch has one column split and their
     shapes and dtypes match (the process-group path passes views of its send buffer); otherwise
@@ -676,7 +712,10 @@ def shard_partials(
     if k > 0:
         step = max(1, min(n_rows, CM_MAX_BYTES // (4 * cm_stride)))
         cm = torch.empty((step, cm_stride), dtype=torch.float32, device=device)
-        tk = topk_params(k, cols_per_split // chunk, chunk, **(select_params or {}))
+        sp = dict(select_params or {})
+        maxnreg = sp.pop("maxnreg", SELECT_MAXNREG if k <= 128 else 0)
+        select_launch_opts = {"maxnreg": maxnreg} if maxnreg and device.type == "cuda" else {}
+        tk = topk_params(k, cols_per_split // chunk, chunk, **sp)
         per_sm = select_programs_per_sm or (PROGRAMS_PER_SM if k <= 128 else PROGRAMS_PER_SM_LARGE_K)
         programs = min(cdiv(step, tk["R"]), max_resident_programs(device, per_sm))
         slot_words = tk["R"] * (tk["CAPG"] + 3 * tk["CAPC"] + tk["CAPE"])
@@ -705,6 +744,7 @@ def shard_partials(
                 cm_stride, vocab_start, logits.stride(0), *transform,
                 HAS_SOFTCAP=softcap is not None, HAS_TEMPERATURE=float(temperature) != 1.0,
                 K=k, ROWS=rows, CHUNK=chunk, num_warps=select_warps or default_select_warps(k), **tk,
+                **select_launch_opts,
             )  # fmt: skip
     return stats, topk_vals, topk_ids
 

@@ -70,6 +70,7 @@ CASES = {
     "blocks-of-64": dict(cb=64),  # the chunk maxima in several reads
     "small-tiles": dict(bc=4, ngp=64),  # several re-read blocks; more members per group
     "exact-threshold": dict(ug=33),
+    "loose-threshold": dict(ug=64),  # more than KP candidates: a second threshold over them
 }
 
 
