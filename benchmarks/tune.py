@@ -1,20 +1,24 @@
 """Tile / warp sweep for the partials kernels on one GPU (a tuning aid; the benchmark is bench_ops.py).
 
     python benchmarks/tune.py [--n 8192] [--v 32064,128256] [--ks 0,50,1024] [--old PATH,...]
-        [--defaults-only]
+        [--defaults-only] [--tiles] [--budget-s 270]
 
-For each (V, k) it sweeps the streaming kernel's tile and warps with the selection's defaults,
-then, for k > 0, the selection's warps and programs per SM with the best tile, then the column
-splits for k = 0. Each variant is checked against the PyTorch reference (lse, and top-k ids
-exactly) before it is timed; it prints ms and the fraction of the copy bandwidth measured in the
-same run. ``--old PATH[,PATH]`` also times saved earlier ``kernels/partials.py`` files (their
-``shard_partials`` with their defaults) for an A/B in the same run.
+First, for every (V, k): the defaults, each ``--old`` file (saved earlier ``kernels/partials.py``
+files, their ``shard_partials`` with their defaults: an A/B in the same run) and, for k > 0, the
+streaming kernel alone (``select_launch=False``), so that "selection" = total - stream is
+printed for each. Then the sweeps, while the time budget lasts: the streaming kernel's tile and
+warps (k = 0, or every k with ``--tiles``), the column splits (k = 0) and the selection's knobs
+(k > 0: warps, programs per SM, ``topk_params`` keywords). Each variant is checked against the
+PyTorch reference (lse of 512 rows, their top-k ids exactly; for k > 0 also rows with ties,
+NaN, -inf and padding columns) before it is timed; it prints ms and the fraction of the copy
+bandwidth measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import time
 
 import torch
 import triton
@@ -29,8 +33,36 @@ TILES = {
     1024: [(256, 8), (128, 16), (64, 32)],
 }
 WARPS = (4, 8)
-SELECT_WARPS = (1, 2, 4)
-PROGRAMS_PER_SM = (8, 16, 32)
+CHECK_ROWS = 512
+
+
+def select_variants(k: int) -> list[dict]:
+    """Keywords of shard_partials for the selection sweep (all but the programs per SM compile)."""
+    kp = max(2, 1 << (k - 1).bit_length())
+    if k > 128:
+        return [
+            dict(select_programs_per_sm=4),
+            dict(select_programs_per_sm=16),
+            dict(select_warps=8),
+            dict(select_params=dict(ug=k + k // 4)),
+        ]
+    return [  # programs per SM first: no compilation
+        dict(select_programs_per_sm=16),
+        dict(select_programs_per_sm=24),
+        dict(select_programs_per_sm=64),
+        dict(select_params=dict(maxnreg=96)),
+        dict(select_params=dict(maxnreg=72)),
+        dict(select_params=dict(maxnreg=0)),  # uncapped
+        dict(select_warps=2),
+        dict(select_warps=4),
+        dict(select_params=dict(rows=2)),
+        dict(select_params=dict(cb=1024)),  # all chunk maxima of V = 32064 at once
+        dict(select_params=dict(bc=32)),
+        dict(select_params=dict(ug=k)),
+        dict(select_params=dict(ug=kp)),
+        dict(select_params=dict(ngp=8 * kp)),
+        dict(select_params=dict(ngp=2 * kp)),
+    ]
 
 
 def copy_bw() -> float:
@@ -53,38 +85,66 @@ class Case:
         self.x = (torch.randn(n, v, device="cuda") * 3).to(torch.bfloat16)
         self.t = torch.randint(0, v, (n,), device="cuda")
         self.floor = self.x.numel() * 2 / bw * 1e3
-        self.ref = reference.shard_partials(
-            self.x[:64], self.t[:64], k=k, n_valid_cols=v, vocab_start=0, ignore_index=-100,
+        self.ref = self.reference(self.x[:CHECK_ROWS], v)
+        self.best = None
+        self.stream_ms = None
+        self.edge = None
+        if k:  # ties (a grid of 1/4), a NaN, +inf, all -inf, padding columns
+            e = torch.round(torch.randn(8, v, device="cuda") * 12) / 4
+            e[1, v // 3] = float("nan")
+            e[2, 7] = float("inf")
+            e[3] = float("-inf")
+            e[4] = 0.0
+            self.edge = (e.to(torch.bfloat16), v - 5)
+            self.edge_ref = self.reference(self.edge[0], v - 5)
+
+    def reference(self, x, n_valid):
+        return reference.shard_partials(
+            x, None, k=self.k, n_valid_cols=n_valid, vocab_start=0, ignore_index=-100,
             softcap=None, temperature=1.0,
         )  # fmt: skip
-        self.best = None
+
+    def call(self, fn, x, n_valid, **kw):
+        return fn(
+            x, None, k=self.k, n_valid_cols=n_valid, vocab_start=0, ignore_index=-100,
+            softcap=None, temperature=1.0, **kw,
+        )  # fmt: skip
+
+    def same_topk(self, vals, ids, ref) -> bool:
+        """The splits' top-k merged (value descending, NaN first; ties: lower id) equal ``ref``'s."""
+        n = ref.topk_ids.shape[0]
+        top = vals[:, :n].permute(1, 0, 2).reshape(n, -1)
+        tid = ids[:, :n].permute(1, 0, 2).reshape(n, -1)
+        order = torch.sort(tid, dim=1, stable=True).indices
+        top, tid = top.gather(1, order), tid.gather(1, order)
+        tid = tid.gather(1, torch.sort(top, dim=1, descending=True, stable=True).indices)
+        return torch.equal(tid[:, : self.k], ref.topk_ids)
 
     def run(self, label: str, fn=kernels.shard_partials, **kw):
         def call():
-            return fn(
-                self.x, self.t, k=self.k, n_valid_cols=self.v, vocab_start=0, ignore_index=-100,
-                softcap=None, temperature=1.0, **kw,
-            )  # fmt: skip
+            return self.call(fn, self.x, self.v, **kw)
 
         try:
             stats, vals, ids = call()
+            ok = True
+            selects = kw.get("select_launch", True)
+            if selects:
+                mx, se = stats[0, :, :CHECK_ROWS], stats[1, :, :CHECK_ROWS]
+                m = mx.amax(0)
+                lse = m + torch.log((se * torch.exp(mx - m)).sum(0))
+                ok = torch.allclose(lse, self.ref.max + torch.log(self.ref.sumexp), atol=1e-4)
+                if self.k:
+                    ok = ok and self.same_topk(vals, ids, self.ref)
+                    _, e_vals, e_ids = self.call(fn, self.edge[0], self.edge[1], **kw)
+                    ok = ok and self.same_topk(e_vals, e_ids, self.edge_ref)
         except Exception as e:  # noqa: BLE001 - report and continue the sweep
             print(f"v={self.v} k={self.k} {label}: failed {type(e).__name__}: {e!s:.160}", flush=True)
             return None
-        m = stats[0, :, :64].amax(0)
-        lse = m + torch.log((stats[1, :, :64] * torch.exp(stats[0, :, :64] - m)).sum(0))
-        ok = torch.allclose(lse, self.ref.max + torch.log(self.ref.sumexp), atol=1e-4)
-        if self.k:
-            top = vals[:, :64].permute(1, 0, 2).reshape(64, -1)
-            tid = ids[:, :64].permute(1, 0, 2).reshape(64, -1)
-            order = torch.sort(tid, dim=1, stable=True).indices  # ties: lower id first
-            top, tid = top.gather(1, order), tid.gather(1, order)
-            tid = tid.gather(1, torch.sort(top, dim=1, descending=True, stable=True).indices)
-            ok = ok and torch.equal(tid[:, : self.k], self.ref.topk_ids)
         ms = do_bench(call, warmup=25, rep=200, return_mode="median")
         frac = self.floor / ms
-        print(f"v={self.v:6d} k={self.k:4d} {label:44s} ok={ok} {ms:.4f} ms {frac:.1%}", flush=True)
-        if ok and (self.best is None or ms < self.best[0]):
+        sel = f" selection {ms - self.stream_ms:.4f} ms" if self.stream_ms and selects else ""
+        print(f"v={self.v:6d} k={self.k:4d} {label:52s} ok={ok} {ms:.4f} ms {frac:.1%}{sel}", flush=True)
+        if ok and selects and (self.best is None or ms < self.best[0]):
             self.best = (ms, frac, label, kw)
         return ms
 
@@ -96,45 +156,48 @@ def main() -> None:
     ap.add_argument("--ks", default="0,50,1024")
     ap.add_argument("--old", default="", help="paths (comma-separated) of earlier kernels/partials.py to A/B")
     ap.add_argument("--defaults-only", action="store_true", help="time the defaults (and --old) only")
+    ap.add_argument("--tiles", action="store_true", help="sweep the streaming kernel's tile for k > 0 too")
+    ap.add_argument("--budget-s", type=float, default=270, help="start no sweep variant after this")
     args = ap.parse_args()
+    t0 = time.time()
     olds = [(path, load_old(path)) for path in args.old.split(",") if path]
     bw = copy_bw()
     print(f"{torch.cuda.get_device_name()}  triton {triton.__version__}  torch {torch.__version__}")
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     cases = []
+    # First the A/B: defaults, --old files, the streaming kernel alone.
     for v in [int(s) for s in args.v.split(",")]:
         for k in [int(s) for s in args.ks.split(",")]:
             c = Case(args.n, v, k, bw)
             cases.append(c)
+            if k:
+                c.stream_ms = c.run("stream alone (select_launch=False)", select_launch=False)
             c.run("default")
             for path, old in olds:
                 c.run(f"{path} (defaults)", fn=old)
-            if args.defaults_only:
-                continue
-            for tile in TILES[min(TILES, key=lambda kk: abs(kk - k))]:
-                for warps in WARPS:
-                    c.run(f"tile={tile} warps={warps}", tile=tile, num_warps=warps)
-            if c.best is None:
-                continue
-            base = dict(c.best[3])
-            if k > 0:
-                for sw in SELECT_WARPS:
-                    for pps in PROGRAMS_PER_SM:
-                        kw = dict(base, select_warps=sw, select_programs_per_sm=pps)
-                        c.run(f"{base} select_warps={sw} pps={pps}", **kw)
-                base = dict(c.best[3])
-                kp = max(2, 1 << (k - 1).bit_length())
-                for params in ({"ngp": 4 * kp}, {"ngp": 4 * kp, "capc": 4 * kp}, {"bc": 16}, {"cb": 256}):
-                    c.run(f"{base} {params}", **dict(base, select_params=params))
-            else:
-                for splits in (2, 4):
-                    c.run(f"{base} n_splits={splits}", **dict(base, n_splits=splits))
-            del c.x
-            torch.cuda.empty_cache()
-    print("\nbest per (v, k): ms, fraction of copy bandwidth, variant")
+    # Then the sweeps, while the budget lasts; each variant runs on every V of its k in a row
+    # (the selection's constexprs do not depend on V: one compilation).
+    sweeps = []
+    for k in dict.fromkeys(c.k for c in cases):
+        same_k = [c for c in cases if c.k == k]
+        if k == 0 or args.tiles:
+            tiles = TILES[min(TILES, key=lambda kk: abs(kk - k))]
+            sweeps += [(same_k, dict(tile=t, num_warps=w)) for t in tiles for w in WARPS]
+        variants = select_variants(k) if k else [dict(n_splits=2), dict(n_splits=4)]
+        sweeps += [(same_k, kw) for kw in variants]
+    for same_k, kw in sweeps if not args.defaults_only else []:
+        for c in same_k:
+            if time.time() - t0 < args.budget_s:
+                base = dict(c.best[3]) if c.best and "tile" not in kw else {}
+                merged = dict(base, **kw)
+                if "select_params" in base and "select_params" in kw:
+                    merged["select_params"] = {**base["select_params"], **kw["select_params"]}
+                c.run(f"{base} {kw}" if base else f"{kw}", **merged)
+    print(f"\nbest per (v, k): ms, fraction of copy bandwidth, variant ({time.time() - t0:.0f} s)")
     for c in cases:
         if c.best:
-            print(f"  v={c.v:6d} k={c.k:4d} -> {c.best[0]:.4f} ms {c.best[1]:.1%} {c.best[2]}")
+            sel = f" (selection {c.best[0] - c.stream_ms:.4f} ms)" if c.stream_ms else ""
+            print(f"  v={c.v:6d} k={c.k:4d} -> {c.best[0]:.4f} ms {c.best[1]:.1%}{sel} {c.best[2]}")
 
 
 if __name__ == "__main__":

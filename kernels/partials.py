@@ -21,141 +21,16 @@ from .common import (
     make_key,
     min_key_like,
     online_update,
+    ordered_int32,
     rescale_factor,
     transform_logits,
+    unordered_fp32,
 )
 
 # Field order of the fp32 ``stats`` output, shape [N_FIELDS, n_splits, n_rows].
 FIELDS = ("max", "sumexp", "sumexp_x", "sum_x", "count", "target_logit", "target_hits")
 N_FIELDS = len(FIELDS)
 MAX_K = 1024
-
-
-@triton.jit
-def _append_positions(cand, count_ptr):
-    """Positions in a list for the elements where ``cand`` is true: one atomic increment of the
-    list's length (the int32 at ``count_ptr``) per candidate, so their order is arbitrary (every
-    list is ranked afterwards). Far cheaper than a prefix sum when few elements are candidates."""
-    return tl.atomic_add(count_ptr + tl.zeros(cand.shape, tl.int32), 1, mask=cand, sem="relaxed",
-                         scope="cta")  # fmt: skip
-
-
-@triton.jit
-def _load_transformed(row_ptr, cols, mask, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr,
-                      HAS_TEMPERATURE: tl.constexpr):  # fmt: skip
-    x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    x = transform_logits(x, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
-    return tl.where(mask, x, float("-inf"))
-
-
-@triton.jit
-def _merge_top(best, new, KP: tl.constexpr):
-    """The KP largest keys of two sets of KP keys."""
-    return tl.topk(tl.reshape(tl.join(best, new), [2 * KP]), KP)
-
-
-@triton.jit
-def _chunk_tile(row_ptr, chunks, valid, col_lo, col_hi, softcap, inv_temperature,
-                HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr,
-                CHUNK: tl.constexpr):  # fmt: skip
-    """The transformed values, columns and validity of the elements of ``chunks`` ([BC] indices
-    relative to the split, those not ``valid`` masked), as [BC, CHUNK] tiles."""
-    cols = col_lo + chunks[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
-    mask = valid[:, None] & (cols < col_hi)
-    x = _load_transformed(row_ptr, cols, mask, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
-    return x, cols, mask
-
-
-@triton.jit
-def _brute_force_topk(row_ptr, cm_ptr, chunks_ptr, n_chunks, col_lo, col_hi, softcap,
-                      inv_temperature, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr,
-                      K: tl.constexpr, KP: tl.constexpr, CHUNK: tl.constexpr, CB: tl.constexpr,
-                      BC: tl.constexpr):  # fmt: skip
-    """Exact top-KP keys of a split without thresholds: rank every chunk by (chunk max, index),
-    then rank the elements of the K best chunks, both by streaming merges. Taken only when the
-    thresholds of ``_select_topk`` admit too many candidates (heavy ties)."""
-    best = min_key_like([KP])
-    for c0 in range(0, n_chunks, CB):
-        ci = c0 + tl.arange(0, CB)
-        live = ci < n_chunks
-        cm = tl.load(cm_ptr + ci, mask=live, other=float("-inf"))
-        best = _merge_top(best, tl.topk(tl.where(live, make_key(cm, ci), min_key_like([CB])), KP), KP)
-    kk = tl.arange(0, KP)
-    tl.store(chunks_ptr + kk, key_col(best), mask=(kk < K) & (best != min_key_like([KP])))
-    n_best = tl.sum(((kk < K) & (best != min_key_like([KP]))).to(tl.int32), axis=0)
-    tl.debug_barrier()
-    top = min_key_like([KP])
-    for b in range(0, n_best, BC):
-        r = b + tl.arange(0, BC)
-        ch = tl.load(chunks_ptr + r, mask=r < n_best, other=0)
-        x, cols, mask = _chunk_tile(row_ptr, ch, r < n_best, col_lo, col_hi, softcap,
-                                    inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE, CHUNK)  # fmt: skip
-        keys = tl.reshape(tl.where(mask, make_key(x, cols), min_key_like([BC, CHUNK])), [BC * CHUNK])
-        top = _merge_top(top, tl.topk(keys, KP), KP)
-    return top
-
-
-@triton.jit
-def _select_topk(row_ptr, cm_ptr, gmax_ptr, chunks_ptr, vals_ptr, cols_ptr, count_ptr, col_lo,
-                 col_hi, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr,
-                 HAS_TEMPERATURE: tl.constexpr,
-                 K: tl.constexpr, KP: tl.constexpr, CHUNK: tl.constexpr, NGP: tl.constexpr,
-                 C2: tl.constexpr, CB: tl.constexpr, GB: tl.constexpr, CAPC: tl.constexpr,
-                 CAPE: tl.constexpr, BC: tl.constexpr):  # fmt: skip
-    """The exact top-KP keys (sorted, descending) of one split, from its chunk maxima ``cm_ptr``.
-
-    Every top-K element lies in a top-K chunk (ranked by (chunk max, index)). With tau the K-th
-    largest maximum over NGP groups of C2 consecutive chunks, at least K elements are >= tau, so
-    every top-K element is >= tau and lies in a chunk whose max is >= tau. Step 1 finds tau;
-    step 2 lists the chunks with max >= tau (about K of them unless values tie); step 3 re-reads
-    those chunks and lists their elements >= tau (again about K) as (value, column); step 4 ranks
-    that small set exactly. The lists are built by ``_append_positions`` in scratch (``vals_ptr``,
-    ``cols_ptr``, ``chunks_ptr``; lengths at ``count_ptr``). If a list outgrows its capacity,
-    ``_brute_force_topk`` gives the same result. Every step works on blocks of at most CB values,
-    so registers stay few.
-    """
-    n_chunks = tl.cdiv(col_hi - col_lo, CHUNK)
-    tl.store(count_ptr + tl.arange(0, 2), tl.zeros([2], tl.int32))
-    for g0 in range(0, tl.cdiv(n_chunks, C2), GB):
-        ci = (g0 + tl.arange(0, GB))[:, None] * C2 + tl.arange(0, C2)[None, :]
-        cm = tl.load(cm_ptr + ci, mask=ci < n_chunks, other=float("-inf"))
-        tl.store(gmax_ptr + g0 + tl.arange(0, GB), tl.max(cm, axis=1))
-    tl.debug_barrier()
-    gi = tl.arange(0, NGP)
-    gmax = tl.load(gmax_ptr + gi, mask=gi < tl.cdiv(n_chunks, C2), other=float("-inf"))
-    group_top = tl.topk(gmax, KP)
-    tau = tl.max(tl.where(tl.arange(0, KP) == K - 1, group_top, float("-inf")), axis=0)
-    for c0 in range(0, n_chunks, CB):
-        ci = c0 + tl.arange(0, CB)
-        live = ci < n_chunks
-        cand = live & (tl.load(cm_ptr + ci, mask=live, other=float("-inf")) >= tau)
-        pos = _append_positions(cand, count_ptr)
-        tl.store(chunks_ptr + pos, ci, mask=cand & (pos < CAPC))
-    tl.debug_barrier()
-    n_c = tl.load(count_ptr)
-    if n_c <= CAPC:
-        for b in range(0, n_c, BC):
-            r = b + tl.arange(0, BC)
-            ch = tl.load(chunks_ptr + r, mask=r < n_c, other=0)
-            x, cols, mask = _chunk_tile(row_ptr, ch, r < n_c, col_lo, col_hi, softcap,
-                                        inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE, CHUNK)  # fmt: skip
-            cand = mask & (tl.where(x != x, float("inf"), x) >= tau)  # NaN ranks highest
-            pos = _append_positions(cand, count_ptr + 1)
-            tl.store(vals_ptr + pos, x, mask=cand & (pos < CAPE))
-            tl.store(cols_ptr + pos, cols, mask=cand & (pos < CAPE))
-        tl.debug_barrier()
-    n_e = tl.load(count_ptr + 1)
-    if (n_c <= CAPC) & (n_e <= CAPE):
-        idx = tl.arange(0, CAPE)
-        live = idx < n_e
-        v = tl.load(vals_ptr + idx, mask=live, other=0.0)
-        c = tl.load(cols_ptr + idx, mask=live, other=0)
-        top = tl.topk(tl.where(live, make_key(v, c), min_key_like([CAPE])), KP)
-    else:
-        top = _brute_force_topk(row_ptr, cm_ptr, chunks_ptr, n_chunks, col_lo, col_hi, softcap,
-                                inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE, K, KP, CHUNK, CB,
-                                BC)  # fmt: skip
-    return top
 
 
 @triton.jit
@@ -259,6 +134,184 @@ def _shard_partials_kernel(
     tl.store(out + 6 * plane, tgt_hits)
 
 
+KEY_NEG_INF = tl.constexpr(-2139095041)  # ordered_int32(-inf)
+KEY_POS_INF = tl.constexpr(2139095040)  # ordered_int32(+inf); NaN keys lie above it
+NO_KEY = tl.constexpr(-2147483648)  # below every key: no value
+
+
+@triton.jit
+def _load_transformed(row_ptr, cols, mask, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr,
+                      HAS_TEMPERATURE: tl.constexpr):  # fmt: skip
+    x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    x = transform_logits(x, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
+    return tl.where(mask, x, float("-inf"))
+
+
+@triton.jit
+def _merge_top(best, new, KP: tl.constexpr):
+    """The KP largest keys of two sets of KP keys."""
+    return tl.topk(tl.reshape(tl.join(best, new), [2 * KP]), KP)
+
+
+@triton.jit
+def _at_least(x, t):
+    """x >= t for fp32 tensors, NaN counting as larger than every threshold."""
+    return ~(x < t)
+
+
+@triton.jit
+def _or(a, b):
+    return a | b
+
+
+@triton.jit
+def _bit_values(N: tl.constexpr, WIDE: tl.constexpr):
+    """[N] int32 (int64 if WIDE) with 1 << i at index i."""
+    if WIDE:
+        return tl.full([N], 1, tl.int64) << tl.arange(0, N).to(tl.int64)
+    else:
+        return tl.full([N], 1, tl.int32) << tl.arange(0, N)
+
+
+@triton.jit
+def _bit_index(b):
+    """The index of the one set bit of ``b`` (int32 or int64): the exponent of it as a float."""
+    e = b.to(tl.float32).to(tl.int32, bitcast=True)
+    return ((e >> 23) & 0xFF) - 127
+
+
+@triton.jit
+def _bisect(keys, lo, hi, n_ge, active, K: tl.constexpr, U):
+    """Raise per row the int32-key threshold ``lo`` (int64 [R]; ``n_ge`` [R] of the row's ``keys``
+    [R, N] are >= lo, at least K) towards ``hi`` (fewer than K keys >= hi) by bisection, until at
+    most U keys are >= lo or lo is the K-th largest key; only rows where ``active``."""
+    while tl.max(active.to(tl.int32), axis=0) > 0:
+        mid = (lo + hi) >> 1
+        c = tl.sum((keys >= mid.to(tl.int32)[:, None]).to(tl.int32), axis=1)
+        up = active & (c >= K)
+        lo = tl.where(up, mid, lo)
+        n_ge = tl.where(up, c, n_ge)
+        hi = tl.where(active & (c < K), mid, hi)
+        active = active & (n_ge > U) & (hi - lo > 1)
+    return lo
+
+
+@triton.jit
+def _as_threshold(key):
+    """The fp32 threshold that admits the values whose key is >= ``key`` (int64 [R]); NaN values
+    (keys above +inf) pass every threshold, and keys below -inf give one that admits everything."""
+    t = unordered_fp32(tl.minimum(key, KEY_POS_INF).to(tl.int32))
+    return tl.where(key < KEY_NEG_INF, float("-inf"), t)
+
+
+@triton.jit
+def _append(list_ptr, n, cand, values, CAP: tl.constexpr):
+    """Append ``values`` [R, N] where ``cand``, in order, to the rows' lists (``list_ptr`` [R]
+    pointers, ``n`` [R] lengths); returns the lengths (entries past CAP are dropped)."""
+    c = cand.to(tl.int32)
+    pos = n[:, None] + tl.cumsum(c, axis=1) - 1
+    tl.store(list_ptr[:, None] + pos, values, mask=cand & (pos < CAP))
+    return n + tl.sum(c, axis=1)
+
+
+@triton.jit
+def _expand_bits(list_ptr, j, n_first, bits, base, stride, n, CAP: tl.constexpr):
+    """For each entry (``j`` [1, N] its index, ``bits`` [R, N] 0 for absent entries) store
+    ``base + stride * i`` for every set bit i of its ``bits`` in the rows' lists: the lowest at
+    position j (-1 there if there is none; j < n_first [R] <= n), the others appended after ``n``
+    [R]; returns the lengths. The loop runs once per bit beyond the first of the busiest entry."""
+    low = bits & -bits
+    first = tl.where(bits != 0, base + stride * _bit_index(low), -1)
+    tl.store(list_ptr[:, None] + j, first, mask=(j < n_first[:, None]) & (j < CAP))
+    rest = bits ^ low
+    while tl.max(tl.max((rest != 0).to(tl.int32), axis=1), axis=0) > 0:
+        low = rest & -rest
+        n = _append(list_ptr, n, rest != 0, base + stride * _bit_index(low), CAP)
+        rest = rest ^ low
+    return n
+
+
+@triton.jit
+def _brute_force_topk(row_ptr, cm_row, chunks_ptr, n_chunks, col_lo, col_hi, softcap,
+                      inv_temperature, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr,
+                      K: tl.constexpr, KP: tl.constexpr, CHUNK: tl.constexpr, CB: tl.constexpr,
+                      BC: tl.constexpr):  # fmt: skip
+    """Exact top-KP keys of one row's split without thresholds: rank every chunk by (chunk max,
+    index), then rank the elements of the K best chunks, both by streaming merges (the K best
+    chunks hold the top-K elements: a chunk ranked below K others has K better elements). Taken
+    only when the lists of ``_select_kernel`` outgrow their capacity (heavy ties)."""
+    best = min_key_like([KP])
+    for c0 in range(0, n_chunks, CB):
+        ci = c0 + tl.arange(0, CB)
+        live = ci < n_chunks
+        cm = tl.load(cm_row + ci, mask=live, other=float("-inf"))
+        best = _merge_top(best, tl.topk(tl.where(live, make_key(cm, ci), min_key_like([CB])), KP), KP)
+    kk = tl.arange(0, KP)
+    real = (kk < K) & (best != min_key_like([KP]))
+    tl.store(chunks_ptr + kk, key_col(best), mask=real)
+    n_best = tl.sum(real.to(tl.int32), axis=0)
+    tl.debug_barrier()
+    top = min_key_like([KP])
+    for b in range(0, n_best, BC):
+        r = b + tl.arange(0, BC)
+        ch = tl.load(chunks_ptr + r, mask=r < n_best, other=0)
+        cols = col_lo + ch[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
+        mask = (r < n_best)[:, None] & (cols < col_hi)
+        x = _load_transformed(row_ptr, cols, mask, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
+        keys = tl.reshape(tl.where(mask, make_key(x, cols), min_key_like([BC, CHUNK])), [BC * CHUNK])
+        top = _merge_top(top, tl.topk(keys, KP), KP)
+    tl.debug_barrier()  # the caller's lists reuse chunks_ptr
+    return top
+
+
+@triton.jit
+def _rescan_nan_row(row_ptr, cm_row, col_lo, col_hi, n_chunks, softcap, inv_temperature,
+                    HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, CHUNK: tl.constexpr,
+                    RB: tl.constexpr):  # fmt: skip
+    """Store one row's chunk maxima again with NaN ranked highest (a chunk holding a NaN gets
+    NaN), for a row whose sum came out NaN (the streaming loop's maxima skip NaN); RB chunks at
+    a time (few registers: they count for the whole kernel)."""
+    for c0 in range(0, n_chunks, RB):
+        ci = c0 + tl.arange(0, RB)
+        cols = col_lo + ci[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
+        x = _load_transformed(row_ptr, cols, cols < col_hi, softcap, inv_temperature, HAS_SOFTCAP,
+                              HAS_TEMPERATURE)  # fmt: skip
+        nan = x != x
+        chunk_max = tl.max(tl.where(nan, float("-inf"), x), axis=1)
+        chunk_max = tl.where(tl.max(nan.to(tl.int32), axis=1) > 0, float("nan"), chunk_max)
+        tl.store(cm_row + ci, chunk_max, mask=ci < n_chunks)
+
+
+@triton.jit
+def _rank_candidates(list_e, n_e, row_ptr, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr,
+                     HAS_TEMPERATURE: tl.constexpr, KP: tl.constexpr):  # fmt: skip
+    """The keys (sorted, descending) of the first n_e (<= KP) columns of the rows' lists (-1: no
+    column)."""
+    e = tl.arange(0, KP)[None, :]
+    cols = tl.load(list_e[:, None] + e, mask=e < n_e[:, None], other=-1)
+    real = cols >= 0
+    x = _load_transformed(row_ptr[:, None], cols, real, softcap, inv_temperature, HAS_SOFTCAP,
+                          HAS_TEMPERATURE)  # fmt: skip
+    keys = tl.where(real, make_key(x, cols), min_key_like([n_e.shape[0], KP]))
+    return tl.sort(keys, dim=1, descending=True)
+
+
+@triton.jit
+def _pick(v, rr, r):
+    """Element r of the [R] tensor v, as a scalar."""
+    return tl.sum(tl.where(rr == r, v, 0), axis=0)
+
+
+@triton.jit
+def _store_top(topk_vals_ptr, topk_ids_ptr, base, top, vocab_start, mask, KP: tl.constexpr):
+    """Store keys ``top`` (values and global ids) at ``base + [0, KP)`` where ``mask``."""
+    real = top != min_key_like(top.shape)
+    kk = tl.arange(0, KP)
+    tl.store(topk_vals_ptr + base + kk, tl.where(real, key_value(top), float("-inf")), mask=mask)
+    ids = tl.where(real, vocab_start + key_col(top).to(tl.int64), 9223372036854775807)
+    tl.store(topk_ids_ptr + base + kk, ids, mask=mask)
+
+
 @triton.jit
 def _select_kernel(
     logits_ptr,
@@ -266,14 +319,15 @@ def _select_kernel(
     cm_ptr,  # fp32 [n_rows, cm_stride], written by _shard_partials_kernel (STORE_CM)
     topk_vals_ptr,
     topk_ids_ptr,
-    scratch_ptr,  # int64 [programs * n_splits, SLOT_WORDS]: per slot, CAPE fp32 values and CAPE
-    # int32 columns of the candidate elements, CAPC int32 candidate chunks, NGP fp32 group maxima
-    # and the two lists' int32 lengths
+    scratch_ptr,  # int32 [programs * n_splits, R * (CAPG + 3 * CAPC + CAPE)]: per program,
+    # split and row, the listed groups' indices and member bits, their chunks, the chunks' element
+    # bits (int64 if CHUNK > 32) and the candidate columns
     n_rows,  # rows of this launch
     row0,
     total_rows,
     n_valid_cols,
     cols_per_split,
+    chunks_per_split,  # cols_per_split // CHUNK
     cm_stride,
     vocab_start,
     stride_logits_row,
@@ -283,56 +337,232 @@ def _select_kernel(
     HAS_TEMPERATURE: tl.constexpr,
     K: tl.constexpr,  # top-k size, >= 1
     KP: tl.constexpr,  # next power of two >= K (>= 2)
-    ROWS: tl.constexpr,  # chunks per tile of the NaN re-scan
+    ROWS: tl.constexpr,  # chunks per tile of the streaming kernel
     CHUNK: tl.constexpr,  # columns per chunk (as in _shard_partials_kernel)
-    NGP: tl.constexpr,  # groups of chunks for the top-k threshold (power of two >= 2 * KP)
-    C2: tl.constexpr,  # chunks per group; NGP * C2 >= chunks per split
-    CB: tl.constexpr,  # chunk maxima handled at once (a multiple of C2)
-    GB: tl.constexpr,  # groups handled at once: min(CB / C2, NGP)
-    CAPC: tl.constexpr,  # capacity of the candidate-chunk list
-    CAPE: tl.constexpr,  # capacity of the candidate-element list
-    BC: tl.constexpr,  # candidate chunks re-read at once
+    R: tl.constexpr,  # rows per program at once (every step works on [R, ...] tensors)
+    NGP: tl.constexpr,  # groups of chunks for the threshold (power of two, >= chunks per split / 16)
+    CB: tl.constexpr,  # chunk maxima handled at once (a multiple of NGP)
+    ONE_BLOCK: tl.constexpr,  # CB >= chunks_per_split: the chunk maxima are read once
+    UG: tl.constexpr,  # the threshold admits at most UG groups (unless ties; >= K)
+    CAPG: tl.constexpr,  # capacity of the group list
+    CAPC: tl.constexpr,  # capacity of the chunk list
+    CAPE: tl.constexpr,  # capacity of the candidate-column list (a power of two >= KP)
+    BC: tl.constexpr,  # listed chunks re-read at once
+    # the brute-force path, in small blocks (its registers count for the whole kernel):
+    BF: tl.constexpr,  # chunk maxima ranked at once (>= KP)
+    BE: tl.constexpr,  # chunks re-read at once (BE * CHUNK >= KP)
 ):
-    """Grid: (programs, n_splits); each program selects the exact top-K of rows pid,
-    pid + programs, ... of one column split from the chunk maxima the streaming kernel stored,
-    re-reading only the few candidate chunks (see ``_select_topk``). A split whose sum came out
-    NaN (a NaN or +inf in it) is re-read once to rank NaN highest, as ``torch.topk`` does."""
+    """Grid: (programs, n_splits); each program selects the exact top-K of blocks of R rows
+    (rows pid * R.., (pid + programs) * R.., ...) of one column split from the chunk maxima the
+    streaming kernel stored, re-reading only the chunks that can hold a top-K element.
+
+    Per row, with "keys" the order-preserving int32 of fp32 values (NaN highest):
+    1. the maxima of NGP strided groups of chunks (group g: chunks g, g + NGP, ...); bisect their
+       keys for a threshold t that at least K groups reach and at most UG (unless ties): at
+       least K elements are >= t, so every top-K element is >= t, in a chunk whose max is;
+    2. bit masks of the members of each group that reach t; list the groups that have any
+       (a prefix sum places each: ~K..UG of them);
+    3. expand them into the list of their chunks (each set bit; ~K..1.2 UG);
+    4. re-read those chunks: bit masks of their elements >= t, expanded into the list of
+       candidate columns (~K..KP);
+    5. sort the candidates' (value, column) keys: the first K are the top-K (lower column first
+       among equal values).
+    The bit masks keep every step on small tensors: a prefix sum or a store per element would
+    cost more than the rest. A list that outgrows its capacity sends its row to
+    ``_brute_force_topk`` (same result). A split whose sum came out NaN (a NaN or +inf in it) is
+    re-scanned first so that NaN ranks highest, as in ``torch.topk``."""
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
-    split, n_splits, col_lo, col_hi, tile_offs = _split_columns(cols_per_split, n_valid_cols, ROWS, CHUNK)
-    BLOCK_V: tl.constexpr = ROWS * CHUNK
-    SLOT_WORDS: tl.constexpr = CAPE + CAPC // 2 + NGP // 2 + 1
-    slot = scratch_ptr + (pid * n_splits + split) * SLOT_WORDS
-    vals_ptr = slot.to(tl.pointer_type(tl.float32))
-    cols_ptr = (vals_ptr + CAPE).to(tl.pointer_type(tl.int32))
-    chunks_ptr = cols_ptr + CAPE
-    gmax_ptr = (chunks_ptr + CAPC).to(tl.pointer_type(tl.float32))
-    count_ptr = (gmax_ptr + NGP).to(tl.pointer_type(tl.int32))
-    for r in range(pid, n_rows, n_programs):
-        local = r + tl.zeros([], tl.int64)  # int64 offsets (r is a plain int in the interpreter)
+    split, n_splits, col_lo, col_hi, _ = _split_columns(cols_per_split, n_valid_cols, ROWS, CHUNK)
+    n_cols = col_hi - col_lo
+    n_chunks = tl.cdiv(n_cols, CHUNK)
+    n_full = n_cols // CHUNK  # chunks without padding columns (the last one may have some)
+    n_stored = tl.cdiv(n_cols, ROWS * CHUNK) * ROWS  # chunk maxima the streaming kernel stored
+    WIDE: tl.constexpr = CHUNK > 32  # element bit masks in int64
+    NB: tl.constexpr = CB // NGP  # members of a group per block of chunk maxima
+    rr = tl.arange(0, R)
+    gi = tl.arange(0, NGP)
+    SLOT: tl.constexpr = CAPG + 3 * CAPC + CAPE
+    slot0 = scratch_ptr + (pid * n_splits + split) * (R * SLOT)
+    list_g = slot0 + rr * SLOT  # [R] pointers; entries: group | member bits << 16
+    list_c = list_g + CAPG  # then 2 * CAPC words: the chunks' element bit masks
+    list_e = list_c + 3 * CAPC
+    # Rare paths stay out of the row loop (their registers would count in it): first, rows whose
+    # sum came out NaN, 32 blocks of rows at a time; flags from reductions over the warp are
+    # uniform (a flag from a plain load is not, and the compiler would emulate every shuffle of
+    # the branch it guards).
+    stride = n_programs * R
+    blocks = tl.arange(0, 32)[:, None] * stride + rr[None, :]  # rows, from the first one's
+    which = tl.arange(0, 32)[:, None] * R + rr[None, :]
+    for b0 in range(pid * R, n_rows, 32 * stride):
+        here = b0 + blocks < n_rows
+        s_all = tl.load(stats_ptr + (n_splits + split) * total_rows + row0 + b0 + blocks, mask=here,
+                        other=0.0)  # fmt: skip
+        nan_row = (s_all != s_all).to(tl.int32)
+        if tl.max(tl.max(nan_row, axis=1), axis=0) > 0:
+            for j in range(32 * R):
+                if tl.max(tl.max(tl.where(which == j, nan_row, 0), axis=1), axis=0) > 0:
+                    one = b0 + (j // R) * stride + j % R + tl.zeros([], tl.int64)
+                    _rescan_nan_row(logits_ptr + (row0 + one) * stride_logits_row,
+                                    cm_ptr + one * cm_stride + split * chunks_per_split, col_lo,
+                                    col_hi, n_chunks, softcap, inv_temperature, HAS_SOFTCAP,
+                                    HAS_TEMPERATURE, CHUNK, 512 // CHUNK)  # fmt: skip
+    tl.debug_barrier()  # the chunk maxima stored above are read by other threads
+
+    for r0 in range(pid * R, n_rows, n_programs * R):
+        local = r0 + rr
+        live = local < n_rows
+        local = tl.where(live, local, n_rows - 1).to(tl.int64)  # dead rows redo the last row
         row = row0 + local
-        row_ptr = logits_ptr + row * stride_logits_row
-        cm_split = cm_ptr + local * cm_stride + col_lo // CHUNK
-        s_all = tl.load(stats_ptr + (n_splits + split) * total_rows + row)
-        if s_all != s_all:
-            for start in range(col_lo, col_hi, BLOCK_V):
-                cols = start + tile_offs
-                x = _load_transformed(row_ptr, cols, cols < col_hi, softcap, inv_temperature,
-                                      HAS_SOFTCAP, HAS_TEMPERATURE)  # fmt: skip
-                chunk_max = tl.max(tl.where(x != x, float("inf"), x), axis=1)
-                tl.store(cm_split + (start - col_lo) // CHUNK + tl.arange(0, ROWS), chunk_max)
-            tl.debug_barrier()  # the chunk maxima stored above are read by other threads
-        top = _select_topk(row_ptr, cm_split, gmax_ptr, chunks_ptr, vals_ptr, cols_ptr, count_ptr,
-                           col_lo, col_hi, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE,
-                           K, KP, CHUNK, NGP, C2, CB, GB, CAPC, CAPE, BC)  # fmt: skip
-        real = top != min_key_like([KP])
-        kk = tl.arange(0, KP)
-        base = (split * total_rows + row) * K
-        tl.store(topk_vals_ptr + base + kk, tl.where(real, key_value(top), float("-inf")),
-                 mask=kk < K)  # fmt: skip
-        ids = tl.where(real, vocab_start + key_col(top).to(tl.int64), 9223372036854775807)
-        tl.store(topk_ids_ptr + base + kk, ids, mask=kk < K)
-        tl.debug_barrier()  # the next row overwrites the scratch
+        row_ptr = logits_ptr + row * stride_logits_row  # [R]
+        cm_row = cm_ptr + local * cm_stride + split * chunks_per_split  # [R]
+        ci = tl.arange(0, CB)
+
+        # 1. Group maxima, and the threshold t (key lo) by bisection.
+        if ONE_BLOCK:
+            cm = tl.load(cm_row[:, None] + ci[None, :], mask=(ci < n_stored)[None, :],
+                         other=float("-inf"))  # fmt: skip
+            gmax = tl.max(tl.reshape(cm, [R, NB, NGP]), axis=1)
+        else:
+            gmax = tl.full([R, NGP], float("-inf"), tl.float32)
+            for c0 in range(0, n_chunks, CB):
+                cm = tl.load(cm_row[:, None] + (c0 + ci)[None, :],
+                             mask=(c0 + ci < n_stored)[None, :], other=float("-inf"))  # fmt: skip
+                gmax = tl.maximum(gmax, tl.max(tl.reshape(cm, [R, NB, NGP]), axis=1))
+        gkey = tl.where((gi < n_chunks)[None, :], ordered_int32(gmax), NO_KEY)
+        lo = tl.min(tl.where(gkey == NO_KEY, 2147483647, gkey), axis=1).to(tl.int64)
+        hi = tl.max(gkey, axis=1).to(tl.int64) + 1
+        if K == 1:  # the largest group maximum is the answer
+            lo = tl.where(hi > KEY_NEG_INF, hi - 1, lo)
+        n_g = tl.sum((gkey >= lo.to(tl.int32)[:, None]).to(tl.int32), axis=1)
+        ok = n_g >= K  # else fewer than K chunks: every chunk is a candidate
+        lo = _bisect(gkey, lo, hi, n_g, ok & (n_g > UG) & (hi - lo > 1), K, UG)
+        lo = tl.where(ok, lo, KEY_NEG_INF)
+        t = _as_threshold(lo)
+
+        # 2. Each group's members that reach t (bit i: chunk g + i * NGP); list the groups.
+        # (Chunks past the split's end hold -inf or are not loaded: they only reach t = -inf,
+        # and are dropped by each group's mask of real members below.)
+        if ONE_BLOCK:
+            member = tl.reshape(_at_least(cm, t[:, None]), [R, NB, NGP])
+            bits = tl.reduce(tl.where(member, _bit_values(NB, False)[None, :, None], 0), 1, _or)
+        else:
+            bits = tl.zeros([R, NGP], tl.int32)
+            for c0 in range(0, n_chunks, CB):
+                cm = tl.load(cm_row[:, None] + (c0 + ci)[None, :],
+                             mask=(c0 + ci < n_stored)[None, :], other=float("-inf"))  # fmt: skip
+                member = tl.reshape(_at_least(cm, t[:, None]), [R, NB, NGP])
+                bit = _bit_values(NB, False) << (c0 // NGP)
+                bits = bits | tl.reduce(tl.where(member, bit[None, :, None], 0), 1, _or)
+        n_members = tl.maximum(n_chunks - gi + NGP - 1, 0) // NGP  # chunks g, g + NGP, ... < n_chunks
+        bits = bits & ((1 << n_members) - 1)[None, :]
+        listed = bits != 0
+        c = listed.to(tl.int32)
+        pos = tl.cumsum(c, axis=1) - 1
+        n_a = tl.sum(c, axis=1)
+        tl.store(list_g[:, None] + pos, gi[None, :] | (bits << 16), mask=listed & (pos < CAPG))
+        tl.debug_barrier()
+
+        # 3. Their chunks.
+        ja = tl.arange(0, CAPG)[None, :]
+        n_a = tl.minimum(n_a, CAPG + 1)  # CAPG + 1: overflowed
+        in_a = ja < n_a[:, None]
+        gm = tl.load(list_g[:, None] + ja, mask=in_a, other=0)
+        g = gm & 0xFFFF
+        m = (gm >> 16) & 0xFFFF
+        n_b = _expand_bits(list_c, ja, tl.minimum(n_a, CAPG), m, g, NGP, tl.minimum(n_a, CAPG), CAPC)
+        tl.debug_barrier()
+        over = (n_a > CAPG) | (n_b > CAPC)
+
+        # 4. Their elements >= t, as the list of candidate columns.
+        n_b = tl.where(over, 0, n_b)
+        te = t
+        if HAS_SOFTCAP:  # one key lower: the recomputed softcap may differ from the stream's by an ulp
+            te = _as_threshold(lo - 1)
+        jj = tl.arange(0, CHUNK)
+        # the split's last chunk, when it has padding columns (its loads need per-column masks)
+        tail = jj[None, :] < n_cols - n_full * CHUNK
+        x_tail = _load_transformed(row_ptr[:, None], col_lo + n_full * CHUNK + jj[None, :], tail,
+                                   softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)  # fmt: skip
+        bit = _bit_values(CHUNK, WIDE)
+        tail_bits = tl.reduce(tl.where(tail & _at_least(x_tail, te[:, None]), bit[None, :], 0), 1, _or)
+        # their bit masks first (the reduction's layout repeats each mask over the lanes that
+        # reduced it), then the columns of their bits from compact [R, CAPC] tensors
+        if WIDE:
+            bits_list = (list_c + CAPC).to(tl.pointer_type(tl.int64))
+        else:
+            bits_list = list_c + CAPC
+        for b in range(0, tl.max(n_b, axis=0), BC):
+            j = b + tl.arange(0, BC)[None, :]
+            in_b = j < n_b[:, None]
+            ch = tl.load(list_c[:, None] + j, mask=in_b, other=0)
+            full = in_b & (ch < n_full)
+            x = tl.load(row_ptr[:, None, None] + col_lo + ch[:, :, None] * CHUNK + jj[None, None, :],
+                        mask=full[:, :, None], other=float("-inf")).to(tl.float32)  # fmt: skip
+            x = transform_logits(x, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
+            # padding and absent chunks get their bits below (per chunk, not per element)
+            ebits = tl.reduce(tl.where(_at_least(x, te[:, None, None]), bit[None, None, :], 0), 2, _or)
+            ebits = tl.where(full, ebits, tl.where(ch == n_full, tail_bits[:, None], 0))
+            tl.store(bits_list[:, None] + j, ebits, mask=in_b)
+        tl.debug_barrier()
+        jc = tl.arange(0, CAPC)[None, :]
+        in_c = jc < n_b[:, None]
+        ch = tl.load(list_c[:, None] + jc, mask=in_c, other=0)
+        ebits = tl.load(bits_list[:, None] + jc, mask=in_c, other=0)
+        n_e = _expand_bits(list_e, jc, n_b, ebits, col_lo + ch * CHUNK, 1, n_b, CAPE)
+        tl.debug_barrier()
+        over = over | (n_e > CAPE)
+
+        # 5. Rank the candidates. More than KP of them (2-20% of rows at k = 50): raise the
+        # threshold over their own keys until at most KP are left (unless ties), listed anew in
+        # the chunk list's room (a tl.topk of CAPE keys would cost twice the sort, and registers).
+        n_e = tl.where(over, 0, n_e)
+        ranked = list_e
+        if tl.max(n_e, axis=0) > KP:
+            e = tl.arange(0, CAPE)[None, :]
+            cols = tl.load(list_e[:, None] + e, mask=e < n_e[:, None], other=-1)
+            real = cols >= 0
+            x = _load_transformed(row_ptr[:, None], cols, real, softcap, inv_temperature,
+                                  HAS_SOFTCAP, HAS_TEMPERATURE)  # fmt: skip
+            ekey = tl.where(real, ordered_int32(x), NO_KEY)
+            many = n_e > KP
+            lo_e = tl.min(tl.where(real, ekey, 2147483647), axis=1).to(tl.int64)
+            hi_e = tl.max(ekey, axis=1).to(tl.int64) + 1
+            n_real = tl.sum(real.to(tl.int32), axis=1)
+            lo_e = _bisect(ekey, lo_e, hi_e, n_real, many & (n_real > KP) & (hi_e - lo_e > 1), K, KP)
+            keep = real & (~many[:, None] | (ekey >= lo_e.to(tl.int32)[:, None]))
+            n_e = _append(list_c, tl.zeros([R], tl.int32), keep, cols, CAPC)
+            ranked = list_c
+            tl.debug_barrier()
+        over = over | (n_e > KP)
+        n_e = tl.where(over, 0, n_e)
+        top = _rank_candidates(ranked, n_e, row_ptr, softcap, inv_temperature, HAS_SOFTCAP,
+                               HAS_TEMPERATURE, KP)  # fmt: skip
+        kk = tl.arange(0, KP)[None, :]
+        base = ((split * total_rows + row) * K)[:, None]
+        _store_top(topk_vals_ptr, topk_ids_ptr, base, top, vocab_start,
+                   live[:, None] & ~over[:, None] & (kk < K), KP)  # fmt: skip
+        # a row whose lists overflowed is marked (id -2) and ranked after the loop
+        tl.store(topk_ids_ptr + base + kk, tl.full([R, KP], -2, tl.int64),
+                 mask=live[:, None] & over[:, None] & (kk == 0))  # fmt: skip
+
+    tl.debug_barrier()  # the marks above are read by other threads
+    lanes = tl.arange(0, 32)
+    for r0 in range(pid * R, n_rows, n_programs * R):
+        for r in range(R):
+            one = r0 + r + tl.zeros([], tl.int64)  # int64 offsets (a plain int in the interpreter)
+            if one < n_rows:
+                base1 = (split * total_rows + row0 + one) * K
+                # the mark loaded by one thread, seen by all through a reduction (uniform)
+                mark = tl.load(topk_ids_ptr + base1 + lanes, mask=lanes == 0, other=0)
+                if tl.max((mark == -2).to(tl.int32), axis=0) > 0:
+                    top1 = _brute_force_topk(logits_ptr + (row0 + one) * stride_logits_row,
+                                             cm_ptr + one * cm_stride + split * chunks_per_split,
+                                             slot0, n_chunks, col_lo, col_hi, softcap,
+                                             inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE, K, KP,
+                                             CHUNK, BF, BE)  # fmt: skip
+                    k1 = tl.arange(0, KP)
+                    _store_top(topk_vals_ptr, topk_ids_ptr, base1, top1, vocab_start, k1 < K, KP)
 
 
 def _next_pow2(n: int) -> int:
@@ -356,30 +586,63 @@ def tile_shape(n_cols: int, k: int) -> tuple[int, int]:
     return max(2, min(256, width // 8)), 8
 
 
-MAX_CHUNKS_PER_SPLIT = 8192  # bounds the selection's threshold groups (NGP * C2) per split
+MAX_CHUNKS_PER_SPLIT = 8192  # bounds the selection's group maxima per split
 CM_MAX_BYTES = 256 * 1024**2  # the chunk-maxima buffer of k > 0; more rows go in several launches
-SELECT_WARPS = 4  # and PROGRAMS_PER_SM = 32: 27.6% vs 25.5% (2 warps, 8 per SM) at V = 32064
+# k <= 128: one warp per program (each row's steps are warp-wide reductions, scans and a sort of
+# KP keys, no barriers); larger k sorts KP = 1024 keys, which one warp holds only by spilling
+SELECT_WARPS = 1
+SELECT_WARPS_LARGE_K = 4
+# programs of the top-k selection per SM (each loops over blocks of rows): one-warp programs of
+# 72 registers fit 28 per SM; k > 128 (4 warps, ~244 registers) 2
+PROGRAMS_PER_SM = 32
+PROGRAMS_PER_SM_LARGE_K = 8
+# k <= 128: a register cap for the selection (sm_90, Triton 3.8: its main path needs 72-80, the
+# brute-force and NaN paths raise the whole kernel to 120-165 uncapped; at 80 they spill ~100
+# bytes, the main path ~20 loads and stores per row): 25 one-warp programs per SM instead of 12
+SELECT_MAXNREG = 80
 
 
-def topk_params(k: int, chunks_per_split: int, chunk: int, *, ngp: int | None = None,
-                capc: int | None = None, cape: int | None = None, cb: int | None = None,
-                bc: int | None = None) -> dict:  # fmt: skip
-    """The top-k constexprs of the selection for ``k`` > 0 (see ``_select_topk``); the keywords
-    override the defaults (powers of two; tuning)."""
+def default_select_warps(k: int) -> int:
+    return SELECT_WARPS if k <= 128 else SELECT_WARPS_LARGE_K
+
+
+def topk_params(k: int, chunks_per_split: int, chunk: int, *, rows: int | None = None,
+                ngp: int | None = None, cb: int | None = None, ug: int | None = None,
+                capg: int | None = None, capc: int | None = None, cape: int | None = None,
+                bc: int | None = None, bf: int | None = None) -> dict:  # fmt: skip
+    """The constexprs of the top-k selection for ``k`` > 0 (see ``_select_kernel``) for splits of
+    ``chunks_per_split`` chunks of ``chunk`` columns; the keywords override the defaults (tuning:
+    ``rows`` rows per program at once, ``ngp`` threshold groups, ``cb`` chunk maxima read at once,
+    ``ug`` groups the threshold admits, ``capg`` / ``capc`` / ``cape`` list capacities, ``bc``
+    chunks re-read at once, ``bf`` brute-force block; sizes are powers of two)."""
     kp = max(2, _next_pow2(k))
-    # k <= 128: 4 KP groups give a higher threshold than 2 KP (28.2% vs 27.6% at V = 32064, k = 50)
+    r = rows or 1
+    ncp = _next_pow2(chunks_per_split)
+    # 4 KP groups for k <= 128 (fewer ties between group maxima near the threshold)
     ngp = ngp or max(8, (4 if kp <= 128 else 2) * kp)
-    c2 = max(1, _next_pow2(chunks_per_split) // ngp)
-    cb = max(c2, kp, cb or 512)
+    # blocks of 512 chunk maxima per row: 72 registers, where all 1002 of V = 32064 at once
+    # (kept for the second step) take 114 (sm_90, Triton 3.8)
+    cb = cb or min(ncp, max(ngp, 512 // r))
+    # a group's members fit 16 bits (a list entry: group | member bits << 16)
+    ngp = max(ngp, ncp // 16, cb // 16)
+    cb = max(cb, ngp)
+    bc = bc or max(1, min(kp, 2048 // (chunk * r)))
+    cape = cape or max(16, 2 * kp)
     return dict(
         KP=kp,
+        R=r,
         NGP=ngp,
-        C2=c2,
         CB=cb,
-        GB=min(cb // c2, ngp),
+        ONE_BLOCK=cb >= chunks_per_split,
+        # halfway between k and KP: a few more bisection steps, fewer candidates than KP
+        UG=max(k, ug or k + (kp - k) // 2),
+        CAPG=capg or max(8, 2 * kp),
         CAPC=capc or max(8, 2 * kp),
-        CAPE=cape or max(8, 2 * kp),
-        BC=bc or max(1, max(kp, 1024) // chunk),
+        CAPE=max(cape, kp),
+        BC=bc,
+        # the brute-force path's blocks: KP keys
+        BF=bf or kp,
+        BE=max(1, kp // chunk),
     )
 
 
@@ -401,6 +664,7 @@ def shard_partials(
     select_warps: int | None = None,
     select_programs_per_sm: int | None = None,
     select_params: dict | None = None,
+    select_launch: bool = True,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ):
     """Launch the partials kernels on a 2-D ``logits`` shard (last dim contiguous).
@@ -409,8 +673,10 @@ def shard_partials(
     one piece per column split S. Shape and dtype checks are the caller's (the math layer
     validates once, before any kernel). ``need_entropy`` / ``need_sum_x`` = False skip those sums
     (written as NaN). ``tile`` and ``num_warps`` (the streaming kernel), ``select_warps``,
-    ``select_programs_per_sm`` and ``select_params`` (keywords of ``topk_params``; the top-k
-    selection) override the defaults (tuning). ``out``:
+    ``select_programs_per_sm`` and ``select_params`` (keywords of ``topk_params``, and
+    ``maxnreg``: the selection's register cap on CUDA, 0 for none; the top-k selection) override
+    the defaults (tuning); ``select_launch=False`` skips the selection (timing
+    the streaming kernel alone: the top-k outputs are left unwritten). ``out``:
     (stats, topk_vals, topk_ids) to write into when the launch has one column split and their
     shapes and dtypes match (the process-group path passes views of its send buffer); otherwise
     new tensors.
@@ -446,10 +712,14 @@ def shard_partials(
     if k > 0:
         step = max(1, min(n_rows, CM_MAX_BYTES // (4 * cm_stride)))
         cm = torch.empty((step, cm_stride), dtype=torch.float32, device=device)
-        tk = topk_params(k, cols_per_split // chunk, chunk, **(select_params or {}))
-        programs = min(step, max_resident_programs(device, select_programs_per_sm))
-        slot_words = tk["CAPE"] + tk["CAPC"] // 2 + tk["NGP"] // 2 + 1
-        scratch = torch.empty(programs * n_splits * slot_words, dtype=torch.int64, device=device)
+        sp = dict(select_params or {})
+        maxnreg = sp.pop("maxnreg", SELECT_MAXNREG if k <= 128 else 0)
+        select_launch_opts = {"maxnreg": maxnreg} if maxnreg and device.type == "cuda" else {}
+        tk = topk_params(k, cols_per_split // chunk, chunk, **sp)
+        per_sm = select_programs_per_sm or (PROGRAMS_PER_SM if k <= 128 else PROGRAMS_PER_SM_LARGE_K)
+        programs = min(cdiv(step, tk["R"]), max_resident_programs(device, per_sm))
+        slot_words = tk["R"] * (tk["CAPG"] + 3 * tk["CAPC"] + tk["CAPE"])
+        scratch = torch.empty(programs * n_splits * slot_words, dtype=torch.int32, device=device)
     else:
         cm = stats  # never touched when STORE_CM is False
     tgt = target if target is not None else stats  # any pointer; unused when HAS_TARGET is False
@@ -467,13 +737,14 @@ def shard_partials(
             ROWS=rows, CHUNK=chunk, HAS_TEMPERATURE=float(temperature) != 1.0,
             NEED_ENTROPY=need_entropy, NEED_SUM_X=need_sum_x, num_warps=num_warps,
         )  # fmt: skip
-        if k > 0:
-            _select_kernel[(min(programs, r1 - r0), n_splits)](
+        if k > 0 and select_launch:
+            _select_kernel[(min(programs, cdiv(r1 - r0, tk["R"])), n_splits)](
                 logits, stats, cm, topk_vals, topk_ids, scratch,
-                r1 - r0, r0, n_rows, n_valid_cols, cols_per_split, cm_stride, vocab_start,
-                logits.stride(0), *transform,
+                r1 - r0, r0, n_rows, n_valid_cols, cols_per_split, cols_per_split // chunk,
+                cm_stride, vocab_start, logits.stride(0), *transform,
                 HAS_SOFTCAP=softcap is not None, HAS_TEMPERATURE=float(temperature) != 1.0,
-                K=k, ROWS=rows, CHUNK=chunk, num_warps=select_warps or SELECT_WARPS, **tk,
+                K=k, ROWS=rows, CHUNK=chunk, num_warps=select_warps or default_select_warps(k), **tk,
+                **select_launch_opts,
             )  # fmt: skip
     return stats, topk_vals, topk_ids
 
@@ -495,9 +766,6 @@ def _sm_count(device: torch.device) -> int:
     if device.index not in _SM_COUNT:
         _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
     return _SM_COUNT[device.index]
-
-
-PROGRAMS_PER_SM = 32  # programs of the top-k selection per SM (each loops over rows)
 
 
 def max_resident_programs(device: torch.device, per_sm: int | None = None) -> int:

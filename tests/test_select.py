@@ -1,0 +1,113 @@
+"""The top-k selection kernel (``kernels.partials._select_kernel``) against the reference, over its
+knobs and the data its steps treat apart: several rows per program (with a last block that is
+partly past the rows), chunk maxima read in one block or several, candidates in the split's last
+chunk (padding columns), several candidate chunks per group and several candidate elements per
+chunk (the bit masks' extra rounds), 64-column chunks (int64 masks), fewer chunks than k, NaN and
++inf rows (re-scanned), ties, softcap and temperature, and lists too small (the brute-force
+path). Ids are compared exactly (ties: lower id first; NaN first)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shardsoftmax import kernels
+from shardsoftmax import reference as R
+from shardsoftmax.backend import triton_interpreted
+from shardsoftmax.partials import Partials, merge_stacked
+
+DEVICES = [
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(not triton_interpreted(), reason="CPU Triton needs TRITON_INTERPRET=1"),
+        id="cpu-triton",
+    ),
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            not torch.cuda.is_available() or triton_interpreted(), reason="needs a CUDA GPU"
+        ),
+        id="cuda-triton",
+    ),
+]
+
+
+def rows_for_selection(n: int, v: int, seed: int) -> torch.Tensor:
+    """Random rows plus: one whose best values sit in the last (partial) chunk, one with a cluster
+    of large values (several candidates per chunk and per group), a NaN, a +inf, an all -inf
+    row and a row of ties."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, v, generator=g) * 3
+    x[0, -9:] = 20.0 + torch.arange(9.0)  # the top in the last chunk, padding cut into it
+    x[1, 100:160] = 15.0 + torch.rand(60, generator=g)  # a run of candidates
+    x[1, 1000::512] = 14.0  # members of the same strided groups
+    x[2, v // 3] = float("nan")
+    x[3, 11] = float("inf")
+    x[4] = float("-inf")
+    x[5] = torch.round(x[5] * 2) / 2  # ties
+    return x
+
+
+def check(x, k, *, device, n_valid=None, softcap=None, temperature=1.0, tile=None, n_splits=None, **sp):
+    n_valid = n_valid or x.shape[1]
+    kw = dict(k=k, n_valid_cols=n_valid, vocab_start=5, ignore_index=-100, softcap=softcap,
+              temperature=temperature)  # fmt: skip
+    stats, vals, ids = kernels.shard_partials(
+        x.to(device), None, tile=tile, n_splits=n_splits, select_params=sp or None, **kw
+    )
+    got = merge_stacked(Partials(*(f.cpu() for f in stats.unbind(0)), vals.cpu(), ids.cpu()))
+    want = R.shard_partials(x.double(), None, **kw)
+    bad = (got.topk_ids != want.topk_ids).any(1).nonzero().flatten().tolist()
+    assert not bad, f"rows {bad}: {got.topk_ids[bad[0]].tolist()} != {want.topk_ids[bad[0]].tolist()}"
+    finite = want.topk_vals.isfinite()
+    torch.testing.assert_close(got.topk_vals[finite], want.topk_vals[finite].float())
+
+
+CASES = {
+    "defaults": dict(),
+    "2-rows": dict(rows=2),
+    "4-rows": dict(rows=4),
+    "blocks-of-64": dict(cb=64),  # the chunk maxima in several reads
+    "small-tiles": dict(bc=4, ngp=64),  # several re-read blocks; more members per group
+    "exact-threshold": dict(ug=33),
+    "loose-threshold": dict(ug=64),  # more than KP candidates: a second threshold over them
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("params", CASES.values(), ids=CASES.keys())
+def test_selection_knobs(device, params):
+    x = rows_for_selection(7, 4103, seed=len(params))
+    check(x, 33, device=device, n_valid=4101, tile=(16, 32), **params)
+
+
+OVERFLOWS = {  # each case overflows one list only (the others hold every candidate)
+    "groups": dict(capg=8, cape=1024),  # 33 or more groups reach the threshold
+    "chunks": dict(capc=16, cape=1024),  # 33 or more chunks
+    "columns": dict(cape=64),  # 128 columns and more (see below)
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("params", OVERFLOWS.values(), ids=OVERFLOWS.keys())
+def test_selection_brute_force(device, params):
+    """A list too small for the candidates: every row takes the brute-force path. Four chunks of
+    each row hold 128 large values, so the threshold that 33 groups reach admits them all."""
+    x = torch.randn(4, 4103, generator=torch.Generator().manual_seed(5)) * 3
+    x[:, 3904:4032] += 20.0  # listed last (lists go by group and chunk index)
+    check(x, 33, device=device, n_valid=4101, tile=(16, 32), **params)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_selection_wide_chunks_transforms_and_splits(device):
+    """64-column chunks (int64 bit masks), softcap and temperature, two column splits."""
+    x = rows_for_selection(6, 5000, seed=3)
+    check(x, 20, device=device, n_valid=4990, tile=(8, 64), softcap=12.0, temperature=0.7, n_splits=2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_selection_fewer_chunks_than_k(device):
+    """k above the number of chunks: every chunk (no padding column) is a candidate, and every
+    column fits the candidate list."""
+    x = rows_for_selection(6, 300, seed=4)
+    check(x, 50, device=device, n_valid=297, tile=(4, 8), cape=512)
