@@ -514,8 +514,8 @@ def _select_kernel(
         over = over | (n_e > CAPE)
 
         # 5. Rank the candidates. More than KP of them (2-20% of rows at k = 50): raise the
-        # threshold over their own keys until at most KP are left (unless ties), listed anew in
-        # the chunk list's room (a tl.topk of CAPE keys would cost twice the sort, and registers).
+        # threshold over their own keys until at most KP are left (ties at it: by column), listed
+        # anew in the chunk list's room (a tl.topk of CAPE keys would cost twice the sort, and registers).
         n_e = tl.where(over, 0, n_e)
         ranked = list_e
         if tl.max(n_e, axis=0) > KP:
@@ -530,7 +530,25 @@ def _select_kernel(
             hi_e = tl.max(ekey, axis=1).to(tl.int64) + 1
             n_real = tl.sum(real.to(tl.int32), axis=1)
             lo_e = _bisect(ekey, lo_e, hi_e, n_real, many & (n_real > KP) & (hi_e - lo_e > 1), K, KP)
-            keep = real & (~many[:, None] | (ekey >= lo_e.to(tl.int32)[:, None]))
+            at = lo_e.to(tl.int32)[:, None]
+            # ties at the K-th value can leave more than KP (bf16 logits repeat values: k = 64
+            # rows would all overflow): keep those above it and, of those at it, the lowest
+            # columns (tie-break) until K, the column bound bisected like the threshold
+            eq = real & (ekey == at)
+            n_gt = tl.sum((real & (ekey > at)).to(tl.int32), axis=1)
+            tied = many & (n_gt + tl.sum(eq.to(tl.int32), axis=1) > KP)
+            need = K - n_gt  # >= 1 where tied: the bisection stopped at the K-th value
+            c_lo = tl.full([R], -1, tl.int32)
+            c_hi = tl.max(tl.where(eq, cols, -1), axis=1)  # every tie: at least need of them
+            active = tied
+            while tl.max(active.to(tl.int32), axis=0) > 0:
+                mid = (c_lo + c_hi) >> 1
+                c = tl.sum((eq & (cols <= mid[:, None])).to(tl.int32), axis=1)
+                c_hi = tl.where(active & (c >= need), mid, c_hi)
+                c_lo = tl.where(active & (c < need), mid, c_lo)
+                active = active & (c_hi - c_lo > 1)
+            eq = eq & (~tied[:, None] | (cols <= c_hi[:, None]))
+            keep = real & (~many[:, None] | (ekey > at) | eq)
             n_e = _append(list_c, tl.zeros([R], tl.int32), keep, cols, CAPC)
             ranked = list_c
             tl.debug_barrier()

@@ -99,6 +99,23 @@ def test_selection_brute_force(device, params):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_selection_ties_past_kp(device):
+    """k = KP = 32 with the k-th value repeated so that more than KP candidates reach it (bf16
+    logits do this at every power-of-two k): the lowest columns of the ties fill the top-k in
+    the main path (the lists hold them all); one row of NaN ties, one without ties."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 4103, generator=g) * 3
+    cols = torch.randperm(4000, generator=g)[:60] + 50
+    x[0, cols[:31]] = 20.0 + torch.rand(31, generator=g)
+    x[0, cols[31:51]] = 19.0  # 20 ties, 1 of them in the top-32
+    x[1, cols[:25]] = 20.0 + torch.rand(25, generator=g)
+    x[1, cols[25:55]] = 19.0  # 30 ties, 7 of them in
+    x[2, cols[:40]] = float("nan")  # the 32 lowest columns of 40 NaNs
+    x[3, cols[:50]] = 20.0 + torch.rand(50, generator=g)  # no ties, 50 candidates
+    check(x, 32, device=device, n_valid=4101, tile=(16, 32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_selection_wide_chunks_transforms_and_splits(device):
     """64-column chunks (int64 bit masks), softcap and temperature, two column splits."""
     x = rows_for_selection(6, 5000, seed=3)
