@@ -543,9 +543,9 @@ def _select_kernel(
             active = tied
             while tl.max(active.to(tl.int32), axis=0) > 0:
                 mid = (c_lo + c_hi) >> 1
-                c = tl.sum((eq & (cols <= mid[:, None])).to(tl.int32), axis=1)
-                c_hi = tl.where(active & (c >= need), mid, c_hi)
-                c_lo = tl.where(active & (c < need), mid, c_lo)
+                n_le = tl.sum((eq & (cols <= mid[:, None])).to(tl.int32), axis=1)
+                c_hi = tl.where(active & (n_le >= need), mid, c_hi)
+                c_lo = tl.where(active & (n_le < need), mid, c_lo)
                 active = active & (c_hi - c_lo > 1)
             eq = eq & (~tied[:, None] | (cols <= c_hi[:, None]))
             keep = real & (~many[:, None] | (ekey > at) | eq)
