@@ -550,6 +550,7 @@ def _select_kernel(
             eq = eq & (~tied[:, None] | (cols <= c_hi[:, None]))
             keep = real & (~many[:, None] | (ekey > at) | eq)
             n_e = _append(list_c, tl.zeros([R], tl.int32), keep, cols, CAPC)
+            over = over | (n_e > CAPC)  # (a chunk list shorter than KP: tuning)
             ranked = list_c
             tl.debug_barrier()
         over = over | (n_e > KP)

@@ -15,8 +15,8 @@ import triton.language as tl
 from .common import key_col, key_value, make_key, transform_logits
 
 # 2^-32 and 2^-33 for turning a 32-bit hash into a uniform in (0, 1).
-_INV_2_32 = 2.3283064365386963e-10
-_INV_2_33 = 1.1641532182693481e-10
+_INV_2_32 = tl.constexpr(2.3283064365386963e-10)  # constexpr: compiled kernels read no plain globals
+_INV_2_33 = tl.constexpr(1.1641532182693481e-10)  # 2**-33
 
 
 @triton.jit
