@@ -49,7 +49,9 @@ def gumbel(h_row, ids):
     return -tl.log(e)
 
 
-@triton.jit
+# the seed's halves are never specialized: an argument equal to 1 would compile as a constant,
+# which has no .to(), and a hash of constants would run in Python's unbounded ints
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _gumbel_argmax_kernel(
     # pointers
     logits_ptr,
