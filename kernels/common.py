@@ -30,7 +30,7 @@ def transform_grad(x, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr):
         th = 2.0 * tl.sigmoid(2.0 * x / softcap) - 1.0
         return (1.0 - th * th) * inv_temperature
     else:
-        return inv_temperature + 0.0 * x
+        return tl.zeros_like(x) + inv_temperature  # (not 0 * x: NaN at x = -inf)
 
 
 @triton.jit

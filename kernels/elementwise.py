@@ -40,8 +40,9 @@ def _softmax_write_kernel(
     BLOCK: tl.constexpr,
     BLOCK_S: tl.constexpr,  # splits per load in the lse merge
 ):
-    """Grid: (n_rows, cdiv(n_cols, BLOCK)). out = x' - lse (LOG) or exp(x' - lse), lse = M + log s
-    of the row's S splits merged (finalize.merge_splits); padding columns get -inf (LOG) or 0."""
+    """Grid: (n_rows, cdiv(n_cols, BLOCK)). out = (x' - M) - log s (LOG) or exp(x' - M) / s, with
+    (M, s) of the row's S splits merged (finalize.merge_splits); padding columns get -inf (LOG) or
+    0."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     in_row = cols < n_cols
@@ -52,12 +53,12 @@ def _softmax_write_kernel(
         stats_ptr, this_row, this_row >= 0, n_splits, stride_stats_field, stride_stats_split,
         1, BLOCK_S, False, False, False,
     )  # fmt: skip
-    lse = m + tl.log(s)  # [1], broadcast over the columns
+    # from x - M (exact near the max), not x - lse: lse = M + log s rounds at the scale of M
     valid = cols < n_valid_cols
     if LOG:
-        y = tl.where(valid, x - lse, float("-inf"))
+        y = tl.where(valid, (x - m) - tl.log(s), float("-inf"))
     else:
-        y = tl.where(valid, tl.exp2((x - lse) * 1.4426950408889634), 0.0)
+        y = tl.where(valid, tl.exp2((x - m) * 1.4426950408889634) * (1.0 / s), 0.0)
     tl.store(out_ptr + row * stride_out_row + cols, y.to(out_ptr.dtype.element_ty), mask=in_row)
 
 

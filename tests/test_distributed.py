@@ -100,8 +100,9 @@ def make_inputs(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
     ignored = torch.rand(case.n_rows, generator=g) < 0.25
     t[ignored] = case.ignore_index
     if case.neg_inf:  # keep the targets off the -inf logits (their loss would be +inf)
-        if 0 <= t[0] < case.n_cols // 3:
-            t[0] += case.n_cols // 3
+        third = case.n_cols // 3
+        if not third <= t[0] < vocab:  # row 0 always counts: its -inf logits get a 0 gradient
+            t[0] = third + abs(int(t[0])) % (vocab - third)
         t[-1] = case.ignore_index if int(t[-1]) in boundaries(case) else t[-1]
     return x.to(case.dtype), t
 
