@@ -10,13 +10,18 @@ the partials kernel packs its column splits. Small sizes: the CPU tier runs in t
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from shardsoftmax import kernels
 from shardsoftmax import partials as P
 from shardsoftmax import reference as R
-from shardsoftmax.backend import triton_interpreted
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_devices import TRITON_DEVICES  # noqa: E402
 
 INF = float("inf")
 NAN = float("nan")
@@ -24,20 +29,7 @@ IGNORE = -100
 EPS32 = torch.finfo(torch.float32).eps
 START = 40  # vocab_start of the shard
 
-DEVICES = [
-    pytest.param(
-        "cpu",
-        marks=pytest.mark.skipif(not triton_interpreted(), reason="CPU Triton needs TRITON_INTERPRET=1"),
-        id="cpu-triton",
-    ),
-    pytest.param(
-        "cuda",
-        marks=pytest.mark.skipif(
-            not torch.cuda.is_available() or triton_interpreted(), reason="needs a CUDA GPU"
-        ),
-        id="cuda-triton",
-    ),
-]
+DEVICES = TRITON_DEVICES  # the CPU under the interpreter, or CUDA
 
 
 def make_rows(v: int = 60, seed: int = 0):

@@ -8,28 +8,20 @@ path). Ids are compared exactly (ties: lower id first; NaN first)."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from shardsoftmax import kernels
 from shardsoftmax import reference as R
-from shardsoftmax.backend import triton_interpreted
 from shardsoftmax.partials import Partials, merge_stacked
 
-DEVICES = [
-    pytest.param(
-        "cpu",
-        marks=pytest.mark.skipif(not triton_interpreted(), reason="CPU Triton needs TRITON_INTERPRET=1"),
-        id="cpu-triton",
-    ),
-    pytest.param(
-        "cuda",
-        marks=pytest.mark.skipif(
-            not torch.cuda.is_available() or triton_interpreted(), reason="needs a CUDA GPU"
-        ),
-        id="cuda-triton",
-    ),
-]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_devices import TRITON_DEVICES  # noqa: E402
+
+DEVICES = TRITON_DEVICES  # the CPU under the interpreter, or CUDA
 
 
 def rows_for_selection(n: int, v: int, seed: int) -> torch.Tensor:
