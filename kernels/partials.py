@@ -181,10 +181,11 @@ def _bit_index(b):
 
 
 @triton.jit
-def _bisect(keys, lo, hi, n_ge, active, K: tl.constexpr, U):
+def _bisect(keys, lo, hi, n_ge, active, K, U):
     """Raise per row the int32-key threshold ``lo`` (int64 [R]; ``n_ge`` [R] of the row's ``keys``
     [R, N] are >= lo, at least K) towards ``hi`` (fewer than K keys >= hi) by bisection, until at
-    most U keys are >= lo or lo is the K-th largest key; only rows where ``active``."""
+    most U keys are >= lo or lo is the K-th largest key; only rows where ``active``. K and U are
+    constants or per-row [R] counts."""
     while tl.max(active.to(tl.int32), axis=0) > 0:
         mid = (lo + hi) >> 1
         c = tl.sum((keys >= mid.to(tl.int32)[:, None]).to(tl.int32), axis=1)
@@ -536,18 +537,15 @@ def _select_kernel(
             # columns (tie-break) until K, the column bound bisected like the threshold
             eq = real & (ekey == at)
             n_gt = tl.sum((real & (ekey > at)).to(tl.int32), axis=1)
-            tied = many & (n_gt + tl.sum(eq.to(tl.int32), axis=1) > KP)
+            n_eq = tl.sum(eq.to(tl.int32), axis=1)
+            tied = many & (n_gt + n_eq > KP)
             need = K - n_gt  # >= 1 where tied: the bisection stopped at the K-th value
-            c_lo = tl.full([R], -1, tl.int32)
-            c_hi = tl.max(tl.where(eq, cols, -1), axis=1)  # every tie: at least need of them
-            active = tied
-            while tl.max(active.to(tl.int32), axis=0) > 0:
-                mid = (c_lo + c_hi) >> 1
-                n_le = tl.sum((eq & (cols <= mid[:, None])).to(tl.int32), axis=1)
-                c_hi = tl.where(active & (n_le >= need), mid, c_hi)
-                c_lo = tl.where(active & (n_le < need), mid, c_lo)
-                active = active & (c_hi - c_lo > 1)
-            eq = eq & (~tied[:, None] | (cols <= c_hi[:, None]))
+            # the need largest of the keys -column (distinct) over the ties
+            ckey = tl.where(eq, -cols, NO_KEY)
+            c_lo = tl.min(tl.where(eq, -cols, 2147483647), axis=1).to(tl.int64)  # every tie
+            c_hi = tl.max(ckey, axis=1).to(tl.int64) + 1
+            c_lo = _bisect(ckey, c_lo, c_hi, n_eq, tied & (n_eq > need) & (c_hi - c_lo > 1), need, need)
+            eq = eq & (~tied[:, None] | (ckey >= c_lo.to(tl.int32)[:, None]))
             keep = real & (~many[:, None] | (ekey > at) | eq)
             n_e = _append(list_c, tl.zeros([R], tl.int32), keep, cols, CAPC)
             over = over | (n_e > CAPC)  # (a chunk list shorter than KP: tuning)
