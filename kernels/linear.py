@@ -592,7 +592,7 @@ def _linear_partials_topk(hidden, weight, bias, target, *, k, n_valid_cols, voca
     if n_splits is None:
         rows_, chunk_ = tile_shape(n_cols, k)
         n_tiles = max(1, triton.cdiv(max(n_valid_cols, 1), rows_ * chunk_))
-        n_splits = default_splits(min(chunk, n_rows), n_tiles, device)
+        n_splits = default_splits(min(chunk, n_rows), n_tiles, device, k)
     for r0 in range(0, max(n_rows, 1), chunk):
         r1 = min(n_rows, r0 + chunk)
         logits = buf[: r1 - r0]

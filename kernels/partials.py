@@ -604,6 +604,10 @@ def tile_shape(n_cols: int, k: int) -> tuple[int, int]:
 
 
 MAX_CHUNKS_PER_SPLIT = 8192  # bounds the selection's group maxima per split
+# decode-sized batches with k <= SELECT_SMALL_K: at most MAX_SPLIT_KEYS // KP column splits (N = 1,
+# k = 50, V = 128256 had 32 splits, 2048 keys for finalize to sort per row; now 8, 512 keys)
+SELECT_SMALL_K = 128
+MAX_SPLIT_KEYS = 512
 CM_MAX_BYTES = 256 * 1024**2  # the chunk-maxima buffer of k > 0; more rows go in several launches
 # k <= 128: one warp per program (each row's steps are warp-wide reductions, scans and a sort of
 # KP keys, no barriers); larger k sorts KP = 1024 keys, which one warp holds only by spilling
@@ -708,7 +712,7 @@ def shard_partials(
     block = rows * chunk
     n_tiles = max(1, cdiv(max(n_valid_cols, 1), block))
     if n_splits is None:
-        n_splits = default_splits(n_rows, n_tiles, device)
+        n_splits = default_splits(n_rows, n_tiles, device, k)
     if k > 0:  # bound the chunks per split (the selection's threshold groups)
         n_splits = max(n_splits, cdiv(n_tiles * rows, MAX_CHUNKS_PER_SPLIT))
     n_splits = max(1, min(n_splits, n_tiles))
@@ -794,14 +798,24 @@ def max_resident_programs(device: torch.device, per_sm: int | None = None) -> in
     return (per_sm or PROGRAMS_PER_SM) * _sm_count(device)
 
 
-def default_splits(n_rows: int, n_tiles: int, device: torch.device) -> int:
-    """Split rows over columns only when rows alone cannot fill the GPU (decode-sized batches)."""
+def default_splits(n_rows: int, n_tiles: int, device: torch.device, k: int = 0) -> int:
+    """Column splits of a launch (1 off CUDA): see ``splits_for``."""
     if device.type != "cuda":
         return 1
-    target_programs = 4 * _sm_count(device)
+    return splits_for(n_rows, n_tiles, _sm_count(device), k)
+
+
+def splits_for(n_rows: int, n_tiles: int, sm_count: int, k: int = 0) -> int:
+    """Split rows over columns only when rows alone cannot fill the GPU (decode-sized batches).
+    With a top-k of at most SELECT_SMALL_K, at most MAX_SPLIT_KEYS // KP splits: the finalize
+    kernel sorts each row's n_splits * k candidates, which costs more than the splits save."""
+    target_programs = 4 * sm_count
     if n_rows >= target_programs:
         return 1
-    return max(1, min(n_tiles, triton.cdiv(target_programs, max(n_rows, 1))))
+    splits = max(1, min(n_tiles, triton.cdiv(target_programs, max(n_rows, 1))))
+    if 0 < k <= SELECT_SMALL_K:
+        splits = min(splits, max(1, MAX_SPLIT_KEYS // max(2, _next_pow2(k))))
+    return splits
 
 
 __all__ = ["FIELDS", "MAX_K", "N_FIELDS", "shard_partials", "tile_shape", "topk_params"]

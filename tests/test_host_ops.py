@@ -68,7 +68,7 @@ def test_decode_path_with_column_splits_stays_lean(name, monkeypatch):
     k = {"softmax_stats k=50": 50, "topk k=8": 8}.get(name, 0)
     rows, chunk = kernels.partials.tile_shape(v, k)
     assert v >= 4 * rows * chunk, "wide enough for 4 column splits"
-    monkeypatch.setattr(kernels.partials, "default_splits", lambda n_rows, n_tiles, device: 4)
+    monkeypatch.setattr(kernels.partials, "default_splits", lambda n_rows, n_tiles, device, k=0: 4)
     counts = counted(name, v=v)
     ops, launches = BUDGETS[name]
     assert counts.n_ops <= ops + MARGIN, f"{name}: {counts.n_ops} ops ({dict(counts.ops)}), budget {ops}"

@@ -120,3 +120,17 @@ def test_selection_fewer_chunks_than_k(device):
     column fits the candidate list."""
     x = rows_for_selection(6, 300, seed=4)
     check(x, 50, device=device, n_valid=297, tile=(4, 8), cape=512)
+
+
+def test_decode_splits_keep_the_merge_short():
+    """Decode-sized batches split each row's columns over programs (a GPU of 132 SMs wants 528
+    programs); with a top-k of at most 128, only as many splits as keep the finalize kernel's
+    merge at 512 keys per row. Large batches and k = 0 are unchanged."""
+    splits_for = kernels.partials.splits_for
+    assert splits_for(1, 32, 132) == 32  # k = 0: every tile its own program
+    assert splits_for(1, 32, 132, 50) == 8  # 8 * KP (64) = 512 keys
+    assert splits_for(1, 32, 132, 1) == 32
+    assert splits_for(64, 32, 132, 8) == 9  # 528 / 64 rows
+    assert splits_for(1, 4, 132, 50) == 4  # never more than the tiles
+    assert splits_for(8192, 16, 132, 50) == 1
+    assert splits_for(1, 63, 132, 1024) == 63  # k > 128 keeps the tiles' splits
