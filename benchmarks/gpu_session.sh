@@ -17,7 +17,7 @@
 #                                                 # ray (Ray's NCCL job test and bench_ray.py;
 #                                                 # needs the wheels of .whl/ carried)
 #
-# Limits (seconds, environment): TEST_LIMIT=300 (compiling the kernels takes most of it) BENCH_LIMIT=210 DIST2_LIMIT=70 DIST4_LIMIT=120;
+# Limits (seconds, environment): TEST_LIMIT=300 per test process (TEST_PROCS=8; compiling takes most of it) BENCH_LIMIT=210 DIST2_LIMIT=70 DIST4_LIMIT=120;
 # TUNE_LIMIT=300 LINEAR_LIMIT=300 LINEAR_TP_LIMIT=150 NCCL_LIMIT=200 RAY_LIMIT=300 PROFILE_LIMIT=60 (opt-in steps); RAY_TEST=0 skips
 # Ray's NCCL job test, RAY_STAGER_TEST=0 the one-GPU test of a worker's stager, RAY_BATCHES sets
 # bench_ray's timed batches (default 30), RAY_TPS its group sizes (default 2 4, or 2 on 2 GPUs).
@@ -65,12 +65,35 @@ fi
 NGPU=$(python -P -c "import torch; print(torch.cuda.device_count())")
 
 if has tests; then
-    # the kernel-level files first (sampling and the selection never ran on CUDA before they
-    # were listed here: both had bugs only the compiler shows)
-    step pytest_gpu "${TEST_LIMIT:-300}" python -P -m pytest -q -x -p no:cacheprovider -m "not slow" \
-        tests/test_select.py tests/test_sample.py tests/test_finalize.py tests/test_merge.py \
-        tests/test_core.py tests/test_grad.py \
-        tests/test_host_ops.py tests/test_distributed.py -k "cuda or nccl or gpu or host_ops"
+    # The CUDA tier (the kernel-level files first: sampling and the selection had bugs only the
+    # compiler shows). Compiling the kernels takes most of its time and is CPU-bound, so the
+    # collected tests run as TEST_PROCS (default 8) pytest processes of contiguous blocks of test
+    # ids, spread over the GPUs (several share one GPU on a one-GPU machine); the NCCL tests are
+    # the nccl step's. One log: $OUT/pytest_gpu.log.
+    expr="(cuda or gpu or host_ops) and not nccl"
+    files="tests/test_select.py tests/test_sample.py tests/test_finalize.py tests/test_merge.py
+        tests/test_core.py tests/test_grad.py tests/test_host_ops.py tests/test_distributed.py"
+    tdir=$(mktemp -d)
+    # shellcheck disable=SC2086
+    python -P -m pytest --collect-only -q -p no:cacheprovider -m "not slow" -k "$expr" $files \
+        2>&1 | grep '::' >"$tdir/ids"
+    procs=${TEST_PROCS:-8}
+    per=$(( ($(wc -l <"$tdir/ids") + procs - 1) / procs ))
+    split -l "$((per > 0 ? per : 1))" -d "$tdir/ids" "$tdir/block."
+    echo "=== pytest_gpu: $(wc -l <"$tdir/ids") tests in $(ls "$tdir"/block.* | wc -l) processes (limit ${TEST_LIMIT:-300}s each, session at $((SECONDS - T0))s)"
+    t0=$SECONDS
+    i=0
+    for b in "$tdir"/block.*; do
+        CUDA_VISIBLE_DEVICES=$((i % (NGPU > 0 ? NGPU : 1))) timeout -k 10 "${TEST_LIMIT:-300}" xargs -a "$b" -d '\n' \
+            python -P -m pytest -q -p no:cacheprovider -rs >"$b.log" 2>&1 &
+        i=$((i + 1))
+    done
+    rcs=""
+    for job in $(jobs -p); do wait "$job"; rcs="$rcs $?"; done
+    cat "$tdir"/block.*.log >"$OUT/pytest_gpu.log"
+    echo "=== pytest_gpu rc:$rcs in $((SECONDS - t0))s (124: time limit)"
+    grep -hE "(passed|failed|skipped|error).* in [0-9.]+s" "$tdir"/block.*.log
+    grep -hE "^(FAILED|ERROR) " "$tdir"/block.*.log | head -n 20
 fi
 if has bench; then
     limit=${BENCH_LIMIT:-210}
