@@ -67,8 +67,8 @@ NGPU=$(python -P -c "import torch; print(torch.cuda.device_count())")
 if has tests; then
     # The CUDA tier (the kernel-level files first: sampling and the selection had bugs only the
     # compiler shows). Compiling the kernels takes most of its time and is CPU-bound, so the
-    # collected tests run as TEST_PROCS (default 8) pytest processes of contiguous blocks of test
-    # ids, spread over the GPUs (several share one GPU on a one-GPU machine); the NCCL tests are
+    # collected tests run as TEST_PROCS (default 8) pytest processes (test ids dealt round robin),
+    # spread over the GPUs (several share one GPU on a one-GPU machine); the NCCL tests are
     # the nccl step's. One log: $OUT/pytest_gpu.log.
     expr="(cuda or gpu or host_ops) and not nccl"
     files="tests/test_select.py tests/test_sample.py tests/test_finalize.py tests/test_merge.py
@@ -78,8 +78,8 @@ if has tests; then
     python -P -m pytest --collect-only -q -p no:cacheprovider -m "not slow" -k "$expr" $files \
         2>&1 | grep '::' >"$tdir/ids"
     procs=${TEST_PROCS:-8}
-    per=$(( ($(wc -l <"$tdir/ids") + procs - 1) / procs ))
-    split -l "$((per > 0 ? per : 1))" -d "$tdir/ids" "$tdir/block."
+    # round robin: the few slow compilations (top-k with k > 128) land in different processes
+    awk -v P="$procs" -v D="$tdir" '{ print > sprintf("%s/block.%02d", D, (NR - 1) % P) }' "$tdir/ids"
     echo "=== pytest_gpu: $(wc -l <"$tdir/ids") tests in $(ls "$tdir"/block.* | wc -l) processes (limit ${TEST_LIMIT:-300}s each, session at $((SECONDS - T0))s)"
     t0=$SECONDS
     i=0
@@ -97,7 +97,9 @@ if has tests; then
 fi
 if has bench; then
     limit=${BENCH_LIMIT:-210}
-    step bench_ops "$limit" python -P benchmarks/bench_ops.py --preset bars --max-seconds $((limit - 45)) --out "$OUT"
+    # BENCH_ARGS: extra arguments (e.g. --v 32064 --k 0 50: fewer cases)
+    # shellcheck disable=SC2086
+    step bench_ops "$limit" python -P benchmarks/bench_ops.py --preset bars --max-seconds $((limit - 45)) --out "$OUT" ${BENCH_ARGS:-}
 fi
 if has tune; then
     # shellcheck disable=SC2086

@@ -4,12 +4,19 @@ Tensor in, tensor out: no autograd and no torch.distributed here. The math layer
 (``shardsoftmax.partials`` and friends) calls these; nothing here imports the layers above.
 """
 
-from .check import check_headers
-from .elementwise import cross_entropy_backward, softmax_write
-from .finalize import can_merge_topk, finalize_cross_entropy, finalize_stats, finalize_topk
-from .linear import linear_cross_entropy_backward, linear_logits, linear_partials
-from .partials import FIELDS, MAX_K, N_FIELDS, shard_partials
-from .sample import gumbel_argmax
+import os
+
+from . import _compat
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _compat.patch_interpreter_index()
+
+from .check import check_headers  # noqa: E402
+from .elementwise import cross_entropy_backward, softmax_write  # noqa: E402
+from .finalize import can_merge_topk, finalize_cross_entropy, finalize_stats, finalize_topk  # noqa: E402
+from .linear import linear_cross_entropy_backward, linear_logits, linear_partials  # noqa: E402
+from .partials import FIELDS, MAX_K, N_FIELDS, shard_partials  # noqa: E402
+from .sample import gumbel_argmax  # noqa: E402
 
 __all__ = [
     "FIELDS",

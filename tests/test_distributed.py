@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -564,7 +565,10 @@ def test_rank_mismatch_raises_on_every_rank(world_size, defer):
 def _torchrun(n: int, *args: str, env: dict, timeout: float) -> tuple[int, str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)]
     cmd += ["-m", "shardsoftmax.launch.torchrun", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    # Not from the source tree: there ``shardsoftmax/`` (without its kernels, which live in
+    # ``kernels/``) would shadow an installed, non-editable package.
+    with tempfile.TemporaryDirectory() as cwd:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     return proc.returncode, proc.stdout + proc.stderr
 
 
