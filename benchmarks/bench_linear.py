@@ -136,10 +136,15 @@ def run_checks(device, dtype, shapes, report: Callable[[str, bool, str], None]) 
         hidden, weight, b, target = make_inputs(n, h, v, dtype, device, seed=100 + i, bias=bias, vocab=vocab)
         lay = {"vocab_size": vocab} if vocab else {}
         tf = {k: opts[k] for k in ("softcap", "temperature") if k in opts}
-        defaults = ss_linear.CHUNK_BYTES, ss_linear.EAGER_ROWS, ss_linear.EAGER_BLOCK_BYTES
+        defaults = (
+            ss_linear.CHUNK_BYTES,
+            ss_linear.TOPK_BLOCK_BYTES,
+            ss_linear.EAGER_ROWS,
+            ss_linear.EAGER_BLOCK_BYTES,
+        )
         try:
             if cols:
-                ss_linear.CHUNK_BYTES = n * cols * itemsize
+                ss_linear.CHUNK_BYTES = ss_linear.TOPK_BLOCK_BYTES = n * cols * itemsize
             if rows:  # blocks of exactly this many rows
                 ss_linear.EAGER_ROWS, ss_linear.EAGER_BLOCK_BYTES = rows, 0
             chunks = f" ({-(-(vocab or v) // width)} chunks)"
@@ -147,7 +152,12 @@ def run_checks(device, dtype, shapes, report: Callable[[str, bool, str], None]) 
             _check_impl("chunked", name + chunks + blocks, hidden, weight, b, target, lay, tf, opts, report)
             _check_impl("recompute", name + chunks, hidden, weight, b, target, lay, tf, opts, report)
         finally:
-            ss_linear.CHUNK_BYTES, ss_linear.EAGER_ROWS, ss_linear.EAGER_BLOCK_BYTES = defaults
+            (
+                ss_linear.CHUNK_BYTES,
+                ss_linear.TOPK_BLOCK_BYTES,
+                ss_linear.EAGER_ROWS,
+                ss_linear.EAGER_BLOCK_BYTES,
+            ) = defaults
         _check_impl("fused", name, hidden, weight, b, target, lay, tf, opts, report)
 
 

@@ -54,6 +54,11 @@ from .partials import Pieces, identity, pack
 # dtype: N = 8192 rows of bf16 give chunks of 8192 columns. Larger chunks mean fewer, larger
 # GEMMs and fewer passes over the fp32 grad_hidden accumulator, at this much extra memory.
 CHUNK_BYTES = 128 << 20
+# Top-k (k > 0) goes by blocks of rows of at most TOPK_BLOCK_BYTES of logits: the selection's
+# one-warp programs need a few thousand rows to fill the GPU (one H200, N = 8192, V = 128256,
+# top-50 over k = 0: 1.14x with 523-row blocks of 128 MiB, 0.97x with 2093-row blocks of 512 MiB,
+# same run; docs/performance.md v0.7)
+TOPK_BLOCK_BYTES = 512 << 20
 CHUNK_ALIGN = 256  # chunk widths above this are multiples of it (GEMM and partials tiles)
 # Rows per block of the eager-gradient forward (see ``eager_blocks``). Each block's grad_weight
 # GEMM reads and writes the fp32 [V_shard, H] accumulator (8 V H bytes) for 2 rows V H FLOPs: 2048
@@ -106,13 +111,13 @@ def forward_blocks(n_rows: int, n_valid_cols: int, itemsize: int, k: int) -> tup
     """The blocks ``(r0, r1, c0, c1)`` of logits the chunked forward computes, in order, each at
     most CHUNK_BYTES: vocabulary chunks of ``chunk_cols`` columns over every row, or, for top-k
     (k > 0) when the real columns need several chunks, blocks of rows over every real column
-    (then the first value is True). The top-k selection after each (row, block) costs the same
-    whatever the block's width, so vocabulary chunks would pay it once per chunk: measured on an
-    H200, top-50 over 16 vocabulary chunks cost 1.23x the k = 0 forward, the unfused kernel on
-    whole rows 1.01x."""
+    of at most TOPK_BLOCK_BYTES (then the first value is True). The top-k selection after each
+    (row, block) costs the same whatever the block's width, so vocabulary chunks would pay it
+    once per chunk: measured on an H200, top-50 over 16 vocabulary chunks cost 1.23x the k = 0
+    forward, the unfused kernel on whole rows 1.01x."""
     spans = _chunks(n_valid_cols, chunk_cols(n_rows, itemsize))
     if k > 0 and len(spans) > 1:
-        rows = max(1, CHUNK_BYTES // (n_valid_cols * itemsize))
+        rows = max(1, TOPK_BLOCK_BYTES // (n_valid_cols * itemsize))
         return True, [(r0, min(n_rows, r0 + rows), 0, n_valid_cols) for r0 in range(0, n_rows, rows)]
     return False, [(0, n_rows, c0, c1) for c0, c1 in spans]
 

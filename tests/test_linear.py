@@ -121,6 +121,7 @@ def use_impl(monkeypatch, impl: str, n_rows: int, dtype: torch.dtype, cols: int)
     if impl in ("chunked", "recompute"):
         itemsize = torch.empty((), dtype=dtype).element_size()
         monkeypatch.setattr(L, "CHUNK_BYTES", n_rows * cols * itemsize)
+        monkeypatch.setattr(L, "TOPK_BLOCK_BYTES", n_rows * cols * itemsize)
         assert L.chunk_cols(n_rows, itemsize) == cols
         monkeypatch.setattr(L, "EAGER_ROWS", max(1, -(-n_rows // 3)))
         monkeypatch.setattr(L, "EAGER_BLOCK_BYTES", 0)
@@ -425,6 +426,7 @@ def test_chunked_topk_by_row_blocks(core_tier, monkeypatch, splits):
     hidden, weight, bias, target = on(core_tier, *make_inputs(case, seed=21))
     whole = ss.linear_softmax_stats(hidden, weight, target, bias=bias, k=case.k, **layout(case))
     monkeypatch.setattr(L, "CHUNK_BYTES", 3 * 85 * 4)  # 3 rows of the 85 real fp32 columns (88 - 3)
+    monkeypatch.setattr(L, "TOPK_BLOCK_BYTES", 3 * 85 * 4)
     monkeypatch.setattr(KP, "default_splits", lambda n_rows, n_tiles, device, k=0: splits)
     monkeypatch.setattr(KP, "tile_shape", lambda n_cols, k: (2, 16))  # 3 tiles of 32 columns
     seen = []
@@ -885,6 +887,7 @@ def dist_rank(ctx, widths):
     start = sum(widths[: ctx.rank])
     cols = slice(start, start + widths[ctx.rank])
     L.CHUNK_BYTES = DIST_N * DIST_CHUNK_COLS * 4  # fp32: several chunks per shard on the chunked path
+    L.TOPK_BLOCK_BYTES = L.CHUNK_BYTES
     out = {}
     for backend, impl in [(b, i) for b in ("torch", "triton") for i in IMPLS]:
         ss.set_backend(backend)
