@@ -29,7 +29,7 @@ KEY_COLUMNS = ("gpu", "bench", "tp", "op", "provider", "dtype", "n", "vocab", "v
 
 def load(paths: list[str]) -> list[dict]:
     """Rows with a time and status ok (older CSVs without the status, bench, tp or vocab columns
-    are read too)."""
+    are read too); of the rows of one case in several CSVs, the newest run's."""
     rows: dict[tuple, dict] = {}
     for path in paths:
         with open(path, newline="") as f:
@@ -43,7 +43,9 @@ def load(paths: list[str]) -> list[dict]:
                     r["tp"] = "1" if r["bench"] == "ops" else r.get("world_size", "1")
                 if not r.get("vocab"):
                     r["vocab"] = r["v_shard"]
-                rows[tuple(r.get(c, "") for c in KEY_COLUMNS)] = r  # the last file wins
+                key = tuple(r.get(c, "") for c in KEY_COLUMNS)
+                if key not in rows or r.get("date", "") >= rows[key].get("date", ""):
+                    rows[key] = r  # the newest run wins (then the last file)
     return list(rows.values())
 
 
@@ -73,9 +75,11 @@ def conditions(rows: list[dict], extra: str = "") -> str:
     bw = f", copy bandwidth {float(bws[0]):.0f} GB/s (read+write)" if len(bws) == 1 else ""
     if len(bws) > 1:
         bw = f", copy bandwidth {float(bws[0]):.0f}-{float(bws[-1]):.0f} GB/s"
+    commits = sorted({x["commit"] for x in rows})
+    commit = f"commit {commits[0]}" if len(commits) == 1 else f"commits {', '.join(commits)}"
     return (
         f"{r['gpu']}, {', '.join(dates)}; {r['dtype']}, N={r['n']}{extra}; "
-        f"torch {r['torch']}, triton {r['triton']}, commit {r['commit']}{bw}"
+        f"torch {r['torch']}, triton {r['triton']}, {commit}{bw}"
     )
 
 
