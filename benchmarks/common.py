@@ -253,8 +253,9 @@ def time_queued(
     enough (1.5x + 2 ms of the measured host time of ``calls`` calls) for the host to queue all
     ``calls`` calls behind it, and CUDA events time the calls from the end of the sleep. Returns
     None if the sleep ended before the host had queued every call (the measurement would include
-    host time). MAX over the ranks of ``group``; every rank runs the same number of calls. CUDA
-    only (None on the CPU). ``calls`` stays under the group path's 16 pending header checks."""
+    host time). With a ``group``: every rank sleeps as long, then the MAX over the ranks; every
+    rank runs the same number of calls. CUDA only (None on the CPU). ``calls`` stays under the
+    group path's 16 pending header checks."""
     import torch.distributed as dist
 
     if not is_cuda(device):
@@ -271,6 +272,12 @@ def time_queued(
     host_ms = (time.perf_counter() - t0) * 1e3
     torch.cuda.synchronize(device)
     if distributed:
+        # Every rank sleeps as long (the longest host time). With each rank's own, the sleeps
+        # differed by 1.5x the difference of the host times: the rank whose sleep ended first
+        # waited in its first all-gathers for the others, and that wait counted as GPU time.
+        t = torch.tensor([host_ms], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        host_ms = t.item()
         dist.barrier(group=group)
     asleep, start, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
     torch.cuda._sleep(int((1.5 * host_ms + 2.0) * _sleep_cycles_per_ms()))
