@@ -1,17 +1,18 @@
 """Tile / warp sweep for the partials kernels on one GPU (a tuning aid; the benchmark is bench_ops.py).
 
     python benchmarks/tune.py [--n 8192] [--v 32064,128256] [--ks 0,50,1024] [--old PATH,...]
-        [--defaults-only] [--tiles] [--budget-s 270]
+        [--defaults-only] [--tiles] [--budget-s 270] [--finalize]
 
 First, for every (V, k): the defaults, each ``--old`` file (saved earlier ``kernels/partials.py``
 files, their ``shard_partials`` with their defaults: an A/B in the same run) and, for k > 0, the
 streaming kernel alone (``select_launch=False``), so that "selection" = total - stream is
 printed for each. Then the sweeps, while the time budget lasts: the streaming kernel's tile and
 warps (k = 0, or every k with ``--tiles``), the column splits (k = 0) and the selection's knobs
-(k > 0: warps, programs per SM, ``topk_params`` keywords). Each variant is checked against the
-PyTorch reference (lse of 512 rows, their top-k ids exactly; for k > 0 also rows with ties,
-NaN, -inf and padding columns) before it is timed; it prints ms and the fraction of the copy
-bandwidth measured in the same run.
+(k > 0: warps, programs per SM, ``topk_params`` keywords). ``--finalize`` first times the
+finalize kernel's merge of S top-k lists per row by warps per program (``FINALIZE_CASES``).
+Each variant is checked against the PyTorch reference (lse of 512 rows, their top-k ids
+exactly; for k > 0 also rows with ties, NaN, -inf and padding columns) before it is timed; it
+prints ms and the fraction of the copy bandwidth measured in the same run.
 """
 
 from __future__ import annotations
@@ -149,6 +150,40 @@ class Case:
         return ms
 
 
+# (splits S, rows N, k) of the finalize kernel's top-k merge: TP = 2 and 4 at N = 8192 (the ranks'
+# pieces), and the decode sizes' column splits
+FINALIZE_CASES = [(2, 8192, 50), (4, 8192, 50), (2, 8192, 8), (8, 1, 50), (8, 64, 50), (32, 1, 8)]
+
+
+def finalize_sweep() -> None:
+    """``kernels.finalize_stats`` merging S sorted top-k lists per row, by warps per program; each
+    variant's ids and values checked equal to the default's."""
+    from shardsoftmax.kernels import finalize
+
+    for s, n, k in FINALIZE_CASES:
+        vals = torch.sort(torch.randn(s, n, k, device="cuda") * 3, dim=-1, descending=True).values
+        ids = torch.arange(s, device="cuda")[:, None, None] * 100_000 + torch.arange(k, device="cuda")
+        ids = ids.expand(s, n, k).contiguous()
+        stats = torch.zeros(len(kernels.FIELDS), s, n, device="cuda")
+        stats[0], stats[1] = vals[..., 0], 1.0
+
+        def call(w=None, stats=stats, vals=vals, ids=ids):
+            return kernels.finalize_stats(
+                stats, vals, ids, None, vocab_start=0, ignore_index=-100, num_warps=w
+            )
+
+        _, want_vals, want_ids = call()
+        mp = triton.next_power_of_2(s * k)
+        default = finalize.default_warps(True, mp)
+        for w in (1, 2, 4, 8):
+            _, got_vals, got_ids = call(w)
+            ok = torch.equal(got_ids, want_ids) and torch.equal(got_vals, want_vals)
+            us = do_bench(lambda w=w: call(w), warmup=25, rep=200, return_mode="median") * 1e3
+            mark = " (default)" if w == default else ""
+            case = f"S={s:2d} N={n:5d} k={k:3d} ({mp:4d} keys) warps={w}{mark}"
+            print(f"finalize merge {case}: {us:7.1f} us ok={ok}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=8192)
@@ -158,8 +193,11 @@ def main() -> None:
     ap.add_argument("--defaults-only", action="store_true", help="time the defaults (and --old) only")
     ap.add_argument("--tiles", action="store_true", help="sweep the streaming kernel's tile for k > 0 too")
     ap.add_argument("--budget-s", type=float, default=270, help="start no sweep variant after this")
+    ap.add_argument("--finalize", action="store_true", help="sweep the finalize merge's warps first")
     args = ap.parse_args()
     t0 = time.time()
+    if args.finalize:
+        finalize_sweep()
     olds = [(path, load_old(path)) for path in args.old.split(",") if path]
     bw = copy_bw()
     print(f"{torch.cuda.get_device_name()}  triton {triton.__version__}  torch {torch.__version__}")

@@ -278,12 +278,14 @@ def finalize_stats(
     vocab_start: int,
     ignore_index: int,
     logprobs: bool = True,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """``(rows [4, N] fp32 = lse, max, entropy, target_logprob, topk [N, k] fp32, topk_ids [N, k]
     int64)`` from S splits. ``stats=None``: no per-row scalars (``rows`` is None) and the top-k
     are raw values; else ``logprobs`` chooses value - lse or the raw value. ``target`` [N]
     (contiguous) or None (row 3 is then left unwritten). With S = 1 the ids are ``topk_ids[0]``
-    itself; with S > 1 the top-k lists are merged here (``can_merge_topk``)."""
+    itself; with S > 1 the top-k lists are merged here (``can_merge_topk``), one row per program.
+    ``num_warps`` overrides ``default_warps`` (tuning)."""
     scalars = stats is not None
     if scalars:
         _check_stats(stats)
@@ -330,9 +332,18 @@ def finalize_stats(
         MP=mp,
         BLOCK_N=block_n,
         BLOCK_S=split_block(n_splits, block_n),
-        num_warps=8 if mp >= 2048 else 4,
+        num_warps=num_warps or default_warps(merge, mp),
     )
     return rows_out, topk_out, ids_out
+
+
+def default_warps(merge: bool, mp: int) -> int:
+    """Warps of a ``_finalize_stats_kernel`` program. Without a top-k merge: 4 (blocks of rows).
+    Merging MP candidates of one row: one warp up to 256 (a few keys per thread, every exchange of
+    the sort a shuffle within the warp; TP = 2 with k = 50 merges 128), 4 up to 1024, 8 beyond."""
+    if not merge:
+        return 4
+    return 1 if mp <= 256 else (4 if mp <= 1024 else 8)
 
 
 def finalize_cross_entropy(

@@ -148,6 +148,13 @@ def test_api_kernels_compile_for_sm90(recorded):
     ss.log_softmax(x, softcap=10.0)
     ss.sample(x, seed=1)  # seed 1: a specialized argument
     ss.sample(x, seed=2**40 + 1, top_k=3)
+    # column splits merged in finalize (a GPU's decode path; TP = 2's merge of 2 x 50 keys)
+    from shardsoftmax import kernels
+
+    kw = dict(n_valid_cols=300, vocab_start=0, ignore_index=-100, softcap=None, temperature=1.0)
+    st, tv, ti = kernels.shard_partials(x, t, k=50, n_splits=2, tile=(4, 32), **kw)
+    assert st.shape[1] == 2
+    kernels.finalize_stats(st, tv, ti, t, vocab_start=0, ignore_index=-100)
     h = torch.randn(5, 16, generator=g)
     w = torch.randn(40, 16, generator=g, requires_grad=True)
     ss.linear_softmax_stats(h, w.detach(), k=3, impl="fused")

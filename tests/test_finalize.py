@@ -123,6 +123,23 @@ def test_finalize_topk_merges_splits_exactly(device, k):
     assert torch.equal(ids.cpu(), merged.topk_ids)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_warps", [1, 2, 8])
+def test_finalize_merge_is_the_same_for_any_warps(device, num_warps):
+    """The merge of S sorted lists (here 2 splits of k = 50: 128 candidates, the default one warp;
+    and 5 splits of k = 33: 256) gives the same ids and values whatever the program's warps."""
+    x, target = make_rows(v=200, seed=2)
+    for k, cuts in ((50, [90]), (33, [10, 11, 45, 70])):
+        pieces = pieces_of(x, target, k, cuts)
+        merged = P.merge_stacked(pieces.unpacked())
+        d = to(pieces, device)
+        _, vals, ids = kernels.finalize_stats(
+            None, d.topk_vals, d.topk_ids, None, vocab_start=START, ignore_index=0, num_warps=num_warps
+        )
+        torch.testing.assert_close(vals.cpu(), merged.topk_vals, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(ids.cpu(), merged.topk_ids), f"k={k}, {len(cuts) + 1} pieces"
+
+
 def test_can_merge_topk_limits_the_candidate_set():
     assert kernels.can_merge_topk(1, 1024) and kernels.can_merge_topk(500, 0)
     assert kernels.can_merge_topk(64, 64) and not kernels.can_merge_topk(65, 64)
