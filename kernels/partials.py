@@ -298,12 +298,6 @@ def _rank_candidates(list_e, n_e, row_ptr, softcap, inv_temperature, HAS_SOFTCAP
 
 
 @triton.jit
-def _pick(v, rr, r):
-    """Element r of the [R] tensor v, as a scalar."""
-    return tl.sum(tl.where(rr == r, v, 0), axis=0)
-
-
-@triton.jit
 def _store_top(topk_vals_ptr, topk_ids_ptr, base, top, vocab_start, mask, KP: tl.constexpr):
     """Store keys ``top`` (values and global ids) at ``base + [0, KP)`` where ``mask``."""
     real = top != min_key_like(top.shape)
@@ -586,6 +580,11 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+# k <= SELECT_SMALL_K: chunks of 32 columns and a one-warp selection (tile_shape, topk_params,
+# the SELECT_* defaults below); larger k: chunks of 8 and a 4-warp selection sorting KP keys
+SELECT_SMALL_K = 128
+
+
 def tile_shape(n_cols: int, k: int) -> tuple[int, int]:
     """(ROWS, CHUNK) of the streaming kernel for a shard of ``n_cols`` columns and top-``k``
     (tuned on an H200 with ``benchmarks/tune.py``, docs/performance.md). k = 0: tiles of 64 x 64
@@ -597,7 +596,7 @@ def tile_shape(n_cols: int, k: int) -> tuple[int, int]:
     if k == 0:
         chunk = min(32 if n_cols <= 32768 else 64, max(16, width))
         return max(1, min(64, width // chunk)), chunk
-    if k <= 128:
+    if k <= SELECT_SMALL_K:
         chunk = min(32, max(16, width))
         return max(2, min(128, width // chunk)), chunk
     return max(2, min(256, width // 8)), 8
@@ -606,7 +605,6 @@ def tile_shape(n_cols: int, k: int) -> tuple[int, int]:
 MAX_CHUNKS_PER_SPLIT = 8192  # bounds the selection's group maxima per split
 # decode-sized batches with k <= SELECT_SMALL_K: at most MAX_SPLIT_KEYS // KP column splits (N = 1,
 # k = 50, V = 128256 had 32 splits, 2048 keys for finalize to sort per row; now 8, 512 keys)
-SELECT_SMALL_K = 128
 MAX_SPLIT_KEYS = 512
 CM_MAX_BYTES = 256 * 1024**2  # the chunk-maxima buffer of k > 0; more rows go in several launches
 # k <= 128: one warp per program (each row's steps are warp-wide reductions, scans and a sort of
@@ -624,7 +622,7 @@ SELECT_MAXNREG = 80
 
 
 def default_select_warps(k: int) -> int:
-    return SELECT_WARPS if k <= 128 else SELECT_WARPS_LARGE_K
+    return SELECT_WARPS if k <= SELECT_SMALL_K else SELECT_WARPS_LARGE_K
 
 
 def topk_params(k: int, chunks_per_split: int, chunk: int, *, rows: int | None = None,
@@ -640,7 +638,7 @@ def topk_params(k: int, chunks_per_split: int, chunk: int, *, rows: int | None =
     r = rows or 1
     ncp = _next_pow2(chunks_per_split)
     # 4 KP groups for k <= 128 (fewer ties between group maxima near the threshold)
-    ngp = ngp or max(8, (4 if kp <= 128 else 2) * kp)
+    ngp = ngp or max(8, (4 if k <= SELECT_SMALL_K else 2) * kp)
     # blocks of 512 chunk maxima per row: 72 registers, where all 1002 of V = 32064 at once
     # (kept for the second step) take 114 (sm_90, Triton 3.8)
     cb = cb or min(ncp, max(ngp, 512 // r))
@@ -734,10 +732,11 @@ def shard_partials(
         step = max(1, min(n_rows, CM_MAX_BYTES // (4 * cm_stride)))
         cm = torch.empty((step, cm_stride), dtype=torch.float32, device=device)
         sp = dict(select_params or {})
-        maxnreg = sp.pop("maxnreg", SELECT_MAXNREG if k <= 128 else 0)
+        small_k = k <= SELECT_SMALL_K
+        maxnreg = sp.pop("maxnreg", SELECT_MAXNREG if small_k else 0)
         select_launch_opts = {"maxnreg": maxnreg} if maxnreg and device.type == "cuda" else {}
         tk = topk_params(k, cols_per_split // chunk, chunk, **sp)
-        per_sm = select_programs_per_sm or (PROGRAMS_PER_SM if k <= 128 else PROGRAMS_PER_SM_LARGE_K)
+        per_sm = select_programs_per_sm or (PROGRAMS_PER_SM if small_k else PROGRAMS_PER_SM_LARGE_K)
         programs = min(cdiv(step, tk["R"]), max_resident_programs(device, per_sm))
         slot_words = tk["R"] * (tk["CAPG"] + 3 * tk["CAPC"] + tk["CAPE"])
         scratch = torch.empty(programs * n_splits * slot_words, dtype=torch.int32, device=device)
