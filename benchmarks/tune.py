@@ -26,7 +26,6 @@ import triton
 from triton.testing import do_bench
 
 from shardsoftmax import kernels, reference
-from shardsoftmax.kernels import partials
 
 # (ROWS, CHUNK) candidates of the streaming kernel per k
 TILES = {
@@ -35,7 +34,6 @@ TILES = {
     1024: [(256, 8), (128, 16), (64, 32)],
 }
 WARPS = (4, 8)
-ROW_BLOCKS = (1, 2, 8)  # besides the default (1: no overlap)
 CHECK_ROWS = 512
 
 
@@ -217,14 +215,6 @@ def main() -> None:
             if k:
                 c.stream_ms = c.run("stream alone (select_launch=False)", select_launch=False)
             c.run("default")
-            if k:  # the selection of row block b beside the stream of block b + 1
-                for blocks in ROW_BLOCKS:
-                    c.run(f"row_blocks={blocks}", row_blocks=blocks)
-                partials.SIDE_STREAM_PRIORITY = -1
-                partials._SIDE_STREAMS.clear()
-                c.run("default, side stream of high priority")
-                partials.SIDE_STREAM_PRIORITY = 0
-                partials._SIDE_STREAMS.clear()
             for path, old in olds:
                 c.run(f"{path} (defaults)", fn=old)
     # Then the sweeps, while the budget lasts; each variant runs on every V of its k in a row

@@ -10,8 +10,6 @@ k = 0 one (the selection's registers and barriers never slow the stream; docs/pe
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
@@ -623,13 +621,6 @@ PROGRAMS_PER_SM_LARGE_K = 8
 SELECT_MAXNREG = 80
 
 
-# k > 0 with many rows: the selection of one block of rows overlaps the stream of the next
-# (shard_partials' row_blocks); a block keeps at least OVERLAP_MIN_ROWS_PER_SM rows per SM
-ROW_BLOCKS = 4
-OVERLAP_MIN_ROWS_PER_SM = 4
-SIDE_STREAM_PRIORITY = 0  # CUDA stream priority of the selection's side stream (-1: high)
-
-
 def default_select_warps(k: int) -> int:
     return SELECT_WARPS if k <= SELECT_SMALL_K else SELECT_WARPS_LARGE_K
 
@@ -693,7 +684,6 @@ def shard_partials(
     select_programs_per_sm: int | None = None,
     select_params: dict | None = None,
     select_launch: bool = True,
-    row_blocks: int | None = None,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ):
     """Launch the partials kernels on a 2-D ``logits`` shard (last dim contiguous).
@@ -705,20 +695,14 @@ def shard_partials(
     ``select_programs_per_sm`` and ``select_params`` (keywords of ``topk_params``, and
     ``maxnreg``: the selection's register cap on CUDA, 0 for none; the top-k selection) override
     the defaults (tuning); ``select_launch=False`` skips the selection (timing
-    the streaming kernel alone: the top-k outputs are left unwritten). ``row_blocks`` (k > 0 on
-    default ``default_row_blocks``): the rows go in that many blocks, and on CUDA each block's
-    selection runs on a side stream while the streaming kernel reads the next block. ``out``:
+    the streaming kernel alone: the top-k outputs are left unwritten). ``out``:
     (stats, topk_vals, topk_ids) to write into when the launch has one column split and their
     shapes and dtypes match (the process-group path passes views of its send buffer); otherwise
     new tensors.
 
     k > 0 takes two launches per block of rows: the streaming kernel also stores each row's chunk
     maxima (4 bytes per CHUNK columns, in a buffer of at most ``CM_MAX_BYTES``), then
-    ``_select_kernel`` finds the exact top-k of each row from them. The streaming kernel is bound
-    by memory bandwidth and the selection by latency, so with ``row_blocks`` > 1 they overlap: the
-    selection of block b (on a side stream that waits for block b's stream) runs beside the stream
-    of block b + 1, and the caller's stream waits for the side stream before this returns (CUDA
-    graphs capture the fork and the join). The results do not depend on the blocks.
+    ``_select_kernel`` finds the exact top-k of each row from them.
     """
     n_rows, n_cols = logits.shape
     device = logits.device
@@ -763,66 +747,26 @@ def shard_partials(
         float(softcap) if softcap is not None else 1.0,
         1.0 / float(temperature),
     )
-    selecting = k > 0 and select_launch
-    if row_blocks is None:
-        row_blocks = default_row_blocks(min(step, n_rows), k, device)
-    main = side = None
-    if selecting and row_blocks > 1 and device.type == "cuda":
-        main, side = torch.cuda.current_stream(device), _side_stream(device)
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
-        if side is not None and r0 > 0:
-            main.wait_stream(side)  # the chunk-maxima buffer is reused: its readers are done
-        sub = cdiv(r1 - r0, max(1, row_blocks)) if selecting else r1 - r0
-        for b0 in range(r0, r1, sub):
-            b1 = min(r1, b0 + sub)
-            cm_b = cm[b0 - r0 :] if k > 0 else cm  # row b0's chunk maxima first
-            _shard_partials_kernel[(b1 - b0, n_splits)](
-                logits, tgt, stats, cm_b,
-                b0, n_rows, n_valid_cols, cols_per_split, cm_stride, vocab_start, ignore_index,
-                logits.stride(0), *transform,
-                HAS_SOFTCAP=softcap is not None, HAS_TARGET=target is not None, STORE_CM=k > 0,
-                ROWS=rows, CHUNK=chunk, HAS_TEMPERATURE=float(temperature) != 1.0,
-                NEED_ENTROPY=need_entropy, NEED_SUM_X=need_sum_x, num_warps=num_warps,
+        _shard_partials_kernel[(r1 - r0, n_splits)](
+            logits, tgt, stats, cm,
+            r0, n_rows, n_valid_cols, cols_per_split, cm_stride, vocab_start, ignore_index,
+            logits.stride(0), *transform,
+            HAS_SOFTCAP=softcap is not None, HAS_TARGET=target is not None, STORE_CM=k > 0,
+            ROWS=rows, CHUNK=chunk, HAS_TEMPERATURE=float(temperature) != 1.0,
+            NEED_ENTROPY=need_entropy, NEED_SUM_X=need_sum_x, num_warps=num_warps,
+        )  # fmt: skip
+        if k > 0 and select_launch:
+            _select_kernel[(min(programs, cdiv(r1 - r0, tk["R"])), n_splits)](
+                logits, stats, cm, topk_vals, topk_ids, scratch,
+                r1 - r0, r0, n_rows, n_valid_cols, cols_per_split, cols_per_split // chunk,
+                cm_stride, vocab_start, logits.stride(0), *transform,
+                HAS_SOFTCAP=softcap is not None, HAS_TEMPERATURE=float(temperature) != 1.0,
+                K=k, ROWS=rows, CHUNK=chunk, num_warps=select_warps or default_select_warps(k), **tk,
+                **select_launch_opts,
             )  # fmt: skip
-            if not selecting:
-                continue
-            if side is not None:
-                side.wait_stream(main)
-            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                _select_kernel[(min(programs, cdiv(b1 - b0, tk["R"])), n_splits)](
-                    logits, stats, cm_b, topk_vals, topk_ids, scratch,
-                    b1 - b0, b0, n_rows, n_valid_cols, cols_per_split, cols_per_split // chunk,
-                    cm_stride, vocab_start, logits.stride(0), *transform,
-                    HAS_SOFTCAP=softcap is not None, HAS_TEMPERATURE=float(temperature) != 1.0,
-                    K=k, ROWS=rows, CHUNK=chunk, num_warps=select_warps or default_select_warps(k),
-                    **tk, **select_launch_opts,
-                )  # fmt: skip
-    if side is not None:
-        main.wait_stream(side)
     return stats, topk_vals, topk_ids
-
-
-_SIDE_STREAMS: dict = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """One side stream per device for the overlapped selection (made once: CUDA-graph capture
-    must not create streams)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SIDE_STREAMS:
-        device = torch.device("cuda", index)
-        _SIDE_STREAMS[index] = torch.cuda.Stream(device=device, priority=SIDE_STREAM_PRIORITY)
-    return _SIDE_STREAMS[index]
-
-
-def default_row_blocks(n_rows: int, k: int, device: torch.device) -> int:
-    """Row blocks whose selections overlap the next block's stream (``shard_partials``): with
-    k > 0 on CUDA and enough rows that each block still fills the GPU, ROW_BLOCKS; else 1."""
-    if k == 0 or device.type != "cuda":
-        return 1
-    blocks = min(ROW_BLOCKS, n_rows // (OVERLAP_MIN_ROWS_PER_SM * _sm_count(device)))
-    return max(1, blocks)
 
 
 def _fits(out, n_splits: int, n_rows: int, k: int, device: torch.device) -> bool:

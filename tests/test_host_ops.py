@@ -117,9 +117,7 @@ def _inputs(n: int, v: int, seed: int):
 
 
 @needs_cuda
-# 1 and 64: column splits merged in finalize; 4096: top-k's selections overlap the next row
-# block's stream on a side stream (the capture forks and joins it)
-@pytest.mark.parametrize("n", [1, 64, 1024, 4096])
+@pytest.mark.parametrize("n", [1, 64, 1024])  # 1 and 64: column splits merged in finalize
 def test_calls_capture_in_a_cuda_graph_and_replay_on_new_data(n):
     v = 32064
     static_x, static_t = _inputs(n, v, seed=0)

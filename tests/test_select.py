@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from shardsoftmax import kernels
-from shardsoftmax.kernels import partials
 from shardsoftmax import reference as R
 from shardsoftmax.partials import Partials, merge_stacked
 
@@ -121,34 +120,6 @@ def test_selection_fewer_chunks_than_k(device):
     column fits the candidate list."""
     x = rows_for_selection(6, 300, seed=4)
     check(x, 50, device=device, n_valid=297, tile=(4, 8), cape=512)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_row_blocks_give_the_same_partials(device, monkeypatch):
-    """Rows in blocks (on CUDA each block's selection runs on a side stream beside the next
-    block's stream), also with a chunk-maxima buffer of 4 rows (several steps that reuse it): the
-    same partials, bit for bit, as one block, and the reference's top-k."""
-    x = rows_for_selection(11, 2053, seed=3).to(device)
-    kw = dict(k=20, n_valid_cols=2050, vocab_start=0, ignore_index=-100, softcap=None,
-              temperature=1.0, tile=(16, 32), n_splits=1)  # fmt: skip
-    want = kernels.shard_partials(x, None, row_blocks=1, **kw)
-    cm_stride = 5 * 16  # 5 tiles of 16 chunks
-    monkeypatch.setattr(partials, "CM_MAX_BYTES", 4 * cm_stride * 4)
-    for blocks in (1, 3, 11):
-        got = kernels.shard_partials(x, None, row_blocks=blocks, **kw)
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
-    check(x.cpu(), 20, device=device, n_valid=2050, tile=(16, 32), n_splits=1)
-
-
-def test_default_row_blocks(monkeypatch):
-    cuda = torch.device("cuda", 0)
-    monkeypatch.setitem(partials._SM_COUNT, 0, 132)
-    assert partials.default_row_blocks(8192, 0, cuda) == 1  # k = 0: no selection
-    assert partials.default_row_blocks(8192, 50, torch.device("cpu")) == 1
-    assert partials.default_row_blocks(8192, 50, cuda) == partials.ROW_BLOCKS
-    assert partials.default_row_blocks(1024, 50, cuda) == 1  # a block would not fill the GPU
-    assert partials.default_row_blocks(64, 1024, cuda) == 1
 
 
 def test_decode_splits_keep_the_merge_short():
