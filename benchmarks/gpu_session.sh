@@ -70,9 +70,10 @@ if has tests; then
     # collected tests run as TEST_PROCS (default 8) pytest processes (test ids dealt round robin),
     # spread over the GPUs (several share one GPU on a one-GPU machine); the NCCL tests are
     # the nccl step's. One log: $OUT/pytest_gpu.log.
-    expr="(cuda or gpu or host_ops) and not nccl"
-    files="tests/test_select.py tests/test_sample.py tests/test_finalize.py tests/test_merge.py
-        tests/test_core.py tests/test_grad.py tests/test_host_ops.py tests/test_distributed.py"
+    # TEST_FILES / TEST_EXPR: a subset (e.g. TEST_FILES="tests/test_select.py")
+    expr=${TEST_EXPR:-"(cuda or gpu or host_ops) and not nccl"}
+    files=${TEST_FILES:-"tests/test_select.py tests/test_sample.py tests/test_finalize.py tests/test_merge.py
+        tests/test_core.py tests/test_grad.py tests/test_host_ops.py tests/test_distributed.py"}
     tdir=$(mktemp -d)
     # shellcheck disable=SC2086
     python -P -m pytest --collect-only -q -p no:cacheprovider -m "not slow" -k "$expr" $files \

@@ -41,15 +41,15 @@ def select_variants(k: int) -> list[dict]:
     """Keywords of shard_partials for the selection sweep (all but the programs per SM compile)."""
     kp = max(2, 1 << (k - 1).bit_length())
     if k > 128:
-        # KP = 1024 (sm_90, Triton 3.6): 255 registers without spills at 4 and at 8 warps, so 8
-        # warps per SM either way; capped at 128, 16 warps per SM with 100-300 bytes of stack
+        # KP = 1024 (sm_90, Triton 3.6): the defaults, 8 warps capped at 128 registers (16 warps
+        # per SM, ~112 bytes of stack); uncapped 255 registers (8 warps per SM)
         return [
-            dict(select_warps=8, select_params=dict(maxnreg=128)),
-            dict(select_params=dict(maxnreg=128)),
             dict(select_programs_per_sm=4),
             dict(select_programs_per_sm=16),
-            dict(select_warps=8),
-            dict(select_params=dict(ug=k + k // 4)),
+            dict(select_params=dict(ug=k + k // 2)),
+            dict(select_params=dict(ug=k)),
+            dict(select_warps=4),
+            dict(select_params=dict(maxnreg=0)),
         ]
     return [  # programs per SM first: no compilation
         dict(select_programs_per_sm=16),

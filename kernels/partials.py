@@ -610,15 +610,20 @@ CM_MAX_BYTES = 256 * 1024**2  # the chunk-maxima buffer of k > 0; more rows go i
 # k <= 128: one warp per program (each row's steps are warp-wide reductions, scans and a sort of
 # KP keys, no barriers); larger k sorts KP = 1024 keys, which one warp holds only by spilling
 SELECT_WARPS = 1
-SELECT_WARPS_LARGE_K = 4
+SELECT_WARPS_LARGE_K = 8
 # programs of the top-k selection per SM (each loops over blocks of rows): one-warp programs of
-# 72 registers fit 28 per SM; k > 128 (4 warps, ~244 registers) 2
+# 72 registers fit 28 per SM; k > 128 (8 warps of 128 registers) 2
 PROGRAMS_PER_SM = 32
 PROGRAMS_PER_SM_LARGE_K = 8
 # k <= 128: a register cap for the selection (sm_90, Triton 3.8: its main path needs 72-80, the
 # brute-force and NaN paths raise the whole kernel to 120-165 uncapped; at 80 they spill ~100
 # bytes, the main path ~20 loads and stores per row): 25 one-warp programs per SM instead of 12
 SELECT_MAXNREG = 80
+# k > 128: uncapped, the KP = 1024 selection takes 255 registers at 4 and 8 warps (8 warps per SM);
+# at 128, 16 warps per SM with ~112 bytes of stack at 8 warps. On an H200 (tune.py, V_shard =
+# 32064, k = 1024, Triton 3.6), 8 warps capped at 128 took 2.02 ms against 2.29 ms for 4 warps
+# uncapped, and admitting 1.25 k threshold groups (UG) 1.93 ms
+SELECT_MAXNREG_LARGE_K = 128
 
 
 def default_select_warps(k: int) -> int:
@@ -653,8 +658,9 @@ def topk_params(k: int, chunks_per_split: int, chunk: int, *, rows: int | None =
         NGP=ngp,
         CB=cb,
         ONE_BLOCK=cb >= chunks_per_split,
-        # halfway between k and KP: a few more bisection steps, fewer candidates than KP
-        UG=max(k, ug or k + (kp - k) // 2),
+        # k <= 128: halfway between k and KP (a few more bisection steps, fewer candidates than
+        # KP); larger k: at least 1.25 k (fewer bisection steps over the 2 KP groups)
+        UG=max(k, ug or k + max((kp - k) // 2, 0 if k <= SELECT_SMALL_K else k // 4)),
         CAPG=capg or max(8, 2 * kp),
         CAPC=capc or max(8, 2 * kp),
         CAPE=max(cape, kp),
@@ -733,7 +739,7 @@ def shard_partials(
         cm = torch.empty((step, cm_stride), dtype=torch.float32, device=device)
         sp = dict(select_params or {})
         small_k = k <= SELECT_SMALL_K
-        maxnreg = sp.pop("maxnreg", SELECT_MAXNREG if small_k else 0)
+        maxnreg = sp.pop("maxnreg", SELECT_MAXNREG if small_k else SELECT_MAXNREG_LARGE_K)
         select_launch_opts = {"maxnreg": maxnreg} if maxnreg and device.type == "cuda" else {}
         tk = topk_params(k, cols_per_split // chunk, chunk, **sp)
         per_sm = select_programs_per_sm or (PROGRAMS_PER_SM if small_k else PROGRAMS_PER_SM_LARGE_K)
