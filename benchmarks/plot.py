@@ -113,12 +113,19 @@ def grid_axes(plt, count: int):
     return fig, list(axes.flat)
 
 
+def decode_keys(rows: list[dict]) -> set:
+    """(gpu, dtype, n, v_shard, k) of the decode-sized cases (those with end-to-end rows)."""
+    return {(r["gpu"], r["dtype"], r["n"], r["v_shard"], r["k"]) for r in rows if r["pass"] in DECODE_PASSES}
+
+
 def plot_ops(rows: list[dict], out: str, plt) -> list[str]:
     made = []
     groups = defaultdict(list)
+    decode = decode_keys(rows)  # drawn by plot_decode, kernel time included
     for r in rows:
-        if r["op"] not in ("copy", "matmul") and r["pass"] not in DECODE_PASSES:
-            groups[(r["gpu"], r["dtype"], int(r["n"]))].append(r)
+        if r["op"] in ("copy", "matmul") or (r["gpu"], r["dtype"], r["n"], r["v_shard"], r["k"]) in decode:
+            continue
+        groups[(r["gpu"], r["dtype"], int(r["n"]))].append(r)
     for (gpu, dtype, n), rs in sorted(groups.items()):
         panels = sorted({(r["op"], r["pass"], r["k"]) for r in rs}, key=panel_key)
         note = conditions(rs)
@@ -189,11 +196,9 @@ def plot_decode(rows: list[dict], out: str, plt) -> list[str]:
     CUDA-graph replay, per (N, k); the 30 us bar as a line."""
     made = []
     groups = defaultdict(list)
-    decode_keys = {
-        (r["gpu"], r["dtype"], r["n"], r["v_shard"], r["k"]) for r in rows if r["pass"] in DECODE_PASSES
-    }
+    decode = decode_keys(rows)
     for r in rows:
-        if (r["gpu"], r["dtype"], r["n"], r["v_shard"], r["k"]) in decode_keys:
+        if (r["gpu"], r["dtype"], r["n"], r["v_shard"], r["k"]) in decode:
             groups[(r["gpu"], r["dtype"], r["v_shard"])].append(r)
     for (gpu, dtype, v), rs in sorted(groups.items()):
         cases = sorted({(int(r["n"]), int(r["k"])) for r in rs})
