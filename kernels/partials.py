@@ -622,7 +622,8 @@ SELECT_MAXNREG = 80
 # k > 128: uncapped, the KP = 1024 selection takes 255 registers at 4 and 8 warps (8 warps per SM);
 # at 128, 16 warps per SM with ~112 bytes of stack at 8 warps. On an H200 (tune.py, V_shard =
 # 32064, k = 1024, Triton 3.6), 8 warps capped at 128 took 2.02 ms against 2.29 ms for 4 warps
-# uncapped, and admitting 1.25 k threshold groups (UG) 1.93 ms
+# uncapped, and admitting 1.25 k threshold groups (UG) 1.93 ms; a later A/B on another H200,
+# 2.24 against 2.28 ms (docs/performance.md v0.8)
 SELECT_MAXNREG_LARGE_K = 128
 
 
