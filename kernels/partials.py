@@ -581,8 +581,13 @@ def _next_pow2(n: int) -> int:
 
 
 # k <= SELECT_SMALL_K: chunks of 32 columns and a one-warp selection (tile_shape, topk_params,
-# the SELECT_* defaults below); larger k: chunks of 8 and a 4-warp selection sorting KP keys
+# the SELECT_* defaults below); larger k: chunks of 8 and an 8-warp selection sorting KP keys
 SELECT_SMALL_K = 128
+
+
+def _kp(k: int) -> int:
+    """KP: the top-k's key slots per row and split (a power of two >= k, at least 2)."""
+    return max(2, _next_pow2(k))
 
 
 def tile_shape(n_cols: int, k: int) -> tuple[int, int]:
@@ -640,7 +645,7 @@ def topk_params(k: int, chunks_per_split: int, chunk: int, *, rows: int | None =
     ``rows`` rows per program at once, ``ngp`` threshold groups, ``cb`` chunk maxima read at once,
     ``ug`` groups the threshold admits, ``capg`` / ``capc`` / ``cape`` list capacities, ``bc``
     chunks re-read at once, ``bf`` brute-force block; sizes are powers of two)."""
-    kp = max(2, _next_pow2(k))
+    kp = _kp(k)
     r = rows or 1
     ncp = _next_pow2(chunks_per_split)
     # 4 KP groups for k <= 128 (fewer ties between group maxima near the threshold)
@@ -820,7 +825,7 @@ def splits_for(n_rows: int, n_tiles: int, sm_count: int, k: int = 0) -> int:
         return 1
     splits = max(1, min(n_tiles, triton.cdiv(target_programs, max(n_rows, 1))))
     if 0 < k <= SELECT_SMALL_K:
-        splits = min(splits, max(1, MAX_SPLIT_KEYS // max(2, _next_pow2(k))))
+        splits = min(splits, max(1, MAX_SPLIT_KEYS // _kp(k)))
     return splits
 
 

@@ -108,10 +108,10 @@ def _chunk_buffer(hidden2d: torch.Tensor, n_valid_cols: int, width: int) -> torc
 
 
 def forward_blocks(n_rows: int, n_valid_cols: int, itemsize: int, k: int) -> tuple[bool, list[tuple]]:
-    """The blocks ``(r0, r1, c0, c1)`` of logits the chunked forward computes, in order, each at
-    most CHUNK_BYTES: vocabulary chunks of ``chunk_cols`` columns over every row, or, for top-k
-    (k > 0) when the real columns need several chunks, blocks of rows over every real column
-    of at most TOPK_BLOCK_BYTES (then the first value is True). The top-k selection after each
+    """The blocks ``(r0, r1, c0, c1)`` of logits the chunked forward computes, in order:
+    vocabulary chunks of ``chunk_cols`` columns over every row (at most CHUNK_BYTES each), or,
+    for top-k (k > 0) when the real columns need several chunks, blocks of rows over every real
+    column of at most TOPK_BLOCK_BYTES (then the first value is True). The top-k selection after each
     (row, block) costs the same whatever the block's width, so vocabulary chunks would pay it
     once per chunk: measured on an H200, top-50 over 16 vocabulary chunks cost 1.23x the k = 0
     forward, the unfused kernel on whole rows 1.01x."""

@@ -126,8 +126,9 @@ def test_finalize_topk_merges_splits_exactly(device, k):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("num_warps", [1, 2, 8])
 def test_finalize_merge_is_the_same_for_any_warps(device, num_warps):
-    """The merge of S sorted lists (here 2 splits of k = 50: 128 candidates, the default one warp;
-    and 5 splits of k = 33: 256) gives the same ids and values whatever the program's warps."""
+    """The merge of S sorted lists (here 2 splits of k = 50: 128 candidates, and 5 splits of
+    k = 33: 256; 4 warps by default for both) gives the same ids and values whatever the
+    program's warps."""
     x, target = make_rows(v=200, seed=2)
     for k, cuts in ((50, [90]), (33, [10, 11, 45, 70])):
         pieces = pieces_of(x, target, k, cuts)
