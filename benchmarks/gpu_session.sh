@@ -12,8 +12,10 @@
 #                                                 # tune (benchmarks/tune.py ${TUNE_ARGS})
 #                                                 # linear (the fused LM head, bench_linear.py)
 #                                                 # linear_tp (bench_linear.py --tp on 2 and 4 GPUs)
-#                                                 # nccl (the NCCL pytest tier, 2 and 4 GPUs)
-#                                                 # profile (profile_group.py on 2 and 4 GPUs)
+#                                                 # nccl (the NCCL pytest tier, 2 and 4 GPUs;
+#                                                 # NCCL_EXPR: a pytest -k subset)
+#                                                 # profile (profile_group.py ${PROFILE_ARGS}
+#                                                 # on 2 and 4 GPUs)
 #                                                 # ray (Ray's NCCL job test and bench_ray.py;
 #                                                 # needs the wheels of .whl/ carried)
 #
@@ -145,13 +147,14 @@ fi
 if has profile; then
     for n in 2 4; do
         [ "$NGPU" -ge "$n" ] || continue
+        # shellcheck disable=SC2086
         step "profile$n" "${PROFILE_LIMIT:-60}" python -P -m torch.distributed.run --standalone \
-            --nproc-per-node "$n" benchmarks/profile_group.py
+            --nproc-per-node "$n" benchmarks/profile_group.py ${PROFILE_ARGS:-}
     done
 fi
 if has nccl && [ "$NGPU" -ge 2 ]; then
     step pytest_nccl "${NCCL_LIMIT:-200}" python -P -m pytest -q -x -p no:cacheprovider -rs \
-        tests/test_distributed.py -k "nccl"
+        tests/test_distributed.py -k "${NCCL_EXPR:-nccl}"
 fi
 if has ray && [ "$NGPU" -ge 2 ]; then
     # Ray adds the driver's working directory to its workers' import path: run from /tmp so that

@@ -110,9 +110,10 @@ def components(x, t, group, device) -> dict:
     }
 
 
-def torch_profile(fn, cuda: bool, rank: int, trace_dir: str | None = None) -> str:
-    """A torch.profiler table of 20 calls of ``fn`` (every rank records; rank 0's table is
-    returned). ``trace_dir``: each rank also writes its Chrome trace there (``rank<r>.json``)."""
+def torch_profile(fn, cuda: bool, rank: int, name: str, trace_dir: str | None = None) -> str:
+    """A torch.profiler table of 20 calls of ``fn``, the group call ``name`` (every rank records;
+    rank 0's table is returned). ``trace_dir``: each rank also writes its Chrome trace there
+    (``<name>.rank<r>.json``)."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(5):
@@ -128,11 +129,11 @@ def torch_profile(fn, cuda: bool, rank: int, trace_dir: str | None = None) -> st
             torch.cuda.synchronize()
     if trace_dir:
         os.makedirs(trace_dir, exist_ok=True)
-        prof.export_chrome_trace(os.path.join(trace_dir, f"rank{rank}.json"))
+        prof.export_chrome_trace(os.path.join(trace_dir, f"{name.replace(' ', '_')}.rank{rank}.json"))
     if rank != 0:
         return ""
     avg = prof.key_averages()
-    out = "== torch.profiler, 20 group calls of softmax_stats k=0 (rank 0), by self CPU time\n"
+    out = f"== torch.profiler, 20 group calls of {name} (rank 0), by self CPU time\n"
     out += avg.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
     if cuda:
         out += "\n== by self CUDA time\n"
@@ -146,6 +147,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8192)
     ap.add_argument("--trace", default=None, help="folder for each rank's Chrome trace of the profiled calls")
     ap.add_argument("--dry-run", action="store_true", help="CPU, gloo, tiny sizes, torch backend")
+    ap.add_argument("--profile-k", type=int, nargs="+", default=[0],
+                    help="the torch.profiler tables: softmax_stats with each of these k (default 0)")
     args = ap.parse_args()
     if args.dry_run:  # a check that the script runs: the torch backend, a few calls
         global CALLS
@@ -193,7 +196,11 @@ def main() -> None:
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
         profile = buf.getvalue()
-    table = torch_profile(lambda: ops["softmax_stats k=0"](group), cuda, rank, args.trace)
+    table = ""
+    for k in args.profile_k:
+        name = f"softmax_stats k={k}"
+        fn = lambda k=k: ss.softmax_stats(x, t, k=k, process_group=group)  # noqa: E731
+        table += torch_profile(fn, cuda, rank, name, args.trace)
     gathered = [None] * world
     dist.all_gather_object(gathered, rows)
     if rank == 0:
