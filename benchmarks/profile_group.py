@@ -147,8 +147,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8192)
     ap.add_argument("--trace", default=None, help="folder for each rank's Chrome trace of the profiled calls")
     ap.add_argument("--dry-run", action="store_true", help="CPU, gloo, tiny sizes, torch backend")
-    ap.add_argument("--profile-k", type=int, nargs="+", default=[0],
-                    help="the torch.profiler tables: softmax_stats with each of these k (default 0)")
+    ap.add_argument(
+        "--profile-k",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="the torch.profiler tables: softmax_stats with each of these k (default 0)",
+    )
     args = ap.parse_args()
     if args.dry_run:  # a check that the script runs: the torch backend, a few calls
         global CALLS

@@ -161,7 +161,9 @@ FINALIZE_CASES = [(2, 8192, 50), (4, 8192, 50), (2, 8192, 8), (8, 1, 50), (8, 64
 
 def finalize_sweep() -> None:
     """``kernels.finalize_stats`` merging S sorted top-k lists per row, by warps per program; each
-    variant's ids and values checked equal to the default's."""
+    variant's ids and values checked equal to the default's. Then, at the default warps, the same
+    lists in ascending order: out of order for the merge, which then takes its full sort
+    (``tl.topk`` of every candidate, the merge before 2026-11-27) instead of the halving steps."""
     from shardsoftmax.kernels import finalize
 
     for s, n, k in FINALIZE_CASES:
@@ -177,7 +179,7 @@ def finalize_sweep() -> None:
             )
 
         _, want_vals, want_ids = call()
-        mp = triton.next_power_of_2(s * k)
+        mp = finalize.merge_keys(s, k)
         default = finalize.default_warps(True, mp)
         for w in (1, 2, 4, 8):
             _, got_vals, got_ids = call(w)
@@ -186,6 +188,12 @@ def finalize_sweep() -> None:
             mark = " (default)" if w == default else ""
             case = f"S={s:2d} N={n:5d} k={k:3d} ({mp:4d} keys) warps={w}{mark}"
             print(f"finalize merge {case}: {us:7.1f} us ok={ok}", flush=True)
+        rev = dict(vals=vals.flip(-1).contiguous(), ids=ids.flip(-1).contiguous())
+        _, got_vals, got_ids = call(**rev)
+        ok = torch.equal(got_ids, want_ids) and torch.equal(got_vals, want_vals)
+        us = do_bench(lambda rev=rev: call(**rev), warmup=25, rep=200, return_mode="median") * 1e3
+        case = f"S={s:2d} N={n:5d} k={k:3d} ({mp:4d} keys) warps={default}, lists ascending (full sort)"
+        print(f"finalize merge {case}: {us:7.1f} us ok={ok}", flush=True)
 
 
 def main() -> None:

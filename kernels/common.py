@@ -130,6 +130,48 @@ def min_key_like(shape: tl.constexpr):
     return tl.full(shape, -2147483648, tl.int64) << 32
 
 
+@triton.jit
+def _index_bit(N_DIMS: tl.constexpr, J: tl.constexpr):
+    """Bit J of the flat index, as 0 / 1 along its axis of a [2] * N_DIMS hypercube."""
+    return tl.reshape(tl.arange(0, 2), [1] * (N_DIMS - J - 1) + [2] + [1] * J)
+
+
+@triton.jit
+def _compare_swap(h, flip, J: tl.constexpr, N_DIMS: tl.constexpr):
+    """One bitonic step on the [2] * N_DIMS int64 hypercube ``h``: each pair of keys that differ
+    in index bit J is put in ascending order, or descending where ``flip`` is 1."""
+    partner = h ^ tl.xor_sum(h, N_DIMS - 1 - J, keep_dims=True)
+    return tl.where((h > partner) != (flip ^ _index_bit(N_DIMS, J)), partner, h)
+
+
+@triton.jit
+def _bitonic_merge(h, STAGE: tl.constexpr, ALTERNATE: tl.constexpr, N_DIMS: tl.constexpr):
+    """Sort each bitonic run of 2**STAGE keys: runs alternately ascending and descending
+    (ALTERNATE), or all descending."""
+    if ALTERNATE:
+        flip = _index_bit(N_DIMS, STAGE)
+    else:
+        flip = 1
+    for i in tl.static_range(STAGE):
+        h = _compare_swap(h, flip, STAGE - 1 - i, N_DIMS)
+    return h
+
+
+@triton.jit
+def topk_sorted_runs(keys, LOG_K: tl.constexpr, LOG_N: tl.constexpr):
+    """The 2**LOG_K largest of the int64 ``keys`` [2**LOG_N], descending, when they come as runs
+    of 2**LOG_K keys, each already sorted: even runs ascending, odd runs descending. The bitonic
+    top-k (``tl.topk``'s second half: the elementwise max of two such runs is a bitonic run that
+    holds the top 2**LOG_K of both; merge it in LOG_K compare-and-swap steps; halve again)
+    without ``tl.topk``'s first half, which sorts the runs in LOG_K (LOG_K + 1) / 2 steps over the
+    whole input."""
+    h = tl.reshape(keys, [2] * LOG_N)
+    for s in tl.static_range(LOG_N - LOG_K):
+        h = tl.max(h, axis=LOG_N - s - 1 - LOG_K)  # run pairs, elementwise
+        h = _bitonic_merge(h, LOG_K, s + 1 < LOG_N - LOG_K, LOG_N - s - 1)
+    return tl.reshape(h, [2**LOG_K])
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

@@ -20,7 +20,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, key_col, key_value, make_key, min_key_like, next_pow2, rescale_factor
+from .common import (
+    cdiv,
+    key_col,
+    key_value,
+    make_key,
+    min_key_like,
+    next_pow2,
+    rescale_factor,
+    topk_sorted_runs,
+)
 from .partials import FIELDS
 
 # Field offsets in ``stats`` (the partials kernel's order).
@@ -99,6 +108,16 @@ def split_block(n_splits: int, block_n: int) -> int:
 
 
 @triton.jit
+def _merge_keys(vals_ptrs, ids_ptrs, mask, vocab_start):
+    """The sort keys of the top-k entries at these pointers; the smallest key where ``mask`` is
+    off or the entry is missing (id ID_SENTINEL)."""
+    vals = tl.load(vals_ptrs, mask=mask, other=float("-inf"))
+    ids = tl.load(ids_ptrs, mask=mask, other=ID_SENTINEL)
+    real = mask & (ids != ID_SENTINEL)
+    return tl.where(real, make_key(vals, ids - vocab_start), min_key_like(vals.shape))
+
+
+@triton.jit
 def _finalize_stats_kernel(
     # pointers
     stats_ptr,
@@ -116,8 +135,10 @@ def _finalize_stats_kernel(
     # strides
     stride_stats_field,
     stride_stats_split,
-    stride_topk_split,
-    stride_topk_row,
+    stride_vals_split,
+    stride_vals_row,
+    stride_ids_split,
+    stride_ids_row,
     # meta
     SCALARS: tl.constexpr,  # write lse, max, entropy (and target_logprob with HAS_TARGET)
     HAS_TARGET: tl.constexpr,  # only with SCALARS
@@ -125,7 +146,9 @@ def _finalize_stats_kernel(
     K: tl.constexpr,  # top-k size (0: none)
     KP: tl.constexpr,  # next power of two >= max(K, 2)
     MERGE_TOPK: tl.constexpr,  # S > 1: merge the S sorted lists (MP >= S * K candidates)
-    MP: tl.constexpr,
+    MP: tl.constexpr,  # with MERGE_TOPK: next_pow2(S) * KP (one run of KP keys per list)
+    LOG_KP: tl.constexpr,
+    LOG_MP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
@@ -152,18 +175,25 @@ def _finalize_stats_kernel(
     if K > 0:
         kk = tl.arange(0, KP)
         if MERGE_TOPK:
-            # BLOCK_N == 1: one row per program, its S * K candidates c = split * K + j in one 1-D
-            # sort; keys rank (value desc, local column asc, NaN first) as the partials kernel's.
+            # BLOCK_N == 1: one row per program. Its S lists come sorted (value desc, lower id
+            # first, NaN first: the order of the keys), so they are laid out as runs of KP keys,
+            # list j at run j (padded with the smallest key), even runs reversed: the bitonic
+            # top-k's halving steps alone merge them. A row with a list out of order (not made
+            # by our kernels or merge) takes a full tl.topk instead.
             row = tl.program_id(0)
             c = tl.arange(0, MP)
-            split = c // K
-            in_set = c < n_splits * K
-            offs = split * stride_topk_split + row * stride_topk_row + (c - split * K)
-            vals = tl.load(topk_vals_ptr + offs, mask=in_set, other=float("-inf"))
-            ids = tl.load(topk_ids_ptr + offs, mask=in_set, other=ID_SENTINEL)
-            real = in_set & (ids != ID_SENTINEL)
-            keys = tl.where(real, make_key(vals, ids - vocab_start), min_key_like([MP]))
-            top = tl.topk(keys, KP)
+            split = c // KP
+            j = tl.where(split % 2 == 0, KP - 1 - c % KP, c % KP)
+            in_set = (split < n_splits) & (j < K)
+            offs_v = split * stride_vals_split + row * stride_vals_row + j
+            offs_i = split * stride_ids_split + row * stride_ids_row + j
+            keys = _merge_keys(topk_vals_ptr + offs_v, topk_ids_ptr + offs_i, in_set, vocab_start)
+            has_next = in_set & (j + 1 < K)
+            nxt = _merge_keys(topk_vals_ptr + offs_v + 1, topk_ids_ptr + offs_i + 1, has_next, vocab_start)
+            if tl.max((has_next & (nxt > keys)).to(tl.int32), axis=0) > 0:
+                top = tl.topk(keys, KP)
+            else:
+                top = topk_sorted_runs(keys, LOG_KP, LOG_MP)
             found = top != min_key_like([KP])
             out_vals = tl.where(found, key_value(top), float("-inf"))
             out_ids = tl.where(found, vocab_start + key_col(top).to(tl.int64), ID_SENTINEL)
@@ -174,7 +204,7 @@ def _finalize_stats_kernel(
         else:
             out_mask = mask[:, None] & (kk < K)[None, :]
             out_vals = tl.load(
-                topk_vals_ptr + rows[:, None] * stride_topk_row + kk[None, :], mask=out_mask, other=0.0
+                topk_vals_ptr + rows[:, None] * stride_vals_row + kk[None, :], mask=out_mask, other=0.0
             )
             if LOGPROBS:
                 out_vals = out_vals - lse[:, None]
@@ -257,7 +287,12 @@ def _finalize_cross_entropy_kernel(
 
 def can_merge_topk(n_splits: int, k: int) -> bool:
     """Whether ``finalize_stats`` / ``finalize_topk`` merge this many splits' top-k in-kernel."""
-    return n_splits == 1 or k == 0 or next_pow2(n_splits * k) <= MAX_MERGE_KEYS
+    return n_splits == 1 or k == 0 or merge_keys(n_splits, k) <= MAX_MERGE_KEYS
+
+
+def merge_keys(n_splits: int, k: int) -> int:
+    """MP: the key slots of one row's merge, a run of KP per list and a power of two of runs."""
+    return next_pow2(n_splits) * max(2, next_pow2(k))
 
 
 def _check_stats(stats: torch.Tensor) -> None:
@@ -283,8 +318,9 @@ def finalize_stats(
     """``(rows [4, N] fp32 = lse, max, entropy, target_logprob, topk [N, k] fp32, topk_ids [N, k]
     int64)`` from S splits. ``stats=None``: no per-row scalars (``rows`` is None) and the top-k
     are raw values; else ``logprobs`` chooses value - lse or the raw value. ``target`` [N]
-    (contiguous) or None (row 3 is then left unwritten). With S = 1 the ids are ``topk_ids[0]``
-    itself; with S > 1 the top-k lists are merged here (``can_merge_topk``), one row per program.
+    (contiguous) or None (row 3 is then left unwritten). ``topk_vals`` and ``topk_ids`` may have
+    any split and row strides (views of a gathered buffer). With S = 1 the ids are ``topk_ids[0]``
+    (contiguous); with S > 1 the top-k lists are merged here (``can_merge_topk``), one row per program.
     ``num_warps`` overrides ``default_warps`` (tuning)."""
     scalars = stats is not None
     if scalars:
@@ -295,16 +331,19 @@ def finalize_stats(
     merge = n_splits > 1 and k > 0
     if merge and not can_merge_topk(n_splits, k):
         raise ValueError(f"{n_splits} splits of top-{k} are too many to merge in-kernel")
-    if merge and topk_ids.stride() != topk_vals.stride():
-        raise ValueError("topk_vals and topk_ids must have the same strides")
+    if k > 1 and (topk_vals.stride(2) != 1 or topk_ids.stride(2) != 1):
+        raise ValueError("topk_vals and topk_ids must be contiguous along k")
     device = topk_vals.device
     rows_out = torch.empty((4, n_rows), dtype=torch.float32, device=device) if scalars else None
     topk_out = torch.empty((n_rows, k), dtype=torch.float32, device=device)
-    ids_out = torch.empty((n_rows, k), dtype=torch.int64, device=device) if merge else topk_ids[0]
+    if merge:
+        ids_out = torch.empty((n_rows, k), dtype=torch.int64, device=device)
+    else:
+        ids_out = topk_ids[0].contiguous()
     if n_rows == 0 or not (scalars or k > 0):
         return rows_out, topk_out, ids_out
     kp = max(2, next_pow2(k))  # tl.topk needs at least 2
-    mp = next_pow2(n_splits * k) if merge else 1
+    mp = merge_keys(n_splits, k) if merge else 1
     block_n = 1 if merge else max(1, min(128, 4096 // kp, next_pow2(n_rows)))
     any_ptr = rows_out if scalars else topk_out  # for pointers a switched-off path never reads
     _finalize_stats_kernel[(cdiv(n_rows, block_n),)](
@@ -323,6 +362,8 @@ def finalize_stats(
         stats.stride(1) if scalars else 0,
         topk_vals.stride(0),
         topk_vals.stride(1),
+        topk_ids.stride(0),
+        topk_ids.stride(1),
         SCALARS=scalars,
         HAS_TARGET=target is not None,
         LOGPROBS=logprobs,
@@ -330,6 +371,8 @@ def finalize_stats(
         KP=kp,
         MERGE_TOPK=merge,
         MP=mp,
+        LOG_KP=kp.bit_length() - 1,
+        LOG_MP=mp.bit_length() - 1,
         BLOCK_N=block_n,
         BLOCK_S=split_block(n_splits, block_n),
         num_warps=num_warps or default_warps(merge, mp),

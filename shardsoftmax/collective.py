@@ -259,7 +259,7 @@ def pack(p: Pieces, head: torch.Tensor) -> torch.Tensor:
 def unpack(gathered: torch.Tensor, dtype: torch.dtype, n_rows: int, k: int) -> Pieces:
     """Inverse of ``pack`` for the gathered [G, header + payload] int32 words: the ranks' partials
     as G pieces, stats as a strided view of ``gathered`` (two ops: a call's host time is mostly
-    its torch ops)."""
+    its torch ops); the top-k values and ids as strided views as well."""
     g, row = gathered.shape
     w = 2 if dtype == torch.float64 else 1
     a, b, c, _ = _offsets(dtype, n_rows, k)
@@ -269,11 +269,11 @@ def unpack(gathered: torch.Tensor, dtype: torch.dtype, n_rows: int, k: int) -> P
     if n_rows * k == 0:
         vals = torch.empty((g, n_rows, k), dtype=dtype, device=gathered.device)
         ids = torch.empty((g, n_rows, k), dtype=torch.int64, device=gathered.device)
-    else:  # contiguous copies: finalize reads values and ids with the same strides
-        vals = flat.as_strided((g, n_rows, k), (row // w, k, 1), base + a // w).contiguous()
+    else:  # strided views too (finalize takes any split and row strides)
+        vals = flat.as_strided((g, n_rows, k), (row // w, k, 1), base + a // w)
         ids64 = gathered.view(torch.int64)
         start = ids64.storage_offset() + (2 * H + c) // 2
-        ids = ids64.as_strided((g, n_rows, k), (row // 2, k, 1), start).contiguous()
+        ids = ids64.as_strided((g, n_rows, k), (row // 2, k, 1), start)
     return Pieces(stats, vals, ids)
 
 

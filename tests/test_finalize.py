@@ -141,6 +141,41 @@ def test_finalize_merge_is_the_same_for_any_warps(device, num_warps):
         assert torch.equal(ids.cpu(), merged.topk_ids), f"k={k}, {len(cuts) + 1} pieces"
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "k, cuts", [(1, [3]), (2, [3, 9, 30]), (7, [5, 6, 20, 33, 34, 50]), (50, [40, 41, 90])]
+)
+@pytest.mark.parametrize("layout", ["sorted", "one list shuffled", "strided views"])
+def test_finalize_merge_of_sorted_lists_any_layout(device, k, cuts, layout):
+    """The merge takes each split's list as a sorted run (the bitonic top-k's halving steps only),
+    for 2, 4, 7 and 8 lists (with empty and short ones, ties, -inf and NaN rows). A list out of
+    order (one row's list of one split shuffled) must still give the exact top-k (that row takes a
+    full sort), and so must lists given as strided views of a larger buffer, as the gathered
+    buffer of a process group is."""
+    x, target = make_rows(v=120, seed=3)
+    pieces = pieces_of(x, target, k, cuts)
+    merged = P.merge_stacked(pieces.unpacked())
+    vals, ids = pieces.topk_vals.clone(), pieces.topk_ids.clone()
+    if layout == "one list shuffled":
+        perm = torch.randperm(k, generator=torch.Generator().manual_seed(k))
+        if k > 1:
+            perm = perm.roll(1) if torch.equal(perm, torch.arange(k)) else perm
+        vals[1, 0], ids[1, 0] = vals[1, 0, perm], ids[1, 0, perm]
+        vals[0, 3], ids[0, 3] = vals[0, 3].flip(0), ids[0, 3].flip(0)
+    vals, ids = vals.to(device), ids.to(device)
+    if layout == "strided views":  # rows and splits apart in one buffer, ids after the values
+        s_, n_ = vals.shape[:2]
+        buf = torch.zeros(s_, n_ + 1, 3 * k + 2, dtype=torch.float64, device=device)
+        vals_v = buf.view(torch.float32)[:, 1:, 1 : k + 1]
+        ids_v = buf.view(torch.int64)[:, 1:, k + 2 : 2 * k + 2]
+        vals_v.copy_(vals), ids_v.copy_(ids)
+        vals, ids = vals_v, ids_v
+        assert not vals.is_contiguous() and not ids.is_contiguous()
+    got_vals, got_ids = kernels.finalize_topk(vals, ids, vocab_start=START)
+    torch.testing.assert_close(got_vals.cpu(), merged.topk_vals, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(got_ids.cpu(), merged.topk_ids)
+
+
 def test_can_merge_topk_limits_the_candidate_set():
     assert kernels.can_merge_topk(1, 1024) and kernels.can_merge_topk(500, 0)
     assert kernels.can_merge_topk(64, 64) and not kernels.can_merge_topk(65, 64)
