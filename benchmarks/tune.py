@@ -180,7 +180,7 @@ def finalize_sweep() -> None:
 
         _, want_vals, want_ids = call()
         mp = finalize.merge_keys(s, k)
-        default = finalize.default_warps(True, mp)
+        default = finalize.default_warps(True, mp, n)
         for w in (1, 2, 4, 8):
             _, got_vals, got_ids = call(w)
             ok = torch.equal(got_ids, want_ids) and torch.equal(got_vals, want_vals)

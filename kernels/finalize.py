@@ -41,6 +41,9 @@ F_MAX, F_SUMEXP, F_SUMEXP_X, F_SUM_X, F_COUNT, F_TARGET_LOGIT, F_TARGET_HITS = (
 # merges go through ``merge_stacked`` first.
 MAX_MERGE_KEYS = 4096
 ID_SENTINEL = tl.constexpr(9223372036854775807)  # int64 max: a missing top-k entry
+# Rows from which a top-k merge runs one warp per row (``default_warps``): the GPU is then full of
+# one-row programs (4 per SM on a 132-SM H100 / H200 at 512 rows)
+MANY_ROWS = 512
 
 
 @triton.jit
@@ -375,19 +378,23 @@ def finalize_stats(
         LOG_MP=mp.bit_length() - 1,
         BLOCK_N=block_n,
         BLOCK_S=split_block(n_splits, block_n),
-        num_warps=num_warps or default_warps(merge, mp),
+        num_warps=num_warps or default_warps(merge, mp, n_rows),
     )
     return rows_out, topk_out, ids_out
 
 
-def default_warps(merge: bool, mp: int) -> int:
+def default_warps(merge: bool, mp: int, n_rows: int = 1) -> int:
     """Warps of a ``_finalize_stats_kernel`` program. Without a top-k merge: 4 (blocks of rows).
-    Merging MP candidates of one row: about one key per thread, from 1 warp (MP <= 32) to 4
-    (MP >= 128), and 8 beyond 1024. Measured on an H200 (``tune.py --finalize``, N = 8192): 16 keys
-    10.6 us at 1 warp, 101 us at 4 (more threads than keys); 128 keys (TP = 2, k = 50) 28 us at 4
-    warps, 65 us at 1 (four keys per thread in sequence); 256 keys about the same at 2 and 4."""
+    Merging MP candidates of one row: with many rows (>= MANY_ROWS: each program one row, the
+    GPU full of programs) and MP <= 256 (measured up to there), 1 warp: measured on an H200
+    (``tune.py --finalize``, N = 8192, the sorted-run merge) 13.4 us at 1 warp against 20.2 at 4
+    (S = 2, k = 50: 128 keys), 21.6 us against 31.5 (S = 4, k = 50: 256 keys). With few rows
+    (decode-sized batches), about one key per thread, from 1 warp (MP <= 32) to 4 (MP >= 128),
+    and 8 beyond 1024."""
     if not merge:
         return 4
+    if n_rows >= MANY_ROWS and mp <= 256:
+        return 1
     if mp > 1024:
         return 8
     return max(1, min(4, mp // 32))
