@@ -467,10 +467,17 @@ def _liger_tp_reason(device) -> str:
     lt, reason = C.find_liger(device)
     if lt is None:
         return reason
-    found = [name for name in dir(lt) if "Parallel" in name and "Linear" in name]
-    if not found:
-        return "liger_kernel.transformers has no vocab-parallel fused linear cross-entropy here"
-    return f"found {found}, not wired into this benchmark (its tensor-parallel API is not checked here)"
+    try:  # Liger 0.8.5: a CUTLASS + NVSHMEM kernel in a separate native package
+        from liger_kernel.ops.cute import fused_linear_scaled_cross_entropy_tp as tp_ce
+    except ImportError:
+        return "this liger_kernel has no tensor-parallel fused linear cross-entropy"
+    if not tp_ce.is_available():
+        return (
+            "Liger's tensor-parallel fused linear cross-entropy (liger_kernel.ops.cute) needs its native "
+            "package liger-cute-kernels (CUTLASS + NVSHMEM), which is not installed (not on the package "
+            "index this benchmark's wheels came from)"
+        )
+    return "liger-cute-kernels is installed, but its tensor-parallel API is not wired into this benchmark"
 
 
 def tp_main(args) -> int:
