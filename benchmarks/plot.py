@@ -275,7 +275,8 @@ def plot_dist(rows: list[dict], out: str, plt) -> list[str]:
 
 
 # Each call's GPU time with the host ahead (bench_dist's "<provider> host-ahead" rows, as in a
-# training step); gather-then-compute has no such row (its GPU time dominates anyway).
+# training step); gather-then-compute has no such row (its GPU time dominates anyway). Provider
+# None: any, the host-ahead rows where a run has them (the all-gather alone, since v0.9).
 SCALING_SERIES = [  # (label, op, provider, pass, k or None for any)
     ("shardsoftmax softmax_stats k=0", "softmax_stats", f"{OURS} host-ahead", "fwd", "0"),
     ("shardsoftmax softmax_stats k=50", "softmax_stats", f"{OURS} host-ahead", "fwd", "50"),
@@ -303,14 +304,17 @@ def plot_scaling(rows: list[dict], out: str, plt) -> list[str]:
             continue
         fig, ax = plt.subplots(figsize=(10.5, 5.2))
         for label, op, prov, pass_, k in SCALING_SERIES:
-            pts = sorted(
-                (int(r["tp"]), float(r["ms"]))
+            sel = [
+                r
                 for r in rs
                 if r["op"] == op
                 and (prov is None or r["provider"] == prov)
                 and r["pass"] == pass_
                 and (k is None or r["k"] == k)
-            )
+            ]
+            if prov is None and any(r["provider"].endswith("host-ahead") for r in sel):
+                sel = [r for r in sel if r["provider"].endswith("host-ahead")]  # as the other lines
+            pts = sorted((int(r["tp"]), float(r["ms"])) for r in sel)
             if pts:
                 ax.plot(
                     [t for t, _ in pts],

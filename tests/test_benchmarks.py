@@ -294,12 +294,23 @@ def test_dist_bar_thresholds():
         },
         # back to back (host-bound) 1.33x, with the host ahead 1.67x: judged on the latter
         (2, 256000, n, "bf16"): {"stats0": 0.66, "stats50": 0.88, "stats0_gpu": 0.30, "stats50_gpu": 0.50},
+        # the kernel alone host-bound back to back (0.40): the budget takes its GPU time (0.15),
+        # 0.15 + 0.03 + 0.06 = 0.24 < 0.25: a fail, where 0.40 would have passed it
+        (4, 128256, n, "bf16"): {
+            "stats0": 0.45,
+            "stats0_gpu": 0.25,
+            "local0": 0.40,
+            "local0_gpu": 0.15,
+            "allgather0": 0.05,
+            "allgather0_gpu": 0.03,
+        },
     }
     bars = bench_dist.dist_bars(got, any_size=False, k=50)
     assert bar_status(bars, 5, "softmax_stats k=0 fwd [TP=4 V=256000") == "PASS"
     assert bar_status(bars, 3, "softmax_stats k=0 fwd [TP=4 V=256000") == "PASS"
     assert bar_status(bars, 3, "softmax_stats k=0 fwd [TP=2 V=128256") == "FAIL"
     assert bar_status(bars, 3, "softmax_stats k=0 fwd [TP=2 V=256000") == "MISSING"
+    assert bar_status(bars, 3, "softmax_stats k=0 fwd [TP=4 V=128256") == "FAIL"
     assert bar_status(bars, 3, "cross_entropy fwd vs Liger vocab-parallel fwd [TP=4 V=256000") == "PASS"
     assert bar_status(bars, 3, "cross_entropy fwd vs Liger vocab-parallel fwd [TP=2 V=128256") == "FAIL"
     assert bar_status(bars, 3, "cross_entropy fwd vs Megatron-style fwd [TP=4 V=256000") == "FAIL"  # 7.8x
