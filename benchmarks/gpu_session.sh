@@ -27,8 +27,8 @@
 # back (their tails are printed by each step).
 # Commit: the copy of the tree on the GPU machine may carry a stale .git; run with
 # SHARDSOFTMAX_COMMIT=<the commit you sent> so that the CSVs name the code that ran.
-# Carried wheels: .wheels/*.whl (liger-kernel 0.8.5) are installed too; without them the Liger
-# peers are skipped with the reason printed.
+# Carried wheels: .wheels/*.whl (liger-kernel 0.8.5, cut-cross-entropy 25.1.1) are installed too; without them the Liger
+# and Cut Cross-Entropy peers are skipped with the reason printed.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"

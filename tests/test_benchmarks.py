@@ -18,6 +18,7 @@ BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 sys.path.insert(0, BENCH_DIR)
 
 import bench_dist  # noqa: E402
+import bench_linear  # noqa: E402
 import bench_ops  # noqa: E402
 import common as C  # noqa: E402
 
@@ -348,3 +349,26 @@ def test_profile_group_dry_run():
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "== profile_group: cpu, 2 ranks" in proc.stdout and "cross_entropy fwd    group" in proc.stdout
+
+
+def test_linear_bars_against_cut_cross_entropy():
+    """Issue 7's forward bar against Cut Cross-Entropy where it ran: >= 1.25x faster, with no more
+    extra memory; no line where it did not run."""
+
+    def row(op, provider, v, ms, mem=None, k=0):
+        return dict(op=op, provider=provider, v_shard=v, k=k, ms=ms, floor_ms=1.0, extra_mem_bytes=mem)
+
+    rows = [
+        row("ce_fwd", "chunked", 100, 1.0, 100 * 2**20),
+        row("ce_fwd", "cce", 100, 1.3, 200 * 2**20),  # 1.30x faster, half the memory
+        row("ce_fwd", "chunked", 200, 1.0, 300 * 2**20),
+        row("ce_fwd", "cce", 200, 1.2, 200 * 2**20),  # 1.20x, more memory
+        row("ce_fwd", "chunked", 300, 1.0, 1),
+    ]
+    lines = [x for x in bench_linear.bars(rows, 0) if "cce" in x]
+    assert lines == [
+        "PASS bar V=100 ce_fwd chunked >= 1.25x faster than cce: 1.30x (1.000 vs 1.300 ms)",
+        "PASS bar V=100 ce_fwd chunked extra memory <= cce's: 100 vs 200 MiB",
+        "FAIL bar V=200 ce_fwd chunked >= 1.25x faster than cce: 1.20x (1.000 vs 1.200 ms)",
+        "FAIL bar V=200 ce_fwd chunked extra memory <= cce's: 300 vs 200 MiB",
+    ]
