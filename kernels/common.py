@@ -179,3 +179,8 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, (n - 1).bit_length())
+
+
+def key_slots(k: int) -> int:
+    """KP: a top-k's key slots per row (a power of two >= k, at least 2: ``tl.topk`` needs 2)."""
+    return max(2, next_pow2(k))

@@ -23,6 +23,7 @@ import triton.language as tl
 from .common import (
     cdiv,
     key_col,
+    key_slots,
     key_value,
     make_key,
     min_key_like,
@@ -295,7 +296,7 @@ def can_merge_topk(n_splits: int, k: int) -> bool:
 
 def merge_keys(n_splits: int, k: int) -> int:
     """MP: the key slots of one row's merge, a run of KP per list and a power of two of runs."""
-    return next_pow2(n_splits) * max(2, next_pow2(k))
+    return next_pow2(n_splits) * key_slots(k)
 
 
 def _check_stats(stats: torch.Tensor) -> None:
@@ -345,7 +346,7 @@ def finalize_stats(
         ids_out = topk_ids[0].contiguous()
     if n_rows == 0 or not (scalars or k > 0):
         return rows_out, topk_out, ids_out
-    kp = max(2, next_pow2(k))  # tl.topk needs at least 2
+    kp = key_slots(k)
     mp = merge_keys(n_splits, k) if merge else 1
     block_n = 1 if merge else max(1, min(128, 4096 // kp, next_pow2(n_rows)))
     any_ptr = rows_out if scalars else topk_out  # for pointers a switched-off path never reads

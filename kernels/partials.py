@@ -17,9 +17,11 @@ import triton.language as tl
 from .common import (
     cdiv,
     key_col,
+    key_slots,
     key_value,
     make_key,
     min_key_like,
+    next_pow2,
     online_update,
     ordered_int32,
     rescale_factor,
@@ -576,18 +578,9 @@ def _select_kernel(
                     _store_top(topk_vals_ptr, topk_ids_ptr, base1, top1, vocab_start, k1 < K, KP)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 # k <= SELECT_SMALL_K: chunks of 32 columns and a one-warp selection (tile_shape, topk_params,
 # the SELECT_* defaults below); larger k: chunks of 8 and an 8-warp selection sorting KP keys
 SELECT_SMALL_K = 128
-
-
-def _kp(k: int) -> int:
-    """KP: the top-k's key slots per row and split (a power of two >= k, at least 2)."""
-    return max(2, _next_pow2(k))
 
 
 def tile_shape(n_cols: int, k: int) -> tuple[int, int]:
@@ -597,7 +590,7 @@ def tile_shape(n_cols: int, k: int) -> tuple[int, int]:
     k <= 128: 128 chunks of 32 columns (one chunk maximum stored per 64 bytes of bf16 read).
     Larger k: chunks of 8 columns, so that the K best chunks hold few elements besides the
     top-K."""
-    width = _next_pow2(max(n_cols, 1))
+    width = next_pow2(max(n_cols, 1))
     if k == 0:
         chunk = min(32 if n_cols <= 32768 else 64, max(16, width))
         return max(1, min(64, width // chunk)), chunk
@@ -645,9 +638,9 @@ def topk_params(k: int, chunks_per_split: int, chunk: int, *, rows: int | None =
     ``rows`` rows per program at once, ``ngp`` threshold groups, ``cb`` chunk maxima read at once,
     ``ug`` groups the threshold admits, ``capg`` / ``capc`` / ``cape`` list capacities, ``bc``
     chunks re-read at once, ``bf`` brute-force block; sizes are powers of two)."""
-    kp = _kp(k)
+    kp = key_slots(k)
     r = rows or 1
-    ncp = _next_pow2(chunks_per_split)
+    ncp = next_pow2(chunks_per_split)
     # 4 KP groups for k <= 128 (fewer ties between group maxima near the threshold)
     ngp = ngp or max(8, (4 if k <= SELECT_SMALL_K else 2) * kp)
     # blocks of 512 chunk maxima per row: 72 registers, where all 1002 of V = 32064 at once
@@ -825,7 +818,7 @@ def splits_for(n_rows: int, n_tiles: int, sm_count: int, k: int = 0) -> int:
         return 1
     splits = max(1, min(n_tiles, triton.cdiv(target_programs, max(n_rows, 1))))
     if 0 < k <= SELECT_SMALL_K:
-        splits = min(splits, max(1, MAX_SPLIT_KEYS // _kp(k)))
+        splits = min(splits, max(1, MAX_SPLIT_KEYS // key_slots(k)))
     return splits
 
 
