@@ -1,7 +1,7 @@
 """Tile / warp sweep for the partials kernels on one GPU (a tuning aid; the benchmark is bench_ops.py).
 
     python benchmarks/tune.py [--n 8192] [--v 32064,128256] [--ks 0,50,1024] [--old PATH,...]
-        [--defaults-only] [--tiles] [--budget-s 270] [--finalize]
+        [--defaults-only] [--tiles] [--budget-s 270] [--finalize] [--host-ahead] [--variants JSON]
 
 First, for every (V, k): the defaults, each ``--old`` file (saved earlier ``kernels/partials.py``
 files, their ``shard_partials`` with their defaults: an A/B in the same run) and, for k > 0, the
@@ -10,6 +10,9 @@ printed for each. Then the sweeps, while the time budget lasts: the streaming ke
 warps (k = 0, or every k with ``--tiles``), the column splits (k = 0) and the selection's knobs
 (k > 0: warps, programs per SM, ``topk_params`` keywords). ``--finalize`` first times the
 finalize kernel's merge of S top-k lists per row by warps per program (``FINALIZE_CASES``).
+``--variants`` replaces the k > 0 sweeps by a list of keyword sets (an A/B of chosen variants);
+``--host-ahead`` also prints each variant's GPU time with the host ahead and the host's time per
+call (a variant with more launches can be host-bound in do_bench's back-to-back timing).
 Each variant is checked against the PyTorch reference (lse of 512 rows, their top-k ids
 exactly; for k > 0 also rows with ties, NaN, -inf and padding columns) before it is timed; it
 prints ms and the fraction of the copy bandwidth measured in the same run.
@@ -19,6 +22,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import os
+import sys
 import time
 
 import torch
@@ -26,6 +32,9 @@ import triton
 from triton.testing import do_bench
 
 from shardsoftmax import kernels, reference
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as C  # noqa: E402
 
 # (ROWS, CHUNK) candidates of the streaming kernel per k
 TILES = {
@@ -92,6 +101,7 @@ class Case:
         self.floor = self.x.numel() * 2 / bw * 1e3
         self.ref = self.reference(self.x[:CHECK_ROWS], v)
         self.best = None
+        self.host_ahead = False
         self.stream_ms = None
         self.edge = None
         if k:  # ties (a grid of 1/4), a NaN, +inf, all -inf, padding columns
@@ -148,7 +158,18 @@ class Case:
         ms = do_bench(call, warmup=25, rep=200, return_mode="median")
         frac = self.floor / ms
         sel = f" selection {ms - self.stream_ms:.4f} ms" if self.stream_ms and selects else ""
-        print(f"v={self.v:6d} k={self.k:4d} {label:52s} ok={ok} {ms:.4f} ms {frac:.1%}{sel}", flush=True)
+        queued = ""
+        if self.host_ahead:  # GPU time with the host ahead, and the host's time per call
+            gpu = C.time_queued(call, torch.device("cuda"), calls=20)
+            t = time.perf_counter()
+            for _ in range(20):
+                call()
+            host = (time.perf_counter() - t) / 20 * 1e3
+            torch.cuda.synchronize()
+            gpu_s = "late" if gpu is None else f"{gpu:.4f} ms {self.floor / gpu:.1%}"
+            queued = f" | host ahead {gpu_s}, host {host:.4f} ms/call"
+        print(f"v={self.v:6d} k={self.k:4d} {label:52s} ok={ok} {ms:.4f} ms {frac:.1%}{sel}{queued}",
+              flush=True)  # fmt: skip
         if ok and selects and (self.best is None or ms < self.best[0]):
             self.best = (ms, frac, label, kw)
         return ms
@@ -206,6 +227,14 @@ def main() -> None:
     ap.add_argument("--tiles", action="store_true", help="sweep the streaming kernel's tile for k > 0 too")
     ap.add_argument("--budget-s", type=float, default=270, help="start no sweep variant after this")
     ap.add_argument("--finalize", action="store_true", help="sweep the finalize merge's warps first")
+    ap.add_argument(
+        "--host-ahead",
+        action="store_true",
+        help="also time each variant with the host ahead (common.time_queued), and the host",
+    )
+    ap.add_argument("--variants", default="",
+                    help="JSON list of shard_partials keywords to time instead of the sweeps (k > 0), "
+                         'e.g. \'[{"select_programs_per_sm": 64}]\'')  # fmt: skip
     args = ap.parse_args()
     t0 = time.time()
     if args.finalize:
@@ -219,6 +248,7 @@ def main() -> None:
     for v in [int(s) for s in args.v.split(",")]:
         for k in [int(s) for s in args.ks.split(",")]:
             c = Case(args.n, v, k, bw)
+            c.host_ahead = args.host_ahead
             cases.append(c)
             if k:
                 c.stream_ms = c.run("stream alone (select_launch=False)", select_launch=False)
@@ -234,11 +264,13 @@ def main() -> None:
             tiles = TILES[min(TILES, key=lambda kk: abs(kk - k))]
             sweeps += [(same_k, dict(tile=t, num_warps=w)) for t in tiles for w in WARPS]
         variants = select_variants(k) if k else [dict(n_splits=2), dict(n_splits=4)]
+        if args.variants:
+            variants = json.loads(args.variants) if k else []
         sweeps += [(same_k, kw) for kw in variants]
     for same_k, kw in sweeps if not args.defaults_only else []:
         for c in same_k:
             if time.time() - t0 < args.budget_s:
-                base = dict(c.best[3]) if c.best and "tile" not in kw else {}
+                base = dict(c.best[3]) if c.best and "tile" not in kw and not args.variants else {}
                 merged = dict(base, **kw)
                 if "select_params" in base and "select_params" in kw:
                     merged["select_params"] = {**base["select_params"], **kw["select_params"]}

@@ -372,3 +372,17 @@ def test_linear_bars_against_cut_cross_entropy():
         "FAIL bar V=200 ce_fwd chunked >= 1.25x faster than cce: 1.20x (1.000 vs 1.200 ms)",
         "FAIL bar V=200 ce_fwd chunked extra memory <= cce's: 300 vs 200 MiB",
     ]
+
+
+def test_linear_peer_check_leaves_approximate_gradients_unjudged():
+    """A peer is checked on its loss and gradients; Cut Cross-Entropy at its defaults (gradient
+    filter) on its loss only, its gradients' error printed; exact CCE like any other peer."""
+    check = bench_linear.peer_check
+    tol = 2 * bench_linear.GRAD_TOL
+    assert check("liger", 1e-5, 2e-3, tol / 2)[0]
+    assert not check("liger", 1e-5, 2e-3, 2 * tol)[0]
+    assert not check("liger", 1e-2, 2e-3, tol / 2)[0]
+    ok, detail = check("cce", 1e-5, 2e-3, 3.3e-2)
+    assert ok and "grads 3.3e-02 (approximate by design, not judged)" in detail
+    assert not check("cce", 1e-2, 2e-3, 0.0)[0]  # its loss is still judged
+    assert not check("cce.exact", 1e-5, 2e-3, 3.3e-2)[0]
