@@ -610,8 +610,10 @@ CM_MAX_BYTES = 256 * 1024**2  # the chunk-maxima buffer of k > 0; more rows go i
 SELECT_WARPS = 1
 SELECT_WARPS_LARGE_K = 8
 # programs of the top-k selection per SM (each loops over blocks of rows): one-warp programs of
-# 72 registers fit 28 per SM; k > 128 (8 warps of 128 registers) 2
-PROGRAMS_PER_SM = 32
+# 80 registers fit 25 per SM at once; k > 128 (8 warps of 128 registers) 2. k <= 128: 64 per SM,
+# i.e. one row per program at N = 8192 on 132 SMs, the hardware handing rows to free slots:
+# 3-4% faster than 32 at V_shard = 32064 in four runs on H200s (docs/performance.md v0.10)
+PROGRAMS_PER_SM = 64
 PROGRAMS_PER_SM_LARGE_K = 8
 # k <= 128: a register cap for the selection (sm_90, Triton 3.8: its main path needs 72-80, the
 # brute-force and NaN paths raise the whole kernel to 120-165 uncapped; at 80 they spill ~100
