@@ -10,7 +10,7 @@ printed for each. Then the sweeps, while the time budget lasts: the streaming ke
 warps (k = 0, or every k with ``--tiles``), the column splits (k = 0) and the selection's knobs
 (k > 0: warps, programs per SM, ``topk_params`` keywords). ``--finalize`` first times the
 finalize kernel's merge of S top-k lists per row by warps per program (``FINALIZE_CASES``).
-``--variants`` replaces the k > 0 sweeps by a list of keyword sets (an A/B of chosen variants);
+``--variants`` replaces the sweeps by a list of keyword sets (an A/B of chosen variants);
 ``--host-ahead`` also prints each variant's GPU time with the host ahead and the host's time per
 call (a variant with more launches can be host-bound in do_bench's back-to-back timing).
 Each variant is checked against the PyTorch reference (lse of 512 rows, their top-k ids
@@ -233,7 +233,7 @@ def main() -> None:
         help="also time each variant with the host ahead (common.time_queued), and the host",
     )
     ap.add_argument("--variants", default="",
-                    help="JSON list of shard_partials keywords to time instead of the sweeps (k > 0), "
+                    help="JSON list of shard_partials keywords to time instead of the sweeps, "
                          'e.g. \'[{"select_programs_per_sm": 64}]\'')  # fmt: skip
     args = ap.parse_args()
     t0 = time.time()
@@ -260,12 +260,12 @@ def main() -> None:
     sweeps = []
     for k in dict.fromkeys(c.k for c in cases):
         same_k = [c for c in cases if c.k == k]
-        if k == 0 or args.tiles:
+        if (k == 0 or args.tiles) and not args.variants:
             tiles = TILES[min(TILES, key=lambda kk: abs(kk - k))]
             sweeps += [(same_k, dict(tile=t, num_warps=w)) for t in tiles for w in WARPS]
         variants = select_variants(k) if k else [dict(n_splits=2), dict(n_splits=4)]
         if args.variants:
-            variants = json.loads(args.variants) if k else []
+            variants = json.loads(args.variants)
         sweeps += [(same_k, kw) for kw in variants]
     for same_k, kw in sweeps if not args.defaults_only else []:
         for c in same_k:

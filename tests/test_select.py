@@ -134,3 +134,14 @@ def test_decode_splits_keep_the_merge_short():
     assert splits_for(1, 4, 132, 50) == 4  # never more than the tiles
     assert splits_for(8192, 16, 132, 50) == 1
     assert splits_for(1, 63, 132, 1024) == 63  # k > 128 keeps the tiles' splits
+
+
+def test_tile_chunk_must_hold_whole_thread_rows():
+    """The streaming kernel reads a tile as rows of 8 columns (one thread's load): a tuning tile
+    whose chunk is not a multiple of 8 is refused before any launch."""
+    x = torch.zeros(2, 64)
+    kw = dict(k=0, n_valid_cols=64, vocab_start=0, ignore_index=-100, softcap=None, temperature=1.0)
+    with pytest.raises(ValueError, match="tile=\\(4, 4\\).*multiple of 8"):
+        kernels.shard_partials(x, None, tile=(4, 4), **kw)
+    assert kernels.partials.tile_shape(32064, 0) == (256, 8)
+    assert kernels.partials.tile_shape(100, 0) == (16, 8)
