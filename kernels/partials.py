@@ -120,7 +120,7 @@ def _shard_partials_kernel(
             tl.store(cm_row + start // CHUNK + tl.arange(0, ROWS), chunk_max)
         m, s, t, sum_x = online_update(m, s, t, sum_x, x, mask, row_max, NEED_ENTROPY, NEED_SUM_X)
 
-    # Combine the ROWS states (the same rescale as the monoid's merge).
+    # Combine the tile rows' states (the same rescale as the monoid's merge).
     m_all = tl.max(m, axis=0)
     alpha = rescale_factor(m, m_all)
     s_all = tl.sum(s * alpha, axis=0)
@@ -600,8 +600,8 @@ def tile_shape(n_cols: int, k: int) -> tuple[int, int]:
     """(ROWS, CHUNK) of the streaming kernel for a shard of ``n_cols`` columns and top-``k``
     (tuned on an H200 with ``benchmarks/tune.py``, docs/performance.md). k = 0: 256 chunks of 8
     columns, so that each thread holds whole chunks (one 16-byte load of bf16) and the per-chunk
-    max and sums need no shuffles between lanes (v0.10: 92% / 96% of the copy bandwidth at
-    V_shard = 32064 / 128256, against 88% / 88% for the 64 x 32 tile before).
+    max and sums need no shuffles between lanes (v0.10, ``bench_ops`` on an H200: 92% / 100% of
+    the copy bandwidth at V_shard = 32064 / 128256, against 87% / 90% for the 64 x 32 tile).
     k <= 128: 128 chunks of 32 columns (one chunk maximum stored per 64 bytes of bf16 read).
     Larger k: chunks of 8 columns, so that the K best chunks hold few elements besides the
     top-K."""
