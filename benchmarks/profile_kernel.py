@@ -10,9 +10,10 @@ caches warm), then once more between ``cudaProfilerStart`` and ``cudaProfilerSto
 ``ncu --profile-from-start off`` profiles exactly that call's kernels (the streaming kernel, and
 the selection for k > 0). The flags are the API's for ``softmax_stats`` (entropy, no sum x);
 ``--no-select`` leaves the selection out (the stream alone). ``--clock-control none`` keeps the
-GPU's clocks as they are (the device notes ask not to lock them). Used for docs/performance.md
-v0.10's profiles. On the CPU (``--device cpu``, tiny sizes, under TRITON_INTERPRET=1) it only
-checks that the call runs.
+GPU's clocks as they are (the device notes ask not to lock them). docs/performance.md v0.10's
+profiles ran this same call from scratch scripts (the first one with sum x too); this script
+itself has run on the CPU only so far (``--device cpu``, tiny sizes, under TRITON_INTERPRET=1,
+where it only checks that the call runs).
 """
 
 from __future__ import annotations
