@@ -36,8 +36,14 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
-    n = args.n or (8192 if cuda else 4)
-    v = args.v or (32064 if cuda else 300)
+    n = args.n if args.n is not None else (8192 if cuda else 4)
+    v = args.v if args.v is not None else (32064 if cuda else 300)
+    if n < 1 or v < 1:
+        ap.error(f"--n and --v must be at least 1 (got {n}, {v})")
+    if not 0 <= args.k <= min(kernels.MAX_K, v):
+        ap.error(f"--k must be in [0, min({kernels.MAX_K}, --v = {v})] (got {args.k})")
+    if args.warmup < 0:
+        ap.error(f"--warmup must be at least 0 (got {args.warmup})")
     x = (torch.randn(n, v, device=device) * 3).to(torch.bfloat16)
     kw = dict(k=args.k, n_valid_cols=v, vocab_start=0, ignore_index=-100, softcap=None, temperature=1.0,
               need_entropy=True, need_sum_x=False, select_launch=not args.no_select)  # fmt: skip

@@ -46,6 +46,17 @@ WARPS = (4, 8)
 CHECK_ROWS = 512
 
 
+def keyword_sets(text: str) -> list[dict]:
+    """``--variants``: a JSON list of objects (keyword sets of ``shard_partials``)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err})") from None
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise argparse.ArgumentTypeError("a JSON list of objects, e.g. '[{\"select_programs_per_sm\": 64}]'")
+    return value
+
+
 def select_variants(k: int) -> list[dict]:
     """Keywords of shard_partials for the selection sweep (all but the programs per SM compile)."""
     kp = max(2, 1 << (k - 1).bit_length())
@@ -232,7 +243,7 @@ def main() -> None:
         action="store_true",
         help="also time each variant with the host ahead (common.time_queued), and the host",
     )
-    ap.add_argument("--variants", default="",
+    ap.add_argument("--variants", type=keyword_sets, default=None,
                     help="JSON list of shard_partials keywords to time instead of the sweeps, "
                          'e.g. \'[{"select_programs_per_sm": 64}]\'')  # fmt: skip
     args = ap.parse_args()
@@ -264,13 +275,13 @@ def main() -> None:
             tiles = TILES[min(TILES, key=lambda kk: abs(kk - k))]
             sweeps += [(same_k, dict(tile=t, num_warps=w)) for t in tiles for w in WARPS]
         variants = select_variants(k) if k else [dict(n_splits=2), dict(n_splits=4)]
-        if args.variants:
-            variants = json.loads(args.variants)
+        if args.variants is not None:
+            variants = args.variants
         sweeps += [(same_k, kw) for kw in variants]
     for same_k, kw in sweeps if not args.defaults_only else []:
         for c in same_k:
             if time.time() - t0 < args.budget_s:
-                base = dict(c.best[3]) if c.best and "tile" not in kw and not args.variants else {}
+                base = dict(c.best[3]) if c.best and "tile" not in kw and args.variants is None else {}
                 merged = dict(base, **kw)
                 if "select_params" in base and "select_params" in kw:
                     merged["select_params"] = {**base["select_params"], **kw["select_params"]}

@@ -355,6 +355,24 @@ def test_profile_kernel_runs_on_the_cpu():
         )
 
 
+def test_profile_kernel_and_tune_reject_bad_options():
+    """Nonsense options stop with a message naming the option, before any kernel runs."""
+    import subprocess
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}
+    cases = [
+        ("profile_kernel.py", ["--device", "cpu", "--k", "400"], "--k must be in [0, min(1024, --v = 300)]"),
+        ("profile_kernel.py", ["--device", "cpu", "--n", "0"], "--n and --v must be at least 1"),
+        ("profile_kernel.py", ["--device", "cpu", "--warmup", "-1"], "--warmup must be at least 0"),
+        ("tune.py", ["--variants", '{"tile": [256, 8]}'], "argument --variants: a JSON list of objects"),
+        ("tune.py", ["--variants", "[{"], "argument --variants: not JSON"),
+    ]
+    for script, args, message in cases:
+        cmd = [sys.executable, os.path.join(BENCH_DIR, script), *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+        assert proc.returncode == 2 and message in proc.stderr, (script, args, proc.stderr[-2000:])
+
+
 def test_profile_group_dry_run():
     """``benchmarks/profile_group.py`` (a host-overhead tool) runs under torchrun on CPU (gloo)."""
     import subprocess
