@@ -74,7 +74,7 @@ if has tests; then
     # the nccl step's. One log: $OUT/pytest_gpu.log.
     # TEST_FILES / TEST_EXPR: a subset (e.g. TEST_FILES="tests/test_select.py")
     expr=${TEST_EXPR:-"(cuda or gpu or host_ops) and not nccl"}
-    files=${TEST_FILES:-"tests/test_select.py tests/test_sample.py tests/test_finalize.py tests/test_merge.py
+    files=${TEST_FILES:-"tests/test_select.py tests/test_sample.py tests/test_finalize.py tests/test_wire.py tests/test_merge.py
         tests/test_core.py tests/test_grad.py tests/test_host_ops.py tests/test_distributed.py"}
     tdir=$(mktemp -d)
     # shellcheck disable=SC2086

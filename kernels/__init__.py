@@ -13,7 +13,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 from .check import check_headers  # noqa: E402
 from .elementwise import cross_entropy_backward, softmax_write  # noqa: E402
-from .finalize import can_merge_topk, finalize_cross_entropy, finalize_stats, finalize_topk  # noqa: E402
+from .finalize import can_merge_topk, finalize_cross_entropy, finalize_stats, finalize_topk, widen_ids  # noqa: E402
 from .linear import linear_cross_entropy_backward, linear_logits, linear_partials  # noqa: E402
 from .partials import FIELDS, MAX_K, N_FIELDS, shard_partials  # noqa: E402
 from .sample import gumbel_argmax  # noqa: E402
@@ -35,6 +35,7 @@ __all__ = [
     "linear_partials",
     "shard_partials",
     "softmax_write",
+    "widen_ids",
 ]
 
 

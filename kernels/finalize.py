@@ -42,6 +42,7 @@ F_MAX, F_SUMEXP, F_SUMEXP_X, F_SUM_X, F_COUNT, F_TARGET_LOGIT, F_TARGET_HITS = (
 # merges go through ``merge_stacked`` first.
 MAX_MERGE_KEYS = 4096
 ID_SENTINEL = tl.constexpr(9223372036854775807)  # int64 max: a missing top-k entry
+ID32_SENTINEL = tl.constexpr(2147483647)  # the same in int32 ids
 # Rows from which a top-k merge runs one warp per row (``default_warps``): the GPU is then full of
 # one-row programs (4 per SM on a 132-SM H100 / H200 at 512 rows)
 MANY_ROWS = 512
@@ -114,10 +115,16 @@ def split_block(n_splits: int, block_n: int) -> int:
 @triton.jit
 def _merge_keys(vals_ptrs, ids_ptrs, mask, vocab_start):
     """The sort keys of the top-k entries at these pointers; the smallest key where ``mask`` is
-    off or the entry is missing (id ID_SENTINEL)."""
+    off or the entry is missing (id ID_SENTINEL, or ID32_SENTINEL for int32 ids: the ranks' ids
+    as they travel, ``shardsoftmax.collective``)."""
     vals = tl.load(vals_ptrs, mask=mask, other=float("-inf"))
-    ids = tl.load(ids_ptrs, mask=mask, other=ID_SENTINEL)
-    real = mask & (ids != ID_SENTINEL)
+    if ids_ptrs.dtype.element_ty == tl.int32:
+        ids32 = tl.load(ids_ptrs, mask=mask, other=ID32_SENTINEL)
+        real = mask & (ids32 != ID32_SENTINEL)
+        ids = ids32.to(tl.int64)
+    else:
+        ids = tl.load(ids_ptrs, mask=mask, other=ID_SENTINEL)
+        real = mask & (ids != ID_SENTINEL)
     return tl.where(real, make_key(vals, ids - vocab_start), min_key_like(vals.shape))
 
 
@@ -340,10 +347,10 @@ def finalize_stats(
     device = topk_vals.device
     rows_out = torch.empty((4, n_rows), dtype=torch.float32, device=device) if scalars else None
     topk_out = torch.empty((n_rows, k), dtype=torch.float32, device=device)
-    if merge:
+    if merge or k == 0:
         ids_out = torch.empty((n_rows, k), dtype=torch.int64, device=device)
     else:
-        ids_out = topk_ids[0].contiguous()
+        ids_out = widen_ids(topk_ids[0]).contiguous()
     if n_rows == 0 or not (scalars or k > 0):
         return rows_out, topk_out, ids_out
     kp = key_slots(k)
@@ -448,6 +455,14 @@ def finalize_cross_entropy(
         num_warps=16 if block_n >= 4096 else (8 if block_n >= 1024 else 4),
     )
     return loss, lse_bwd
+
+
+def widen_ids(ids: torch.Tensor) -> torch.Tensor:
+    """Top-k ids as int64: int32 ids (how they travel between ranks) widened, their missing-entry
+    mark ``ID32_SENTINEL`` mapped to ``ID_SENTINEL``; int64 ids as they are."""
+    if ids.dtype == torch.int64:
+        return ids
+    return torch.where(ids == ID32_SENTINEL.value, ID_SENTINEL.value, ids.to(torch.int64))
 
 
 def finalize_topk(topk_vals: torch.Tensor, topk_ids: torch.Tensor, *, vocab_start: int):

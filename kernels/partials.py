@@ -314,11 +314,15 @@ def _rank_candidates(list_e, n_e, row_ptr, softcap, inv_temperature, HAS_SOFTCAP
 
 @triton.jit
 def _store_top(topk_vals_ptr, topk_ids_ptr, base, top, vocab_start, mask, KP: tl.constexpr):
-    """Store keys ``top`` (values and global ids) at ``base + [0, KP)`` where ``mask``."""
+    """Store keys ``top`` (values and global ids) at ``base + [0, KP)`` where ``mask``; a missing
+    entry's id is the largest of the ids' type (int64, or int32 in a send buffer)."""
     real = top != min_key_like(top.shape)
     kk = tl.arange(0, KP)
     tl.store(topk_vals_ptr + base + kk, tl.where(real, key_value(top), float("-inf")), mask=mask)
-    ids = tl.where(real, vocab_start + key_col(top).to(tl.int64), 9223372036854775807)
+    if topk_ids_ptr.dtype.element_ty == tl.int32:
+        ids = tl.where(real, vocab_start + key_col(top), 2147483647)
+    else:
+        ids = tl.where(real, vocab_start + key_col(top).to(tl.int64), 9223372036854775807)
     tl.store(topk_ids_ptr + base + kk, ids, mask=mask)
 
 
@@ -793,11 +797,12 @@ def shard_partials(
 
 
 def _fits(out, n_splits: int, n_rows: int, k: int, device: torch.device) -> bool:
-    """``out`` can take the partials of this launch (contiguous, the launch's shapes)."""
+    """``out`` can take the partials of this launch (contiguous, the launch's shapes; ids int64,
+    or int32 as they travel between ranks)."""
     shapes = ((N_FIELDS, n_splits, n_rows), (n_splits, n_rows, k), (n_splits, n_rows, k))
-    dtypes = (torch.float32, torch.float32, torch.int64)
+    dtypes = ((torch.float32,), (torch.float32,), (torch.int64, torch.int32))
     return all(
-        t.shape == shape and t.dtype == dt and t.device == device and t.is_contiguous()
+        t.shape == shape and t.dtype in dt and t.device == device and t.is_contiguous()
         for t, shape, dt in zip(out, shapes, dtypes)
     )
 

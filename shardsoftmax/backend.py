@@ -131,7 +131,7 @@ def merged_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The merged top-k (values, ids) of the pieces."""
     if pieces.n_splits == 1:
-        return pieces.topk_vals[0].contiguous(), pieces.topk_ids[0].contiguous()
+        return pieces.topk_vals[0].contiguous(), kernels.widen_ids(pieces.topk_ids[0]).contiguous()
     if _kernel_finalize(logits, pieces) and kernels.can_merge_topk(
         pieces.n_splits, pieces.topk_vals.shape[-1]
     ):

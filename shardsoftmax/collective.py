@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from . import backend
 from ._validate import REDUCTIONS
-from .partials import Pieces
+from .partials import ID32_SENTINEL, ID_SENTINEL, Pieces
 from .partials import pack as pack_pieces
 
 MAGIC = 0x55AA5501
@@ -230,50 +230,63 @@ def local_layout(n_cols: int, vocab_start: int | None, vocab_size: int | None) -
     return Layout(start, size, n_valid, total, n_classes=n_valid)
 
 
-def _offsets(partials_dtype: torch.dtype, n_rows: int, k: int) -> tuple[int, int, int, int]:
-    """Word offsets in one rank's payload: stats [7, N] end, top-k values [N, k] end, ids start
-    (even, so that they can be viewed as int64 in place), total (even)."""
+def _offsets(partials_dtype: torch.dtype, n_rows: int, k: int) -> tuple[int, int, int]:
+    """Word offsets in one rank's payload: stats [7, N] end, top-k values [N, k] end (the ids
+    [N, k] int32 start there), total (even, so that fp64 partials can be viewed in place).
+
+    Ids travel as int32 global ids: 8 bytes per top-k entry with its fp32 value instead of 12
+    (at TP = 4, N = 8192, k = 50 the all-gather was 78 µs for 5.1 MB per rank, docs/performance.md
+    v0.10). That is exact for every vocabulary the merge takes: its sort keys hold a column in 31
+    bits (``kernels.common.make_key``), and ``_check_consistent`` refuses a group of more than
+    2**31 - 1 columns (so no id reaches 2**31 - 1, which marks a missing entry)."""
     w = 2 if partials_dtype == torch.float64 else 1
     a = 7 * w * n_rows
     b = a + w * n_rows * k
-    c = b + b % 2
-    return a, b, c, c + 2 * n_rows * k
+    total = b + n_rows * k
+    return a, b, total + total % 2
 
 
 def payload_words(partials_dtype: torch.dtype, n_rows: int, k: int) -> int:
-    return _offsets(partials_dtype, n_rows, k)[3]
+    return _offsets(partials_dtype, n_rows, k)[2]
+
+
+def narrow_ids(ids: torch.Tensor) -> torch.Tensor:
+    """int64 top-k ids as the int32 they travel as (the missing mark ID_SENTINEL as 2**31 - 1)."""
+    if ids.dtype == torch.int32:
+        return ids
+    return torch.where(ids == ID_SENTINEL, ID32_SENTINEL, ids).to(torch.int32)
 
 
 def pack(p: Pieces, head: torch.Tensor) -> torch.Tensor:
     """``head`` (int32 words) then one piece's partials as one flat int32 tensor: the [7, N]
-    stats, the top-k values, a pad word where needed, the ids as their int64 bits."""
+    stats, the top-k values, the ids as int32, a pad word where needed (see ``_offsets``)."""
     stats, vals, ids = p.stats[:, 0], p.topk_vals[0], p.topk_ids[0]
     words = [head, stats.reshape(-1).view(torch.int32), vals.reshape(-1).view(torch.int32)]
-    a, b, c, _ = _offsets(stats.dtype, stats.shape[1], vals.shape[1])
-    if c > b:
+    words.append(narrow_ids(ids).reshape(-1))
+    _, b, total = _offsets(stats.dtype, stats.shape[1], vals.shape[1])
+    if total > b + ids.numel():
         words.append(torch.zeros(1, dtype=torch.int32, device=head.device))
-    words.append(ids.reshape(-1).view(torch.int32))
     return torch.cat(words)
 
 
 def unpack(gathered: torch.Tensor, dtype: torch.dtype, n_rows: int, k: int) -> Pieces:
     """Inverse of ``pack`` for the gathered [G, header + payload] int32 words: the ranks' partials
     as G pieces, stats as a strided view of ``gathered`` (two ops: a call's host time is mostly
-    its torch ops); the top-k values and ids as strided views as well."""
+    its torch ops); the top-k values and the int32 ids as strided views as well (finalize reads
+    them as they are; ``Pieces.unpacked`` widens them for the merge on the host side)."""
     g, row = gathered.shape
     w = 2 if dtype == torch.float64 else 1
-    a, b, c, _ = _offsets(dtype, n_rows, k)
+    a, b, _ = _offsets(dtype, n_rows, k)
     flat = gathered.view(dtype)  # [G, row / w]: header and payload lengths are even
     base = flat.storage_offset() + 2 * H // w
     stats = flat.as_strided((7, g, n_rows), (n_rows, row // w, 1), base)
     if n_rows * k == 0:
         vals = torch.empty((g, n_rows, k), dtype=dtype, device=gathered.device)
-        ids = torch.empty((g, n_rows, k), dtype=torch.int64, device=gathered.device)
+        ids = torch.empty((g, n_rows, k), dtype=torch.int32, device=gathered.device)
     else:  # strided views too (finalize takes any split and row strides)
         vals = flat.as_strided((g, n_rows, k), (row // w, k, 1), base + a // w)
-        ids64 = gathered.view(torch.int64)
-        start = ids64.storage_offset() + (2 * H + c) // 2
-        ids = ids64.as_strided((g, n_rows, k), (row // 2, k, 1), start)
+        start = gathered.storage_offset() + 2 * H + b
+        ids = gathered.as_strided((g, n_rows, k), (row, k, 1), start)
     return Pieces(stats, vals, ids)
 
 
@@ -333,6 +346,11 @@ def _check_consistent(headers: list[Header]) -> tuple[tuple[int, ...], int, int]
                 )
             pos += w
         starts = tuple(given)
+    if total > ID32_SENTINEL:
+        raise ValueError(
+            f"shardsoftmax: the group's shards cover {total} columns; at most 2**31 - 1 are supported "
+            "(top-k ids travel between ranks as int32)"
+        )
     vocab = total if h0.vocab_size == -1 else h0.vocab_size
     if vocab > total:
         raise ValueError(f"vocab_size={vocab} is larger than the group's {total} columns")
@@ -344,14 +362,14 @@ def _send_buffer(words: torch.Tensor, pdtype: torch.dtype, n: int, k: int) -> tu
     (written once) then the payload, and the payload's views as one piece (``pack``'s layout),
     for the partials kernel to write into. Reusing it is safe in stream order: the all-gather
     that read it finished before later work on the stream (its ``wait``)."""
-    a, b, c, total = _offsets(pdtype, n, k)
+    a, b, total = _offsets(pdtype, n, k)
     buf = torch.empty(2 * H + total, dtype=torch.int32, device=words.device)
     buf[: 2 * H].copy_(words)
     payload = buf[2 * H :]
     slots = Pieces(
         payload[:a].view(pdtype).view(7, 1, n),
         payload[a:b].view(pdtype).view(1, n, k),
-        payload[c:].view(torch.int64).view(1, n, k),
+        payload[b : b + n * k].view(1, n, k),
     )
     return buf, slots
 

@@ -19,7 +19,8 @@ It never forms ``-inf - -inf`` and lets NaN through. Every path (one process, co
 inside a kernel launch, ranks of a process group, Ray actors) merges with this code.
 
 ``Pieces`` is the packed form finalize reads: the scalar fields of S pieces in one [7, S, N]
-tensor (what the partials kernel writes, S its column splits) plus the [S, N, k] top-k. The
+tensor (what the partials kernel writes, S its column splits) plus the [S, N, k] top-k (ids
+int64, or int32 with the missing mark 2**31 - 1 in the ranks' pieces of ``collective``). The
 functions at the end (``stats_rows``, ``cross_entropy_rows``) turn merged partials into the
 public per-row results; they are the reference and CPU path of the finalize kernels
 (``shardsoftmax.kernels.finalize``), which merge the S column splits with this module's math.
@@ -31,7 +32,10 @@ from typing import NamedTuple
 
 import torch
 
+from .kernels.finalize import widen_ids
+
 ID_SENTINEL = torch.iinfo(torch.int64).max
+ID32_SENTINEL = torch.iinfo(torch.int32).max  # the same in int32 ids (between ranks)
 
 
 class Partials(NamedTuple):
@@ -62,8 +66,9 @@ class Pieces(NamedTuple):
         return self.stats.shape[1]
 
     def unpacked(self) -> Partials:
-        """Fields stacked over the pieces ([S, N] and [S, N, k]), for ``merge_stacked``."""
-        return Partials(*self.stats.unbind(0), self.topk_vals, self.topk_ids)
+        """Fields stacked over the pieces ([S, N] and [S, N, k]), for ``merge_stacked``; ids as
+        int64 (the ranks' pieces carry int32 ids, ``collective``)."""
+        return Partials(*self.stats.unbind(0), self.topk_vals, widen_ids(self.topk_ids))
 
     def merged(self) -> Partials:
         return merge_stacked(self.unpacked())
