@@ -98,8 +98,14 @@ def copy_bw() -> float:
 
 
 def load_old(path: str):
-    spec = importlib.util.spec_from_file_location("partials_old", path)
+    """``shard_partials`` of a saved ``kernels/partials.py`` (``git show REV:kernels/partials.py >
+    FILE``), loaded as a module of ``shardsoftmax.kernels`` so that its relative imports
+    (``from .common import ...``) resolve to the installed package's modules."""
+    name = f"shardsoftmax.kernels._old_{len(sys.modules)}"
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
+    mod.__package__ = "shardsoftmax.kernels"
+    sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod.shard_partials
 

@@ -355,6 +355,29 @@ def test_profile_kernel_runs_on_the_cpu():
         )
 
 
+def test_tune_loads_a_saved_partials_file(tmp_path):
+    """``tune.py --old FILE``: a saved copy of ``kernels/partials.py``, relative imports and all,
+    loads beside the installed one and gives the same partials (the CPU under the interpreter)."""
+    import shutil
+
+    from shardsoftmax.kernels import partials
+
+    from shardsoftmax.backend import triton_interpreted
+
+    if not triton_interpreted():
+        pytest.skip("the CPU call needs TRITON_INTERPRET=1")
+    import tune
+
+    saved = tmp_path / "partials_saved.py"
+    shutil.copy(partials.__file__, saved)
+    old = tune.load_old(str(saved))
+    assert old is not partials.shard_partials
+    x = torch.randn(3, 300, generator=torch.Generator().manual_seed(0))
+    kw = dict(k=5, n_valid_cols=297, vocab_start=0, ignore_index=-100, softcap=None, temperature=1.0)
+    for got, want in zip(old(x, None, **kw), partials.shard_partials(x, None, **kw)):
+        assert torch.equal(got, want)
+
+
 def test_profile_kernel_and_tune_reject_bad_options():
     """Nonsense options stop with a message naming the option, before any kernel runs."""
     import subprocess
