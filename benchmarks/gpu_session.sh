@@ -153,8 +153,8 @@ if has profile; then
     done
 fi
 if has nccl && [ "$NGPU" -ge 2 ]; then
-    # 420 s: with a cold Triton cache, test_nccl_suite[4] compiles in four processes at once and
-    # did not finish within 280 s after [2] (v0.11); with the cache warm it took 28 s
+    # 420 s: test_nccl_suite[4] did not finish within 280 s after [2] on a fresh machine, then
+    # took 28 s on the same machine (v0.11; most likely four processes compiling with a cold cache)
     step pytest_nccl "${NCCL_LIMIT:-420}" python -P -m pytest -q -x -p no:cacheprovider -rs \
         tests/test_distributed.py -k "${NCCL_EXPR:-nccl}"
 fi
