@@ -12,14 +12,16 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _compat.patch_interpreter_index()
 
 from .check import check_headers  # noqa: E402
+from .common import ID32_SENTINEL, narrow_ids, widen_ids  # noqa: E402
 from .elementwise import cross_entropy_backward, softmax_write  # noqa: E402
-from .finalize import can_merge_topk, finalize_cross_entropy, finalize_stats, finalize_topk, widen_ids  # noqa: E402
+from .finalize import can_merge_topk, finalize_cross_entropy, finalize_stats, finalize_topk  # noqa: E402
 from .linear import linear_cross_entropy_backward, linear_logits, linear_partials  # noqa: E402
 from .partials import FIELDS, MAX_K, N_FIELDS, shard_partials  # noqa: E402
 from .sample import gumbel_argmax  # noqa: E402
 
 __all__ = [
     "FIELDS",
+    "ID32_SENTINEL",
     "MAX_K",
     "N_FIELDS",
     "can_merge_topk",
@@ -33,6 +35,7 @@ __all__ = [
     "linear_cross_entropy_backward",
     "linear_logits",
     "linear_partials",
+    "narrow_ids",
     "shard_partials",
     "softmax_write",
     "widen_ids",

@@ -8,8 +8,30 @@ column ascending": the high 32 bits are the fp32 value mapped to an order-preser
 Ranking keys therefore ranks values under the library's tie-break (lower id wins).
 """
 
+import torch
 import triton
 import triton.language as tl
+
+# A missing top-k entry's id (a shard narrower than k): int64 max, or int32 max in the int32 ids
+# that cross a process group (``shardsoftmax.collective``); ``widen_ids`` / ``narrow_ids`` convert.
+ID_SENTINEL = tl.constexpr(9223372036854775807)
+ID32_SENTINEL = tl.constexpr(2147483647)
+
+
+def widen_ids(ids: torch.Tensor) -> torch.Tensor:
+    """Top-k ids as int64: int32 ids (how they travel between ranks) widened, their missing-entry
+    mark ``ID32_SENTINEL`` mapped to ``ID_SENTINEL``; int64 ids as they are."""
+    if ids.dtype == torch.int64:
+        return ids
+    return torch.where(ids == ID32_SENTINEL.value, ID_SENTINEL.value, ids.to(torch.int64))
+
+
+def narrow_ids(ids: torch.Tensor) -> torch.Tensor:
+    """int64 top-k ids as the int32 they travel as (``ID_SENTINEL`` as ``ID32_SENTINEL``); ids
+    must be below ``ID32_SENTINEL`` (``collective`` refuses wider groups)."""
+    if ids.dtype == torch.int32:
+        return ids
+    return torch.where(ids == ID_SENTINEL.value, ID32_SENTINEL.value, ids).to(torch.int32)
 
 
 @triton.jit

@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 
 from .common import (
+    ID32_SENTINEL,
+    ID_SENTINEL,
     cdiv,
     key_col,
     key_slots,
@@ -30,6 +32,7 @@ from .common import (
     next_pow2,
     rescale_factor,
     topk_sorted_runs,
+    widen_ids,
 )
 from .partials import FIELDS
 
@@ -41,8 +44,6 @@ F_MAX, F_SUMEXP, F_SUMEXP_X, F_SUM_X, F_COUNT, F_TARGET_LOGIT, F_TARGET_HITS = (
 # The largest candidate set (S * k, rounded up to a power of two) merged in-kernel; larger top-k
 # merges go through ``merge_stacked`` first.
 MAX_MERGE_KEYS = 4096
-ID_SENTINEL = tl.constexpr(9223372036854775807)  # int64 max: a missing top-k entry
-ID32_SENTINEL = tl.constexpr(2147483647)  # the same in int32 ids
 # Rows from which a top-k merge runs one warp per row (``default_warps``): the GPU is then full of
 # one-row programs (4 per SM on a 132-SM H100 / H200 at 512 rows)
 MANY_ROWS = 512
@@ -455,14 +456,6 @@ def finalize_cross_entropy(
         num_warps=16 if block_n >= 4096 else (8 if block_n >= 1024 else 4),
     )
     return loss, lse_bwd
-
-
-def widen_ids(ids: torch.Tensor) -> torch.Tensor:
-    """Top-k ids as int64: int32 ids (how they travel between ranks) widened, their missing-entry
-    mark ``ID32_SENTINEL`` mapped to ``ID_SENTINEL``; int64 ids as they are."""
-    if ids.dtype == torch.int64:
-        return ids
-    return torch.where(ids == ID32_SENTINEL.value, ID_SENTINEL.value, ids.to(torch.int64))
 
 
 def finalize_topk(topk_vals: torch.Tensor, topk_ids: torch.Tensor, *, vocab_start: int):

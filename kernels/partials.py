@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 
 from .common import (
+    ID32_SENTINEL,
+    ID_SENTINEL,
     cdiv,
     key_col,
     key_slots,
@@ -320,9 +322,9 @@ def _store_top(topk_vals_ptr, topk_ids_ptr, base, top, vocab_start, mask, KP: tl
     kk = tl.arange(0, KP)
     tl.store(topk_vals_ptr + base + kk, tl.where(real, key_value(top), float("-inf")), mask=mask)
     if topk_ids_ptr.dtype.element_ty == tl.int32:
-        ids = tl.where(real, vocab_start + key_col(top), 2147483647)
+        ids = tl.where(real, vocab_start + key_col(top), ID32_SENTINEL)
     else:
-        ids = tl.where(real, vocab_start + key_col(top).to(tl.int64), 9223372036854775807)
+        ids = tl.where(real, vocab_start + key_col(top).to(tl.int64), ID_SENTINEL)
     tl.store(topk_ids_ptr + base + kk, ids, mask=mask)
 
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import key_col, key_value, make_key, transform_logits
+from .common import ID_SENTINEL, key_col, key_value, make_key, transform_logits
 
 # 2^-32 and 2^-33 for turning a 32-bit hash into a uniform in (0, 1).
 _INV_2_32 = tl.constexpr(2.3283064365386963e-10)  # constexpr: compiled kernels read no plain globals
@@ -105,7 +105,7 @@ def _gumbel_argmax_kernel(
     found = col < col_hi
     out = split * n_rows + row
     tl.store(out_vals_ptr + out, tl.where(found, key_value(key), float("-inf")))
-    tl.store(out_ids_ptr + out, tl.where(found, vocab_start + col.to(tl.int64), 9223372036854775807))
+    tl.store(out_ids_ptr + out, tl.where(found, vocab_start + col.to(tl.int64), ID_SENTINEL))
 
 
 def gumbel_argmax(

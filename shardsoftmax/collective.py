@@ -39,9 +39,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from . import backend
+from . import backend, kernels
 from ._validate import REDUCTIONS
-from .partials import ID32_SENTINEL, ID_SENTINEL, Pieces
+from .partials import Pieces
 from .partials import pack as pack_pieces
 
 MAGIC = 0x55AA5501
@@ -250,19 +250,12 @@ def payload_words(partials_dtype: torch.dtype, n_rows: int, k: int) -> int:
     return _offsets(partials_dtype, n_rows, k)[2]
 
 
-def narrow_ids(ids: torch.Tensor) -> torch.Tensor:
-    """int64 top-k ids as the int32 they travel as (the missing mark ID_SENTINEL as 2**31 - 1)."""
-    if ids.dtype == torch.int32:
-        return ids
-    return torch.where(ids == ID_SENTINEL, ID32_SENTINEL, ids).to(torch.int32)
-
-
 def pack(p: Pieces, head: torch.Tensor) -> torch.Tensor:
     """``head`` (int32 words) then one piece's partials as one flat int32 tensor: the [7, N]
     stats, the top-k values, the ids as int32, a pad word where needed (see ``_offsets``)."""
     stats, vals, ids = p.stats[:, 0], p.topk_vals[0], p.topk_ids[0]
     words = [head, stats.reshape(-1).view(torch.int32), vals.reshape(-1).view(torch.int32)]
-    words.append(narrow_ids(ids).reshape(-1))
+    words.append(kernels.narrow_ids(ids).reshape(-1))
     _, b, total = _offsets(stats.dtype, stats.shape[1], vals.shape[1])
     if total > b + ids.numel():
         words.append(torch.zeros(1, dtype=torch.int32, device=head.device))
@@ -346,7 +339,7 @@ def _check_consistent(headers: list[Header]) -> tuple[tuple[int, ...], int, int]
                 )
             pos += w
         starts = tuple(given)
-    if total > ID32_SENTINEL:
+    if total > kernels.ID32_SENTINEL.value:
         raise ValueError(
             f"shardsoftmax: the group's shards cover {total} columns; at most 2**31 - 1 are supported "
             "(top-k ids travel between ranks as int32)"

@@ -32,10 +32,9 @@ from typing import NamedTuple
 
 import torch
 
-from .kernels.finalize import widen_ids
+from .kernels.common import widen_ids
 
 ID_SENTINEL = torch.iinfo(torch.int64).max
-ID32_SENTINEL = torch.iinfo(torch.int32).max  # the same in int32 ids (between ranks)
 
 
 class Partials(NamedTuple):

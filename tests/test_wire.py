@@ -69,7 +69,7 @@ def test_send_buffer_slots_are_where_unpack_reads(dtype):
     assert slots.topk_ids.dtype == torch.int32
     slots.stats.copy_(p.stats)
     slots.topk_vals.copy_(p.topk_vals)
-    slots.topk_ids.copy_(collective.narrow_ids(p.topk_ids))
+    slots.topk_ids.copy_(kernels.narrow_ids(p.topk_ids))
     packed = collective.pack(p, head_words(0))
     assert buf.numel() == packed.numel()
     n_payload = 2 * H + collective._offsets(dtype, n_rows, k)[1] + n_rows * k
