@@ -420,14 +420,17 @@ def test_linear_bars_against_cut_cross_entropy():
         row("ce_fwd", "cce", 100, 1.3, 200 * 2**20),  # 1.30x faster, half the memory
         row("ce_fwd", "chunked", 200, 1.0, 300 * 2**20),
         row("ce_fwd", "cce", 200, 1.2, 200 * 2**20),  # 1.20x, more memory
+        row("ce_fwd", "fused", 200, 0.9, 0.5 * 2**20),  # 1.33x, less memory
         row("ce_fwd", "chunked", 300, 1.0, 1),
     ]
     lines = [x for x in bench_linear.bars(rows, 0) if "cce" in x]
     assert lines == [
         "PASS bar V=100 ce_fwd chunked >= 1.25x faster than cce: 1.30x (1.000 vs 1.300 ms)",
-        "PASS bar V=100 ce_fwd chunked extra memory <= cce's: 100 vs 200 MiB",
+        "PASS bar V=100 ce_fwd chunked extra memory <= cce's: 100.00 vs 200.00 MiB",
         "FAIL bar V=200 ce_fwd chunked >= 1.25x faster than cce: 1.20x (1.000 vs 1.200 ms)",
-        "FAIL bar V=200 ce_fwd chunked extra memory <= cce's: 300 vs 200 MiB",
+        "FAIL bar V=200 ce_fwd chunked extra memory <= cce's: 300.00 vs 200.00 MiB",
+        "PASS bar V=200 ce_fwd fused >= 1.25x faster than cce: 1.33x (0.900 vs 1.200 ms)",
+        "PASS bar V=200 ce_fwd fused extra memory <= cce's: 0.50 vs 200.00 MiB",
     ]
 
 

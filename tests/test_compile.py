@@ -84,6 +84,8 @@ def describe(value, constexpr: bool):
         return "const", value
     if isinstance(value, torch.Tensor):
         return "type", "*" + DTYPES[value.dtype]
+    if type(value).__name__ == "TensorDescriptor":  # a TMA operand: its type names dtype and block
+        return "type", f"tensordesc<{DTYPES[value.base.dtype]}[{','.join(map(str, value.block_shape))}]>"
     if isinstance(value, bool):
         return "type", "i1"
     if isinstance(value, int):
@@ -159,6 +161,10 @@ def test_api_kernels_compile_for_sm90(recorded):
     w = torch.randn(40, 16, generator=g, requires_grad=True)
     ss.linear_softmax_stats(h, w.detach(), k=3, impl="fused")
     ss.linear_cross_entropy(h.requires_grad_(), w, torch.randint(0, 40, (5,)), impl="fused").backward()
+    # bf16 with 16-byte aligned rows: the logit tiles' TMA loads (as on Hopper)
+    hb, wb = h.detach().bfloat16(), w.detach().bfloat16().requires_grad_()
+    ss.linear_cross_entropy(hb.requires_grad_(), wb, torch.randint(0, 40, (5,)), impl="fused").backward()
+    assert any("tensordesc" in str(launch["args"]) for launch in recorded.values()), "no TMA launch recorded"
     assert len(recorded) >= 8, f"only {len(recorded)} distinct launches recorded"
     failures = compile_for_sm90(recorded)
     assert not failures, "\n".join(failures)

@@ -699,38 +699,46 @@ def test_kernel_splits_and_chunks_agree(core_tier, monkeypatch):
 
 
 @pytest.mark.core_tiers("cpu-triton")
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
 @pytest.mark.parametrize("autotune", [True, False])
-def test_cuda_launch_path_in_interpreter(core_tier, monkeypatch, autotune):
+def test_cuda_launch_path_in_interpreter(core_tier, monkeypatch, autotune, tma):
     """The launch path CUDA takes (autotuned kernels, or their first configs with AUTOTUNE off),
     run in the interpreter with small configs and a CPU timer: tuning runs must not leave their
-    partial sums in the accumulating grad_hidden GEMM (restore_value). fp32: without the
-    interpreter's upcast, its bf16 dot is wrong."""
+    partial sums in the accumulating grad_hidden GEMM (restore_value), and with TMA each config's
+    pre-hook must give the descriptors its blocks. fp32 (pointers) or bf16 widened to fp32 (TMA):
+    without the interpreter's upcast, its bf16 dot is wrong."""
 
     def cpu_bench(fn, quantiles=None, **kw):
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3
 
-    tile = [triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16}),
-            triton.Config({"BLOCK_N": 32, "BLOCK_V": 16, "BLOCK_H": 32})]  # fmt: skip
     mm = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}),
           triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32})]  # fmt: skip
     tune = functools.partial(triton.autotune, do_bench=cpu_bench)
-    monkeypatch.setattr(
-        KL, "_partials_tuned", tune(tile, key=["hidden_size", "n_cols"])(KL._linear_partials_kernel)
-    )
-    monkeypatch.setattr(KL, "_tile_tuned", tune(tile, key=["hidden_size", "GRAD"])(KL._linear_tile_kernel))
+    for suffix, hook in (("_tuned", None), ("_tma_tuned", KL._tma_blocks)):
+        tile = [triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16}, pre_hook=hook),
+                triton.Config({"BLOCK_N": 32, "BLOCK_V": 16, "BLOCK_H": 32}, pre_hook=hook)]  # fmt: skip
+        monkeypatch.setattr(
+            KL, "_partials" + suffix, tune(tile, key=["hidden_size", "n_cols"])(KL._linear_partials_kernel)
+        )
+        tile_tuned = tune(tile, key=["hidden_size", "GRAD"])(KL._linear_tile_kernel)
+        monkeypatch.setattr(KL, "_tile" + suffix, tile_tuned)
     monkeypatch.setattr(
         KL, "_matmul_tuned", tune(mm, key=["N", "ACCUMULATE"], restore_value=["c_ptr"])(KL._matmul_kernel)
     )
+    if tma:  # as on a Hopper GPU: descriptors (allowed in the interpreter), operands widened as in it
+        assert KL.use_tma(torch.zeros(4, 48, dtype=torch.bfloat16), torch.zeros(8, 48, dtype=torch.bfloat16))
+        monkeypatch.setattr(KL, "use_tma", lambda hidden, weight: True)
+        monkeypatch.setattr(KL, "_dot_meta", lambda dtype: {"INPUT_PRECISION": "ieee", "UPCAST": True})
     monkeypatch.setattr(KL, "_interpreted", lambda: False)
     monkeypatch.setattr(KL, "AUTOTUNE", autotune)
 
-    case = Case("launch", 21, 40, 150, "fp32", True, {})
+    case = Case("launch", 21, 48, 150, "bf16" if tma else "fp32", True, {})
     hidden, weight, bias, target = make_inputs(case, seed=8)
     fwd = dict(n_valid_cols=150, vocab_start=0, ignore_index=IGNORE, softcap=None, temperature=1.0)
     st, _, _ = kernels.linear_partials(hidden, weight, bias, target, k=0, n_splits=2, **fwd)
-    x64 = R.oracle_linear_logits(hidden, weight, bias)
+    x64 = R.oracle_linear_logits(hidden.double(), weight.double(), bias.double())
     lse = (st[0] + st[1].log()).double()  # per split: max + log sum exp
     lse = torch.logsumexp(lse, dim=0)
     torch.testing.assert_close(lse, torch.logsumexp(x64, -1), rtol=1e-6, atol=1e-6)
@@ -742,10 +750,55 @@ def test_cuda_launch_path_in_interpreter(core_tier, monkeypatch, autotune):
     got = kernels.linear_cross_entropy_backward(
         hidden, weight, bias, target, lse_bwd, torch.tensor(1.0), ignore_index=IGNORE, chunk_cols=64, **kw
     )
-    want = R.shard_linear_cross_entropy_backward(hidden.double(), weight.double(), bias.double(), target, lse,
-                                                 scale, **kw)  # fmt: skip
+    if tma:  # the gradient chunks are rounded to bf16: against the pointer loads on the same inputs
+        monkeypatch.setattr(KL, "use_tma", lambda hidden, weight: False)
+        want = kernels.linear_cross_entropy_backward(
+            hidden, weight, bias, target, lse_bwd, torch.tensor(1.0), ignore_index=IGNORE, chunk_cols=64, **kw
+        )
+        want = [w.double() for w in want]
+    else:
+        want = R.shard_linear_cross_entropy_backward(hidden.double(), weight.double(), bias.double(), target,
+                                                     lse, scale, **kw)  # fmt: skip
     for name, a, b in zip(("hidden", "weight", "bias"), got, want):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.core_tiers("cpu-triton", "cuda-triton")
+def test_tma_and_pointer_loads_agree(core_tier, monkeypatch):
+    """The logit tiles load hidden and weight through TMA descriptors (16-bit operands with
+    16-byte aligned rows, on Hopper and in the interpreter) or through pointers: both give the same
+    forward partials, top-k and gradients. Rows that are not 16-byte aligned take the pointers."""
+    case = Case("tma", 9, 48, 150, "bf16", True, {})
+    hidden, weight, bias, target = on(core_tier, *make_inputs(case, seed=6))
+    if not KL.use_tma(hidden, weight):
+        pytest.skip("no TMA loads here (a GPU before Hopper, or Triton without tensor descriptors)")
+    odd = torch.zeros(4, 44, dtype=torch.bfloat16, device=hidden.device)  # 88-byte rows
+    assert not KL.use_tma(odd, odd) and not KL.use_tma(hidden.float(), weight.float())
+    assert not KL.use_tma(hidden[:, 1:], weight[:, 1:])  # rows start 2 bytes past an aligned address
+    fwd = dict(n_valid_cols=140, vocab_start=0, ignore_index=IGNORE, softcap=None, temperature=1.0)
+    bwd = dict(ignore_index=IGNORE, n_valid_cols=140, vocab_start=0, label_smoothing=0.1, vocab_size=140,
+               z_loss=0.0, softcap=None, temperature=1.0)  # fmt: skip
+
+    def run():
+        st, _, _ = kernels.linear_partials(hidden, weight, bias, target, k=0, n_splits=2, **fwd)
+        _, vals, ids = kernels.linear_partials(hidden, weight, bias, target, k=3, **fwd)
+        lse = torch.logsumexp(st[0] + st[1].log(), dim=0)
+        lse_bwd = torch.cat([lse, lse.new_full((1,), 0.25)])
+        grads = kernels.linear_cross_entropy_backward(
+            hidden, weight, bias, target, lse_bwd, torch.ones((), device=lse.device), chunk_cols=64, **bwd
+        )
+        return st, vals, ids, grads
+
+    st, vals, ids, grads = run()
+    monkeypatch.setattr(KL, "TMA", False)
+    assert not KL.use_tma(hidden, weight)
+    st_p, vals_p, ids_p, grads_p = run()
+    torch.testing.assert_close(st.nan_to_num(7.0), st_p.nan_to_num(7.0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vals, vals_p, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ids, ids_p)
+    for name, a, b in zip(("hidden", "weight", "bias"), grads, grads_p):
+        # the gradient chunk is rounded to bf16: a logit 1 fp32 ulp apart may round the other way
+        assert (a.double() - b.double()).norm() <= 1e-3 * b.double().norm(), name
 
 
 def test_torch_path_chunks_rows(monkeypatch):
