@@ -49,7 +49,7 @@ try:  # Triton >= 3.4: host-side tensor descriptors, for TMA loads on Hopper and
 except ImportError:  # pragma: no cover - older Triton: pointer loads only
     TensorDescriptor = None
 
-from .common import cross_entropy_grad, online_update, transform_logits
+from .common import cross_entropy_grad, online_update, rescale_factor, transform_logits
 from .partials import N_FIELDS, default_splits, shard_partials, tile_shape
 
 TOPK_CHUNK_BYTES = 256 << 20  # fp32 logits of one chunk of rows on the top-k path
@@ -61,6 +61,10 @@ AUTOTUNE = os.environ.get("SHARDSOFTMAX_AUTOTUNE", "1") != "0"
 # The logit tiles load hidden and weight through TMA descriptors where they can (``use_tma``);
 # SHARDSOFTMAX_TMA=0 (or setting this to False) keeps the pointer loads everywhere.
 TMA = os.environ.get("SHARDSOFTMAX_TMA", "1") != "0"
+# The k = 0 forward folds its vocabulary splits' partials in-kernel (``_linear_partials_kernel``,
+# MERGE): its result is [N_FIELDS, 1, N] whatever the splits, where it was [N_FIELDS, S, N] (S of
+# 60-170 at N = 8192 on an H200: 14-37 MiB, and a longer merge in ``finalize``).
+MERGE_SPLITS = True
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -237,7 +241,8 @@ def _linear_partials_kernel(
     weight_ptr,
     bias_ptr,
     target_ptr,
-    stats_ptr,
+    stats_ptr,  # [N_FIELDS, n_splits, N], or with MERGE [N_FIELDS, 1, N]
+    locks_ptr,  # with MERGE: int32 [cdiv(N, BLOCK_N)], all 0 (and left so)
     # sizes
     n_rows,
     n_cols,  # weight rows of this shard (padding included)
@@ -264,6 +269,7 @@ def _linear_partials_kernel(
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # fp32 operands for tl.dot (Triton 3.8's interpreter gets bf16 dots wrong)
     TMA: tl.constexpr,  # hidden_ptr / weight_ptr are tensor descriptors
+    MERGE: tl.constexpr,  # fold the splits' partials in-kernel (one [N_FIELDS, 1, N] result)
     GROUP: tl.constexpr,  # row blocks per group of programs (L2 reuse of hidden)
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -326,8 +332,34 @@ def _linear_partials_kernel(
         t = t + float("nan")
     if not NEED_SUM_X:
         sum_x = sum_x + float("nan")
-    out = stats_ptr + split * n_rows + rows
-    plane = n_splits * n_rows
+    if MERGE:
+        # The splits of a row block fold their partials into one [N_FIELDS, 1, N] result in split
+        # order (deterministic). Split s waits until its row block's counter reads s, folds in what
+        # splits < s stored, stores, and passes the counter on; the last split sets it back to 0
+        # for the next launch. Programs start in program-id order, and split s of a row block has
+        # a smaller id than split s + 1 (``_grouped_tile``): the split waited for is running or
+        # done, so the wait ends.
+        lock = locks_ptr + row_block
+        turn = tl.atomic_add(lock, 0, sem="acquire")
+        while turn != split:
+            turn = tl.atomic_add(lock, 0, sem="acquire")
+        out = stats_ptr + rows
+        plane = n_rows
+        if split > 0:  # volatile: another SM wrote them, this SM's L1 may hold older values
+            m_old = tl.load(out + 0 * plane, mask=row_ok, other=float("-inf"), volatile=True)
+            m_new = tl.maximum(m_old, m, propagate_nan=tl.PropagateNan.ALL)
+            f_old = rescale_factor(m_old, m_new)
+            f_new = rescale_factor(m, m_new)
+            s = tl.load(out + 1 * plane, mask=row_ok, other=0.0, volatile=True) * f_old + s * f_new
+            t = tl.load(out + 2 * plane, mask=row_ok, other=0.0, volatile=True) * f_old + t * f_new
+            sum_x += tl.load(out + 3 * plane, mask=row_ok, other=0.0, volatile=True)
+            count += tl.load(out + 4 * plane, mask=row_ok, other=0.0, volatile=True)
+            tgt_logit += tl.load(out + 5 * plane, mask=row_ok, other=0.0, volatile=True)
+            tgt_hits += tl.load(out + 6 * plane, mask=row_ok, other=0.0, volatile=True)
+            m = m_new
+    else:
+        out = stats_ptr + split * n_rows + rows
+        plane = n_splits * n_rows
     tl.store(out + 0 * plane, m, mask=row_ok)
     tl.store(out + 1 * plane, s, mask=row_ok)
     tl.store(out + 2 * plane, t, mask=row_ok)
@@ -335,6 +367,9 @@ def _linear_partials_kernel(
     tl.store(out + 4 * plane, count, mask=row_ok)
     tl.store(out + 5 * plane, tgt_logit, mask=row_ok)
     tl.store(out + 6 * plane, tgt_hits, mask=row_ok)
+    if MERGE:
+        tl.debug_barrier()  # every thread's stores issued before the counter moves on (release)
+        tl.atomic_xchg(lock, tl.where(split + 1 == n_splits, 0, split + 1), sem="release")
 
 
 @triton.heuristics(_EVEN_H)
@@ -566,12 +601,15 @@ def linear_partials(
     need_entropy: bool = True,
     need_sum_x: bool = True,
     config: dict | None = None,
+    merge: bool | None = None,
 ):
     """Partials of the logits ``hidden [N, H] @ weight [V_shard, H]^T (+ bias [V_shard])``, as
     ``shard_partials`` returns them for those logits: ``(stats [N_FIELDS, S, N] fp32, topk_vals
     [S, N, k] fp32, topk_ids [S, N, k] int64)``. ``k = 0``: one fused kernel; ``k > 0``: fp32
     logits of a chunk of rows at a time, then ``shard_partials`` (see the module docstring).
-    Checks are the caller's. ``config``: fixed kernel config (tuning), else autotuned on CUDA."""
+    Checks are the caller's. ``config``: fixed kernel config (tuning), else autotuned on CUDA.
+    ``merge`` (k = 0; default ``MERGE_SPLITS``): the S splits' partials folded in-kernel, S = 1
+    in the result."""
     n_rows, hidden_size = hidden.shape
     n_cols = weight.shape[0]
     device = hidden.device
@@ -585,15 +623,19 @@ def linear_partials(
     if n_splits is None:
         n_splits = default_linear_splits(n_rows, n_valid_cols, device, tma)
     n_splits = max(1, n_splits)
-    stats = torch.empty((N_FIELDS, n_splits, n_rows), dtype=torch.float32, device=device)
-    topk_vals = torch.empty((n_splits, n_rows, 0), dtype=torch.float32, device=device)
-    topk_ids = torch.empty((n_splits, n_rows, 0), dtype=torch.int64, device=device)
+    merge = MERGE_SPLITS if merge is None else merge
+    n_out = 1 if merge else n_splits
+    stats = torch.empty((N_FIELDS, n_out, n_rows), dtype=torch.float32, device=device)
+    topk_vals = torch.empty((n_out, n_rows, 0), dtype=torch.float32, device=device)
+    topk_ids = torch.empty((n_out, n_rows, 0), dtype=torch.int64, device=device)
     if n_rows == 0:
         return stats, topk_vals, topk_ids
     softcap_v, inv_t = _transform_args(softcap, temperature)
+    # the splits' counters: one per row block of the smallest BLOCK_N of any config
+    locks = torch.zeros((triton.cdiv(n_rows, 16) if merge else 1,), dtype=torch.int32, device=device)
     args = (
         *_operands(hidden, weight, tma), bias if bias is not None else stats,
-        target if target is not None else stats, stats,
+        target if target is not None else stats, stats, locks,
         n_rows, n_cols, n_valid_cols, hidden_size, n_splits, vocab_start, ignore_index,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), softcap_v, inv_t,
     )  # fmt: skip
@@ -606,6 +648,7 @@ def linear_partials(
         NEED_SUM_X=need_sum_x,
         **_dot_meta(hidden.dtype),
         TMA=tma,
+        MERGE=merge,
         GROUP=GROUP_N,
     )
 

@@ -307,11 +307,11 @@ def test_frozen_parameters(core_tier):
     case = Case("frozen", 6, 16, 60, "fp32", True, {"z_loss": 1e-2})
     hidden, weight, bias, target = make_inputs(case, seed=10)
     for trained in ("hidden", "weight"):
-        leaves = {"hidden": hidden.clone(), "weight": weight.clone()}
+        h, w, b, t = on(core_tier, hidden.clone(), weight.clone(), bias, target)  # leaves on the device
+        leaves = {"hidden": h, "weight": w}
         leaves[trained].requires_grad_(True)
-        h, w, b, t = on(core_tier, leaves["hidden"], leaves["weight"], bias, target)
         ss.linear_cross_entropy(h, w, t, bias=b, z_loss=1e-2).backward()
-        ref = {k: v.detach().double().requires_grad_(k == trained) for k, v in leaves.items()}
+        ref = {k: v.detach().cpu().double().requires_grad_(k == trained) for k, v in leaves.items()}
         loss64 = R.oracle_linear_cross_entropy(ref["hidden"], ref["weight"], target, bias=bias, z_loss=1e-2)
         (g64,) = torch.autograd.grad(loss64, ref[trained])
         got = (h if trained == "hidden" else w).grad
@@ -672,14 +672,20 @@ def test_kernel_splits_and_chunks_agree(core_tier, monkeypatch):
     hidden, weight, bias, target = on(core_tier, *make_inputs(case, seed=5))
     kw = dict(n_valid_cols=140, vocab_start=0, ignore_index=IGNORE, softcap=None, temperature=1.0)
     merged = {}
-    for splits in (1, 3):
-        st, vals, ids = kernels.linear_partials(hidden, weight, bias, target, k=0, n_splits=splits, **kw)
-        assert st.shape == (kernels.N_FIELDS, splits, case.n)
-        merged[splits] = merge_stacked(Partials(*st.unbind(0), vals, ids))
-    for f in Partials._fields[:7]:
-        torch.testing.assert_close(getattr(merged[3], f), getattr(merged[1], f), rtol=1e-6, atol=1e-6, msg=f)
+    for splits in (1, 3, 4):  # 4 splits of 5 tiles: one is empty
+        # the splits folded in-kernel (one piece), or each split's own piece, merged here
+        for fold in (True, False):
+            st, vals, ids = kernels.linear_partials(
+                hidden, weight, bias, target, k=0, n_splits=splits, merge=fold, **kw
+            )
+            assert st.shape == (kernels.N_FIELDS, 1 if fold else splits, case.n)
+            merged[splits, fold] = merge_stacked(Partials(*st.unbind(0), vals, ids))
+    for key, got in merged.items():
+        for f in Partials._fields[:7]:
+            want = getattr(merged[1, True], f)
+            torch.testing.assert_close(getattr(got, f), want, rtol=1e-6, atol=1e-6, msg=f"{key} {f}")
 
-    lse = merged[1].max + merged[1].sumexp.log()
+    lse = merged[1, True].max + merged[1, True].sumexp.log()
     lse_bwd = torch.cat([lse, lse.new_full((1,), 0.25)])  # per-row lse, then the reduction's scale
     grad_out = torch.linspace(0.5, 2.0, 2 * case.n, device=lse.device)[::2]  # per row, strided
     bkw = dict(ignore_index=IGNORE, n_valid_cols=140, vocab_start=0, label_smoothing=0.1, vocab_size=140,
