@@ -61,10 +61,11 @@ AUTOTUNE = os.environ.get("SHARDSOFTMAX_AUTOTUNE", "1") != "0"
 # The logit tiles load hidden and weight through TMA descriptors where they can (``use_tma``);
 # SHARDSOFTMAX_TMA=0 (or setting this to False) keeps the pointer loads everywhere.
 TMA = os.environ.get("SHARDSOFTMAX_TMA", "1") != "0"
-# The k = 0 forward folds its vocabulary splits' partials in-kernel (``_linear_partials_kernel``,
-# MERGE): its result is [N_FIELDS, 1, N] whatever the splits, where it was [N_FIELDS, S, N] (S of
-# 60-170 at N = 8192 on an H200: 14-37 MiB, and a longer merge in ``finalize``).
-MERGE_SPLITS = True
+# The k = 0 forward folds its vocabulary splits' partials in-kernel into MERGE_SLOTS pieces
+# (``_linear_partials_kernel``, SLOTS): [N_FIELDS, MERGE_SLOTS, N] whatever the splits, where one
+# piece per split was [N_FIELDS, S, N] (S of 60-170 at N = 8192 on an H200: 14-37 MiB, and a longer
+# merge in ``finalize``). 0: one piece per split.
+MERGE_SLOTS = 4
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -241,8 +242,8 @@ def _linear_partials_kernel(
     weight_ptr,
     bias_ptr,
     target_ptr,
-    stats_ptr,  # [N_FIELDS, n_splits, N], or with MERGE [N_FIELDS, 1, N]
-    locks_ptr,  # with MERGE: int32 [cdiv(N, BLOCK_N)], all 0 (and left so)
+    stats_ptr,  # [N_FIELDS, n_splits, N], or with SLOTS > 0 [N_FIELDS, min(SLOTS, n_splits), N]
+    locks_ptr,  # with SLOTS > 0: int32 [cdiv(N, BLOCK_N) * SLOTS], all 0 (and left so)
     # sizes
     n_rows,
     n_cols,  # weight rows of this shard (padding included)
@@ -269,7 +270,7 @@ def _linear_partials_kernel(
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # fp32 operands for tl.dot (Triton 3.8's interpreter gets bf16 dots wrong)
     TMA: tl.constexpr,  # hidden_ptr / weight_ptr are tensor descriptors
-    MERGE: tl.constexpr,  # fold the splits' partials in-kernel (one [N_FIELDS, 1, N] result)
+    SLOTS: tl.constexpr,  # > 0: fold the splits' partials in-kernel into SLOTS pieces
     GROUP: tl.constexpr,  # row blocks per group of programs (L2 reuse of hidden)
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -332,20 +333,22 @@ def _linear_partials_kernel(
         t = t + float("nan")
     if not NEED_SUM_X:
         sum_x = sum_x + float("nan")
-    if MERGE:
-        # The splits of a row block fold their partials into one [N_FIELDS, 1, N] result in split
-        # order (deterministic). Split s waits until its row block's counter reads s, folds in what
-        # splits < s stored, stores, and passes the counter on; the last split sets it back to 0
-        # for the next launch. Programs start in program-id order, and split s of a row block has
-        # a smaller id than split s + 1 (``_grouped_tile``): the split waited for is running or
-        # done, so the wait ends.
-        lock = locks_ptr + row_block
+    if SLOTS > 0:
+        # The splits of a row block fold their partials into SLOTS pieces: split s into piece
+        # s % SLOTS, in split order (deterministic). Split s waits until the piece's counter reads
+        # s // SLOTS, folds in what the piece holds, stores, and passes the counter on; the piece's
+        # last split sets it back to 0 for the next launch. Programs start in program-id order and
+        # split s of a row block has a smaller id than split s + SLOTS (``_grouped_tile``): the
+        # split waited for is running or done, so the wait ends. The splits running side by side
+        # (~8 of a row block on an H200) go to different pieces and seldom wait.
+        slot = split % SLOTS
+        lock = locks_ptr + row_block * SLOTS + slot
         turn = tl.atomic_add(lock, 0, sem="acquire")
-        while turn != split:
+        while turn != split // SLOTS:
             turn = tl.atomic_add(lock, 0, sem="acquire")
-        out = stats_ptr + rows
-        plane = n_rows
-        if split > 0:  # volatile: another SM wrote them, this SM's L1 may hold older values
+        out = stats_ptr + slot * n_rows + rows
+        plane = tl.minimum(n_splits, SLOTS) * n_rows
+        if split >= SLOTS:  # volatile: another SM wrote them, this SM's L1 may hold older values
             m_old = tl.load(out + 0 * plane, mask=row_ok, other=float("-inf"), volatile=True)
             m_new = tl.maximum(m_old, m, propagate_nan=tl.PropagateNan.ALL)
             f_old = rescale_factor(m_old, m_new)
@@ -367,9 +370,10 @@ def _linear_partials_kernel(
     tl.store(out + 4 * plane, count, mask=row_ok)
     tl.store(out + 5 * plane, tgt_logit, mask=row_ok)
     tl.store(out + 6 * plane, tgt_hits, mask=row_ok)
-    if MERGE:
+    if SLOTS > 0:
         tl.debug_barrier()  # every thread's stores issued before the counter moves on (release)
-        tl.atomic_xchg(lock, tl.where(split + 1 == n_splits, 0, split + 1), sem="release")
+        last = split + SLOTS >= n_splits
+        tl.atomic_xchg(lock, tl.where(last, 0, split // SLOTS + 1), sem="release")
 
 
 @triton.heuristics(_EVEN_H)
@@ -601,15 +605,15 @@ def linear_partials(
     need_entropy: bool = True,
     need_sum_x: bool = True,
     config: dict | None = None,
-    merge: bool | None = None,
+    slots: int | None = None,
 ):
     """Partials of the logits ``hidden [N, H] @ weight [V_shard, H]^T (+ bias [V_shard])``, as
     ``shard_partials`` returns them for those logits: ``(stats [N_FIELDS, S, N] fp32, topk_vals
     [S, N, k] fp32, topk_ids [S, N, k] int64)``. ``k = 0``: one fused kernel; ``k > 0``: fp32
     logits of a chunk of rows at a time, then ``shard_partials`` (see the module docstring).
     Checks are the caller's. ``config``: fixed kernel config (tuning), else autotuned on CUDA.
-    ``merge`` (k = 0; default ``MERGE_SPLITS``): the S splits' partials folded in-kernel, S = 1
-    in the result."""
+    ``slots`` (k = 0; default ``MERGE_SLOTS``): the S splits' partials folded in-kernel into
+    min(slots, S) pieces; 0: one piece per split."""
     n_rows, hidden_size = hidden.shape
     n_cols = weight.shape[0]
     device = hidden.device
@@ -623,16 +627,16 @@ def linear_partials(
     if n_splits is None:
         n_splits = default_linear_splits(n_rows, n_valid_cols, device, tma)
     n_splits = max(1, n_splits)
-    merge = MERGE_SPLITS if merge is None else merge
-    n_out = 1 if merge else n_splits
+    slots = MERGE_SLOTS if slots is None else slots
+    n_out = min(slots, n_splits) if slots else n_splits
     stats = torch.empty((N_FIELDS, n_out, n_rows), dtype=torch.float32, device=device)
     topk_vals = torch.empty((n_out, n_rows, 0), dtype=torch.float32, device=device)
     topk_ids = torch.empty((n_out, n_rows, 0), dtype=torch.int64, device=device)
     if n_rows == 0:
         return stats, topk_vals, topk_ids
     softcap_v, inv_t = _transform_args(softcap, temperature)
-    # the splits' counters: one per row block of the smallest BLOCK_N of any config
-    locks = torch.zeros((triton.cdiv(n_rows, 16) if merge else 1,), dtype=torch.int32, device=device)
+    # the pieces' counters: SLOTS per row block of the smallest BLOCK_N of any config
+    locks = torch.zeros((triton.cdiv(n_rows, 16) * slots if slots else 1,), dtype=torch.int32, device=device)
     args = (
         *_operands(hidden, weight, tma), bias if bias is not None else stats,
         target if target is not None else stats, stats, locks,
@@ -648,7 +652,7 @@ def linear_partials(
         NEED_SUM_X=need_sum_x,
         **_dot_meta(hidden.dtype),
         TMA=tma,
-        MERGE=merge,
+        SLOTS=slots,
         GROUP=GROUP_N,
     )
 

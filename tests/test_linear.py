@@ -673,19 +673,19 @@ def test_kernel_splits_and_chunks_agree(core_tier, monkeypatch):
     kw = dict(n_valid_cols=140, vocab_start=0, ignore_index=IGNORE, softcap=None, temperature=1.0)
     merged = {}
     for splits in (1, 3, 4):  # 4 splits of 5 tiles: one is empty
-        # the splits folded in-kernel (one piece), or each split's own piece, merged here
-        for fold in (True, False):
+        # the splits folded in-kernel into 1 or 2 pieces, or each split's own piece (slots 0)
+        for slots in (1, 2, 0):
             st, vals, ids = kernels.linear_partials(
-                hidden, weight, bias, target, k=0, n_splits=splits, merge=fold, **kw
+                hidden, weight, bias, target, k=0, n_splits=splits, slots=slots, **kw
             )
-            assert st.shape == (kernels.N_FIELDS, 1 if fold else splits, case.n)
-            merged[splits, fold] = merge_stacked(Partials(*st.unbind(0), vals, ids))
+            assert st.shape == (kernels.N_FIELDS, min(slots, splits) if slots else splits, case.n)
+            merged[splits, slots] = merge_stacked(Partials(*st.unbind(0), vals, ids))
     for key, got in merged.items():
         for f in Partials._fields[:7]:
-            want = getattr(merged[1, True], f)
+            want = getattr(merged[1, 1], f)
             torch.testing.assert_close(getattr(got, f), want, rtol=1e-6, atol=1e-6, msg=f"{key} {f}")
 
-    lse = merged[1, True].max + merged[1, True].sumexp.log()
+    lse = merged[1, 1].max + merged[1, 1].sumexp.log()
     lse_bwd = torch.cat([lse, lse.new_full((1,), 0.25)])  # per-row lse, then the reduction's scale
     grad_out = torch.linspace(0.5, 2.0, 2 * case.n, device=lse.device)[::2]  # per row, strided
     bkw = dict(ignore_index=IGNORE, n_valid_cols=140, vocab_start=0, label_smoothing=0.1, vocab_size=140,
