@@ -54,7 +54,10 @@ has() { [[ " $steps " == *" $1 "* ]]; }
 
 if has install; then
     # A non-editable install into a folder, imported with python -P so that the source folder
-    # (where kernels/ is not inside shardsoftmax/) never shadows it.
+    # (where kernels/ is not inside shardsoftmax/) never shadows it. The folder is emptied first:
+    # on a machine still warm from an earlier call, pip install --target keeps the package already
+    # there ("Target directory ... already exists") and the older code would run.
+    rm -rf /tmp/ss_site
     pip install -q --no-deps --no-build-isolation --target /tmp/ss_site . >"$OUT/install.log" 2>&1 || cat "$OUT/install.log"
     if ls .wheels/*.whl >/dev/null 2>&1; then
         pip install -q --no-index --no-deps --target /tmp/ss_site .wheels/*.whl >>"$OUT/install.log" 2>&1 || tail -5 "$OUT/install.log"
