@@ -164,10 +164,10 @@ class VocabParallelLMHead(nn.Module):
     forward (blocks of 2048 rows or more; the three gradients computed in forward, 3 GEMMs as the unfused
     path; one all-gather per block in a group; memory: one block of logits and the fp32
     grad_weight accumulator, see ``linear_cross_entropy``); with reduction "none", backward
-    recomputes each chunk (one more GEMM). Off by default until measured on a GPU
-    (docs/performance.md; the Triton kernels, ``impl="fused"``, measured slower than the unfused
-    path on an H200). Both paths round the logits to the weight's dtype as ``F.linear`` does and
-    give the same results up to the matmul's summation order, with the same gradients.
+    recomputes each chunk (one more GEMM). Off by default: when the logits fit, the unfused path
+    trains fastest (docs/performance.md; the Triton kernels, ``impl="fused"``, forward at the
+    matmul's speed on Hopper but backward ~9.6x of three matmuls on an H200). Both paths round the
+    logits to the weight's dtype as ``F.linear`` does and give the same results up to the matmul's summation order, with the same gradients.
 
     ``forward(hidden, target=None, *, k=0, return_stats=False)``:
 
