@@ -167,7 +167,8 @@ class VocabParallelLMHead(nn.Module):
     recomputes each chunk (one more GEMM). Off by default: when the logits fit, the unfused path
     trains fastest (docs/performance.md; the Triton kernels, ``impl="fused"``, forward at the
     matmul's speed on Hopper but backward ~9.6x of three matmuls on an H200). Both paths round the
-    logits to the weight's dtype as ``F.linear`` does and give the same results up to the matmul's summation order, with the same gradients.
+    logits to the weight's dtype as ``F.linear`` does and give the same results up to the matmul's
+    summation order, with the same gradients.
 
     ``forward(hidden, target=None, *, k=0, return_stats=False)``:
 
