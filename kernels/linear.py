@@ -7,8 +7,10 @@ Kernels (each a tiled ``tl.dot`` loop over H with fp32 accumulation, sharing ``_
 * ``_linear_partials_kernel``: one program per (block of BLOCK_N rows, vocabulary split); it loops
   over the split's BLOCK_V-column tiles and runs the online partials update of
   ``partials._shard_partials_kernel`` on each logit tile in registers (max, sum exp, and when
-  needed sum exp*x, sum x, the target logit). Output: the same ``[N_FIELDS, S, N]`` stats as
-  ``shard_partials``, so the merge over splits and ranks is the one in ``shardsoftmax.partials``.
+  needed sum exp*x, sum x, the target logit). The splits of a row block then fold their partials,
+  in split order, into MERGE_SLOTS pieces (default one). Output: ``[N_FIELDS, pieces, N]`` stats,
+  as ``shard_partials`` returns, so the merge over pieces and ranks is the one in
+  ``shardsoftmax.partials``.
 * ``_linear_tile_kernel``: one program per [BLOCK_N, BLOCK_V] tile; writes either the raw fp32
   logit tile (top-k path, below) or the cross-entropy gradient tile dloss/dlogit (backward).
 * ``_matmul_kernel``: C (+)= A @ B with fp32 accumulation and any strides (backward GEMMs).
