@@ -117,10 +117,11 @@ if has host; then
     step bench_host "${HOST_LIMIT:-150}" python -P benchmarks/bench_host.py --out "$OUT"
 fi
 if has linear; then
-    # LINEAR_ARGS: extra arguments (default --no-fused: the Triton tl.dot kernels are slower than
-    # cuBLAS and not a default; their timings take ~2 minutes more)
+    # LINEAR_ARGS: extra arguments (e.g. --no-fused: leaves out the Triton kernels, impl="fused",
+    # whose forward meets issue 7's bar against Cut Cross-Entropy; the whole run took ~3 minutes
+    # on an H200 with them in v0.12, most of it their slow backward)
     # shellcheck disable=SC2086
-    step bench_linear "${LINEAR_LIMIT:-300}" python -P benchmarks/bench_linear.py ${LINEAR_ARGS---no-fused} --out "$OUT"
+    step bench_linear "${LINEAR_LIMIT:-300}" python -P benchmarks/bench_linear.py ${LINEAR_ARGS-} --out "$OUT"
 fi
 if has linear_tp; then
     for n in 2 4; do
