@@ -32,9 +32,10 @@ from typing import NamedTuple
 
 import torch
 
+from .kernels.common import ID_SENTINEL as _ID_SENTINEL
 from .kernels.common import widen_ids
 
-ID_SENTINEL = torch.iinfo(torch.int64).max
+ID_SENTINEL = _ID_SENTINEL.value  # int64 max: the kernels' mark of a missing top-k entry
 
 
 class Partials(NamedTuple):
