@@ -638,8 +638,11 @@ def linear_partials(
     if n_rows == 0:
         return stats, topk_vals, topk_ids
     softcap_v, inv_t = _transform_args(softcap, temperature)
-    # the pieces' counters: SLOTS per row block of the smallest BLOCK_N of any config
-    locks = torch.zeros((triton.cdiv(n_rows, 16) * slots if slots else 1,), dtype=torch.int32, device=device)
+    # the pieces' counters: SLOTS per row block of the smallest BLOCK_N of any config (none
+    # without folding: the kernel does not read them)
+    locks = stats
+    if slots:
+        locks = torch.zeros((triton.cdiv(n_rows, 16) * slots,), dtype=torch.int32, device=device)
     args = (
         *_operands(hidden, weight, tma), bias if bias is not None else stats,
         target if target is not None else stats, stats, locks,
