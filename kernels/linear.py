@@ -173,6 +173,38 @@ def _dot_meta(dtype: torch.dtype) -> dict:
 
 
 @triton.jit
+def _dot_loop(
+    acc,
+    a_ptrs,  # [M, BLOCK_K] pointers to A's first K block
+    b_ptrs,  # [BLOCK_K, N] pointers to B's first K block
+    offs_k,  # arange(0, BLOCK_K)
+    K,
+    step_a,  # BLOCK_K times A's K stride
+    step_b,  # BLOCK_K times B's K stride
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K is a multiple of BLOCK_K: no masks
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """acc + A @ B with fp32 accumulation over K, BLOCK_K at a time, through pointer loads (the
+    columns past K load as 0)."""
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += step_a
+        b_ptrs += step_b
+    return acc
+
+
+@triton.jit
 def _logit_tile(
     hidden_ptr,  # a pointer, or with TMA a descriptor of hidden [N, H] (block [BLOCK_N, BLOCK_H])
     weight_ptr,  # a pointer, or with TMA a descriptor of weight [V, H] (block [BLOCK_V, BLOCK_H])
@@ -209,19 +241,10 @@ def _logit_tile(
         offs_h = tl.arange(0, BLOCK_H)
         h_ptrs = hidden_ptr + rows.to(tl.int64)[:, None] * stride_h_row + offs_h[None, :] * stride_h_col
         w_ptrs = weight_ptr + cols.to(tl.int64)[None, :] * stride_w_row + offs_h[:, None] * stride_w_col
-        for k0 in range(0, hidden_size, BLOCK_H):
-            if EVEN_H:
-                a = tl.load(h_ptrs)
-                b = tl.load(w_ptrs)
-            else:
-                k_ok = offs_h < hidden_size - k0
-                a = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0)
-                b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-            if UPCAST:
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-            h_ptrs += BLOCK_H * stride_h_col
-            w_ptrs += BLOCK_H * stride_w_col
+        acc = _dot_loop(
+            acc, h_ptrs, w_ptrs, offs_h, hidden_size, BLOCK_H * stride_h_col, BLOCK_H * stride_w_col,
+            BLOCK_H, EVEN_H, INPUT_PRECISION, UPCAST,
+        )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
     return acc
@@ -505,15 +528,10 @@ def _matmul_kernel(
     a_ptrs = a_ptr + m_in[:, None] * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
     b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + n_in[None, :] * stride_bn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-        if UPCAST:
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    acc = _dot_loop(
+        acc, a_ptrs, b_ptrs, offs_k, K, BLOCK_K * stride_ak, BLOCK_K * stride_bk, BLOCK_K, False,
+        INPUT_PRECISION, UPCAST,
+    )  # fmt: skip
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
     c_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     if ACCUMULATE:
