@@ -21,10 +21,12 @@ as cuBLAS uses there: the k = 0 forward then runs at the cuBLAS matmul's speed (
 N = 8192, H = 4096, one H200) where pointer loads took 1.31-1.39x. Other operands, and GPUs before
 Hopper, use pointer loads. Both are the same kernels, switched by the ``TMA`` constexpr.
 
-Top-k (``k > 0``): exact and simple rather than fused. The logits of a chunk of rows (at most
-``TOPK_CHUNK_BYTES`` of fp32) are written by ``_linear_tile_kernel`` and handed to the existing
-``shard_partials`` kernel; every field then comes from those fp32 logits. ``k = 0`` is fully
-fused.
+Top-k (``k > 0``), by default: the logits of a chunk of rows (at most ``TOPK_CHUNK_BYTES`` of
+fp32) are written by ``_linear_tile_kernel`` and handed to the existing ``shard_partials`` kernel;
+every field then comes from those fp32 logits. With ``FUSED_TOPK`` (off by default: slower, see
+there), ``_linear_partials_kernel`` also takes each tile's few largest logits above a running
+per-row threshold as candidates, and the exact top-k is taken from those
+(``_linear_partials_fused_topk``, which says why it is exact). ``k = 0`` is fully fused.
 
 Backward (deterministic, no atomics): the vocabulary is processed in chunks of ``C`` columns
 (``N * C`` gradient elements at most ``GRAD_CHUNK_BYTES``). Per chunk, ``_linear_tile_kernel``
@@ -40,6 +42,7 @@ a recomputation of the logits (H = 4096: 16-64x the matmul FLOPs).
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -51,7 +54,7 @@ try:  # Triton >= 3.4: host-side tensor descriptors, for TMA loads on Hopper and
 except ImportError:  # pragma: no cover - older Triton: pointer loads only
     TensorDescriptor = None
 
-from .common import cross_entropy_grad, online_update, rescale_factor, transform_logits
+from .common import ID_SENTINEL, cross_entropy_grad, next_pow2, online_update, rescale_factor, transform_logits
 from .partials import N_FIELDS, default_splits, shard_partials, tile_shape
 
 TOPK_CHUNK_BYTES = 256 << 20  # fp32 logits of one chunk of rows on the top-k path
@@ -69,6 +72,18 @@ TMA = os.environ.get("SHARDSOFTMAX_TMA", "1") != "0"
 # merge in ``finalize``). 0: one piece per split. On an H200 (v0.12), 1, 4 and 8 pieces took the
 # same time within the runs' noise (+-2%), so one piece: the least memory (0.25 MiB at N = 8192).
 MERGE_SLOTS = 1
+# Top-k in the fused kernel (``_linear_partials_fused_topk``): exact, but slower than the fp32-logits
+# path on an H200 (v0.13: the whole k = 50 call 1.9-2.2x of k = 0, against 1.2-1.6x; the epilogue
+# runs between tiles while the tensor cores wait), so off by default. SHARDSOFTMAX_FUSED_TOPK=1 (or
+# setting this to True) turns it on for k up to FUSED_TOPK_MAX_K. LEVELS value levels per row raise
+# the candidates' threshold, on a grid set from SAMPLE_COLS columns' logits; the candidate lists
+# take at most CAND_BYTES per launch.
+FUSED_TOPK = os.environ.get("SHARDSOFTMAX_FUSED_TOPK", "0") == "1"
+FUSED_TOPK_MAX_K = 128
+MAX_ROUNDS = 8  # and when ``candidate_rounds`` is at most this (V_shard well above k)
+LEVELS = 32
+SAMPLE_COLS = 256
+CAND_BYTES = 64 << 20
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -106,6 +121,15 @@ def _tma_tile_configs() -> list[triton.Config]:
     return [
         triton.Config(dict(zip(names, blocks)), num_warps=w, num_stages=st, pre_hook=_tma_blocks)
         for *blocks, w, st in shapes
+    ]
+
+
+def _tma_topk_configs() -> list[triton.Config]:
+    """The TMA tiles for the kernel that also takes top-k candidates: 128 x 256 tiles spill
+    registers there (compiled for sm_90 with Triton 3.6: over 1 KB of stack per thread; 2.3-2.4x of
+    the k = 0 kernel on an H200, v0.13), 128 x 128 with 8 warps does not (under 100 bytes)."""
+    return [c for c in _tma_tile_configs() if c.kwargs["BLOCK_V"] == 128 and c.kwargs["BLOCK_N"] == 128] + [
+        triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=8, num_stages=3, pre_hook=_tma_blocks)
     ]
 
 
@@ -251,6 +275,58 @@ def _logit_tile(
 
 
 @triton.jit
+def _level_threshold(levels_ptr, rows, origin, width, k, LEVELS: tl.constexpr):
+    """A lower bound on each row's k-th largest logit from the candidates counted so far: level j
+    counts candidates x with floor((x - origin) / width) = j (clamped into [0, LEVELS)), so at least
+    ``above_j`` (the counts of levels >= j) logits are >= origin + j * width (less a rounding error
+    far below one level). The bound is origin + (j - 1) * width for the highest j >= 1 with
+    above_j >= k (one level of margin); -inf if none. The counts are read while other programs add
+    to them; a count read early (or not yet seen in L2) is smaller, and the bound only lower: still
+    valid. (One [rows] vector per level: a [rows, LEVELS] block made the kernel spill registers.)"""
+    base = levels_ptr + rows.to(tl.int64) * LEVELS
+    above = tl.zeros_like(rows)
+    top = tl.zeros_like(rows)
+    for i in tl.static_range(LEVELS - 1):
+        above += tl.load(base + (LEVELS - 1 - i), cache_modifier=".cg")  # (from L2: not this SM's L1)
+        top = tl.where((top == 0) & (above >= k), LEVELS - 1 - i, top)
+    return tl.where(top >= 1, origin + (top - 1).to(tl.float32) * width, float("-inf"))
+
+
+@triton.jit
+def _value_level(v, origin, width, LEVELS: tl.constexpr):
+    """The level of each row's value: floor((v - origin) / width) clamped into [0, LEVELS)."""
+    level = tl.floor((v - origin) / width)
+    level = tl.where(level < LEVELS - 1, level, LEVELS - 1)  # (NaN: the top level)
+    return tl.where(level >= 0, level, 0).to(tl.int32)
+
+
+@triton.jit
+def _take_candidates(xm, rows, col0, origin, width, dropped, cand_vals_ptr, cand_cols_ptr, cand_count_ptr,
+                     levels_ptr, cand_cap, LEVELS: tl.constexpr, ROUNDS: tl.constexpr):  # fmt: skip
+    """Each row's ROUNDS largest marked logits of this tile (``xm``: -inf where not marked; the
+    tile's first column is ``col0``), largest first, ties to the lower column: appended to the
+    row's list (one atomic per row reserves their slots; slots past ``cand_cap`` are counted, not
+    stored) and counted in their value levels. Returns ``dropped`` raised to the largest marked
+    logit left behind (the caller's exactness check)."""
+    v, j = tl.max(xm, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    if tl.max(v, axis=0) > float("-inf"):  # some row has a marked logit
+        rows64 = rows.to(tl.int64)
+        n_take = tl.minimum(tl.sum((xm > float("-inf")).to(tl.int32), axis=1), ROUNDS)
+        base = tl.atomic_add(cand_count_ptr + rows64, n_take, mask=n_take > 0, sem="relaxed")
+        for r in tl.static_range(ROUNDS):
+            take = n_take > r
+            level = _value_level(v, origin, width, LEVELS)
+            tl.atomic_add(levels_ptr + rows64 * LEVELS + level, 1, mask=take, sem="relaxed")
+            stored = take & (base + r < cand_cap)
+            tl.store(cand_vals_ptr + rows64 * cand_cap + base + r, v, mask=stored)
+            tl.store(cand_cols_ptr + rows64 * cand_cap + base + r, col0 + j, mask=stored)
+            xm = tl.where(tl.arange(0, xm.shape[1])[None, :] == j[:, None], float("-inf"), xm)
+            v, j = tl.max(xm, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        dropped = tl.maximum(dropped, v)
+    return dropped
+
+
+@triton.jit
 def _grouped_tile(pid, n_row_blocks, n_col_blocks, GROUP: tl.constexpr):
     """(row block, column block) of program ``pid`` when GROUP row blocks run side by side over
     every column block (the rows' operand tiles stay in L2 while the columns stream)."""
@@ -270,6 +346,11 @@ def _linear_partials_kernel(
     target_ptr,
     stats_ptr,  # [N_FIELDS, n_splits, N], or with SLOTS > 0 [N_FIELDS, min(SLOTS, n_splits), N]
     locks_ptr,  # with SLOTS > 0: int32 [cdiv(N, BLOCK_N) * SLOTS], all 0 (and left so)
+    cand_vals_ptr,  # TOPK: fp32 [N, cand_cap], the candidates' transformed logits
+    cand_cols_ptr,  # TOPK: int32 [N, cand_cap], their columns in this shard
+    cand_count_ptr,  # TOPK: int32 [N], 0 at launch: candidates found per row (may pass cand_cap)
+    levels_ptr,  # TOPK: int32 [N, LEVELS], 0 at launch: candidates counted per value level
+    bounds_ptr,  # TOPK: fp32 [3, N]: the levels' origin and width, and the dropped bound (-inf at launch)
     # sizes
     n_rows,
     n_cols,  # weight rows of this shard (padding included)
@@ -278,6 +359,8 @@ def _linear_partials_kernel(
     n_splits,
     vocab_start,
     ignore_index,
+    topk_k,
+    cand_cap,
     # strides
     stride_h_row,
     stride_h_col,
@@ -296,6 +379,9 @@ def _linear_partials_kernel(
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # fp32 operands for tl.dot (Triton 3.8's interpreter gets bf16 dots wrong)
     TMA: tl.constexpr,  # hidden_ptr / weight_ptr are tensor descriptors
+    TOPK: tl.constexpr,  # also collect the top-k candidates (see ``_take_candidates``)
+    LEVELS: tl.constexpr,
+    ROUNDS: tl.constexpr,
     SLOTS: tl.constexpr,  # > 0: fold the splits' partials in-kernel into SLOTS pieces
     GROUP: tl.constexpr,  # row blocks per group of programs (L2 reuse of hidden)
     BLOCK_N: tl.constexpr,
@@ -334,6 +420,11 @@ def _linear_partials_kernel(
         tgt_here = (tgt != ignore_index) & (local >= col_lo) & (local < col_hi)
         local = tl.where(tgt_here, local, -1)
 
+    if TOPK:
+        thr = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        dropped = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        origin = tl.load(bounds_ptr + rows_in)
+        width = tl.load(bounds_ptr + n_rows + rows_in)
     for start in range(col_lo, col_hi, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         col_ok = cols < col_hi
@@ -344,6 +435,13 @@ def _linear_partials_kernel(
         )  # fmt: skip
         x = transform_logits(raw, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
         x = tl.where(col_ok[None, :], x, float("-inf"))
+        if TOPK:
+            thr = tl.maximum(thr, _level_threshold(levels_ptr, rows_in, origin, width, topk_k, LEVELS))
+            xm = tl.where((x >= thr[:, None]) & col_ok[None, :] & row_ok[:, None], x, float("-inf"))
+            dropped = _take_candidates(
+                xm, rows_in, start, origin, width, dropped, cand_vals_ptr, cand_cols_ptr, cand_count_ptr,
+                levels_ptr, cand_cap, LEVELS, ROUNDS,
+            )  # fmt: skip
         m, s, t, sum_x = online_update(
             m, s, t, sum_x, x, col_ok[None, :], tl.max(x, axis=1), NEED_ENTROPY, NEED_SUM_X
         )
@@ -355,6 +453,8 @@ def _linear_partials_kernel(
         tgt_hits = tl.where(tgt_here, 1.0, 0.0)
     else:
         tgt_hits = tl.zeros([BLOCK_N], tl.float32)
+    if TOPK:
+        tl.atomic_max(bounds_ptr + 2 * n_rows + rows_in, dropped, mask=row_ok, sem="relaxed")
     if not NEED_ENTROPY:
         t = t + float("nan")
     if not NEED_SUM_X:
@@ -547,6 +647,14 @@ _tile_tuned = triton.autotune(_tile_configs(), key=["hidden_size", "GRAD"])(_lin
 _partials_tma_tuned = triton.autotune(_tma_tile_configs(), key=["hidden_size", "n_cols"])(
     _linear_partials_kernel
 )
+# The top-k variant's autotuning reruns the kernel: the candidate and level counts are restored
+# after each run, so the launch that counts starts from zeros.
+_partials_topk_tuned = triton.autotune(
+    _tile_configs(), key=["hidden_size", "n_cols"], restore_value=["cand_count_ptr", "levels_ptr"]
+)(_linear_partials_kernel)
+_partials_topk_tma_tuned = triton.autotune(
+    _tma_topk_configs(), key=["hidden_size", "n_cols"], restore_value=["cand_count_ptr", "levels_ptr"]
+)(_linear_partials_kernel)
 _tile_tma_tuned = triton.autotune(_tma_tile_configs(), key=["hidden_size", "GRAD"])(_linear_tile_kernel)
 _matmul_tuned = triton.autotune(_matmul_configs(), key=["N", "ACCUMULATE"], restore_value=["c_ptr"])(
     _matmul_kernel
@@ -627,44 +735,74 @@ def linear_partials(
     need_sum_x: bool = True,
     config: dict | None = None,
     slots: int | None = None,
+    fused_topk: bool | None = None,
 ):
     """Partials of the logits ``hidden [N, H] @ weight [V_shard, H]^T (+ bias [V_shard])``, as
     ``shard_partials`` returns them for those logits: ``(stats [N_FIELDS, S, N] fp32, topk_vals
-    [S, N, k] fp32, topk_ids [S, N, k] int64)``. ``k = 0``: one fused kernel; ``k > 0``: fp32
-    logits of a chunk of rows at a time, then ``shard_partials`` (see the module docstring).
-    Checks are the caller's. ``config``: fixed kernel config (tuning), else autotuned on CUDA.
-    ``slots`` (k = 0; default ``MERGE_SLOTS``): the S splits' partials folded in-kernel into
-    min(slots, S) pieces; 0: one piece per split."""
+    [S, N, k] fp32, topk_ids [S, N, k] int64)``. One fused kernel; with ``k > 0`` it also collects
+    top-k candidates (``fused_topk``; default: FUSED_TOPK and k <= FUSED_TOPK_MAX_K and
+    ``candidate_rounds`` <= MAX_ROUNDS), else fp32 logits of a chunk of rows at a time go to
+    ``shard_partials`` (see the module docstring). Checks are the caller's.
+    ``config``: fixed kernel config (tuning), else autotuned on CUDA. ``slots`` (k = 0; default
+    ``MERGE_SLOTS``): the S splits' partials folded in-kernel into min(slots, S) pieces; 0: one
+    piece per split (k > 0 always folds into one)."""
+    n_rows = hidden.shape[0]
+    device = hidden.device
+    fold = dict(n_splits=n_splits, need_entropy=need_entropy, need_sum_x=need_sum_x, config=config)
+    shard = dict(n_valid_cols=n_valid_cols, vocab_start=vocab_start, ignore_index=ignore_index,
+                 softcap=softcap, temperature=temperature)  # fmt: skip
+    if fused_topk is None:
+        fused_topk = FUSED_TOPK and k <= FUSED_TOPK_MAX_K and candidate_rounds(k, n_valid_cols) <= MAX_ROUNDS
+    if k > 0 and not fused_topk:
+        return _linear_partials_topk(hidden, weight, bias, target, k=k, **shard, **fold)
+    if k > 0:
+        return _linear_partials_fused_topk(hidden, weight, bias, target, k=k, **shard, **fold)
+    slots = MERGE_SLOTS if slots is None else slots
+    n_out = min(slots, _splits(hidden, weight, n_valid_cols, n_splits)) if slots else None
+    stats, _ = _partials_launch(hidden, weight, bias, target, n_out=n_out, slots=slots, **shard, **fold)
+    empty = (stats.shape[1], n_rows, 0)
+    return stats, torch.empty(empty, dtype=torch.float32, device=device), torch.empty(empty, dtype=torch.int64, device=device)
+
+
+def _splits(hidden, weight, n_valid_cols, n_splits):
+    if n_splits is None:
+        n_splits = default_linear_splits(hidden.shape[0], n_valid_cols, hidden.device, use_tma(hidden, weight))
+    return max(1, n_splits)
+
+
+def _partials_launch(hidden, weight, bias, target, *, n_out, slots, n_valid_cols, vocab_start, ignore_index,
+                     softcap, temperature, n_splits, need_entropy, need_sum_x, config, topk=None):  # fmt: skip
+    """One launch of ``_linear_partials_kernel``: ``(stats [N_FIELDS, pieces, N], counters)``.
+    ``topk``: (k, cand_cap, bounds [3, N], rounds) to also collect candidates; then the second
+    result is (candidate values, columns, counts [N], level counts [N, LEVELS]), else None."""
     n_rows, hidden_size = hidden.shape
     n_cols = weight.shape[0]
     device = hidden.device
-    if k > 0:
-        return _linear_partials_topk(
-            hidden, weight, bias, target, k=k, n_valid_cols=n_valid_cols, vocab_start=vocab_start,
-            ignore_index=ignore_index, softcap=softcap, temperature=temperature, n_splits=n_splits,
-            need_entropy=need_entropy, need_sum_x=need_sum_x, config=config,
-        )  # fmt: skip
     tma = use_tma(hidden, weight)
-    if n_splits is None:
-        n_splits = default_linear_splits(n_rows, n_valid_cols, device, tma)
-    n_splits = max(1, n_splits)
-    slots = MERGE_SLOTS if slots is None else slots
-    n_out = min(slots, n_splits) if slots else n_splits
+    n_splits = _splits(hidden, weight, n_valid_cols, n_splits)
+    n_out = n_out if slots else n_splits
     stats = torch.empty((N_FIELDS, n_out, n_rows), dtype=torch.float32, device=device)
-    topk_vals = torch.empty((n_out, n_rows, 0), dtype=torch.float32, device=device)
-    topk_ids = torch.empty((n_out, n_rows, 0), dtype=torch.int64, device=device)
     if n_rows == 0:
-        return stats, topk_vals, topk_ids
+        return stats, None
     softcap_v, inv_t = _transform_args(softcap, temperature)
-    # the pieces' counters: SLOTS per row block of the smallest BLOCK_N of any config (none
-    # without folding: the kernel does not read them)
-    locks = stats
-    if slots:
-        locks = torch.zeros((triton.cdiv(n_rows, 16) * slots,), dtype=torch.int32, device=device)
+    # counters, zeroed by one memset: the candidate counts and level counts (top-k), then the
+    # pieces' locks, SLOTS per row block of the smallest BLOCK_N of any config (none without
+    # folding: the kernel does not read them)
+    n_count = n_rows * (1 + LEVELS) if topk else 0
+    n_locks = triton.cdiv(n_rows, 16) * slots if slots else 0
+    counters = torch.zeros((max(1, n_count + n_locks),), dtype=torch.int32, device=device)
+    locks = counters[n_count:] if slots else stats
+    k, cand_cap, bounds, rounds = topk if topk else (0, 0, stats, 0)
+    if topk:
+        cand_vals = torch.empty((n_rows, cand_cap), dtype=torch.float32, device=device)
+        cand_cols = torch.empty((n_rows, cand_cap), dtype=torch.int32, device=device)
+        cand_count, levels = counters[:n_rows], counters[n_rows:n_count]
+    else:
+        cand_vals = cand_cols = cand_count = levels = stats
     args = (
         *_operands(hidden, weight, tma), bias if bias is not None else stats,
-        target if target is not None else stats, stats, locks,
-        n_rows, n_cols, n_valid_cols, hidden_size, n_splits, vocab_start, ignore_index,
+        target if target is not None else stats, stats, locks, cand_vals, cand_cols, cand_count, levels,
+        bounds, n_rows, n_cols, n_valid_cols, hidden_size, n_splits, vocab_start, ignore_index, k, cand_cap,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), softcap_v, inv_t,
     )  # fmt: skip
     meta = dict(
@@ -676,6 +814,9 @@ def linear_partials(
         NEED_SUM_X=need_sum_x,
         **_dot_meta(hidden.dtype),
         TMA=tma,
+        TOPK=bool(topk),
+        LEVELS=LEVELS,
+        ROUNDS=rounds,
         SLOTS=slots,
         GROUP=GROUP_N,
     )
@@ -683,9 +824,152 @@ def linear_partials(
     def grid(meta):
         return (triton.cdiv(n_rows, meta["BLOCK_N"]) * n_splits,)
 
-    tuned = _partials_tma_tuned if tma else _partials_tuned
+    if topk:
+        tuned = _partials_topk_tma_tuned if tma else _partials_topk_tuned
+    else:
+        tuned = _partials_tma_tuned if tma else _partials_tuned
     _launch(_linear_partials_kernel, tuned, grid, args, meta, config, INTERPRETER_TILE)
-    return stats, topk_vals, topk_ids
+    if topk:
+        return stats, (cand_vals, cand_cols, cand_count, levels)
+    return stats, None
+
+
+def candidate_cap(k: int) -> int:
+    """Candidate slots per row of the fused top-k: 16 per wanted entry, at least 1024."""
+    return max(1024, 16 * next_pow2(k))
+
+
+def candidate_rounds(k: int, n_valid_cols: int) -> int:
+    """Candidates a logit tile may give each row (``_take_candidates``). A row's tile holds about
+    lam = k * 256 / V_shard of its top k (256-column tiles, logits in no order along the
+    vocabulary); rounds = lam + 4 sqrt(lam) + 2 leave a tile with more of them, which sends the row
+    to the exact recomputation, rare (lam = 0.1, 4 rounds: P(>= 5) ~ 1e-7 per tile). The fused
+    top-k takes k when this is at most MAX_ROUNDS (k <= 128 at V_shard >= 32064)."""
+    lam = k * 256 / max(1, n_valid_cols)
+    return max(2, math.ceil(lam + 4 * math.sqrt(lam) + 2))
+
+
+def _level_grid(hidden, weight, bias, *, n_valid_cols, softcap, temperature) -> torch.Tensor:
+    """[3, N] fp32 for the fused top-k: each row's value levels (origin, width), and -inf (the
+    dropped bound the kernel raises). From the logits of SAMPLE_COLS evenly spaced columns: origin
+    = mean + std, width = (max - origin) / 12 (at least std / 12), so the levels reach well past
+    the sample's maximum (Gaussian logits: from 1 to ~5 standard deviations). They only steer the
+    threshold: any grid gives exact results. A row whose sample is not finite gets no levels
+    (origin -inf, width 0): its threshold stays -inf."""
+    n_s = min(SAMPLE_COLS, n_valid_cols)
+    step = n_valid_cols // n_s
+    cols = slice(0, n_s * step, step)
+    # (contiguous copies: the kernels read the bias with stride 1)
+    x = linear_logits(hidden, weight[cols].contiguous(), None if bias is None else bias[cols].contiguous())
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    x = x / temperature
+    std, mean = torch.std_mean(x, dim=1, correction=0)
+    origin = mean + std
+    width = torch.maximum(x.amax(dim=1) - origin, std) / 12.0
+    ok = torch.isfinite(origin) & torch.isfinite(width) & (width > 0)
+    return torch.stack((torch.where(ok, origin, float("-inf")), torch.where(ok, width, 0.0),
+                        torch.full_like(origin, float("-inf"))))  # fmt: skip
+
+
+def _levels_threshold(levels: torch.Tensor, origin: torch.Tensor, width: torch.Tensor, k: int) -> torch.Tensor:
+    """``_level_threshold`` from the final level counts: a lower bound on each row's k-th largest."""
+    above = levels.flip(1).cumsum(1).flip(1)
+    j = torch.arange(levels.shape[1], device=levels.device)
+    top = torch.where(above >= k, j, 0).amax(dim=1)
+    return torch.where(top >= 1, origin + (top - 1).to(origin.dtype) * width, float("-inf"))
+
+
+def _key_order(vals: torch.Tensor) -> torch.Tensor:
+    """fp32 -> int64 with the same order, as ``common.ordered_int32`` (NaN above +inf, -0.0 = 0.0)."""
+    i = torch.where(vals == 0, 0.0, vals).view(torch.int32)
+    i = torch.where(vals != vals, 0x7FC00000, i)
+    return (i ^ ((i >> 31) & 0x7FFFFFFF)).to(torch.int64)
+
+
+def _top_candidates(cand_vals, cand_cols, take, width: int, k: int, vocab_start: int):
+    """The exact top-k (values descending, ties to the lower id) of the candidates ``take`` marks
+    (at most ``width`` per row), moved to the front of a [N, width] block first:
+    ``(vals [N, k] fp32, ids [N, k] int64)``, missing entries as -inf / ``ID_SENTINEL``."""
+    n_rows = cand_vals.shape[0]
+    width = max(width, k)
+    pos = torch.where(take, take.cumsum(dim=1, dtype=torch.int32) - 1, width).to(torch.int64)  # width: the rest
+    vals = torch.full((n_rows, width + 1), float("-inf"), dtype=torch.float32, device=cand_vals.device)
+    cols = torch.full((n_rows, width + 1), -1, dtype=torch.int32, device=cand_vals.device)
+    vals.scatter_(1, pos, cand_vals)
+    cols.scatter_(1, pos, cand_cols)
+    vals, cols = vals[:, :width], cols[:, :width]
+    lowest = torch.iinfo(torch.int64).min
+    keys = torch.where(cols >= 0, (_key_order(vals) << 32) | (2147483647 - cols).to(torch.int64), lowest)
+    top = torch.topk(keys, k, dim=1).values
+    real = top != lowest
+    hi = (top >> 32).to(torch.int32)
+    vals = (hi ^ ((hi >> 31) & 0x7FFFFFFF)).view(torch.float32)
+    ids = vocab_start + 2147483647 - (top & 0xFFFFFFFF)
+    return torch.where(real, vals, float("-inf")), torch.where(real, ids, ID_SENTINEL.value)
+
+
+def _linear_partials_fused_topk(hidden, weight, bias, target, *, k, n_valid_cols, vocab_start, ignore_index,
+                                softcap, temperature, n_splits, need_entropy, need_sum_x, config):  # fmt: skip
+    """k > 0 in the fused kernel. Each logit tile gives each row its few largest logits at or above
+    the row's running threshold as candidates (``_take_candidates``); the exact top-k of those
+    is taken after the launch. The threshold rises with the candidates' level counts
+    (``_level_threshold``), which every program of the row adds to and reads; the levels' grid
+    comes from a sample of the logits (``_level_grid``).
+
+    Exactness: every logit below the threshold is below the row's k-th largest. A row's result
+    is exact when (1) its candidate list did not overflow, (2) it has at least min(k, columns)
+    candidates (-inf logits are no candidates), (3) its k-th value is above every marked logit
+    that a tile left behind for lack of rounds (``dropped``), and (4) it has no NaN or +inf logit
+    (its sum of exponentials is then not finite). The rows that fail (one host sync for all) get
+    their top-k from fp32 logits through ``shard_partials``, as ``k > FUSED_TOPK_MAX_K`` does.
+    Extra memory: ``candidate_cap(k)`` x 8 bytes per row, for at most ``CAND_BYTES`` at a time,
+    and the [N, width] block of the candidates above the final threshold. Output: one piece."""
+    n_rows = hidden.shape[0]
+    device = hidden.device
+    cap = candidate_cap(k)
+    stats = torch.empty((N_FIELDS, 1, n_rows), dtype=torch.float32, device=device)
+    vals = torch.empty((1, n_rows, k), dtype=torch.float32, device=device)
+    ids = torch.empty((1, n_rows, k), dtype=torch.int64, device=device)
+    shard = dict(n_valid_cols=n_valid_cols, vocab_start=vocab_start, ignore_index=ignore_index,
+                 softcap=softcap, temperature=temperature)  # fmt: skip
+    fold = dict(n_out=1, slots=1, n_splits=n_splits, need_entropy=need_entropy, need_sum_x=need_sum_x, config=config)
+    if n_rows == 0:
+        return stats, vals, ids
+    if n_valid_cols == 0:  # no column: the k = 0 partials, no entry
+        stats, _ = _partials_launch(hidden, weight, bias, target, **shard, **fold)
+        return stats, vals.fill_(float("-inf")), ids.fill_(ID_SENTINEL.value)
+    rows_per = max(1, CAND_BYTES // (8 * cap))
+    rounds = min(MAX_ROUNDS, candidate_rounds(k, n_valid_cols))
+    need = min(k, n_valid_cols)
+    for r0 in range(0, n_rows, rows_per):
+        r1 = min(n_rows, r0 + rows_per)
+        h = hidden[r0:r1]
+        grid = _level_grid(h, weight, bias, n_valid_cols=n_valid_cols, softcap=softcap, temperature=temperature)
+        st, (cand_vals, cand_cols, count, levels) = _partials_launch(
+            h, weight, bias, None if target is None else target[r0:r1], topk=(k, cap, grid, rounds), **shard, **fold
+        )  # fmt: skip
+        stats[:, :, r0:r1] = st
+        # the candidates at or above the final threshold (at least k of them, unless checks fail)
+        stored = torch.arange(cap, device=device)[None, :] < count[:, None]
+        take = stored & (cand_vals >= _levels_threshold(levels.view(-1, LEVELS), grid[0], grid[1], need)[:, None])
+        redo = (count > cap) | (count < need) | ~torch.isfinite(st[1, 0])
+        redo |= (stored & (cand_vals > grid[2][:, None])).sum(dim=1) < need  # (3): k-th > dropped
+        width, n_redo = (int(x) for x in torch.stack((take.sum(dim=1).max(), redo.sum())).tolist())  # one sync
+        vals[0, r0:r1], ids[0, r0:r1] = _top_candidates(cand_vals, cand_cols, take, width, k, vocab_start)
+        if n_redo:
+            _exact_topk_rows(h, weight, bias, redo.nonzero()[:, 0], vals[0, r0:r1], ids[0, r0:r1], k=k, **shard)
+    return stats, vals, ids
+
+
+def _exact_topk_rows(hidden, weight, bias, rows, vals, ids, *, k, **shard):
+    """vals[rows], ids[rows] = the top-k of those rows' fp32 logits, through ``shard_partials``."""
+    chunk = max(1, TOPK_CHUNK_BYTES // max(1, 4 * weight.shape[0]))
+    for i in range(0, rows.numel(), chunk):
+        part = rows[i : i + chunk]
+        logits = linear_logits(hidden[part], weight, bias)
+        _, tv, ti = shard_partials(logits, None, k=k, n_splits=1, need_entropy=False, need_sum_x=False, **shard)
+        vals[part], ids[part] = tv[0], ti[0]
 
 
 def linear_logits(

@@ -152,6 +152,7 @@ def test_api_kernels_compile_for_sm90(recorded):
     ss.sample(x, seed=2**40 + 1, top_k=3)
     # column splits merged in finalize (a GPU's decode path; TP = 2's merge of 2 x 50 keys)
     from shardsoftmax import kernels
+    from shardsoftmax.kernels import linear as KL
 
     kw = dict(n_valid_cols=300, vocab_start=0, ignore_index=-100, softcap=None, temperature=1.0)
     st, tv, ti = kernels.shard_partials(x, t, k=50, n_splits=2, tile=(4, 32), **kw)
@@ -164,7 +165,10 @@ def test_api_kernels_compile_for_sm90(recorded):
     # bf16 with 16-byte aligned rows: the logit tiles' TMA loads (as on Hopper)
     hb, wb = h.detach().bfloat16(), w.detach().bfloat16().requires_grad_()
     ss.linear_cross_entropy(hb.requires_grad_(), wb, torch.randint(0, 40, (5,)), impl="fused").backward()
+    KL.linear_partials(hb.detach(), wb.detach(), None, None, k=3, n_valid_cols=40, vocab_start=0, ignore_index=-100,
+                       softcap=None, temperature=1.0, fused_topk=True)  # top-k candidates (opt-in), TMA
     assert any("tensordesc" in str(launch["args"]) for launch in recorded.values()), "no TMA launch recorded"
+    assert any(launch["args"].get("TOPK") == ("const", True) for launch in recorded.values()), "no top-k launch"
     assert len(recorded) >= 8, f"only {len(recorded)} distinct launches recorded"
     failures = compile_for_sm90(recorded)
     assert not failures, "\n".join(failures)

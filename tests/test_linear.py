@@ -697,10 +697,155 @@ def test_kernel_splits_and_chunks_agree(core_tier, monkeypatch):
     torch.testing.assert_close(many[0], one[0], rtol=1e-6, atol=1e-6)  # summed over chunks in fp32
     assert torch.equal(many[1], one[1]) and torch.equal(many[2], one[2])  # one chunk's own rows
 
-    full = kernels.linear_partials(hidden, weight, bias, target, k=3, **kw)
+    # the fp32-logits top-k path, a chunk of rows at a time
+    full = kernels.linear_partials(hidden, weight, bias, target, k=3, fused_topk=False, **kw)
     monkeypatch.setattr(KL, "TOPK_CHUNK_BYTES", 3 * 4 * case.v)  # 3 rows per chunk
-    chunked = kernels.linear_partials(hidden, weight, bias, target, k=3, **kw)
+    chunked = kernels.linear_partials(hidden, weight, bias, target, k=3, fused_topk=False, **kw)
     for a, b in zip(full, chunked):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+
+
+# ------------------------------------------------------------------------------------------------
+# Top-k inside the fused kernel: candidate lists, their checks and the exact fallback
+# ------------------------------------------------------------------------------------------------
+
+
+def fused_and_fp32_topk(hidden, weight, bias, *, k, splits=(1, 3), **kw):
+    """The top-k of the fused kernel's candidates and of the fp32-logits path, for each number of
+    vocabulary splits: they must be equal (the same fp32 logits, the same order), and the fused
+    path's stats those of k = 0 (up to the summation order)."""
+    fused = kw.pop("fused_topk", None)
+    want = kernels.linear_partials(hidden, weight, bias, None, k=k, n_splits=1, fused_topk=False, **kw)
+    for n_splits in splits:
+        got = kernels.linear_partials(hidden, weight, bias, None, k=k, n_splits=n_splits, fused_topk=fused, **kw)
+        stats = kernels.linear_partials(hidden, weight, bias, None, k=0, n_splits=n_splits, **kw)[0]
+        assert got[1].shape == got[2].shape == (1, hidden.shape[0], k)
+        torch.testing.assert_close(got[1], want[1][0:1], rtol=0, atol=0, equal_nan=True, msg=f"{n_splits} splits")
+        assert torch.equal(got[2], want[2][0:1]), f"ids, {n_splits} splits"
+        # (on CUDA the two launches may be tuned to different tiles: other fp32 summation orders)
+        torch.testing.assert_close(got[0], stats, rtol=1e-5, atol=1e-6, equal_nan=True, msg=f"{n_splits} splits")
+
+
+class FallbackSpy:
+    """Records the rows that the fused top-k recomputes from fp32 logits."""
+
+    def __init__(self, monkeypatch):
+        self.rows = []
+        exact = KL._exact_topk_rows
+
+        def spy(hidden, weight, bias, rows, *a, **kw):
+            self.rows.append(rows.cpu().tolist())
+            return exact(hidden, weight, bias, rows, *a, **kw)
+
+        monkeypatch.setattr(KL, "_exact_topk_rows", spy)
+
+
+@pytest.mark.core_tiers("cpu-triton", "cuda-triton")
+@pytest.mark.parametrize("k", [1, 7, 50])
+def test_fused_topk_matches_fp32_path(core_tier, monkeypatch, k):
+    """Gaussian logits, bias, padding columns, an offset shard, softcap and temperature: the
+    candidates' top-k is the fp32 path's, for 1 and 3 splits, with no row recomputed; the
+    threshold does filter (far fewer candidates than columns). k = 50 (the fp32 path's selection
+    takes minutes in the interpreter): against a stable sort of the fp32 logits, no transform.
+    The fused top-k is forced (``fused_topk=True``; it is off by default, and even when on takes
+    only shards wider than about 240 x k columns)."""
+    case = Case("topk", 19, 32, 1500, "bf16", True, {})
+    hidden, weight, bias, _ = on(core_tier, *make_inputs(case, seed=11))
+    spy = FallbackSpy(monkeypatch)
+    counts = []
+    launch = KL._partials_launch
+
+    def count(*a, **kw):
+        out = launch(*a, **kw)
+        if out[1] is not None:  # a top-k launch (not the k = 0 stats)
+            counts.append(out[1][2].clone())
+        return out
+
+    monkeypatch.setattr(KL, "_partials_launch", count)
+    kw = dict(n_valid_cols=1490, vocab_start=3000, ignore_index=IGNORE, fused_topk=True)
+    if k < 50:
+        for opts in ({"softcap": None, "temperature": 1.0}, {"softcap": 4.0, "temperature": 0.7}):
+            fused_and_fp32_topk(hidden, weight, bias, k=k, **kw, **opts)
+    else:
+        x = KL.linear_logits(hidden, weight, bias)[:, :1490]
+        want = torch.sort(x, dim=1, descending=True, stable=True)  # ties: the lower id first
+        for n_splits in (1, 3):
+            _, vals, ids = kernels.linear_partials(hidden, weight, bias, None, k=k, n_splits=n_splits,
+                                                   softcap=None, temperature=1.0, **kw)  # fmt: skip
+            assert torch.equal(vals[0], want.values[:, :k]) and torch.equal(ids[0], want.indices[:, :k] + 3000)
+        assert KL.candidate_rounds(k, 1490) > KL.MAX_ROUNDS  # (so by default the fp32 path takes it)
+    if k < 50 or hidden.device.type == "cpu":  # (CUDA's 128-column tiles hold ~4 of a row's top 50
+        assert spy.rows == []  # of 1490 here: tiles left with more than 8 send their rows back)
+    found = torch.stack(counts)
+    assert (found >= k).all() and found.float().mean() < 0.5 * 1490, found
+
+
+@pytest.mark.core_tiers("cpu-triton", "cuda-triton")
+def test_fused_topk_ties_go_to_the_lower_id(core_tier, monkeypatch):
+    """Logits that are small integers: most of a row's top-k are ties, across tiles and splits;
+    the lower id must win, as in the fp32 path (most rows from their candidates, not recomputed)."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randint(-2, 3, (11, 16), generator=g).float()
+    weight = torch.randint(-1, 2, (700, 16), generator=g).float()
+    spy = FallbackSpy(monkeypatch)
+    fused_and_fp32_topk(on(core_tier, hidden)[0], on(core_tier, weight)[0], None, k=20, n_valid_cols=700,
+                        vocab_start=0, ignore_index=IGNORE, softcap=None, temperature=1.0, fused_topk=True)  # fmt: skip
+    assert all(len(rows) <= 5 for rows in spy.rows), spy.rows
+
+
+@pytest.mark.core_tiers("cpu-triton", "cuda-triton")
+def test_fused_topk_recomputes_the_rows_it_cannot_prove(core_tier, monkeypatch):
+    """Each of the fused top-k's checks sends a row to the fp32 path, with results equal to the
+    fp32 path's: (1) a candidate list that overflows (logits rising along the vocabulary, a list
+    of 8), (2) a tile that holds more of the row's top k than its rounds take (the row's 5 largest
+    logits in one tile, 1 round), (3) a row with NaN, (4) k above the shard's columns (the missing
+    entries are -inf and the sentinel id). The fused top-k is forced (these shards are narrow)."""
+    kw = dict(vocab_start=0, ignore_index=IGNORE, softcap=None, temperature=1.0, fused_topk=True)
+    g = torch.Generator().manual_seed(4)
+    hidden, weight = torch.randn(6, 16, generator=g), torch.randn(400, 16, generator=g) * 0.3
+    weight[:, 0] = torch.arange(400) / 100.0  # row 0 = hidden[0, 0] x column / 100: rising
+    hidden[0] = 0.0
+    hidden[0, 0] = 1.0
+    weight[7:12, 1] = 50.0  # row 1: its 5 largest logits are columns 7-11, in one tile
+    hidden[1, 1] = 1.0
+    hidden, weight = on(core_tier, hidden, weight)
+    spy = FallbackSpy(monkeypatch)
+    monkeypatch.setattr(KL, "candidate_cap", lambda k: 8)  # (1)
+    fused_and_fp32_topk(hidden, weight, None, k=5, splits=(1,), n_valid_cols=400, **kw)
+    assert len(spy.rows) == 1 and 0 in spy.rows[0], spy.rows  # (other rows may overflow 8 too)
+    monkeypatch.undo()
+
+    spy = FallbackSpy(monkeypatch)
+    monkeypatch.setattr(KL, "candidate_rounds", lambda k, v: 1)  # (2)
+    fused_and_fp32_topk(hidden, weight, None, k=5, splits=(1, 2), n_valid_cols=400, **kw)
+    assert len(spy.rows) == 2 and all(1 in rows for rows in spy.rows), spy.rows
+    monkeypatch.undo()
+
+    spy = FallbackSpy(monkeypatch)
+    nan = hidden.clone()
+    nan[4, 3] = float("nan")  # (3): row 4's logits all NaN
+    fused_and_fp32_topk(nan, weight, None, k=5, splits=(1, 2), n_valid_cols=400, **kw)
+    assert spy.rows == [[4], [4]], spy.rows
+
+    # (4): 9 real columns, k = 12 (by default the fp32 path takes such narrow shards)
+    assert KL.candidate_rounds(12, 9) > KL.MAX_ROUNDS
+    fused_and_fp32_topk(hidden, weight, None, k=12, splits=(1, 2), n_valid_cols=9, **kw)
+    got = kernels.linear_partials(hidden, weight, None, None, k=12, n_valid_cols=9, n_splits=2, **kw)
+    assert (got[2][0, :, 9:] == KL.ID_SENTINEL.value).all() and (got[1][0, :, 9:] == float("-inf")).all()
+
+
+@pytest.mark.core_tiers("cpu-triton", "cuda-triton")
+def test_fused_topk_row_chunks(core_tier, monkeypatch):
+    """The candidate lists take at most CAND_BYTES at a time: rows in several launches give the
+    same results as one launch."""
+    case = Case("rows", 13, 16, 300, "fp32", True, {})
+    hidden, weight, bias, _ = on(core_tier, *make_inputs(case, seed=8))
+    kw = dict(k=4, n_valid_cols=300, vocab_start=0, ignore_index=IGNORE, softcap=None, temperature=1.0,
+              fused_topk=True)  # fmt: skip
+    one = kernels.linear_partials(hidden, weight, bias, None, **kw)
+    monkeypatch.setattr(KL, "CAND_BYTES", 5 * 8 * KL.candidate_cap(4))  # 5 rows per launch
+    chunked = kernels.linear_partials(hidden, weight, bias, None, **kw)
+    for a, b in zip(one, chunked):
         assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
 
 
@@ -710,7 +855,8 @@ def test_kernel_splits_and_chunks_agree(core_tier, monkeypatch):
 def test_cuda_launch_path_in_interpreter(core_tier, monkeypatch, autotune, tma):
     """The launch path CUDA takes (autotuned kernels, or their first configs with AUTOTUNE off),
     run in the interpreter with small configs and a CPU timer: tuning runs must not leave their
-    partial sums in the accumulating grad_hidden GEMM (restore_value), and with TMA each config's
+    partial sums in the accumulating grad_hidden GEMM, nor their top-k candidates counted
+    (restore_value), and with TMA each config's
     pre-hook must give the descriptors its blocks. fp32 (pointers) or bf16 widened to fp32 (TMA):
     without the interpreter's upcast, its bf16 dot is wrong."""
 
@@ -728,6 +874,9 @@ def test_cuda_launch_path_in_interpreter(core_tier, monkeypatch, autotune, tma):
         monkeypatch.setattr(
             KL, "_partials" + suffix, tune(tile, key=["hidden_size", "n_cols"])(KL._linear_partials_kernel)
         )
+        # the top-k variant: tuning runs must not leave their candidates counted (restore_value)
+        topk_tuned = tune(tile, key=["hidden_size", "n_cols"], restore_value=["cand_count_ptr", "levels_ptr"])
+        monkeypatch.setattr(KL, "_partials_topk" + suffix, topk_tuned(KL._linear_partials_kernel))
         tile_tuned = tune(tile, key=["hidden_size", "GRAD"])(KL._linear_tile_kernel)
         monkeypatch.setattr(KL, "_tile" + suffix, tile_tuned)
     monkeypatch.setattr(
@@ -748,6 +897,10 @@ def test_cuda_launch_path_in_interpreter(core_tier, monkeypatch, autotune, tma):
     lse = (st[0] + st[1].log()).double()  # per split: max + log sum exp
     lse = torch.logsumexp(lse, dim=0)
     torch.testing.assert_close(lse, torch.logsumexp(x64, -1), rtol=1e-6, atol=1e-6)
+    _, vals, ids = kernels.linear_partials(hidden, weight, bias, None, k=3, n_splits=2, fused_topk=True, **fwd)
+    want = kernels.linear_partials(hidden, weight, bias, None, k=3, n_splits=1, fused_topk=False, **fwd)
+    torch.testing.assert_close(vals, want[1], rtol=1e-6, atol=1e-6)
+    assert torch.equal(ids, want[2])
     # the reduced loss's gradient (one value) times the reduction's scale 0.5, 0 on ignored rows
     lse_bwd = torch.cat([lse.float(), torch.tensor([0.5])])
     scale = torch.where(target != IGNORE, 0.5, 0.0).double()
