@@ -26,6 +26,15 @@ def widen_ids(ids: torch.Tensor) -> torch.Tensor:
     return torch.where(ids == ID32_SENTINEL.value, ID_SENTINEL.value, ids.to(torch.int64))
 
 
+def topk_select(vals: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best (value, id) pairs along the last dim: value descending, lower id first on ties;
+    NaN ranks above every number (as in torch.topk)."""
+    ids_sorted, order = torch.sort(ids, dim=-1, stable=True)
+    vals_sorted = torch.gather(vals, -1, order)
+    vals_out, order2 = torch.sort(vals_sorted, dim=-1, descending=True, stable=True)
+    return vals_out[..., :k], torch.gather(ids_sorted, -1, order2)[..., :k]
+
+
 def narrow_ids(ids: torch.Tensor) -> torch.Tensor:
     """int64 top-k ids as the int32 they travel as (``ID_SENTINEL`` as ``ID32_SENTINEL``); ids
     must be below ``ID32_SENTINEL`` (``collective`` refuses wider groups)."""

@@ -54,7 +54,15 @@ try:  # Triton >= 3.4: host-side tensor descriptors, for TMA loads on Hopper and
 except ImportError:  # pragma: no cover - older Triton: pointer loads only
     TensorDescriptor = None
 
-from .common import ID_SENTINEL, cross_entropy_grad, next_pow2, online_update, rescale_factor, transform_logits
+from .common import (
+    ID_SENTINEL,
+    cross_entropy_grad,
+    next_pow2,
+    online_update,
+    rescale_factor,
+    topk_select,
+    transform_logits,
+)
 from .partials import N_FIELDS, default_splits, shard_partials, tile_shape
 
 TOPK_CHUNK_BYTES = 256 << 20  # fp32 logits of one chunk of rows on the top-k path
@@ -758,29 +766,25 @@ def linear_partials(
     if k > 0:
         return _linear_partials_fused_topk(hidden, weight, bias, target, k=k, **shard, **fold)
     slots = MERGE_SLOTS if slots is None else slots
-    n_out = min(slots, _splits(hidden, weight, n_valid_cols, n_splits)) if slots else None
-    stats, _ = _partials_launch(hidden, weight, bias, target, n_out=n_out, slots=slots, **shard, **fold)
+    stats, _ = _partials_launch(hidden, weight, bias, target, slots=slots, **shard, **fold)
     empty = (stats.shape[1], n_rows, 0)
     return stats, torch.empty(empty, dtype=torch.float32, device=device), torch.empty(empty, dtype=torch.int64, device=device)
 
 
-def _splits(hidden, weight, n_valid_cols, n_splits):
-    if n_splits is None:
-        n_splits = default_linear_splits(hidden.shape[0], n_valid_cols, hidden.device, use_tma(hidden, weight))
-    return max(1, n_splits)
-
-
-def _partials_launch(hidden, weight, bias, target, *, n_out, slots, n_valid_cols, vocab_start, ignore_index,
+def _partials_launch(hidden, weight, bias, target, *, slots, n_valid_cols, vocab_start, ignore_index,
                      softcap, temperature, n_splits, need_entropy, need_sum_x, config, topk=None):  # fmt: skip
-    """One launch of ``_linear_partials_kernel``: ``(stats [N_FIELDS, pieces, N], counters)``.
+    """One launch of ``_linear_partials_kernel``: ``(stats [N_FIELDS, pieces, N], counters)``, with
+    min(slots, S) pieces for S splits (S with ``slots`` 0).
     ``topk``: (k, cand_cap, bounds [3, N], rounds) to also collect candidates; then the second
     result is (candidate values, columns, counts [N], level counts [N, LEVELS]), else None."""
     n_rows, hidden_size = hidden.shape
     n_cols = weight.shape[0]
     device = hidden.device
     tma = use_tma(hidden, weight)
-    n_splits = _splits(hidden, weight, n_valid_cols, n_splits)
-    n_out = n_out if slots else n_splits
+    if n_splits is None:
+        n_splits = default_linear_splits(n_rows, n_valid_cols, device, tma)
+    n_splits = max(1, n_splits)
+    n_out = min(slots, n_splits) if slots else n_splits
     stats = torch.empty((N_FIELDS, n_out, n_rows), dtype=torch.float32, device=device)
     if n_rows == 0:
         return stats, None
@@ -880,17 +884,10 @@ def _levels_threshold(levels: torch.Tensor, origin: torch.Tensor, width: torch.T
     return torch.where(top >= 1, origin + (top - 1).to(origin.dtype) * width, float("-inf"))
 
 
-def _key_order(vals: torch.Tensor) -> torch.Tensor:
-    """fp32 -> int64 with the same order, as ``common.ordered_int32`` (NaN above +inf, -0.0 = 0.0)."""
-    i = torch.where(vals == 0, 0.0, vals).view(torch.int32)
-    i = torch.where(vals != vals, 0x7FC00000, i)
-    return (i ^ ((i >> 31) & 0x7FFFFFFF)).to(torch.int64)
-
-
 def _top_candidates(cand_vals, cand_cols, take, width: int, k: int, vocab_start: int):
-    """The exact top-k (values descending, ties to the lower id) of the candidates ``take`` marks
-    (at most ``width`` per row), moved to the front of a [N, width] block first:
-    ``(vals [N, k] fp32, ids [N, k] int64)``, missing entries as -inf / ``ID_SENTINEL``."""
+    """The exact top-k (values descending, ties to the lower id: ``topk_select``) of the
+    candidates ``take`` marks (at most ``width`` per row), moved to the front of a [N, width] block
+    first: ``(vals [N, k] fp32, ids [N, k] int64)``, missing entries as -inf / ``ID_SENTINEL``."""
     n_rows = cand_vals.shape[0]
     width = max(width, k)
     pos = torch.where(take, take.cumsum(dim=1, dtype=torch.int32) - 1, width).to(torch.int64)  # width: the rest
@@ -898,15 +895,9 @@ def _top_candidates(cand_vals, cand_cols, take, width: int, k: int, vocab_start:
     cols = torch.full((n_rows, width + 1), -1, dtype=torch.int32, device=cand_vals.device)
     vals.scatter_(1, pos, cand_vals)
     cols.scatter_(1, pos, cand_cols)
-    vals, cols = vals[:, :width], cols[:, :width]
-    lowest = torch.iinfo(torch.int64).min
-    keys = torch.where(cols >= 0, (_key_order(vals) << 32) | (2147483647 - cols).to(torch.int64), lowest)
-    top = torch.topk(keys, k, dim=1).values
-    real = top != lowest
-    hi = (top >> 32).to(torch.int32)
-    vals = (hi ^ ((hi >> 31) & 0x7FFFFFFF)).view(torch.float32)
-    ids = vocab_start + 2147483647 - (top & 0xFFFFFFFF)
-    return torch.where(real, vals, float("-inf")), torch.where(real, ids, ID_SENTINEL.value)
+    vals, cols = topk_select(vals[:, :width], cols[:, :width].to(torch.int64), k)
+    real = cols >= 0  # (no candidate is -inf: an empty slot sorts after every real one)
+    return torch.where(real, vals, float("-inf")), torch.where(real, vocab_start + cols, ID_SENTINEL.value)
 
 
 def _linear_partials_fused_topk(hidden, weight, bias, target, *, k, n_valid_cols, vocab_start, ignore_index,
@@ -933,7 +924,7 @@ def _linear_partials_fused_topk(hidden, weight, bias, target, *, k, n_valid_cols
     ids = torch.empty((1, n_rows, k), dtype=torch.int64, device=device)
     shard = dict(n_valid_cols=n_valid_cols, vocab_start=vocab_start, ignore_index=ignore_index,
                  softcap=softcap, temperature=temperature)  # fmt: skip
-    fold = dict(n_out=1, slots=1, n_splits=n_splits, need_entropy=need_entropy, need_sum_x=need_sum_x, config=config)
+    fold = dict(slots=1, n_splits=n_splits, need_entropy=need_entropy, need_sum_x=need_sum_x, config=config)
     if n_rows == 0:
         return stats, vals, ids
     if n_valid_cols == 0:  # no column: the k = 0 partials, no entry
@@ -963,13 +954,11 @@ def _linear_partials_fused_topk(hidden, weight, bias, target, *, k, n_valid_cols
 
 
 def _exact_topk_rows(hidden, weight, bias, rows, vals, ids, *, k, **shard):
-    """vals[rows], ids[rows] = the top-k of those rows' fp32 logits, through ``shard_partials``."""
-    chunk = max(1, TOPK_CHUNK_BYTES // max(1, 4 * weight.shape[0]))
-    for i in range(0, rows.numel(), chunk):
-        part = rows[i : i + chunk]
-        logits = linear_logits(hidden[part], weight, bias)
-        _, tv, ti = shard_partials(logits, None, k=k, n_splits=1, need_entropy=False, need_sum_x=False, **shard)
-        vals[part], ids[part] = tv[0], ti[0]
+    """vals[rows], ids[rows] = the top-k of those rows' fp32 logits (``_linear_partials_topk``, one
+    split)."""
+    _, tv, ti = _linear_partials_topk(hidden[rows], weight, bias, None, k=k, n_splits=1, need_entropy=False,
+                                      need_sum_x=False, config=None, **shard)  # fmt: skip
+    vals[rows], ids[rows] = tv[0], ti[0]
 
 
 def linear_logits(

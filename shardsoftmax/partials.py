@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 
 from .kernels.common import ID_SENTINEL as _ID_SENTINEL
-from .kernels.common import widen_ids
+from .kernels.common import topk_select, widen_ids
 
 ID_SENTINEL = _ID_SENTINEL.value  # int64 max: the kernels' mark of a missing top-k entry
 
@@ -104,15 +104,6 @@ def rescale(value: torch.Tensor, m: torch.Tensor, new_max: torch.Tensor) -> torc
     """value * exp(m - new_max), with 0 where the piece's max is -inf (so no -inf - -inf); a NaN
     value stays NaN there (a NaN logit hidden behind a max of -inf)."""
     return torch.where(m == float("-inf"), value * 0.0, value * torch.exp(m - new_max))
-
-
-def topk_select(vals: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best (value, id) pairs along the last dim: value descending, lower id first on ties;
-    NaN ranks above every number (as in torch.topk)."""
-    ids_sorted, order = torch.sort(ids, dim=-1, stable=True)
-    vals_sorted = torch.gather(vals, -1, order)
-    vals_out, order2 = torch.sort(vals_sorted, dim=-1, descending=True, stable=True)
-    return vals_out[..., :k], torch.gather(ids_sorted, -1, order2)[..., :k]
 
 
 def merge_stacked(p: Partials) -> Partials:
