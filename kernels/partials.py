@@ -17,11 +17,16 @@ import triton.language as tl
 from .common import (
     ID32_SENTINEL,
     ID_SENTINEL,
+    KEY16_COLS,
+    MIN_KEY16,
     cdiv,
+    key16_col,
+    key16_value,
     key_col,
     key_slots,
     key_value,
     make_key,
+    make_key16,
     min_key_like,
     next_pow2,
     online_update,
@@ -301,30 +306,43 @@ def _rescan_nan_row(row_ptr, cm_row, col_lo, col_hi, n_chunks, softcap, inv_temp
 
 
 @triton.jit
-def _rank_candidates(list_e, n_e, row_ptr, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr,
-                     HAS_TEMPERATURE: tl.constexpr, KP: tl.constexpr):  # fmt: skip
+def _rank_candidates(list_e, n_e, row_ptr, col_lo, softcap, inv_temperature,
+                     HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, KP: tl.constexpr,
+                     KEY16: tl.constexpr):  # fmt: skip
     """The keys (sorted, descending) of the first n_e (<= KP) columns of the rows' lists (-1: no
-    column)."""
+    column): int64 keys, or with KEY16 (values exactly bfloat16, split columns < 2**16) int32
+    keys of the columns from ``col_lo``."""
     e = tl.arange(0, KP)[None, :]
     cols = tl.load(list_e[:, None] + e, mask=e < n_e[:, None], other=-1)
     real = cols >= 0
     x = _load_transformed(row_ptr[:, None], cols, real, softcap, inv_temperature, HAS_SOFTCAP,
                           HAS_TEMPERATURE)  # fmt: skip
-    keys = tl.where(real, make_key(x, cols), min_key_like([n_e.shape[0], KP]))
+    if KEY16:
+        keys = tl.where(real, make_key16(x, cols - col_lo), MIN_KEY16)
+    else:
+        keys = tl.where(real, make_key(x, cols), min_key_like([n_e.shape[0], KP]))
     return tl.sort(keys, dim=1, descending=True)
 
 
 @triton.jit
-def _store_top(topk_vals_ptr, topk_ids_ptr, base, top, vocab_start, mask, KP: tl.constexpr):
+def _store_top(topk_vals_ptr, topk_ids_ptr, base, top, vocab_start, col_lo, mask, KP: tl.constexpr):
     """Store keys ``top`` (values and global ids) at ``base + [0, KP)`` where ``mask``; a missing
-    entry's id is the largest of the ids' type (int64, or int32 in a send buffer)."""
-    real = top != min_key_like(top.shape)
+    entry's id is the largest of the ids' type (int64, or int32 in a send buffer). ``top``: int64
+    keys, or int32 keys (``make_key16``) of the columns from ``col_lo``."""
     kk = tl.arange(0, KP)
-    tl.store(topk_vals_ptr + base + kk, tl.where(real, key_value(top), float("-inf")), mask=mask)
-    if topk_ids_ptr.dtype.element_ty == tl.int32:
-        ids = tl.where(real, vocab_start + key_col(top), ID32_SENTINEL)
+    if top.dtype == tl.int32:
+        real = top != MIN_KEY16
+        value = key16_value(top)
+        col = col_lo + key16_col(top)
     else:
-        ids = tl.where(real, vocab_start + key_col(top).to(tl.int64), ID_SENTINEL)
+        real = top != min_key_like(top.shape)
+        value = key_value(top)
+        col = key_col(top)
+    tl.store(topk_vals_ptr + base + kk, tl.where(real, value, float("-inf")), mask=mask)
+    if topk_ids_ptr.dtype.element_ty == tl.int32:
+        ids = tl.where(real, vocab_start + col, ID32_SENTINEL)
+    else:
+        ids = tl.where(real, vocab_start + col.to(tl.int64), ID_SENTINEL)
     tl.store(topk_ids_ptr + base + kk, ids, mask=mask)
 
 
@@ -367,6 +385,7 @@ def _select_kernel(
     # the brute-force path, in small blocks (its registers count for the whole kernel):
     BF: tl.constexpr,  # chunk maxima ranked at once (>= KP)
     BE: tl.constexpr,  # chunks re-read at once (BE * CHUNK >= KP)
+    KEY16: tl.constexpr,  # rank by int32 keys (make_key16): bf16 values, split columns < 2**16
 ):
     """Grid: (programs, n_splits); each program selects the exact top-K of blocks of R rows
     (rows pid * R.., (pid + programs) * R.., ...) of one column split from the chunk maxima the
@@ -382,7 +401,7 @@ def _select_kernel(
     4. re-read those chunks: bit masks of their elements >= t, expanded into the list of
        candidate columns (~K..KP);
     5. sort the candidates' (value, column) keys: the first K are the top-K (lower column first
-       among equal values).
+       among equal values); int32 keys with KEY16 (values exactly bfloat16), else int64.
     The bit masks keep every step on small tensors: a prefix sum or a store per element would
     cost more than the rest. A list that outgrows its capacity sends its row to
     ``_brute_force_topk`` (same result). A split whose sum came out NaN (a NaN or +inf in it) is
@@ -568,11 +587,11 @@ def _select_kernel(
             tl.debug_barrier()
         over = over | (n_e > KP)
         n_e = tl.where(over, 0, n_e)
-        top = _rank_candidates(ranked, n_e, row_ptr, softcap, inv_temperature, HAS_SOFTCAP,
-                               HAS_TEMPERATURE, KP)  # fmt: skip
+        top = _rank_candidates(ranked, n_e, row_ptr, col_lo, softcap, inv_temperature, HAS_SOFTCAP,
+                               HAS_TEMPERATURE, KP, KEY16)  # fmt: skip
         kk = tl.arange(0, KP)[None, :]
         base = ((split * total_rows + row) * K)[:, None]
-        _store_top(topk_vals_ptr, topk_ids_ptr, base, top, vocab_start,
+        _store_top(topk_vals_ptr, topk_ids_ptr, base, top, vocab_start, col_lo,
                    live[:, None] & ~over[:, None] & (kk < K), KP)  # fmt: skip
         # a row whose lists overflowed is marked (id -2) and ranked after the loop
         tl.store(topk_ids_ptr + base + kk, tl.full([R, KP], -2, tl.int64),
@@ -594,7 +613,7 @@ def _select_kernel(
                                              inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE, K, KP,
                                              CHUNK, BF, BE)  # fmt: skip
                     k1 = tl.arange(0, KP)
-                    _store_top(topk_vals_ptr, topk_ids_ptr, base1, top1, vocab_start, k1 < K, KP)
+                    _store_top(topk_vals_ptr, topk_ids_ptr, base1, top1, vocab_start, col_lo, k1 < K, KP)
 
 
 # k <= SELECT_SMALL_K: chunks of 32 columns and a one-warp selection (tile_shape, topk_params,
@@ -680,8 +699,11 @@ def topk_params(k: int, chunks_per_split: int, chunk: int, *, rows: int | None =
         CB=cb,
         ONE_BLOCK=cb >= chunks_per_split,
         # k <= 128: halfway between k and KP (a few more bisection steps, fewer candidates than
-        # KP); larger k: at least 1.25 k (fewer bisection steps over the 2 KP groups)
-        UG=max(k, ug or k + max((kp - k) // 2, 0 if k <= SELECT_SMALL_K else k // 4)),
+        # KP); larger k: at least 1.125 k. At 1.25 k (v0.8) the candidates of k = 1024 came to
+        # ~1670 of CAPE = 2048 on average and up to 2044 in a simulation of 1024 rows at V_shard =
+        # 128256 (a row past CAPE takes the brute-force path); at 1.125 k, ~1520 and 1700, and
+        # the selection took 15-18% less time at V_shard = 32064 and 128256 (H200, v0.14)
+        UG=max(k, ug or k + max((kp - k) // 2, 0 if k <= SELECT_SMALL_K else k // 8)),
         CAPG=capg or max(8, 2 * kp),
         CAPC=capc or max(8, 2 * kp),
         CAPE=max(cape, kp),
@@ -720,7 +742,8 @@ def shard_partials(
     validates once, before any kernel). ``need_entropy`` / ``need_sum_x`` = False skip those sums
     (written as NaN). ``tile`` and ``num_warps`` (the streaming kernel), ``select_warps``,
     ``select_programs_per_sm`` and ``select_params`` (keywords of ``topk_params``, and
-    ``maxnreg``: the selection's register cap on CUDA, 0 for none; the top-k selection) override
+    ``maxnreg``: the selection's register cap on CUDA, 0 for none; ``key16=False``: int64 sort
+    keys even where 32-bit ones are exact; the top-k selection) override
     the defaults (tuning); ``select_launch=False`` skips the selection (timing
     the streaming kernel alone: the top-k outputs are left unwritten). ``out``:
     (stats, topk_vals, topk_ids) to write into when the launch has one column split and their
@@ -763,6 +786,11 @@ def shard_partials(
         sp = dict(select_params or {})
         small_k = k <= SELECT_SMALL_K
         maxnreg = sp.pop("maxnreg", SELECT_MAXNREG if small_k else SELECT_MAXNREG_LARGE_K)
+        # 32-bit sort keys when every value is exactly a bfloat16 and a split's columns fit 16 bits
+        key16 = sp.pop("key16", True) and (
+            logits.dtype == torch.bfloat16 and softcap is None and float(temperature) == 1.0
+            and cols_per_split <= KEY16_COLS
+        )  # fmt: skip
         select_launch_opts = {"maxnreg": maxnreg} if maxnreg and device.type == "cuda" else {}
         tk = topk_params(k, cols_per_split // chunk, chunk, **sp)
         per_sm = select_programs_per_sm or (PROGRAMS_PER_SM if small_k else PROGRAMS_PER_SM_LARGE_K)
@@ -792,7 +820,8 @@ def shard_partials(
                 r1 - r0, r0, n_rows, n_valid_cols, cols_per_split, cols_per_split // chunk,
                 cm_stride, vocab_start, logits.stride(0), *transform,
                 HAS_SOFTCAP=softcap is not None, HAS_TEMPERATURE=float(temperature) != 1.0,
-                K=k, ROWS=rows, CHUNK=chunk, num_warps=select_warps or default_select_warps(k), **tk,
+                K=k, ROWS=rows, CHUNK=chunk, KEY16=key16,
+                num_warps=select_warps or default_select_warps(k), **tk,
                 **select_launch_opts,
             )  # fmt: skip
     return stats, topk_vals, topk_ids

@@ -122,6 +122,66 @@ def test_selection_fewer_chunks_than_k(device):
     check(x, 50, device=device, n_valid=297, tile=(4, 8), cape=512)
 
 
+class KeySpy:
+    """Records the ``KEY16`` of every launch of the selection kernel."""
+
+    def __init__(self, monkeypatch):
+        self.key16 = []
+        kernel = kernels.partials._select_kernel
+
+        class Spy:
+            def __getitem__(_, grid):
+                launch = kernel[grid]
+
+                def call(*args, **kw):
+                    self.key16.append(kw["KEY16"])
+                    return launch(*args, **kw)
+
+                return call
+
+        monkeypatch.setattr(kernels.partials, "_select_kernel", Spy())
+
+
+BF16_KEYS = {  # (k, rows, knobs): bf16 rows (ties from the rounding; from row 2 on NaN, +inf,
+    # -inf), the top in the padded last chunk; 32-bit sort keys (the interpreter: seconds per row)
+    "defaults": (33, 7, dict()),
+    "second-threshold": (33, 2, dict(ug=64)),  # more than KP candidates first
+    "two-splits": (33, 3, dict(n_splits=2)),  # columns counted from the second split's start
+    "brute-force": (33, 2, dict(capc=16)),  # int64 keys there, stored with the 32-bit ones' code
+    "large-k": (200, 3, dict(tile=None)),  # KP = 256: chunks of 8 columns, 8 warps on CUDA
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("k", "n", "params"), BF16_KEYS.values(), ids=BF16_KEYS.keys())
+def test_selection_bf16_keys(device, monkeypatch, k, n, params):
+    """Values that are exactly bfloat16 rank by int32 keys (value, then the lower column); the
+    ids and values equal the reference's, as with int64 keys."""
+    spy = KeySpy(monkeypatch)
+    x = rows_for_selection(7, 4103, seed=k)[:n].to(torch.bfloat16)
+    check(x, k, device=device, n_valid=4101, **{"tile": (16, 32), **params})
+    assert spy.key16 and all(spy.key16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_selection_keys_stay_int64_where_16_bits_are_not_exact(device, monkeypatch):
+    """int64 keys for fp32 or fp16 values, a temperature, a softcap, or a split of more than
+    2**16 columns; and when asked for (``key16=False``)."""
+    spy = KeySpy(monkeypatch)
+    x = rows_for_selection(6, 300, seed=9)
+    check(x, 5, device=device, tile=(4, 32))
+    check(x.half(), 5, device=device, tile=(4, 32))
+    xb = x.to(torch.bfloat16)
+    check(xb, 5, device=device, tile=(4, 32), temperature=0.5)
+    check(xb, 5, device=device, tile=(4, 32), softcap=10.0)
+    check(xb, 5, device=device, tile=(4, 32), key16=False)
+    wide = torch.randn(1, 70000, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    wide[0, 69990] = 50.0  # a winner past column 2**16
+    check(wide, 3, device=device, n_splits=1)
+    check(xb, 5, device=device, tile=(4, 32))  # the one 32-bit launch
+    assert spy.key16 == [False] * 6 + [True]
+
+
 def test_decode_splits_keep_the_merge_short():
     """Decode-sized batches split each row's columns over programs (a GPU of 132 SMs wants 528
     programs); with a top-k of at most 128, only as many splits as keep the finalize kernel's
