@@ -837,7 +837,9 @@ def test_fused_topk_recomputes_the_rows_it_cannot_prove(core_tier, monkeypatch):
 @pytest.mark.core_tiers("cpu-triton", "cuda-triton")
 def test_fused_topk_row_chunks(core_tier, monkeypatch):
     """The candidate lists take at most CAND_BYTES at a time: rows in several launches give the
-    same results as one launch."""
+    same results as one launch (the same ids; values within an ulp or two: the interpreter of
+    Triton 3.9 computes a row's dot products in a different order when the launch has fewer
+    rows, and CUDA may tune the launches differently)."""
     case = Case("rows", 13, 16, 300, "fp32", True, {})
     hidden, weight, bias, _ = on(core_tier, *make_inputs(case, seed=8))
     kw = dict(k=4, n_valid_cols=300, vocab_start=0, ignore_index=IGNORE, softcap=None, temperature=1.0,
@@ -845,8 +847,10 @@ def test_fused_topk_row_chunks(core_tier, monkeypatch):
     one = kernels.linear_partials(hidden, weight, bias, None, **kw)
     monkeypatch.setattr(KL, "CAND_BYTES", 5 * 8 * KL.candidate_cap(4))  # 5 rows per launch
     chunked = kernels.linear_partials(hidden, weight, bias, None, **kw)
-    for a, b in zip(one, chunked):
-        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+    (stats, vals, ids), (stats_c, vals_c, ids_c) = one, chunked
+    assert torch.equal(ids, ids_c)
+    torch.testing.assert_close(vals_c, vals, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stats_c, stats, rtol=1e-5, atol=1e-5, equal_nan=True)  # sums of 300
 
 
 @pytest.mark.core_tiers("cpu-triton")
