@@ -780,6 +780,7 @@ def shard_partials(
         num_warps = 8 if (k == 0 and block >= 4096) else 4
     cm_stride = n_tiles * rows
     step = n_rows
+    transform_flags = dict(HAS_SOFTCAP=softcap is not None, HAS_TEMPERATURE=float(temperature) != 1.0)
     if k > 0:
         step = max(1, min(n_rows, CM_MAX_BYTES // (4 * cm_stride)))
         cm = torch.empty((step, cm_stride), dtype=torch.float32, device=device)
@@ -788,7 +789,7 @@ def shard_partials(
         maxnreg = sp.pop("maxnreg", SELECT_MAXNREG if small_k else SELECT_MAXNREG_LARGE_K)
         # 32-bit sort keys when every value is exactly a bfloat16 and a split's columns fit 16 bits
         key16 = sp.pop("key16", True) and (
-            logits.dtype == torch.bfloat16 and softcap is None and float(temperature) == 1.0
+            logits.dtype == torch.bfloat16 and not any(transform_flags.values())
             and cols_per_split <= KEY16_COLS
         )  # fmt: skip
         select_launch_opts = {"maxnreg": maxnreg} if maxnreg and device.type == "cuda" else {}
@@ -810,8 +811,7 @@ def shard_partials(
             logits, tgt, stats, cm,
             r0, n_rows, n_valid_cols, cols_per_split, cm_stride, vocab_start, ignore_index,
             logits.stride(0), *transform,
-            HAS_SOFTCAP=softcap is not None, HAS_TARGET=target is not None, STORE_CM=k > 0,
-            ROWS=rows, CHUNK=chunk, HAS_TEMPERATURE=float(temperature) != 1.0,
+            HAS_TARGET=target is not None, STORE_CM=k > 0, ROWS=rows, CHUNK=chunk, **transform_flags,
             NEED_ENTROPY=need_entropy, NEED_SUM_X=need_sum_x, num_warps=num_warps,
         )  # fmt: skip
         if k > 0 and select_launch:
@@ -819,8 +819,7 @@ def shard_partials(
                 logits, stats, cm, topk_vals, topk_ids, scratch,
                 r1 - r0, r0, n_rows, n_valid_cols, cols_per_split, cols_per_split // chunk,
                 cm_stride, vocab_start, logits.stride(0), *transform,
-                HAS_SOFTCAP=softcap is not None, HAS_TEMPERATURE=float(temperature) != 1.0,
-                K=k, ROWS=rows, CHUNK=chunk, KEY16=key16,
+                **transform_flags, K=k, ROWS=rows, CHUNK=chunk, KEY16=key16,
                 num_warps=select_warps or default_select_warps(k), **tk,
                 **select_launch_opts,
             )  # fmt: skip
