@@ -14,10 +14,13 @@ import pytest
 import torch
 from dist_utils import run_ranks
 
+import shardsoftmax as ss
+
 BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 sys.path.insert(0, BENCH_DIR)
 
 import bench_dist  # noqa: E402
+import bench_head_paths  # noqa: E402
 import bench_linear  # noqa: E402
 import bench_ops  # noqa: E402
 import common as C  # noqa: E402
@@ -445,3 +448,18 @@ def test_linear_peer_check_leaves_approximate_gradients_unjudged():
     ok, detail = check("cce", 1e-5, 2e-3, 3.3e-2)
     assert ok and "grads 3.3e-02 (approximate by design, not judged)" in detail
     assert not check("cce", 1e-2, 2e-3, 0.0)[0]  # its loss is still judged
+
+
+def test_head_paths_dry_run(tmp_path):
+    """``bench_head_paths`` on the CPU (the PyTorch backend: the benchmark's logic, not the
+    kernels): every provider checked and timed per case, the loss cases too, all checks PASS."""
+    args = ["--device", "cpu", "--out", str(tmp_path), "--n", "3", "--v", "300", "--k", "0", "2",
+            "--loss-n", "5", "--rounds", "2"]  # fmt: skip
+    with ss.use_backend("torch"):
+        assert bench_head_paths.main(args) == 0
+    _, rows = read_rows(only(str(tmp_path / "head_paths_*.csv")))
+    cases = sorted((r["op"], r["provider"], r["k"]) for r in rows)
+    stats = [("stats_fwd", p, k) for p in bench_head_paths.STATS_PROVIDERS for k in ("0", "2")]
+    assert cases == sorted(stats + [("ce_fwd+bwd", p, "0") for p in bench_head_paths.LOSS_PROVIDERS])
+    assert all(r["check"] == "PASS" and float(r["ms"]) > 0 and float(r["x_best"]) >= 1.0 for r in rows)
+    assert min(float(r["x_best"]) for r in rows if r["op"] == "stats_fwd" and r["k"] == "0") == 1.0
