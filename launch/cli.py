@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=("float32", "bfloat16", "float16", "float64", "auto"), default="float32",
         help="dtype of the logits matmul (auto: the head's dtype; default float32)",
     )  # fmt: skip
+    p.add_argument(
+        "--head-impl", choices=("unfused", "chunked", "fused"), default="unfused",  # data.HEAD_IMPLS
+        help="unfused (default, the fastest): each worker stores its [batch, V_shard] logits; chunked or "
+        "fused: never all of them (bounded memory, see ShardedScorer)",
+    )  # fmt: skip
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--softcap", type=float, default=None)
     p.add_argument("--ignore-index", type=int, default=-100, help="target id without a target (default -100)")
@@ -83,6 +88,7 @@ def _score(args, parser) -> int:
         max_retries=args.max_retries, device=args.device, dtype=args.dtype, temperature=args.temperature,
         softcap=args.softcap, ignore_index=args.ignore_index, ray_address=args.ray_address,
         num_cpus=args.num_cpus, progress=not args.no_progress, read_in_driver=args.read_in_driver,
+        head_impl=args.head_impl,
     )  # fmt: skip
     try:
         if args.demo:

@@ -13,7 +13,7 @@ Exactly once and resumable:
   its rows are in. Then ``OUT/_manifest.json`` is rewritten the same way (temp file + replace),
   adding the shard with its row count, its input's fingerprint (absolute path, size, mtime) and a
   hash of the settings that change results (head file fingerprint, vocab size, k, dtype,
-  temperature, softcap, ignore_index).
+  temperature, softcap, ignore_index, and head_impl when it is not the default).
 * A rerun skips a shard whose manifest entry matches its input and settings and whose file has the
   recorded row count; it recomputes every other shard (new, changed, or interrupted) and removes
   leftover temporary files. A crash between the rename and the manifest update leaves a complete
@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .data import HeadInfo, InputError, InputShard, inspect_head, inspect_inputs, iter_batches
+from .data import HEAD_IMPLS, HeadInfo, InputError, InputShard, inspect_head, inspect_inputs, iter_batches
 
 MANIFEST = "_manifest.json"
 MANIFEST_FORMAT = "shardsoftmax-score/1"
@@ -75,6 +75,7 @@ class JobConfig:
     num_cpus: int | None = None
     progress: bool = True
     read_in_driver: bool = False  # the driver reads the batches and ships them (no shared file system)
+    head_impl: str = "unfused"  # how workers compute statistics (ray_scorer.HEAD_IMPLS)
 
 
 @dataclass
@@ -128,6 +129,10 @@ def settings_hash(cfg: JobConfig, head: HeadInfo) -> tuple[str, dict]:
         "softcap": cfg.softcap,
         "ignore_index": cfg.ignore_index,
     }
+    if cfg.head_impl != "unfused":
+        # the logits' summation order may differ in the last bit; a key only when set, so that
+        # manifests written before the option existed still match
+        settings["head_impl"] = cfg.head_impl
     blob = json.dumps(settings, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16], settings
 
@@ -263,6 +268,8 @@ def validate(cfg: JobConfig) -> tuple[HeadInfo, list[InputShard]]:
             raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
     if not isinstance(cfg.max_retries, int) or cfg.max_retries < 0:
         raise InputError(f"--max-retries must be >= 0, got {cfg.max_retries!r}")
+    if cfg.head_impl not in HEAD_IMPLS:
+        raise InputError(f"--head-impl must be one of {HEAD_IMPLS}, got {cfg.head_impl!r}")
     if os.path.exists(cfg.output) and not os.path.isdir(cfg.output):
         raise InputError(f"--output {cfg.output} exists and is not a directory")
     head = inspect_head(cfg.head, cfg.vocab_size)
@@ -311,7 +318,7 @@ def run_job(cfg: JobConfig, *, on_shard_done: Callable | None = None, out=sys.st
     scorer = ShardedScorer(
         cfg.head, vocab_size=head.vocab_size, tp=cfg.tp, replicas=cfg.replicas, k=cfg.k, device=cfg.device,
         dtype=cfg.dtype, temperature=cfg.temperature, softcap=cfg.softcap, ignore_index=cfg.ignore_index,
-        max_retries=cfg.max_retries, address=cfg.ray_address, num_cpus=cfg.num_cpus,
+        max_retries=cfg.max_retries, address=cfg.ray_address, num_cpus=cfg.num_cpus, head_impl=cfg.head_impl,
     )  # fmt: skip
     with scorer:
         summary.device = scorer.device

@@ -4,7 +4,9 @@
 one contiguous row range of the head weight ``[V, H]`` (uneven splits allowed: the first
 ``V % tp`` ranks get one extra row) and computes only its own logits shard
 ``hidden @ W_shard.T (+ bias)``; ``shardsoftmax.softmax_stats`` then merges the shards' partials
-with one all-gather inside the group, so no actor ever holds the whole vocabulary's logits.
+with one all-gather inside the group, so no actor ever holds the whole vocabulary's logits
+(``head_impl="chunked"`` or ``"fused"``: ``linear_softmax_stats``, so none holds even its whole
+shard's).
 
 * **Gang scheduling.** Each group reserves a placement group of ``tp`` bundles with
   ``STRICT_PACK`` (one node, so NCCL uses NVLink): one GPU per actor when the cluster has GPUs
@@ -78,6 +80,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .data import (
+    HEAD_IMPLS,
     FileRows,
     HeadInfo,
     InputError,
@@ -355,7 +358,7 @@ class TPWorker:
     """
 
     def __init__(self, rank, world, vocab_start, weight, bias, vocab_size, device, dtype, backend, options,
-                 threads=1, breakdown=False):  # fmt: skip
+                 threads=1, breakdown=False, head_impl="unfused"):  # fmt: skip
         import shardsoftmax as ss
 
         self.ss = ss
@@ -372,6 +375,7 @@ class TPWorker:
         self.weight = weight.to(self.device, self.dtype, copy=True)
         self.bias = None if bias is None else bias.to(self.device, self.dtype, copy=True)
         self.options = options  # temperature, softcap, ignore_index
+        self.head_impl = head_impl  # "unfused", or linear_softmax_stats' impl
         self.group = None
         self.copy_stream = torch.cuda.Stream() if self.cuda else None
         # Three slots: one being staged (in the background), one computing, one whose results
@@ -607,11 +611,17 @@ class TPWorker:
             with torch.no_grad():
                 h = hidden.to(self.dtype)
                 t = None if targets is None else targets.to(torch.int64)
-                logits = torch.nn.functional.linear(h, self.weight, self.bias)  # [T, V_shard]: this shard
-                st = self.ss.softmax_stats(
-                    logits, t, k=k, vocab_size=self.vocab_size, vocab_start=self.vocab_start,
-                    process_group=self.group, **self.options,
-                )  # fmt: skip
+                layout = {"vocab_size": self.vocab_size, "vocab_start": self.vocab_start}
+                if self.head_impl == "unfused":
+                    logits = torch.nn.functional.linear(h, self.weight, self.bias)  # [T, V_shard]: this shard
+                    st = self.ss.softmax_stats(
+                        logits, t, k=k, process_group=self.group, **layout, **self.options
+                    )
+                else:  # never all of this shard's logits at once
+                    st = self.ss.linear_softmax_stats(
+                        h, self.weight, t, bias=self.bias, k=k, process_group=self.group, impl=self.head_impl,
+                        **layout, **self.options,
+                    )  # fmt: skip
                 if self.rank == 0:
                     words = pack_results(st, k)
                     out = _grown(slot.host, "out", words.numel() * 4, device="cpu", pin=self.cuda)
@@ -717,6 +727,8 @@ class ShardedScorer:
     path, see ``timing_breakdown``. ``object_store_memory``: bytes of the object store when the
     scorer starts a local Ray instance (default ``local_store_bytes``: sized to what it holds, so
     that the store reuses its memory; ignored when joining a cluster, whose store its owner sizes).
+    ``head_impl``: "unfused" (default, the fastest), "chunked" or "fused" (bounded memory); see
+    ``HEAD_IMPLS``. Results are the same up to the matmul's rounding.
     Use as a context manager or call ``close()``.
     """
 
@@ -745,6 +757,7 @@ class ShardedScorer:
         object_store_memory: int | None = None,
         collective_timeout_s: float = 600.0,
         start_timeout_s: float = 300.0,
+        head_impl: str = "unfused",
     ):
         positive = {"tp": tp, "replicas": replicas, "max_inflight": max_inflight, "put_threads": put_threads}
         for name, v in positive.items():
@@ -766,6 +779,9 @@ class ShardedScorer:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
         if backend not in (None, "auto", "torch", "triton"):
             raise ValueError(f"backend must be None, 'auto', 'torch' or 'triton', got {backend!r}")
+        if head_impl not in HEAD_IMPLS:
+            raise ValueError(f"head_impl must be one of {HEAD_IMPLS}, got {head_impl!r}")
+        self.head_impl = head_impl
 
         self.info = self._head_info(head, bias, vocab_size)
         if self.info.rows < tp:
@@ -909,6 +925,7 @@ class ShardedScorer:
                 self.options,
                 self.cpus_per_worker,
                 self._clock.on,
+                self.head_impl,
             )  # fmt: skip
             for r, (start, w_ref, b_ref) in enumerate(self._shards)
         ]

@@ -164,9 +164,12 @@ class VocabParallelLMHead(nn.Module):
     forward (blocks of 2048 rows or more; the three gradients computed in forward, 3 GEMMs as the unfused
     path; one all-gather per block in a group; memory: one block of logits and the fp32
     grad_weight accumulator, see ``linear_cross_entropy``); with reduction "none", backward
-    recomputes each chunk (one more GEMM). Off by default: when the logits fit, the unfused path
-    trains fastest (docs/performance.md; the Triton kernels, ``impl="fused"``, forward at the
-    matmul's speed on Hopper but backward ~9.6x of three matmuls on an H200). Both paths round the
+    recomputes each chunk (one more GEMM). Off by default: when the logits fit, the unfused path is
+    the fastest, in training and for statistics alike (one H200, H = 4096, bf16, docs/performance.md
+    v0.15: the loss's forward + backward took 13-16% longer fused at N = 8192 and 31-36% at 2048;
+    statistics took 0-18% longer through ``linear_softmax_stats`` at 1024-32768 tokens and up
+    to 1.5x at 1-256). Turn it on
+    when the [N, V_shard] logits (and their gradient) do not fit. Both paths round the
     logits to the weight's dtype as ``F.linear`` does and give the same results up to the matmul's
     summation order, with the same gradients.
 

@@ -19,6 +19,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 ray = pytest.importorskip("ray")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -228,11 +229,22 @@ def test_scorer_pipelined_many_batches_in_flight(ray_cluster, data, monkeypatch)
 @pytest.mark.parametrize("read_in_driver", [False, True], ids=["workers_read", "read_in_driver"])
 def test_job_dp2_tp2(ray_cluster, data, tmp_path, monkeypatch, read_in_driver):
     """Both data paths of the job: by default the workers read their batches (no object-store put
-    of hidden states), with ``read_in_driver`` the driver puts every batch."""
-    puts = []
-    real_put = ShardedScorer._put_batch
+    of hidden states), with ``read_in_driver`` the driver puts every batch. The second also takes
+    ``head_impl="chunked"`` (the workers never store their logits shard), recorded in the
+    manifest's settings."""
+    puts, scorers = [], []
+    real_put, real_init = ShardedScorer._put_batch, ShardedScorer.__init__
     monkeypatch.setattr(ShardedScorer, "_put_batch", lambda self, *a: puts.append(1) or real_put(self, *a))
-    summary = run_job(job(data, tmp_path / "out", replicas=2, read_in_driver=read_in_driver))
+    monkeypatch.setattr(
+        ShardedScorer, "__init__", lambda self, *a, **kw: scorers.append(self) or real_init(self, *a, **kw)
+    )
+    head_impl = "chunked" if read_in_driver else "unfused"
+    summary = run_job(
+        job(data, tmp_path / "out", replicas=2, read_in_driver=read_in_driver, head_impl=head_impl)
+    )
+    assert [s.head_impl for s in scorers] == [head_impl]
+    settings = json.load(open(tmp_path / "out" / MANIFEST))["settings"]
+    assert settings.get("head_impl") == (None if head_impl == "unfused" else head_impl)
     assert summary.workers == 4 and summary.shards_computed == len(SHARDS)
     assert summary.tokens == sum(SHARDS.values())
     n_batches = sum(-(-n // 64) for n in SHARDS.values())
@@ -421,6 +433,53 @@ def test_worker_stager_reuses_its_slots_safely(tmp_path, monkeypatch, device):
             worker.stager.shutdown()
             worker.reader.close()
             torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("head_impl", ray_scorer.HEAD_IMPLS)
+def test_worker_head_impls_give_the_same_results(monkeypatch, head_impl):
+    """``head_impl``: "unfused" stores the shard's logits and calls ``softmax_stats``; "chunked" and
+    "fused" call ``linear_softmax_stats`` with that impl and never store them. Each gives the
+    single-process API's results (one rank, no process group, in this process), with and without
+    targets, bias and padding rows included."""
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(ROWS, HIDDEN, generator=g) * 0.3
+    bias = torch.randn(ROWS, generator=g) * 0.1
+    calls = []
+    for name in ("softmax_stats", "linear_softmax_stats"):
+        real = getattr(ss, name)
+        monkeypatch.setattr(
+            ss,
+            name,
+            lambda *a, _real=real, _name=name, **kw: calls.append((_name, kw.get("impl"))) or _real(*a, **kw),
+        )
+    batches = [(torch.randn(70, HIDDEN, generator=g), torch.randint(0, VOCAB, (70,), generator=g), 7),
+               (torch.randn(5, HIDDEN, generator=g), None, 0)]  # fmt: skip
+    batches[0][1][::4] = -100
+    with ss.use_backend("torch"):
+        worker = ray_scorer.TPWorker(
+            0, 1, 0, ray_scorer.to_wire(weight), ray_scorer.to_wire(bias), VOCAB, "cpu", None, None,
+            {"temperature": 1.0, "softcap": None, "ignore_index": -100}, head_impl=head_impl,
+        )  # fmt: skip
+        try:
+            got = []
+            for seq, (hidden, targets, k) in enumerate(batches):
+                got.append(worker.score(seq, k, ray_scorer.to_wire(targets), ray_scorer.to_wire(hidden)))
+            got += [worker.flush(), worker.flush()]
+        finally:
+            worker.stager.shutdown()
+            worker.reader.close()
+        want = ("softmax_stats", None) if head_impl == "unfused" else ("linear_softmax_stats", head_impl)
+        assert calls == [want] * len(batches)
+        results = dict(r for r in got if r is not None)
+        for seq, (hidden, targets, k) in enumerate(batches):
+            ref = ss.softmax_stats(F.linear(hidden, weight, bias), targets, k=k, vocab_size=VOCAB)
+            res = ray_scorer.unpack_results(results[seq], targets is not None)
+            np.testing.assert_array_equal(res.topk_ids, ref.topk_ids.numpy())
+            for f in ("lse", "target_logprob", "entropy", "topk_logprobs"):
+                if getattr(ref, f) is None:
+                    assert getattr(res, f) is None
+                else:
+                    np.testing.assert_allclose(getattr(res, f), getattr(ref, f).numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_breakdown_per_batch_divides_driver_and_worker_stages_by_their_events():
@@ -642,6 +701,7 @@ BAD_SCORER_ARGS = [
     ({"put_threads": 0}, "put_threads"),
     ({"object_store_memory": -1}, "object_store_memory"),
     ({"object_store_memory": "big"}, "object_store_memory"),
+    ({"head_impl": "fast"}, "head_impl"),
 ]
 
 
