@@ -144,13 +144,13 @@ def run_checks(device, dtype, shapes, report: Callable[[str, bool, str], None]) 
         tf = {k: opts[k] for k in ("softcap", "temperature") if k in opts}
         defaults = (
             ss_linear.CHUNK_BYTES,
-            ss_linear.TOPK_BLOCK_BYTES,
+            ss_linear.FORWARD_BLOCK_BYTES,
             ss_linear.EAGER_ROWS,
             ss_linear.EAGER_BLOCK_BYTES,
         )
         try:
             if cols:
-                ss_linear.CHUNK_BYTES = ss_linear.TOPK_BLOCK_BYTES = n * cols * itemsize
+                ss_linear.CHUNK_BYTES = ss_linear.FORWARD_BLOCK_BYTES = n * cols * itemsize
             if rows:  # blocks of exactly this many rows
                 ss_linear.EAGER_ROWS, ss_linear.EAGER_BLOCK_BYTES = rows, 0
             chunks = f" ({-(-(vocab or v) // width)} chunks)"
@@ -160,22 +160,22 @@ def run_checks(device, dtype, shapes, report: Callable[[str, bool, str], None]) 
         finally:
             (
                 ss_linear.CHUNK_BYTES,
-                ss_linear.TOPK_BLOCK_BYTES,
+                ss_linear.FORWARD_BLOCK_BYTES,
                 ss_linear.EAGER_ROWS,
                 ss_linear.EAGER_BLOCK_BYTES,
             ) = defaults
         _check_impl("fused", name, hidden, weight, b, target, lay, tf, opts, report)
 
 
-def _chunked_logits(hidden, weight, b, real: int, k: int) -> torch.Tensor:
+def _chunked_logits(hidden, weight, b, real: int) -> torch.Tensor:
     """fp32 copy of the logits exactly as the chunked path computes them (the same cuBLAS calls
     on the same blocks, ``shardsoftmax.linear.forward_blocks``); padding columns 0 (excluded by
     vocab_size)."""
     n = hidden.shape[0]
     out = torch.zeros(n, weight.shape[0], dtype=torch.float32, device=hidden.device)
-    for r0, r1, c0, c1 in ss_linear.forward_blocks(n, real, hidden.element_size(), k)[1]:
-        buf = torch.empty((r1 - r0) * (c1 - c0), dtype=hidden.dtype, device=hidden.device)
-        out[r0:r1, c0:c1] = ss_linear._logits_chunk(hidden[r0:r1], weight, b, c0, c1, buf)
+    for r0, r1 in ss_linear.forward_blocks(n, real, hidden.element_size(), ss_linear.FORWARD_BLOCK_BYTES):
+        buf = torch.empty((r1 - r0) * real, dtype=hidden.dtype, device=hidden.device)
+        out[r0:r1, :real] = ss_linear._logits_chunk(hidden[r0:r1], weight, b, 0, real, buf)
     return out
 
 
@@ -191,7 +191,7 @@ def _check_impl(impl, name, hidden, weight, b, target, lay, tf, opts, report) ->
     name = f"{impl} {name}"
     for k in () if impl == "recompute" else (0, 5):  # recompute's statistics are chunked's
         if impl == "chunked":
-            logits_ref = _chunked_logits(hidden, weight, b, lay.get("vocab_size") or weight.shape[0], k)
+            logits_ref = _chunked_logits(hidden, weight, b, lay.get("vocab_size") or weight.shape[0])
         else:
             logits_ref = F.linear(*(None if x is None else x.float() for x in (hidden, weight, b)))
         st = ss.linear_softmax_stats(hidden, weight, target, bias=b, k=k, impl=impl, **tf, **lay)

@@ -347,11 +347,11 @@ def linear_softmax_stats(
     ignored and padded columns, the group, one collective) is as ``softmax_stats``; results are
     ``[...]`` / ``[..., k]``. Not differentiable.
 
-    ``impl``: ``"chunked"`` (default) computes the logits one vocabulary chunk at a time with
-    ``torch.mm`` (cuBLAS on CUDA) in the inputs' dtype, rounded to it as ``F.linear`` rounds them,
-    and runs the partials kernel on each chunk; one chunk (at most ``linear.CHUNK_BYTES``, 128 MiB)
-    exists at a time. ``"recompute"``: the same here (it differs from "chunked" only in the
-    loss's backward, see ``linear_cross_entropy``). ``"fused"``: the Triton kernels of
+    ``impl``: ``"chunked"`` (default) computes the logits one block of rows at a time, over all
+    the shard's columns, with ``torch.mm`` (cuBLAS on CUDA) in the inputs' dtype, rounded to it as
+    ``F.linear`` rounds them, and runs the partials kernel on each block; one block (at most
+    ``linear.FORWARD_BLOCK_BYTES``, 512 MiB) exists at a time. ``"recompute"``: the same with
+    blocks of at most ``linear.CHUNK_BYTES`` (128 MiB). ``"fused"``: the Triton kernels of
     ``kernels/linear.py``, which accumulate the logits in fp32 and never round them (k = 0 writes
     none; k > 0 writes fp32 logits of a chunk of rows, at most 256 MiB, at a time). All give the
     same results up to that rounding."""

@@ -4,20 +4,20 @@
 (``impl``), the same results up to the rounding of the matmul:
 
 * ``"chunked"`` (the default). Forward without gradients (``linear_softmax_stats``, the loss under
-  ``torch.no_grad()`` or with reduction "none"): the shard's vocabulary in chunks of
-  ``chunk_cols`` columns (one chunk of logits in the inputs' dtype, at most ``CHUNK_BYTES``,
-  exists at a time). Per chunk: ``logits_j = hidden @ W_j^T (+ b_j)`` with ``torch.mm`` /
-  ``torch.addmm`` (cuBLAS on CUDA), then the shard partials (``backend.shard_pieces``) of that
-  chunk, with its vocabulary offset and its count of real columns, so target logits, counts and
-  global top-k ids are exact; the chunks' pieces are concatenated along the split axis and merged
-  by finalize (or by the collective, which merges a rank's own pieces first) with the one merge of
-  ``partials``. The logits are rounded to the inputs' dtype, as ``F.linear`` + the unfused API
-  rounds them. The reduced loss ("mean" / "sum") with gradients: the *eager-gradient* forward
+  ``torch.no_grad()`` or with reduction "none"): blocks of rows (``forward_blocks``), each over
+  the shard's real columns (one block of logits in the inputs' dtype, at most
+  ``FORWARD_BLOCK_BYTES``, exists at a time). Per block: ``logits_i = hidden_i @ W^T (+ b)`` with
+  ``torch.mm`` / ``torch.addmm`` (cuBLAS on CUDA), then the shard partials
+  (``backend.shard_pieces``) of those rows; the blocks' pieces (each block's column splits merged
+  first) are concatenated along the rows and merged by finalize (or by the collective) with the
+  one merge of ``partials``. The logits are rounded to the inputs' dtype, as ``F.linear`` + the
+  unfused API rounds them. The reduced loss ("mean" / "sum") with gradients: the *eager-gradient* forward
   (``eager_linear_cross_entropy``): blocks of rows (``eager_blocks``) over the whole shard, each
   block's logits -> its global partials (one collective per block in a group) -> its loss and,
   in the same buffer, dloss/dlogits -> its contribution to the three gradients. 3 GEMMs in all
   (the three-matmul floor); backward only scales the saved gradients by grad_output.
-* ``"recompute"``: the chunked forward above, and a backward that recomputes the logits, per
+* ``"recompute"``: the chunked forward above (blocks of at most ``CHUNK_BYTES``), and a backward
+  that recomputes the logits by vocabulary chunks of ``chunk_cols`` columns, per
   chunk: ``logits_j`` again, overwritten with dloss/dlogits_j
   (``backend.shard_cross_entropy_backward`` with ``out=`` the chunk), then ``grad_W_j = G_j^T @
   hidden`` (complete for those rows: no accumulation across chunks), ``grad_b_j = sum_rows G_j``
@@ -53,12 +53,17 @@ from .partials import Pieces, identity, pack
 # One chunk of logits (and, in backward, of their gradient, in the same memory) in the inputs'
 # dtype: N = 8192 rows of bf16 give chunks of 8192 columns. Larger chunks mean fewer, larger
 # GEMMs and fewer passes over the fp32 grad_hidden accumulator, at this much extra memory.
+# "recompute" also takes its forward in blocks of rows of this size (its least memory).
 CHUNK_BYTES = 128 << 20
-# Top-k (k > 0) goes by blocks of rows of at most TOPK_BLOCK_BYTES of logits: the selection's
-# one-warp programs need a few thousand rows to fill the GPU (one H200, N = 8192, V = 128256,
-# top-50 over k = 0: 1.14x with 523-row blocks of 128 MiB, 0.97x with 2093-row blocks of 512 MiB,
-# same run; docs/performance.md v0.7)
-TOPK_BLOCK_BYTES = 512 << 20
+# The chunked forward (statistics, the loss without gradients) goes by blocks of rows of at most
+# FORWARD_BLOCK_BYTES of logits, over every real column. Tall blocks keep the GEMM at the whole
+# matmul's efficiency and give the top-k selection's one-warp programs a few thousand rows. One
+# H200, H = 4096, bf16, GPU time against F.linear + softmax_stats and the matmul in the same
+# rotation (docs/performance.md v0.15): k = 0 over N = 4096-32768, V_shard = 32064-256000 took
+# 1.04-1.08x of the matmul (unfused: 1.03-1.06x), where vocabulary chunks of 128 MiB took
+# 1.08-1.15x; top-50 at N = 8192, V = 128256 (v0.7): 0.97x of k = 0 with 2093-row blocks of
+# 512 MiB, 1.14x with 523-row blocks of 128 MiB.
+FORWARD_BLOCK_BYTES = 512 << 20
 CHUNK_ALIGN = 256  # chunk widths above this are multiples of it (GEMM and partials tiles)
 # Rows per block of the eager-gradient forward (see ``eager_blocks``). Each block's grad_weight
 # GEMM reads and writes the fp32 [V_shard, H] accumulator (8 V H bytes) for 2 rows V H FLOPs: 2048
@@ -107,50 +112,48 @@ def _chunk_buffer(hidden2d: torch.Tensor, n_valid_cols: int, width: int) -> torc
     )
 
 
-def forward_blocks(n_rows: int, n_valid_cols: int, itemsize: int, k: int) -> tuple[bool, list[tuple]]:
-    """The blocks ``(r0, r1, c0, c1)`` of logits the chunked forward computes, in order:
-    vocabulary chunks of ``chunk_cols`` columns over every row (at most CHUNK_BYTES each), or,
-    for top-k (k > 0) when the real columns need several chunks, blocks of rows over every real
-    column of at most TOPK_BLOCK_BYTES (then the first value is True). The top-k selection after each
-    (row, block) costs the same whatever the block's width, so vocabulary chunks would pay it
-    once per chunk: measured on an H200, top-50 over 16 vocabulary chunks cost 1.23x the k = 0
-    forward, the unfused kernel on whole rows 1.01x."""
-    spans = _chunks(n_valid_cols, chunk_cols(n_rows, itemsize))
-    if k > 0 and len(spans) > 1:
-        rows = max(1, TOPK_BLOCK_BYTES // (n_valid_cols * itemsize))
-        return True, [(r0, min(n_rows, r0 + rows), 0, n_valid_cols) for r0 in range(0, n_rows, rows)]
-    return False, [(0, n_rows, c0, c1) for c0, c1 in spans]
+def forward_blocks(n_rows: int, n_valid_cols: int, itemsize: int, block_bytes: int) -> list[tuple[int, int]]:
+    """The blocks of rows ``(r0, r1)`` the chunked forward computes, in order, each over every real
+    column: as many rows as fit ``block_bytes`` of logits (at least one row, so a block of a
+    shard wider than ``block_bytes`` per row takes one row). An empty list for a shard without
+    real columns or without rows."""
+    if n_valid_cols == 0 or n_rows == 0:
+        return []
+    rows = max(1, block_bytes // (n_valid_cols * itemsize))
+    return [(r0, min(n_rows, r0 + rows)) for r0 in range(0, n_rows, rows)]
 
 
 def chunked_linear_pieces(
-    hidden2d, weight, bias, target1d, *, n_valid_cols: int, vocab_start: int, k: int, **kw
-) -> Pieces:
-    """``backend.linear_pieces`` by the blocks of ``forward_blocks``: the pieces of every block's
-    logits, concatenated along the split axis (vocabulary chunks: S = the chunks' splits
-    together) or along the rows (row blocks, each block's column splits merged first). ``kw``:
-    the other options of ``backend.shard_pieces``."""
+    hidden2d, weight, bias, target1d, *, n_valid_cols: int, vocab_start: int, k: int,
+    block_bytes: int | None = None, **kw,
+) -> Pieces:  # fmt: skip
+    """``backend.linear_pieces`` by the blocks of rows of ``forward_blocks`` (``block_bytes``:
+    default FORWARD_BLOCK_BYTES): the pieces of every block's logits, each block's column splits
+    merged first when there are several blocks, concatenated along the rows. ``kw``: the other
+    options of ``backend.shard_pieces``."""
     n_rows = hidden2d.shape[0]
-    along_rows, blocks = forward_blocks(n_rows, n_valid_cols, hidden2d.element_size(), k)
-    if not blocks:  # no real column in this shard: the monoid's identity
+    block_bytes = FORWARD_BLOCK_BYTES if block_bytes is None else block_bytes
+    blocks = forward_blocks(n_rows, n_valid_cols, hidden2d.element_size(), block_bytes)
+    if not blocks:  # no real column in this shard (or no row): the monoid's identity
         dtype = reference.compute_dtype(hidden2d.dtype)
         return pack(identity(n_rows, k, dtype=dtype, device=hidden2d.device))
-    size = max((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in blocks)
-    buf = torch.empty(size, dtype=hidden2d.dtype, device=hidden2d.device)
+    buf = torch.empty(
+        (blocks[0][1] - blocks[0][0]) * n_valid_cols, dtype=hidden2d.dtype, device=hidden2d.device
+    )
     parts = []
-    for r0, r1, c0, c1 in blocks:
-        logits = _logits_chunk(hidden2d[r0:r1], weight, bias, c0, c1, buf)
+    for r0, r1 in blocks:
+        logits = _logits_chunk(hidden2d[r0:r1], weight, bias, 0, n_valid_cols, buf)
         target = None if target1d is None else target1d[r0:r1]
         p = backend.shard_pieces(
-            logits, target, k=k, n_valid_cols=c1 - c0, vocab_start=vocab_start + c0, **kw
+            logits, target, k=k, n_valid_cols=n_valid_cols, vocab_start=vocab_start, **kw
         )
-        parts.append(pack(p.merged()) if along_rows and p.n_splits != 1 else p)
+        parts.append(pack(p.merged()) if len(blocks) > 1 and p.n_splits != 1 else p)
     if len(parts) == 1:
         return parts[0]
-    d = 1 if along_rows else 0  # the rows / splits axis of topk_vals and topk_ids; stats: d + 1
-    return Pieces(
-        torch.cat([p.stats for p in parts], dim=d + 1),
-        torch.cat([p.topk_vals for p in parts], dim=d),
-        torch.cat([p.topk_ids for p in parts], dim=d),
+    return Pieces(  # stats [F, 1, rows], topk [1, rows, k]
+        torch.cat([p.stats for p in parts], dim=2),
+        torch.cat([p.topk_vals for p in parts], dim=1),
+        torch.cat([p.topk_ids for p in parts], dim=1),
     )
 
 
@@ -254,7 +257,8 @@ def linear_global_pieces(
         kw = shard_kwargs(call, layout)
         if impl == "fused":
             return backend.linear_pieces(hidden2d, weight, bias, target1d, **kw)
-        return chunked_linear_pieces(hidden2d, weight, bias, target1d, **kw)
+        block = CHUNK_BYTES if impl == "recompute" else FORWARD_BLOCK_BYTES
+        return chunked_linear_pieces(hidden2d, weight, bias, target1d, block_bytes=block, **kw)
 
     shape = ShardShape((hidden2d.shape[0], weight.shape[0]), hidden2d.dtype, hidden2d.device)
     return global_pieces(shape, target1d, call, process_group, pieces_fn=pieces)

@@ -159,8 +159,8 @@ class VocabParallelLMHead(nn.Module):
     ``linear_softmax_stats`` (their default ``impl="chunked"``) instead of ``F.linear`` +
     ``cross_entropy`` / ``softmax_stats``, which store the whole [N, V_shard] logits (and, in
     training, their gradient). Statistics and evaluation (``torch.no_grad()``): cuBLAS logits of
-    one vocabulary chunk of at most ``shardsoftmax.linear.CHUNK_BYTES`` = 128 MiB at a time, each
-    handed to the shard kernels. Training with reduction "mean" or "sum": the eager-gradient
+    one block of rows of at most ``shardsoftmax.linear.FORWARD_BLOCK_BYTES`` = 512 MiB at a time,
+    each handed to the shard kernels. Training with reduction "mean" or "sum": the eager-gradient
     forward (blocks of 2048 rows or more; the three gradients computed in forward, 3 GEMMs as the unfused
     path; one all-gather per block in a group; memory: one block of logits and the fp32
     grad_weight accumulator, see ``linear_cross_entropy``); with reduction "none", backward

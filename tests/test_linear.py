@@ -1,8 +1,9 @@
 """The LM head: ``linear_softmax_stats`` / ``linear_cross_entropy`` against the float64 oracle
 (``hidden.double() @ weight.double().T (+ bias)`` then the existing oracles), on every core tier,
-for both implementations: ``impl="chunked"`` (torch.mm per vocabulary chunk + the shard kernels;
-the oracle tests force several chunks per shard, the last one narrower) and ``impl="fused"`` (the
-Triton kernels of kernels/linear.py).
+for both implementations: ``impl="chunked"`` (torch.mm per block of rows in forward and per
+vocabulary chunk in "recompute"'s backward + the shard kernels; the oracle tests force several
+blocks and chunks per shard, the last one smaller) and ``impl="fused"`` (the Triton kernels of
+kernels/linear.py).
 
 Accuracy rule (as in test_core / test_grad): our error against float64 is at most 4x the error of
 PyTorch's own computation of the same thing in the inputs' precision, plus a few fp32 epsilons.
@@ -115,13 +116,14 @@ def three_chunks(case: Case) -> int:
 
 
 def use_impl(monkeypatch, impl: str, n_rows: int, dtype: torch.dtype, cols: int) -> dict:
-    """The keyword that selects ``impl``; for "chunked" and "recompute", chunks of ``cols`` columns
-    (CHUNK_BYTES of n_rows x cols logits of ``dtype``) and, for the eager forward of "chunked",
-    blocks of ceil(n_rows / 3) rows (3 blocks for n_rows > 3, the last one padded when shorter)."""
+    """The keyword that selects ``impl``; for "chunked" and "recompute", forward blocks of
+    n_rows x cols logits of ``dtype`` (n_rows x cols / real columns rows each), backward chunks of
+    ``cols`` columns (CHUNK_BYTES), and, for the eager forward of "chunked", blocks of
+    ceil(n_rows / 3) rows (3 blocks for n_rows > 3, the last one padded when shorter)."""
     if impl in ("chunked", "recompute"):
         itemsize = torch.empty((), dtype=dtype).element_size()
         monkeypatch.setattr(L, "CHUNK_BYTES", n_rows * cols * itemsize)
-        monkeypatch.setattr(L, "TOPK_BLOCK_BYTES", n_rows * cols * itemsize)
+        monkeypatch.setattr(L, "FORWARD_BLOCK_BYTES", n_rows * cols * itemsize)
         assert L.chunk_cols(n_rows, itemsize) == cols
         monkeypatch.setattr(L, "EAGER_ROWS", max(1, -(-n_rows // 3)))
         monkeypatch.setattr(L, "EAGER_BLOCK_BYTES", 0)
@@ -164,10 +166,7 @@ def test_linear_stats_match_oracle(core_tier, case, impl, monkeypatch):
     tf = {k: v for k, v in case.opts.items() if k in ("softcap", "temperature")}
     ignore = case.opts.get("ignore_index", IGNORE)
     h, w, b, t = on(core_tier, hidden, weight, bias, target)
-    # With fewer than k of its 32-column blocks, the partials kernel takes its exact slow top-k path,
-    # which the interpreter runs for seconds: top-k cases get chunks of at least 32 k columns.
-    cols = max(three_chunks(case), 32 * case.k)
-    opts = {**tf, **layout(case), **use_impl(monkeypatch, impl, case.n, hidden.dtype, cols)}
+    opts = {**tf, **layout(case), **use_impl(monkeypatch, impl, case.n, hidden.dtype, three_chunks(case))}
     got = ss.linear_softmax_stats(h, w, t, bias=b, k=case.k, ignore_index=ignore, **opts)
     assert got.lse.device.type == core_tier.device and got.topk_ids.shape == (case.n, case.k)
     want_dtype = torch.float64 if case.dtype == "fp64" else torch.float32
@@ -368,11 +367,11 @@ def test_out_of_range_target_gives_nan_in_its_row(core_tier):
 
 @pytest.mark.core_tiers("cpu-torch", "cuda-triton")  # k > a chunk's 32-column blocks: slow interpreted
 def test_chunked_narrow_chunks_cover_the_shard_once(core_tier, monkeypatch):
-    """Chunks of 3 columns (fewer than k = 5) over 40 columns, 37 real, at vocab_start 5: the loss
-    and its gradients (``impl="recompute"``) go by vocabulary chunks at most 3 wide, the top-k
-    stats by chunks of rows over every real column; together they cover the real columns once
-    (padding: none), and the results (top-k ids exact) equal the float64 oracle and the one-chunk
-    path."""
+    """Chunks of 3 columns (fewer than k = 5) over 40 columns, 37 real, at vocab_start 5: the
+    gradients (``impl="recompute"``'s backward) go by vocabulary chunks at most 3 wide, the top-k
+    stats and the loss's forward by blocks of rows (here one row each) over every real column;
+    each covers the real columns once (padding: none), and the results (top-k ids exact) equal
+    the float64 oracle and the one-block path."""
     case = Case("narrow", 6, 16, 40, "fp32", True, {"z_loss": 1e-3}, vocab_size=42, vocab_start=5, k=5)
     hidden, weight, bias, target = make_inputs(case, seed=12)
     h, w, b, t = on(core_tier, hidden, weight, bias, target)
@@ -401,9 +400,9 @@ def test_chunked_narrow_chunks_cover_the_shard_once(core_tier, monkeypatch):
         if cols:
             ids = st.topk_ids
     spans = [(c0, min(c0 + 3, 37)) for c0 in range(0, 37, 3)]
-    # forward stats (top-k: chunks of rows, here one row each, over all 37 real columns), then
-    # forward loss and backward: 13 vocabulary chunks each, the last of 1
-    assert seen == [(0, 37)] * case.n + spans * 2, seen
+    # forward stats and forward loss: blocks of rows, here one row each, over all 37 real columns;
+    # backward: 13 vocabulary chunks, the last of 1
+    assert seen == [(0, 37)] * case.n * 2 + spans, seen
     x64 = oracle_logits(case, hidden, weight, bias)
     top = torch.sort(x64, dim=-1, descending=True).values[:, : case.k + 1]
     assert (top[:, :-1] - top[:, 1:]).min() > 1e-3, "test inputs: top logits not well separated"
@@ -425,8 +424,7 @@ def test_chunked_topk_by_row_blocks(core_tier, monkeypatch, splits):
     case = Case("rows", 7, 16, 90, "fp32", True, {}, vocab_size=88, vocab_start=3, k=4)
     hidden, weight, bias, target = on(core_tier, *make_inputs(case, seed=21))
     whole = ss.linear_softmax_stats(hidden, weight, target, bias=bias, k=case.k, **layout(case))
-    monkeypatch.setattr(L, "CHUNK_BYTES", 3 * 85 * 4)  # 3 rows of the 85 real fp32 columns (88 - 3)
-    monkeypatch.setattr(L, "TOPK_BLOCK_BYTES", 3 * 85 * 4)
+    monkeypatch.setattr(L, "FORWARD_BLOCK_BYTES", 3 * 85 * 4)  # 3 rows of the 85 real fp32 columns (88 - 3)
     monkeypatch.setattr(KP, "default_splits", lambda n_rows, n_tiles, device, k=0: splits)
     monkeypatch.setattr(KP, "tile_shape", lambda n_cols, k: (2, 16))  # 3 tiles of 32 columns
     seen = []
@@ -717,13 +715,19 @@ def fused_and_fp32_topk(hidden, weight, bias, *, k, splits=(1, 3), **kw):
     fused = kw.pop("fused_topk", None)
     want = kernels.linear_partials(hidden, weight, bias, None, k=k, n_splits=1, fused_topk=False, **kw)
     for n_splits in splits:
-        got = kernels.linear_partials(hidden, weight, bias, None, k=k, n_splits=n_splits, fused_topk=fused, **kw)
+        got = kernels.linear_partials(
+            hidden, weight, bias, None, k=k, n_splits=n_splits, fused_topk=fused, **kw
+        )
         stats = kernels.linear_partials(hidden, weight, bias, None, k=0, n_splits=n_splits, **kw)[0]
         assert got[1].shape == got[2].shape == (1, hidden.shape[0], k)
-        torch.testing.assert_close(got[1], want[1][0:1], rtol=0, atol=0, equal_nan=True, msg=f"{n_splits} splits")
+        torch.testing.assert_close(
+            got[1], want[1][0:1], rtol=0, atol=0, equal_nan=True, msg=f"{n_splits} splits"
+        )
         assert torch.equal(got[2], want[2][0:1]), f"ids, {n_splits} splits"
         # (on CUDA the two launches may be tuned to different tiles: other fp32 summation orders)
-        torch.testing.assert_close(got[0], stats, rtol=1e-5, atol=1e-6, equal_nan=True, msg=f"{n_splits} splits")
+        torch.testing.assert_close(
+            got[0], stats, rtol=1e-5, atol=1e-6, equal_nan=True, msg=f"{n_splits} splits"
+        )
 
 
 class FallbackSpy:
@@ -772,7 +776,9 @@ def test_fused_topk_matches_fp32_path(core_tier, monkeypatch, k):
         for n_splits in (1, 3):
             _, vals, ids = kernels.linear_partials(hidden, weight, bias, None, k=k, n_splits=n_splits,
                                                    softcap=None, temperature=1.0, **kw)  # fmt: skip
-            assert torch.equal(vals[0], want.values[:, :k]) and torch.equal(ids[0], want.indices[:, :k] + 3000)
+            assert torch.equal(vals[0], want.values[:, :k]) and torch.equal(
+                ids[0], want.indices[:, :k] + 3000
+            )
         assert KL.candidate_rounds(k, 1490) > KL.MAX_ROUNDS  # (so by default the fp32 path takes it)
     if k < 50 or hidden.device.type == "cpu":  # (CUDA's 128-column tiles hold ~4 of a row's top 50
         assert spy.rows == []  # of 1490 here: tiles left with more than 8 send their rows back)
@@ -901,7 +907,9 @@ def test_cuda_launch_path_in_interpreter(core_tier, monkeypatch, autotune, tma):
     lse = (st[0] + st[1].log()).double()  # per split: max + log sum exp
     lse = torch.logsumexp(lse, dim=0)
     torch.testing.assert_close(lse, torch.logsumexp(x64, -1), rtol=1e-6, atol=1e-6)
-    _, vals, ids = kernels.linear_partials(hidden, weight, bias, None, k=3, n_splits=2, fused_topk=True, **fwd)
+    _, vals, ids = kernels.linear_partials(
+        hidden, weight, bias, None, k=3, n_splits=2, fused_topk=True, **fwd
+    )
     want = kernels.linear_partials(hidden, weight, bias, None, k=3, n_splits=1, fused_topk=False, **fwd)
     torch.testing.assert_close(vals, want[1], rtol=1e-6, atol=1e-6)
     assert torch.equal(ids, want[2])
@@ -1068,7 +1076,9 @@ def test_bad_arguments_raise(fn, bad):
 
 DIST_N, DIST_H, DIST_V_PADDED, DIST_VOCAB = 6, 16, 101, 99
 DIST_OPTS = {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 6.0}
-DIST_CHUNK_COLS = 24  # 51 + 50 columns: 3 chunks each, the last of 3 and 2; 34 + 34 + 33 (31 real): 2 each
+# backward: 51 + 50 columns, 3 chunks each, the last of 3 and 2; 34 + 34 + 33 (31 real): 2 each;
+# forward: blocks of floor(6 x 24 / real columns) rows (2-4 rows, so 2-3 blocks)
+DIST_CHUNK_COLS = 24
 
 
 def _dist_inputs(n: int = DIST_N):
@@ -1103,7 +1113,7 @@ def dist_rank(ctx, widths):
     start = sum(widths[: ctx.rank])
     cols = slice(start, start + widths[ctx.rank])
     L.CHUNK_BYTES = DIST_N * DIST_CHUNK_COLS * 4  # fp32: several chunks per shard on the chunked path
-    L.TOPK_BLOCK_BYTES = L.CHUNK_BYTES
+    L.FORWARD_BLOCK_BYTES = L.CHUNK_BYTES
     out = {}
     for backend, impl in [(b, i) for b in ("torch", "triton") for i in IMPLS]:
         ss.set_backend(backend)
