@@ -36,11 +36,11 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 # shard's [T, V_shard] logits (``F.linear``) and calls ``softmax_stats``; the others are
 # ``linear_softmax_stats``' implementations, which never hold them all ("chunked": one vocabulary
 # chunk of cuBLAS logits at a time; "fused": the Triton kernels). "unfused" is the default because
-# it was the fastest on an H200 at 31 of 32 measured shapes (1-32768 tokens, V_shard 32064 and
-# 128256, k 0 and 50, bf16; docs/performance.md v0.15). At 1024-32768 tokens chunked took 0-18%
-# longer, fused 7-12% (k = 0) and 20-72% (k = 50); at 1-256 tokens up to 1.5x and 2.2x. The others
-# bound the memory: 128-550 MiB of logits chunks, or < 1 MiB for fused at k = 0, where unfused
-# holds T x V_shard x 2 bytes (bf16).
+# it was the fastest on an H200 nearly everywhere (1-32768 tokens, V_shard 32064-256000, k 0 and
+# 50, bf16; docs/performance.md v0.15): at 1024-32768 tokens chunked took 0-6% longer and fused
+# 0-11% (k = 0) and 16-33% (k = 50); at 1-256 tokens up to 1.5x and 2.2x. The others bound the
+# memory: at most 512 MiB of logits blocks, or < 1 MiB for fused at k = 0, where unfused holds
+# T x V_shard x 2 bytes (bf16).
 HEAD_IMPLS = ("unfused", "chunked", "fused")
 _ST_FLOAT = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 _ST_INT = {"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64"}

@@ -166,9 +166,9 @@ class VocabParallelLMHead(nn.Module):
     grad_weight accumulator, see ``linear_cross_entropy``); with reduction "none", backward
     recomputes each chunk (one more GEMM). Off by default: when the logits fit, the unfused path is
     the fastest, in training and for statistics alike (one H200, H = 4096, bf16, docs/performance.md
-    v0.15: the loss's forward + backward took 13-16% longer fused at N = 8192 and 31-36% at 2048;
-    statistics took 0-18% longer through ``linear_softmax_stats`` at 1024-32768 tokens and up
-    to 1.5x at 1-256). Turn it on
+    v0.15: the loss's forward + backward took 9-16% longer fused at N = 8192 and 31-36% at 2048;
+    statistics took 0-6% longer through ``linear_softmax_stats`` at 1024-32768 tokens and up to
+    1.5x at 1-256). Turn it on
     when the [N, V_shard] logits (and their gradient) do not fit. Both paths round the
     logits to the weight's dtype as ``F.linear`` does and give the same results up to the matmul's
     summation order, with the same gradients.
