@@ -34,8 +34,8 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 # How a worker turns its hidden states into statistics (``head_impl``): "unfused" stores this
 # shard's [T, V_shard] logits (``F.linear``) and calls ``softmax_stats``; the others are
-# ``linear_softmax_stats``' implementations, which never hold them all ("chunked": one vocabulary
-# chunk of cuBLAS logits at a time; "fused": the Triton kernels). "unfused" is the default because
+# ``linear_softmax_stats``' implementations, which never hold them all ("chunked": one block of
+# rows of cuBLAS logits at a time; "fused": the Triton kernels). "unfused" is the default because
 # it was the fastest on an H200 nearly everywhere (1-32768 tokens, V_shard 32064-256000, k 0 and
 # 50, bf16; docs/performance.md v0.15): at 1024-32768 tokens chunked took 0-6% longer and fused
 # 0-11% (k = 0) and 16-33% (k = 50); at 1-256 tokens up to 1.5x and 2.2x. The others bound the

@@ -75,7 +75,7 @@ class JobConfig:
     num_cpus: int | None = None
     progress: bool = True
     read_in_driver: bool = False  # the driver reads the batches and ships them (no shared file system)
-    head_impl: str = "unfused"  # how workers compute statistics (ray_scorer.HEAD_IMPLS)
+    head_impl: str = "unfused"  # how workers compute statistics (data.HEAD_IMPLS)
 
 
 @dataclass
