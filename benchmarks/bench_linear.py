@@ -153,7 +153,8 @@ def run_checks(device, dtype, shapes, report: Callable[[str, bool, str], None]) 
                 ss_linear.CHUNK_BYTES = ss_linear.FORWARD_BLOCK_BYTES = n * cols * itemsize
             if rows:  # blocks of exactly this many rows
                 ss_linear.EAGER_ROWS, ss_linear.EAGER_BLOCK_BYTES = rows, 0
-            chunks = f" ({-(-(vocab or v) // width)} chunks)"
+            n_fwd = len(ss_linear.forward_blocks(n, vocab or v, itemsize, ss_linear.FORWARD_BLOCK_BYTES))
+            chunks = f" ({n_fwd} forward blocks, {-(-(vocab or v) // width)} backward chunks)"
             blocks = f" ({len(ss_linear.eager_blocks(n, v, itemsize)[1])} eager blocks)"
             _check_impl("chunked", name + chunks + blocks, hidden, weight, b, target, lay, tf, opts, report)
             _check_impl("recompute", name + chunks, hidden, weight, b, target, lay, tf, opts, report)
@@ -319,10 +320,16 @@ def time_shape(run: Run, n: int, h: int, v: int, k_top: int, peers: dict) -> Non
     # forward statistics: chunked checked against the unfused API on the same bf16 logits, fused
     # against it on float32 logits (it never rounds them), at this shape; then all three timed
     # (recompute's statistics are chunked's)
-    chunks = f"{n_chunks} chunks of <= {ss_linear.CHUNK_BYTES >> 20} MiB"
+    itemsize = hidden.element_size()
+    fwd_blocks = len(ss_linear.forward_blocks(n, v, itemsize, ss_linear.FORWARD_BLOCK_BYTES))
+    rc_blocks = len(ss_linear.forward_blocks(n, v, itemsize, ss_linear.CHUNK_BYTES))
+    chunks = f"{fwd_blocks} row blocks of <= {ss_linear.FORWARD_BLOCK_BYTES >> 20} MiB"
+    recompute = (
+        f"forward {rc_blocks} row blocks, backward {n_chunks} chunks, of <= {ss_linear.CHUNK_BYTES >> 20} MiB"
+    )
     # the eager forward's blocks, as it sizes them (one process: from the shard's own width)
-    rows, blocks = ss_linear.eager_blocks(n, v, hidden.element_size())
-    notes = {"chunked": chunks, "recompute": chunks, "fused": ""}
+    rows, blocks = ss_linear.eager_blocks(n, v, itemsize)
+    notes = {"chunked": chunks, "recompute": recompute, "fused": ""}
     bwd_notes = {**notes, "chunked": f"eager: {len(blocks)} blocks of {rows} rows"}
     stat_impls = [i for i in impls if i != "recompute"]
     torch.backends.cuda.matmul.allow_tf32 = False
