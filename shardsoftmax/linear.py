@@ -124,15 +124,13 @@ def forward_blocks(n_rows: int, n_valid_cols: int, itemsize: int, block_bytes: i
 
 
 def chunked_linear_pieces(
-    hidden2d, weight, bias, target1d, *, n_valid_cols: int, vocab_start: int, k: int,
-    block_bytes: int | None = None, **kw,
-) -> Pieces:  # fmt: skip
-    """``backend.linear_pieces`` by the blocks of rows of ``forward_blocks`` (``block_bytes``:
-    default FORWARD_BLOCK_BYTES): the pieces of every block's logits, each block's column splits
-    merged first when there are several blocks, concatenated along the rows. ``kw``: the other
-    options of ``backend.shard_pieces``."""
+    hidden2d, weight, bias, target1d, *, n_valid_cols: int, vocab_start: int, k: int, block_bytes: int, **kw
+) -> Pieces:
+    """``backend.linear_pieces`` by the blocks of rows of ``forward_blocks`` (at most
+    ``block_bytes`` of logits each): the pieces of every block's logits, each block's column
+    splits merged first when there are several blocks, concatenated along the rows. ``kw``: the
+    other options of ``backend.shard_pieces``."""
     n_rows = hidden2d.shape[0]
-    block_bytes = FORWARD_BLOCK_BYTES if block_bytes is None else block_bytes
     blocks = forward_blocks(n_rows, n_valid_cols, hidden2d.element_size(), block_bytes)
     if not blocks:  # no real column in this shard (or no row): the monoid's identity
         dtype = reference.compute_dtype(hidden2d.dtype)
