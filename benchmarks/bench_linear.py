@@ -15,11 +15,14 @@ and recompute, which round the logits as ``F.linear`` does; float32 for fused, w
 them) followed by the unfused API (``ss.softmax_stats`` / ``ss.cross_entropy``) and autograd. One
 PASS/FAIL line per quantity.
 
-(2) Timings (``triton.testing.do_bench``, median of few repeats: every call is milliseconds) at
-N x H x V_shard, bf16: the bf16 matmul ``hidden @ weight.T`` of the same sizes first (its rate
-sets the floors: forward 2 N H V FLOPs = one matmul, forward + backward 6 N H V = three), then per
-op and provider the time, the fraction of the floor reached (floor_ms / ms) and the extra peak
-memory (``max_memory_allocated`` during one call, beyond the inputs and the returned outputs).
+(2) Timings at N x H x V_shard, bf16, in two groups per shape: the forward providers, then the
+forward + backward ones, each group timed together with the bf16 matmul ``hidden @ weight.T`` of
+the same sizes, turn by turn (``C.time_interleaved``: one call of each in rotation, medians over
+the cycles, so that all share the clocks of a GPU at its power cap; the log gives the clocks).
+That matmul's time sets the group's floors (forward 2 N H V FLOPs = one matmul, forward +
+backward 6 N H V = three). Per op and provider: the time, the fraction of the floor reached
+(floor_ms / ms) and the extra peak memory (``max_memory_allocated`` during one call alone, beyond
+the inputs and the returned outputs).
 Providers: ``chunked``, ``recompute`` and ``fused`` (ours, the three impls; ``chunked``'s
 ``ce_fwd+bwd`` row is the eager-gradient forward, 3 GEMMs; ``recompute`` only has that row: its
 forward is chunked's), ``unfused`` (cuBLAS bf16 logits + our unfused API), ``torch`` (bf16 logits
@@ -295,27 +298,47 @@ def _peers(no_peers: bool) -> dict[str, Callable]:
     return out
 
 
+# floors in matmuls of the shape: forward = one, forward + backward = three
+FLOOR_MATMULS = {"stats_fwd": 1, "ce_fwd": 1, "ce_fwd+bwd": 3}
+
+
+def time_group(run: Run, n: int, h: int, v: int, matmul: Callable, entries: list, inputs, label: str) -> None:
+    """Rows for ``entries`` [(op, provider, fn, k, check, note)]: each provider's extra memory (one
+    call alone; one that runs out of memory gets its row and is not timed), then all of them and
+    the bf16 matmul of the shape timed turn by turn (``C.time_interleaved``), the floors from that
+    matmul's time (``FLOOR_MATMULS``), and the GPU's clocks meanwhile in the log."""
+    dev = run.device
+    mm_flops = 2.0 * n * h * v
+    fns, mems, kept = {"matmul": matmul}, {}, []
+    for op, provider, fn, k, check, note in entries:
+        key = f"{op} {provider} k={k}"
+        try:
+            mems[key] = C.extra_peak_memory(lambda fn=fn: _as_tuple(fn()), dev, inputs)
+        except C.OOM:
+            run.row(op, provider, n, h, v, k, None, FLOOR_MATMULS[op] * mm_flops, None, None, check, "out of memory")
+            C.empty_cache(dev)
+            continue
+        fns[key] = fn
+        kept.append((key, op, provider, k, check, note))
+    with C.ClockLog(dev) as clocks:
+        ms = C.time_interleaved(fns, dev)
+    C.log(f"  ({label}: {len(fns)} timed turn by turn; {clocks.summary() or 'GPU clocks not sampled'})")
+    mm = ms["matmul"]
+    run.row("matmul", "torch", n, h, v, 0, mm, mm_flops, mm, None, note=f"bf16 hidden @ weight.T ({label})")
+    for key, op, provider, k, check, note in kept:
+        floors = FLOOR_MATMULS[op]
+        run.row(op, provider, n, h, v, k, ms[key], floors * mm_flops, floors * mm, mems[key], check, note)
+
+
 def time_shape(run: Run, n: int, h: int, v: int, k_top: int, peers: dict) -> None:
     dev = run.device
     hidden, weight, _, target = make_inputs(n, h, v, torch.bfloat16, dev, seed=run.args.seed, ignore_frac=0.0,
                                             scale=3.0)  # fmt: skip
     inputs = (hidden, weight)
-    fwd_flops, all_flops = 2.0 * n * h * v, 6.0 * n * h * v
-    mm_ms = C.bench(lambda: hidden @ weight.T, dev)
-    run.row("matmul", "torch", n, h, v, 0, mm_ms, fwd_flops, mm_ms, None, note="bf16 hidden @ weight.T")
-    floors = {"fwd": mm_ms, "fwd+bwd": 3 * mm_ms}
     impls = [i for i in IMPLS if not (run.args.no_fused and i == "fused")]
     n_chunks = -(-v // ss_linear.chunk_cols(n, hidden.element_size()))
-
-    def timed(op, provider, fn, flops, floor, k=0, check="", note=""):
-        try:
-            ms = C.bench(fn, dev, quick=True)
-            mem = C.extra_peak_memory(lambda: _as_tuple(fn()), dev, inputs)
-        except C.OOM:
-            run.row(op, provider, n, h, v, k, None, flops, floor, None, check, "out of memory")
-            C.empty_cache(dev)
-            return
-        run.row(op, provider, n, h, v, k, ms, flops, floor, mem, check, note)
+    fwd_entries: list = []  # (op, provider, fn, k, check, note), timed together
+    bwd_entries: list = []
 
     # forward statistics: chunked checked against the unfused API on the same bf16 logits, fused
     # against it on float32 logits (it never rounds them), at this shape; then all three timed
@@ -356,7 +379,7 @@ def time_shape(run: Run, n: int, h: int, v: int, k_top: int, peers: dict) -> Non
             del logits, ref, st
         for name, fn in stats.items():
             check = "" if name == "unfused" else ("PASS" if checks[name] else "FAIL")
-            timed("stats_fwd", name, fn, fwd_flops, floors["fwd"], k=k, check=check, note=notes.get(name, ""))
+            fwd_entries.append(("stats_fwd", name, fn, k, check, notes.get(name, "")))
 
     # cross-entropy, forward and forward + backward (gradients of hidden and weight)
     h_req = hidden.detach().requires_grad_(True)
@@ -410,9 +433,12 @@ def time_shape(run: Run, n: int, h: int, v: int, k_top: int, peers: dict) -> Non
         check = "" if name == "chunked" else ("PASS" if ok_providers[name] else "FAIL")
         if name != "recompute":  # (its forward is chunked's)
             note = "no_grad" + (f"; {notes[name]}" if notes.get(name) else "")
-            timed("ce_fwd", name, no_grad(loss_fn), fwd_flops, floors["fwd"], check=check, note=note)
-        note = bwd_notes.get(name, "")
-        timed("ce_fwd+bwd", name, grads(loss_fn), all_flops, floors["fwd+bwd"], check=check, note=note)
+            fwd_entries.append(("ce_fwd", name, no_grad(loss_fn), 0, check, note))
+        bwd_entries.append(("ce_fwd+bwd", name, grads(loss_fn), 0, check, bwd_notes.get(name, "")))
+    del ours_loss
+    matmul = lambda: hidden @ weight.T  # noqa: E731
+    time_group(run, n, h, v, matmul, fwd_entries, inputs, "forward")
+    time_group(run, n, h, v, matmul, bwd_entries, inputs, "forward + backward")
 
 
 def peer_check(name: str, e_loss: float, loss_tol: float, e_grads: float) -> tuple[bool, str]:

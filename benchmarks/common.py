@@ -296,6 +296,110 @@ def time_queued(
     return None if late else ms
 
 
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, *, cycles: int = 15, heat_ms: float = 400.0
+) -> dict[str, float]:
+    """Median ms per call of each of ``fns``, timed turn by turn: ``cycles`` cycles of one call of
+    each provider, in a new random order every cycle (seeded), every call bracketed by CUDA
+    events, no host sync between calls. First the providers run in turns for ``heat_ms`` of wall
+    time (compiles and autotuning, and the GPU settles at the clock it keeps under load).
+
+    Why turns: a GPU at its power cap lowers its clock within a few hundred ms of dense matmuls
+    and raises it again while idle (one H200 in v0.16: 1980 MHz after a rest, 1320-1620 MHz at
+    675-703 W of its 700 W). Timed one after another, each provider runs at whatever clock the
+    ones before it left; turn by turn they all share the same clocks, and their ratios are
+    comparable. Why shuffled: a slow provider that draws little power (a pointer-load Triton GEMM)
+    lets the clock rise for the call after it; in a fixed or rotated order that is always the
+    same provider (v0.16: the matmul 10.7 ms after the slow ones, 12.2 ms among the fast ones).
+    One process only (no collectives). On the CPU: one warm-up call each, then ``perf_counter``
+    per call."""
+    import random
+
+    names = list(fns)
+    rng = random.Random(0)
+    cuda = is_cuda(device)
+    t_end = time.perf_counter() + (heat_ms / 1e3 if cuda else 0.0)
+    while True:  # at least one call of each
+        for name in names:
+            fns[name]()
+        synchronize(device)
+        if time.perf_counter() >= t_end:
+            break
+    times: dict[str, list] = {name: [] for name in names}
+    for _ in range(cycles):
+        order = names[:]
+        rng.shuffle(order)
+        for name in order:
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[name]()
+                end.record()
+                times[name].append((start, end))
+            else:
+                t0 = time.perf_counter()
+                fns[name]()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    synchronize(device)
+    if cuda:
+        times = {name: [s.elapsed_time(e) for s, e in pairs] for name, pairs in times.items()}
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+class ClockLog:
+    """The GPU's SM clock, power draw and power-cap flag, sampled by ``nvidia-smi`` every
+    ``interval_ms`` while the ``with`` block runs; ``summary()`` after it: one line, or None where
+    there is no ``nvidia-smi`` (or no CUDA device)."""
+
+    FIELDS = "clocks.sm,power.draw,power.limit,clocks_throttle_reasons.active"
+    SW_POWER_CAP = 0x4  # bit of clocks_throttle_reasons.active
+
+    def __init__(self, device: torch.device, interval_ms: int = 100):
+        self.device, self.interval_ms = device, interval_ms
+        self._proc, self._lines = None, []
+
+    def __enter__(self):
+        if is_cuda(self.device):
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            cmd = ["nvidia-smi", f"--query-gpu={self.FIELDS}", "--format=csv,noheader,nounits",
+                   f"-lms={self.interval_ms}", f"--id={index}"]  # fmt: skip
+            try:
+                self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            except OSError:
+                self._proc = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._proc is not None:
+            self._proc.terminate()
+            out, _ = self._proc.communicate(timeout=10)
+            self._lines = [line for line in out.splitlines() if line.strip()]
+        return False
+
+    def samples(self) -> list[tuple[float, float, float, int]]:
+        """(SM MHz, watts, power limit W, throttle reasons) per sample that parsed."""
+        out = []
+        for line in self._lines:
+            parts = [p.strip() for p in line.split(",")]
+            try:
+                out.append((float(parts[0]), float(parts[1]), float(parts[2]), int(parts[3], 16)))
+            except (ValueError, IndexError):
+                continue
+        return out
+
+    def summary(self) -> str | None:
+        s = self.samples()
+        if not s:
+            return None
+        clocks = sorted(x[0] for x in s)
+        capped = sum(1 for x in s if x[3] & self.SW_POWER_CAP)
+        return (
+            f"SM clock median {statistics.median(clocks):.0f} MHz (min {clocks[0]:.0f}, max {clocks[-1]:.0f}); "
+            f"power max {max(x[1] for x in s):.0f} W of {s[-1][2]:.0f} W; "
+            f"power cap throttling in {capped} of {len(s)} samples ({self.interval_ms} ms apart)"
+        )
+
+
 def wall_per_call(
     fn: Callable[[], object], device: torch.device, *, calls: int = 100, reps: int = 5, warmup: int = 10
 ) -> float:
