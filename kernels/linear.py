@@ -21,9 +21,10 @@ as cuBLAS uses there: the k = 0 forward then runs at the cuBLAS matmul's speed (
 N = 8192, H = 4096, one H200) where pointer loads took 1.31-1.39x. Other operands, and GPUs before
 Hopper, use pointer loads. Both are the same kernels, switched by the ``TMA`` constexpr.
 
-Top-k (``k > 0``), by default: the logits of a chunk of rows (at most ``TOPK_CHUNK_BYTES`` of
-fp32) are written by ``_linear_tile_kernel`` and handed to the existing ``shard_partials`` kernel;
-every field then comes from those fp32 logits. With ``FUSED_TOPK`` (off by default: slower, see
+Top-k (``k > 0``), by default: the fp32 logits of a chunk of rows (at most ``TOPK_CHUNK_BYTES``)
+are written by cuBLAS with an fp32 output on CUDA, else by ``_linear_tile_kernel``
+(``CUBLAS_LOGITS``), and handed to the existing ``shard_partials`` kernel; every field then comes
+from those fp32 logits. With ``FUSED_TOPK`` (off by default: slower, see
 there), ``_linear_partials_kernel`` also takes each tile's few largest logits above a running
 per-row threshold as candidates, and the exact top-k is taken from those
 (``_linear_partials_fused_topk``, which says why it is exact). ``k = 0`` is fully fused.
@@ -65,7 +66,16 @@ from .common import (
 )
 from .partials import N_FIELDS, default_splits, shard_partials, tile_shape
 
-TOPK_CHUNK_BYTES = 256 << 20  # fp32 logits of one chunk of rows on the top-k path
+# The top-k path (k > 0, without FUSED_TOPK): fp32 logits of a chunk of rows at a time, at most
+# TOPK_CHUNK_BYTES (the rows of the chunked path's 512 MiB bf16 blocks: 2048 at V_shard = 128256),
+# from cuBLAS with an fp32 output (``torch.mm`` with ``out_dtype``) on CUDA for fp16/bf16 inputs
+# where torch has it (CUBLAS_LOGITS), else from ``_linear_tile_kernel``. Both sum the same fp32
+# products of the same inputs; the order may differ. One H200, N = 8192, H = 4096, top-50 against
+# this impl's k = 0, turn by turn (docs/performance.md v0.16): 1.05 / 1.06x at V_shard = 32064 /
+# 128256 (cuBLAS, 1 GiB chunks), 1.09-1.11x (the tile kernel, 1 GiB), 1.16-1.23x (the tile kernel,
+# 256 MiB chunks: 512 rows at 128256, too few for the selection's one-warp programs).
+TOPK_CHUNK_BYTES = 1 << 30
+CUBLAS_LOGITS = True
 GRAD_CHUNK_BYTES = 256 << 20  # one chunk of the gradient G in backward
 GROUP_N = 16  # row blocks that run side by side (their hidden rows stay in L2)
 # On CUDA the kernels are autotuned over a few configs (one tuning per key, at the first call);
@@ -1016,6 +1026,24 @@ def _tile_launch(hidden, weight, bias, target, lse_bwd, grad_out, out, *, grad, 
     _launch(_linear_tile_kernel, tuned, grid, args, meta, config, INTERPRETER_TILE)
 
 
+def _chunk_logits(hidden, weight, bias, *, out, config) -> None:
+    """``out`` = fp32 ``hidden @ weight^T (+ bias)`` for the top-k path: cuBLAS where
+    ``CUBLAS_LOGITS`` allows (see there; not with a fixed tile ``config``), else ``linear_logits``."""
+    cublas = (
+        CUBLAS_LOGITS
+        and config is None
+        and hidden.is_cuda
+        and hidden.dtype in (torch.float16, torch.bfloat16)
+        and hasattr(torch.ops.aten.mm, "dtype_out")
+    )
+    if not cublas:
+        linear_logits(hidden, weight, bias, out=out, config=config)
+        return
+    torch.ops.aten.mm.dtype_out(hidden, weight.T, torch.float32, out=out)
+    if bias is not None:
+        out += bias.float()
+
+
 def _linear_partials_topk(hidden, weight, bias, target, *, k, n_valid_cols, vocab_start, ignore_index,
                           softcap, temperature, n_splits, need_entropy, need_sum_x, config):  # fmt: skip
     """k > 0: fp32 logits of chunks of rows, each handed to ``shard_partials`` (same split count)."""
@@ -1033,7 +1061,7 @@ def _linear_partials_topk(hidden, weight, bias, target, *, k, n_valid_cols, voca
         r1 = min(n_rows, r0 + chunk)
         logits = buf[: r1 - r0]
         if r1 > r0:
-            linear_logits(hidden[r0:r1], weight, bias, out=logits, config=config)
+            _chunk_logits(hidden[r0:r1], weight, bias, out=logits, config=config)
         st, tv, ti = shard_partials(
             logits, None if target is None else target[r0:r1], k=k, n_valid_cols=n_valid_cols,
             vocab_start=vocab_start, ignore_index=ignore_index, softcap=softcap, temperature=temperature,

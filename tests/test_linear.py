@@ -695,12 +695,20 @@ def test_kernel_splits_and_chunks_agree(core_tier, monkeypatch):
     torch.testing.assert_close(many[0], one[0], rtol=1e-6, atol=1e-6)  # summed over chunks in fp32
     assert torch.equal(many[1], one[1]) and torch.equal(many[2], one[2])  # one chunk's own rows
 
-    # the fp32-logits top-k path, a chunk of rows at a time
+    # the fp32-logits top-k path, a chunk of rows at a time: bit for bit with the tile kernel's
+    # logits; on CUDA cuBLAS's (the default there) within fp32 summation order, ids consistent
+    monkeypatch.setattr(KL, "CUBLAS_LOGITS", False)
     full = kernels.linear_partials(hidden, weight, bias, target, k=3, fused_topk=False, **kw)
     monkeypatch.setattr(KL, "TOPK_CHUNK_BYTES", 3 * 4 * case.v)  # 3 rows per chunk
     chunked = kernels.linear_partials(hidden, weight, bias, target, k=3, fused_topk=False, **kw)
     for a, b in zip(full, chunked):
         assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+    monkeypatch.setattr(KL, "CUBLAS_LOGITS", True)
+    st, vals, ids = kernels.linear_partials(hidden, weight, bias, target, k=3, fused_topk=False, **kw)
+    torch.testing.assert_close(st, full[0], rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(vals, full[1], rtol=1e-5, atol=1e-5)
+    x64 = R.oracle_linear_logits(hidden.double(), weight.double(), bias.double())
+    torch.testing.assert_close(x64.gather(1, ids[0]), vals[0].double(), rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -713,7 +721,9 @@ def fused_and_fp32_topk(hidden, weight, bias, *, k, splits=(1, 3), **kw):
     vocabulary splits: they must be equal (the same fp32 logits, the same order), and the fused
     path's stats those of k = 0 (up to the summation order)."""
     fused = kw.pop("fused_topk", None)
-    want = kernels.linear_partials(hidden, weight, bias, None, k=k, n_splits=1, fused_topk=False, **kw)
+    with pytest.MonkeyPatch.context() as mp:  # the tile kernel's fp32 logits, not cuBLAS's (CUDA)
+        mp.setattr(KL, "CUBLAS_LOGITS", False)
+        want = kernels.linear_partials(hidden, weight, bias, None, k=k, n_splits=1, fused_topk=False, **kw)
     for n_splits in splits:
         got = kernels.linear_partials(
             hidden, weight, bias, None, k=k, n_splits=n_splits, fused_topk=fused, **kw
