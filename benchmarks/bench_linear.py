@@ -315,7 +315,8 @@ def time_group(run: Run, n: int, h: int, v: int, matmul: Callable, entries: list
         try:
             mems[key] = C.extra_peak_memory(lambda fn=fn: _as_tuple(fn()), dev, inputs)
         except C.OOM:
-            run.row(op, provider, n, h, v, k, None, FLOOR_MATMULS[op] * mm_flops, None, None, check, "out of memory")
+            flops = FLOOR_MATMULS[op] * mm_flops
+            run.row(op, provider, n, h, v, k, None, flops, None, None, check, "out of memory")
             C.empty_cache(dev)
             continue
         fns[key] = fn

@@ -364,7 +364,8 @@ class ClockLog:
             cmd = ["nvidia-smi", f"--query-gpu={self.FIELDS}", "--format=csv,noheader,nounits",
                    f"-lms={self.interval_ms}", f"--id={index}"]  # fmt: skip
             try:
-                self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                pipe, devnull = subprocess.PIPE, subprocess.DEVNULL
+                self._proc = subprocess.Popen(cmd, stdout=pipe, stderr=devnull, text=True)
             except OSError:
                 self._proc = None
         return self
@@ -394,7 +395,8 @@ class ClockLog:
         clocks = sorted(x[0] for x in s)
         capped = sum(1 for x in s if x[3] & self.SW_POWER_CAP)
         return (
-            f"SM clock median {statistics.median(clocks):.0f} MHz (min {clocks[0]:.0f}, max {clocks[-1]:.0f}); "
+            f"SM clock median {statistics.median(clocks):.0f} MHz "
+            f"(min {clocks[0]:.0f}, max {clocks[-1]:.0f}); "
             f"power max {max(x[1] for x in s):.0f} W of {s[-1][2]:.0f} W; "
             f"power cap throttling in {capped} of {len(s)} samples ({self.interval_ms} ms apart)"
         )

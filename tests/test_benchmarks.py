@@ -472,3 +472,56 @@ def test_head_paths_dry_run(tmp_path):
     assert cases == sorted(stats + [("ce_fwd+bwd", p, "0") for p in bench_head_paths.LOSS_PROVIDERS])
     assert all(r["check"] == "PASS" and float(r["ms"]) > 0 and float(r["x_best"]) >= 1.0 for r in rows)
     assert min(float(r["x_best"]) for r in rows if r["op"] == "stats_fwd" and r["k"] == "0") == 1.0
+
+
+def test_linear_dry_run_times_each_group_with_its_matmul(tmp_path):
+    """``bench_linear`` on the CPU (PyTorch backend, no fused impl, no peers): every provider's
+    row in its group (forward, forward + backward), each group with its own matmul row, the
+    floors from that matmul (one for forward, three for forward + backward)."""
+    args = ["--device", "cpu", "--out", str(tmp_path), "--skip-checks", "--no-fused", "--no-peers",
+            "--n", "8", "--h", "16", "--v", "40", "--k", "2"]  # fmt: skip
+    with ss.use_backend("torch"):
+        assert bench_linear.main(args) == 0
+    _, rows = read_rows(only(str(tmp_path / "bench_linear_*.csv")))
+    matmuls = [r for r in rows if r["op"] == "matmul"]
+    assert [r["note"].split("(")[-1] for r in matmuls] == ["forward)", "forward + backward)"]
+    seen = {(r["op"], r["provider"], r["k"]) for r in rows if r["op"] != "matmul"}
+    want = {("stats_fwd", p, k) for p in ("chunked", "unfused") for k in ("0", "2")}
+    want |= {("ce_fwd", p, "0") for p in ("chunked", "unfused", "torch")}
+    want |= {("ce_fwd+bwd", p, "0") for p in ("chunked", "recompute", "unfused", "torch")}
+    assert want <= seen
+    fwd_mm, bwd_mm = (float(r["ms"]) for r in matmuls)
+    for r in rows:
+        if r["op"] != "matmul":
+            floor = 3 * bwd_mm if r["op"] == "ce_fwd+bwd" else fwd_mm
+            assert float(r["ms"]) > 0 and float(r["floor_ms"]) == pytest.approx(floor, rel=1e-5), r
+
+
+def test_time_interleaved_takes_turns_in_shuffled_orders():
+    """Each cycle calls every provider once, in an order that changes between cycles (seeded:
+    the same orders every run); one median per provider."""
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
+    got = C.time_interleaved(fns, torch.device("cpu"), cycles=6)
+    assert sorted(got) == list("abcd") and all(ms >= 0 for ms in got.values())
+    warm, cycles = calls[:4], [calls[4 + 4 * i : 8 + 4 * i] for i in range(6)]
+    assert warm == list("abcd") and len(calls) == 4 + 24
+    assert all(sorted(c) == list("abcd") for c in cycles)
+    assert len({tuple(c) for c in cycles}) > 1
+    again: list[str] = []
+    C.time_interleaved({n: (lambda n=n: again.append(n)) for n in "abcd"}, torch.device("cpu"), cycles=6)
+    assert again == calls
+
+
+def test_clock_log_summary():
+    """``ClockLog`` parses nvidia-smi's samples (SM MHz, W, limit, throttle bits) and counts the
+    power-capped ones; off CUDA it samples nothing and says so with None."""
+    with C.ClockLog(torch.device("cpu")) as log:
+        pass
+    assert log.summary() is None
+    log._lines = ["1980, 120.5, 700.00, 0x0000000000000000", "1500, 690.0, 700.00, 0x0000000000000004",
+                  "1400, 701.2, 700.00, 0x0000000000000004", "[N/A], 1, 2, 0x0"]  # fmt: skip
+    assert log.summary() == (
+        "SM clock median 1500 MHz (min 1400, max 1980); power max 701 W of 700 W; "
+        "power cap throttling in 2 of 3 samples (100 ms apart)"
+    )
