@@ -353,8 +353,8 @@ def linear_softmax_stats(
     ``linear.FORWARD_BLOCK_BYTES``, 512 MiB) exists at a time. ``"recompute"``: the same with
     blocks of at most ``linear.CHUNK_BYTES`` (128 MiB). ``"fused"``: the Triton kernels of
     ``kernels/linear.py``, which accumulate the logits in fp32 and never round them (k = 0 writes
-    none; k > 0 writes fp32 logits of a chunk of rows, at most 256 MiB, at a time). All give the
-    same results up to that rounding."""
+    none; k > 0 writes fp32 logits of a chunk of rows, at most 1 GiB, at a time: cuBLAS with an
+    fp32 output on CUDA, then the shard kernels). All give the same results up to that rounding."""
     call = ShardCall(
         "linear_stats", k, temperature, softcap, ignore_index, vocab_size, vocab_start, impl=impl
     )
