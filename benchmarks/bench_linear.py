@@ -38,10 +38,11 @@ kernels out of (2). Writes a CSV and the table under --out (default $OUT or ./be
 
 (3) ``--tp``, under ``torchrun --nproc-per-node TP``: per rank, ``linear_cross_entropy`` forward +
 backward (chunked: eager; recompute) of this rank's V_shard = V / TP slice (uneven when V does not
-divide) in a NCCL group, timed with a fixed iteration count and CUDA events, against the rank's
-floor: three matmuls of its own shape measured in the same run plus the all-reduce of the fp32
-[N, H] grad_hidden measured alone. Checked first against one rank's unsplit computation. Liger's
-TP variant (a CuTe DSL kernel) is tried and skipped with the reason when it does not import.
+divide) in a NCCL group, against the rank's floor: three matmuls of its own shape plus the
+all-reduce of the fp32 [N, H] grad_hidden and the partials' all-gathers, all timed turn by turn
+in the same cycles (CUDA events, the max over the ranks). Checked first against one rank's
+unsplit computation. Liger's TP variant (a CuTe DSL kernel) is tried and skipped with the reason
+when it does not import.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def parse_args(argv):
     p.add_argument("--no-fused", action="store_true", help="skip the Triton kernels (impl='fused') in (2)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--tp", action="store_true", help="(3): per-rank fwd+bwd in a group, under torchrun")
-    p.add_argument("--iters", type=int, default=None, help="--tp: timed calls (default 10; CPU 2)")
+    p.add_argument("--iters", type=int, default=None, help="--tp: timed cycles (default 15; CPU 2)")
     return p.parse_args(argv)
 
 
@@ -546,11 +547,11 @@ def _liger_tp_reason(device) -> str:
 def tp_main(args) -> int:
     """(3): every rank holds V_shard = shard_sizes(V, TP)[rank] rows of the head and runs
     ``linear_cross_entropy`` forward + backward (gradients of hidden and its weight slice) in the
-    group. Checked against one process's unsplit computation on each rank; timed with a fixed
-    iteration count and CUDA events (``C.time_fixed``: the max over the ranks of each rank's
-    median), against the floor 3 x the rank's own matmul, plus the collectives measured alone:
-    the fp32 [N, H] all-reduce of grad_hidden, and the all-gathers of the partials (the eager
-    forward: one per block of rows)."""
+    group. Checked against one process's unsplit computation on each rank; timed turn by turn
+    with what sets its floor (``C.time_interleaved`` with the group: the same calls in the same
+    orders on every rank, CUDA events, the max over the ranks of each rank's median): 3 x the
+    rank's own matmul, plus the collectives: the fp32 [N, H] all-reduce of grad_hidden, and the
+    all-gathers of the partials (the eager forward: one per block of rows)."""
     import torch.distributed as dist
 
     cuda = args.device != "cpu" and torch.cuda.is_available()
@@ -595,7 +596,7 @@ def _tp_shape(args, run, say, device, n: int, h: int, v: int, checks: list, bar_
 
     group, rank, world = dist.group.WORLD, dist.get_rank(), dist.get_world_size()
     cuda = C.is_cuda(device)
-    iters, warmup = args.iters or (10 if cuda else 2), 3 if cuda else 1
+    iters, warmup = args.iters or (15 if cuda else 2), 3 if cuda else 1
     widths = shard_sizes(v, world)
     cols = slice(sum(widths[:rank]), sum(widths[: rank + 1]))
     hidden, weight, _, target = make_inputs(n, h, v, torch.bfloat16, device, seed=args.seed, ignore_frac=0.0,
@@ -631,26 +632,39 @@ def _tp_shape(args, run, say, device, n: int, h: int, v: int, checks: list, bar_
     del h1, w1, loss1, ref, loss, g_h, g_w, weight
     C.empty_cache(device)
 
-    # floors: the rank's own matmul, the all-reduce of fp32 grad_hidden, one block's all-gather
-    def timed(fn) -> float:
-        return C.time_fixed(fn, device, iters=iters, warmup=warmup, group=group)
-
-    mm_ms = timed(lambda: hidden @ w_shard.T)
+    # floors: the rank's own matmul, the all-reduce of fp32 grad_hidden, one block's all-gather;
+    # timed turn by turn with the two impls (C.time_interleaved, the max over the ranks), after
+    # each impl's extra memory (one call; an impl that runs out of memory on any rank is not timed)
     grad32 = torch.zeros(n, h, dtype=torch.float32, device=device)
-    ar_ms = timed(lambda: dist.all_reduce(grad32, group=group))
     # the eager forward's blocks, as it sizes them (vocab_size given, see fwd_bwd)
     max_width = ss_linear.eager_max_width(w_shard.shape[0], v, group)
     rows, blocks = ss_linear.eager_blocks(n, max_width, hidden.element_size())
     send = torch.zeros(32 + 7 * rows, dtype=torch.int32, device=device)  # header + a block's stats
     gathered = torch.empty(world * send.numel(), dtype=torch.int32, device=device)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # (torch 2.12 name)
-    ag_ms = timed(lambda: gather(gathered, send, group=group))
-    for impl, n_gathers in (("chunked", len(blocks)), ("recompute", 1)):
+    fns = {
+        "matmul": lambda: hidden @ w_shard.T,
+        "all_reduce": lambda: dist.all_reduce(grad32, group=group),
+        "all_gather": lambda: gather(gathered, send, group=group),
+    }
+    mems = {}
+    for impl in ("chunked", "recompute"):
         try:
-            ms = timed(lambda impl=impl: fwd_bwd(impl))
-            mem = C.extra_peak_memory(lambda impl=impl: fwd_bwd(impl), device, (hidden, w_shard))
+            mems[impl] = C.extra_peak_memory(lambda impl=impl: fwd_bwd(impl), device, (hidden, w_shard))
+            fits = 1
         except C.OOM:
-            ms = mem = None
+            C.empty_cache(device)
+            fits = 0
+        fits_all = torch.tensor([fits], dtype=torch.int32, device=device)
+        dist.all_reduce(fits_all, op=dist.ReduceOp.MIN, group=group)
+        if fits_all.item():
+            fns[impl] = lambda impl=impl: fwd_bwd(impl)
+    with C.ClockLog(device) as clocks:
+        times = C.time_interleaved(fns, device, cycles=iters, heat_cycles=warmup, group=group)
+    say(f"  (timed turn by turn, max over ranks; rank 0's GPU: {clocks.summary() or 'clocks not sampled'})")
+    mm_ms, ar_ms, ag_ms = times["matmul"], times["all_reduce"], times["all_gather"]
+    for impl, n_gathers in (("chunked", len(blocks)), ("recompute", 1)):
+        ms, mem = times.get(impl), mems.get(impl)
         coll = ar_ms + n_gathers * ag_ms
         floor = 3 * mm_ms + coll
         note = (f"TP={world} V={v}: floor 3 x {mm_ms:.3f} ms matmul + {coll:.3f} ms collectives (all-reduce "

@@ -297,7 +297,13 @@ def time_queued(
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], device: torch.device, *, cycles: int = 15, heat_ms: float = 400.0
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    *,
+    cycles: int = 15,
+    heat_ms: float = 400.0,
+    heat_cycles: int = 3,
+    group=None,
 ) -> dict[str, float]:
     """Median ms per call of each of ``fns``, timed turn by turn: ``cycles`` cycles of one call of
     each provider, in a new random order every cycle (seeded), every call bracketed by CUDA
@@ -311,20 +317,30 @@ def time_interleaved(
     comparable. Why shuffled: a slow provider that draws little power (a pointer-load Triton GEMM)
     lets the clock rise for the call after it; in a fixed or rotated order that is always the
     same provider (v0.16: the matmul 10.7 ms after the slow ones, 12.2 ms among the fast ones).
-    One process only (no collectives). On the CPU: one warm-up call each, then ``perf_counter``
-    per call."""
+    With a ``group`` (calls that run collectives): the warm-up is ``heat_cycles`` cycles instead,
+    the same calls on every rank (wall time differs between ranks); every rank draws the same
+    orders (the same seed); a barrier starts the timed cycles; each provider's result is the MAX
+    over the ranks of the rank's median (one all_reduce). On the CPU: one warm-up cycle (or
+    ``heat_cycles`` with a group), then ``perf_counter`` per call."""
     import random
 
+    import torch.distributed as dist
+
+    distributed = group is not None and dist.is_initialized()
     names = list(fns)
     rng = random.Random(0)
     cuda = is_cuda(device)
     t_end = time.perf_counter() + (heat_ms / 1e3 if cuda else 0.0)
+    done = 0
     while True:  # at least one call of each
         for name in names:
             fns[name]()
         synchronize(device)
-        if time.perf_counter() >= t_end:
+        done += 1
+        if (done >= heat_cycles) if distributed else (time.perf_counter() >= t_end):
             break
+    if distributed:
+        dist.barrier(group=group)
     times: dict[str, list] = {name: [] for name in names}
     for _ in range(cycles):
         order = names[:]
@@ -343,7 +359,12 @@ def time_interleaved(
     synchronize(device)
     if cuda:
         times = {name: [s.elapsed_time(e) for s, e in pairs] for name, pairs in times.items()}
-    return {name: statistics.median(t) for name, t in times.items()}
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    if distributed:
+        t = torch.tensor([medians[name] for name in names], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        medians = dict(zip(names, t.tolist()))
+    return medians
 
 
 class ClockLog:

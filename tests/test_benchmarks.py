@@ -525,3 +525,34 @@ def test_clock_log_summary():
         "SM clock median 1500 MHz (min 1400, max 1980); power max 701 W of 700 W; "
         "power cap throttling in 2 of 3 samples (100 ms apart)"
     )
+
+
+def _interleaved_rank(ctx):
+    """Rank r sleeps r + 1 ms in "slow"; "sum" all-reduces (the ranks must call it in the same
+    turns, or they deadlock)."""
+    import time as _time
+
+    import torch.distributed as dist
+
+    calls: list[str] = []
+
+    def slow():
+        calls.append("slow")
+        _time.sleep((ctx.rank + 1) * 1e-3)
+
+    def sum_():
+        calls.append("sum")
+        dist.all_reduce(torch.ones(4), group=ctx.group)
+
+    got = C.time_interleaved(
+        {"slow": slow, "sum": sum_}, ctx.device, cycles=4, heat_cycles=2, group=ctx.group
+    )
+    return got, calls
+
+
+def test_time_interleaved_in_a_group_takes_the_same_turns_and_the_max():
+    """With a group: every rank calls the providers in the same orders (the collectives line up),
+    a fixed warm-up of ``heat_cycles``, and every rank gets each provider's max over the ranks."""
+    (got0, calls0), (got1, calls1) = run_ranks(_interleaved_rank, 2, timeout=60.0)
+    assert calls0 == calls1 and len(calls0) == 2 * 2 + 4 * 2
+    assert got0 == got1 and got0["slow"] >= 2.0  # rank 1's 2 ms sleep
