@@ -381,15 +381,24 @@ class ClockLog:
 
     def __enter__(self):
         if is_cuda(self.device):
-            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
             cmd = ["nvidia-smi", f"--query-gpu={self.FIELDS}", "--format=csv,noheader,nounits",
-                   f"-lms={self.interval_ms}", f"--id={index}"]  # fmt: skip
+                   f"-lms={self.interval_ms}", f"--id={self.smi_id(self.device)}"]  # fmt: skip
             try:
                 pipe, devnull = subprocess.PIPE, subprocess.DEVNULL
                 self._proc = subprocess.Popen(cmd, stdout=pipe, stderr=devnull, text=True)
             except OSError:
                 self._proc = None
         return self
+
+    @staticmethod
+    def smi_id(device: torch.device) -> str:
+        """The GPU's id for ``nvidia-smi --id``: its PCI bus id, as nvidia-smi (which does not read
+        CUDA_VISIBLE_DEVICES) numbers GPUs otherwise than this process may; the index without it."""
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        p = torch.cuda.get_device_properties(index)
+        if not all(hasattr(p, a) for a in ("pci_domain_id", "pci_bus_id", "pci_device_id")):
+            return str(index)
+        return f"{p.pci_domain_id:08X}:{p.pci_bus_id:02X}:{p.pci_device_id:02X}.0"
 
     def __exit__(self, *exc):
         if self._proc is not None:
