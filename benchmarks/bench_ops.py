@@ -779,7 +779,10 @@ class Bench:
                 break
             C.log(f"-- [{i + 1}/{len(tasks)}] {task.label()}  (t={budget.elapsed():.0f}s)")
             t0 = time.perf_counter()
-            self.run_task(task)
+            with C.ClockLog(device) as clocks:  # is the GPU at its power cap? (docs/performance.md v0.16)
+                self.run_task(task)
+            if clocks.summary():
+                C.log(f"   GPU during the task: {clocks.summary()}")
             key = (task.op, task.families, task.passes)
             self.durations[key] = max(self.durations.get(key, 0.0), time.perf_counter() - t0)
         self.inputs = None
