@@ -17,8 +17,9 @@ PASS/FAIL line per quantity.
 
 (2) Timings at N x H x V_shard, bf16, in two groups per shape: the forward providers, then the
 forward + backward ones, each group timed together with the bf16 matmul ``hidden @ weight.T`` of
-the same sizes, turn by turn (``C.time_interleaved``: one call of each in rotation, medians over
-the cycles, so that all share the clocks of a GPU at its power cap; the log gives the clocks).
+the same sizes, turn by turn (``C.time_interleaved``: one call of each per cycle in a shuffled
+order, medians over the cycles, so that all share the clocks of a GPU at its power cap; the log
+gives the clocks).
 That matmul's time sets the group's floors (forward 2 N H V FLOPs = one matmul, forward +
 backward 6 N H V = three). Per op and provider: the time, the fraction of the floor reached
 (floor_ms / ms) and the extra peak memory (``max_memory_allocated`` during one call alone, beyond
@@ -634,7 +635,8 @@ def _tp_shape(args, run, say, device, n: int, h: int, v: int, checks: list, bar_
 
     # floors: the rank's own matmul, the all-reduce of fp32 grad_hidden, one block's all-gather;
     # timed turn by turn with the two impls (C.time_interleaved, the max over the ranks), after
-    # each impl's extra memory (one call; an impl that runs out of memory on any rank is not timed)
+    # each impl's extra memory (one call; an impl that runs out of memory on any rank is not timed;
+    # an OOM inside the call's own collectives still stalls the other ranks until the group's timeout)
     grad32 = torch.zeros(n, h, dtype=torch.float32, device=device)
     # the eager forward's blocks, as it sizes them (vocab_size given, see fwd_bwd)
     max_width = ss_linear.eager_max_width(w_shard.shape[0], v, group)
