@@ -779,8 +779,8 @@ def test_fused_topk_matches_fp32_path(core_tier, monkeypatch, k):
     kw = dict(n_valid_cols=1490, vocab_start=3000, ignore_index=IGNORE, fused_topk=True)
     if k < 50:
         transforms = [{"softcap": None, "temperature": 1.0}, {"softcap": 4.0, "temperature": 0.7}]
-        if k == 1 and core_tier.interpreted:  # ~20 s each in the interpreter: k = 7 takes both
-            transforms = transforms[1:]
+        if core_tier.interpreted:  # ~20-25 s each in the interpreter: k = 1 the transform, k = 7 none
+            transforms = transforms[1:] if k == 1 else transforms[:1]
         for opts in transforms:
             fused_and_fp32_topk(hidden, weight, bias, k=k, **kw, **opts)
     else:
