@@ -781,8 +781,9 @@ class Bench:
             t0 = time.perf_counter()
             with C.ClockLog(device) as clocks:  # is the GPU at its power cap? (docs/performance.md v0.16)
                 self.run_task(task)
-            if clocks.summary():
-                C.log(f"   GPU during the task: {clocks.summary()}")
+            clock_line = clocks.summary()
+            if clock_line:
+                C.log(f"   GPU during the task: {clock_line}")
             key = (task.op, task.families, task.passes)
             self.durations[key] = max(self.durations.get(key, 0.0), time.perf_counter() - t0)
         self.inputs = None

@@ -76,6 +76,7 @@ from .partials import N_FIELDS, default_splits, shard_partials, tile_shape
 # 256 MiB chunks: 512 rows at 128256, too few for the selection's one-warp programs).
 TOPK_CHUNK_BYTES = 1 << 30
 CUBLAS_LOGITS = True
+_MM_FP32_OUT = hasattr(torch.ops.aten.mm, "dtype_out")  # torch >= 2.8: mm with an fp32 output
 GRAD_CHUNK_BYTES = 256 << 20  # one chunk of the gradient G in backward
 GROUP_N = 16  # row blocks that run side by side (their hidden rows stay in L2)
 # On CUDA the kernels are autotuned over a few configs (one tuning per key, at the first call);
@@ -1034,7 +1035,7 @@ def _chunk_logits(hidden, weight, bias, *, out, config) -> None:
         and config is None
         and hidden.is_cuda
         and hidden.dtype in (torch.float16, torch.bfloat16)
-        and hasattr(torch.ops.aten.mm, "dtype_out")
+        and _MM_FP32_OUT
     )
     if not cublas:
         linear_logits(hidden, weight, bias, out=out, config=config)
