@@ -105,7 +105,10 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--tp", action="store_true", help="(3): per-rank fwd+bwd in a group, under torchrun")
     p.add_argument("--iters", type=int, default=None, help="--tp: timed cycles (default 15; CPU 2)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.iters is not None and args.iters < 1:
+        p.error(f"--iters must be at least 1 (got {args.iters})")
+    return args
 
 
 def normwise(got: torch.Tensor, ref: torch.Tensor) -> float:

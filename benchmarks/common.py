@@ -326,6 +326,10 @@ def time_interleaved(
 
     import torch.distributed as dist
 
+    if cycles < 1 or heat_cycles < 1:
+        raise ValueError(
+            f"time_interleaved: cycles and heat_cycles must be at least 1 (got {cycles}, {heat_cycles})"
+        )
     distributed = group is not None and dist.is_initialized()
     names = list(fns)
     rng = random.Random(0)

@@ -511,6 +511,10 @@ def test_time_interleaved_takes_turns_in_shuffled_orders():
     again: list[str] = []
     C.time_interleaved({n: (lambda n=n: again.append(n)) for n in "abcd"}, torch.device("cpu"), cycles=6)
     assert again == calls
+    with pytest.raises(ValueError, match="cycles"):
+        C.time_interleaved(fns, torch.device("cpu"), cycles=0)
+    with pytest.raises(SystemExit):
+        bench_linear.parse_args(["--tp", "--iters", "0"])
 
 
 def test_clock_log_summary():
