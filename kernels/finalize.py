@@ -10,8 +10,9 @@ tested against):
 * ``finalize_cross_entropy``: the per-row loss (label smoothing, z-loss, ignored rows, NaN where
   no piece held the target), reduced in-kernel (mean / sum), plus what backward reads.
 
-Input layout: ``stats`` [N_FIELDS, S, N] fp32 in ``kernels.partials.FIELDS`` order (any field
-and split strides, rows contiguous), ``topk_vals`` / ``topk_ids`` [S, N, k].
+Input layout: ``stats`` [F, S, N] fp32, the first F of ``kernels.partials.FIELDS`` (at least those
+the kernel reads, ``stat_planes``; any field and split strides, rows contiguous), ``topk_vals`` /
+``topk_ids`` [S, N, k].
 """
 
 from __future__ import annotations
@@ -34,13 +35,18 @@ from .common import (
     topk_sorted_runs,
     widen_ids,
 )
-from .partials import FIELDS
-
-# Field offsets in ``stats`` (the partials kernel's order).
-assert FIELDS == ("max", "sumexp", "sumexp_x", "sum_x", "count", "target_logit", "target_hits")
-F_MAX, F_SUMEXP, F_SUMEXP_X, F_SUM_X, F_COUNT, F_TARGET_LOGIT, F_TARGET_HITS = (
-    tl.constexpr(i) for i in range(7)
+from .partials import (
+    F_COUNT,
+    F_MAX,
+    F_SUM_X,
+    F_SUMEXP,
+    F_SUMEXP_X,
+    F_TARGET_HITS,
+    F_TARGET_LOGIT,
+    FIELDS,
+    stat_planes,
 )
+
 # The largest candidate set (S * k, rounded up to a power of two) merged in-kernel; larger top-k
 # merges go through ``merge_stacked`` first.
 MAX_MERGE_KEYS = 4096
@@ -307,10 +313,12 @@ def merge_keys(n_splits: int, k: int) -> int:
     return next_pow2(n_splits) * key_slots(k)
 
 
-def _check_stats(stats: torch.Tensor) -> None:
-    if stats.dtype != torch.float32 or stats.dim() != 3 or stats.shape[0] != len(FIELDS):
+def _check_stats(stats: torch.Tensor, planes: int) -> None:
+    """``stats`` is [F, S, N] fp32 with at least the ``planes`` leading fields the caller reads."""
+    if stats.dtype != torch.float32 or stats.dim() != 3 or not planes <= stats.shape[0] <= len(FIELDS):
         raise ValueError(
-            f"stats must be [{len(FIELDS)}, S, N] float32, got {stats.dtype} {tuple(stats.shape)}"
+            f"stats must be [F, S, N] float32 with {planes} <= F <= {len(FIELDS)} (the leading fields of "
+            f"{FIELDS}), got {stats.dtype} {tuple(stats.shape)}"
         )
     if stats.shape[2] > 1 and stats.stride(2) != 1:
         raise ValueError("stats rows must be contiguous")
@@ -336,7 +344,7 @@ def finalize_stats(
     ``num_warps`` overrides ``default_warps`` (tuning)."""
     scalars = stats is not None
     if scalars:
-        _check_stats(stats)
+        _check_stats(stats, stat_planes(need_entropy=True, need_sum_x=False))
     else:
         logprobs = False
     n_splits, n_rows, k = topk_vals.shape
@@ -421,7 +429,7 @@ def finalize_cross_entropy(
     """``(loss, lse_bwd)``: the loss ([N] for reduction "none", else []) fp32 and, for backward,
     ``lse_bwd`` [N + 1] fp32: each row's lse (NaN where its valid target was found in no split),
     then the reduction's gradient scale (1 / non-ignored rows for "mean", else 1)."""
-    _check_stats(stats)
+    _check_stats(stats, stat_planes(need_entropy=False, need_sum_x=label_smoothing > 0))
     n_splits, n_rows = stats.shape[1], stats.shape[2]
     red = REDUCTIONS[reduction]
     device = stats.device

@@ -8,8 +8,9 @@ Kernels (each a tiled ``tl.dot`` loop over H with fp32 accumulation, sharing ``_
   over the split's BLOCK_V-column tiles and runs the online partials update of
   ``partials._shard_partials_kernel`` on each logit tile in registers (max, sum exp, and when
   needed sum exp*x, sum x, the target logit). The splits of a row block then fold their partials,
-  in split order, into MERGE_SLOTS pieces (default one). Output: ``[N_FIELDS, pieces, N]`` stats,
-  as ``shard_partials`` returns, so the merge over pieces and ranks is the one in
+  in split order, into MERGE_SLOTS pieces (default one). Output: ``[F, pieces, N]`` stats, the
+  first F = ``stat_planes`` of the fields ``shard_partials`` returns (the loss without label
+  smoothing stores 4 of the 7), so the merge over pieces and ranks is the one in
   ``shardsoftmax.partials``.
 * ``_linear_tile_kernel``: one program per [BLOCK_N, BLOCK_V] tile; writes either the raw fp32
   logit tile (top-k path, below) or the cross-entropy gradient tile dloss/dlogit (backward).
@@ -64,7 +65,20 @@ from .common import (
     topk_select,
     transform_logits,
 )
-from .partials import N_FIELDS, default_splits, shard_partials, tile_shape
+from .partials import (
+    F_COUNT,
+    F_MAX,
+    F_SUM_X,
+    F_SUMEXP,
+    F_SUMEXP_X,
+    F_TARGET_HITS,
+    F_TARGET_LOGIT,
+    N_FIELDS,
+    default_splits,
+    shard_partials,
+    stat_planes,
+    tile_shape,
+)
 
 # The top-k path (k > 0, without FUSED_TOPK): fp32 logits of a chunk of rows at a time, at most
 # TOPK_CHUNK_BYTES (the rows of the chunked path's 512 MiB bf16 blocks: 2048 at V_shard = 128256),
@@ -363,7 +377,7 @@ def _linear_partials_kernel(
     weight_ptr,
     bias_ptr,
     target_ptr,
-    stats_ptr,  # [N_FIELDS, n_splits, N], or with SLOTS > 0 [N_FIELDS, min(SLOTS, n_splits), N]
+    stats_ptr,  # [PLANES, n_splits, N], or with SLOTS > 0 [PLANES, min(SLOTS, n_splits), N]
     locks_ptr,  # with SLOTS > 0: int32 [cdiv(N, BLOCK_N) * SLOTS], all 0 (and left so)
     cand_vals_ptr,  # TOPK: fp32 [N, cand_cap], the candidates' transformed logits
     cand_cols_ptr,  # TOPK: int32 [N, cand_cap], their columns in this shard
@@ -395,6 +409,7 @@ def _linear_partials_kernel(
     HAS_TEMPERATURE: tl.constexpr,
     NEED_ENTROPY: tl.constexpr,
     NEED_SUM_X: tl.constexpr,
+    PLANES: tl.constexpr,  # the leading FIELDS stored (``stat_planes``)
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # fp32 operands for tl.dot (Triton 3.8's interpreter gets bf16 dots wrong)
     TMA: tl.constexpr,  # hidden_ptr / weight_ptr are tensor descriptors
@@ -494,27 +509,32 @@ def _linear_partials_kernel(
         out = stats_ptr + slot * n_rows + rows
         plane = tl.minimum(n_splits, SLOTS) * n_rows
         if split >= SLOTS:  # volatile: another SM wrote them, this SM's L1 may hold older values
-            m_old = tl.load(out + 0 * plane, mask=row_ok, other=float("-inf"), volatile=True)
+            m_old = tl.load(out + F_MAX * plane, mask=row_ok, other=float("-inf"), volatile=True)
             m_new = tl.maximum(m_old, m, propagate_nan=tl.PropagateNan.ALL)
             f_old = rescale_factor(m_old, m_new)
             f_new = rescale_factor(m, m_new)
-            s = tl.load(out + 1 * plane, mask=row_ok, other=0.0, volatile=True) * f_old + s * f_new
-            t = tl.load(out + 2 * plane, mask=row_ok, other=0.0, volatile=True) * f_old + t * f_new
-            sum_x += tl.load(out + 3 * plane, mask=row_ok, other=0.0, volatile=True)
-            count += tl.load(out + 4 * plane, mask=row_ok, other=0.0, volatile=True)
-            tgt_logit += tl.load(out + 5 * plane, mask=row_ok, other=0.0, volatile=True)
-            tgt_hits += tl.load(out + 6 * plane, mask=row_ok, other=0.0, volatile=True)
+            s = tl.load(out + F_SUMEXP * plane, mask=row_ok, other=0.0, volatile=True) * f_old + s * f_new
+            tgt_logit += tl.load(out + F_TARGET_LOGIT * plane, mask=row_ok, other=0.0, volatile=True)
+            tgt_hits += tl.load(out + F_TARGET_HITS * plane, mask=row_ok, other=0.0, volatile=True)
+            if PLANES > F_SUMEXP_X:
+                t_old = tl.load(out + F_SUMEXP_X * plane, mask=row_ok, other=0.0, volatile=True)
+                t = t_old * f_old + t * f_new
+            if PLANES > F_SUM_X:
+                sum_x += tl.load(out + F_SUM_X * plane, mask=row_ok, other=0.0, volatile=True)
+                count += tl.load(out + F_COUNT * plane, mask=row_ok, other=0.0, volatile=True)
             m = m_new
     else:
         out = stats_ptr + split * n_rows + rows
         plane = n_splits * n_rows
-    tl.store(out + 0 * plane, m, mask=row_ok)
-    tl.store(out + 1 * plane, s, mask=row_ok)
-    tl.store(out + 2 * plane, t, mask=row_ok)
-    tl.store(out + 3 * plane, sum_x, mask=row_ok)
-    tl.store(out + 4 * plane, count, mask=row_ok)
-    tl.store(out + 5 * plane, tgt_logit, mask=row_ok)
-    tl.store(out + 6 * plane, tgt_hits, mask=row_ok)
+    tl.store(out + F_MAX * plane, m, mask=row_ok)
+    tl.store(out + F_SUMEXP * plane, s, mask=row_ok)
+    tl.store(out + F_TARGET_LOGIT * plane, tgt_logit, mask=row_ok)
+    tl.store(out + F_TARGET_HITS * plane, tgt_hits, mask=row_ok)
+    if PLANES > F_SUMEXP_X:
+        tl.store(out + F_SUMEXP_X * plane, t, mask=row_ok)
+    if PLANES > F_SUM_X:
+        tl.store(out + F_SUM_X * plane, sum_x, mask=row_ok)
+        tl.store(out + F_COUNT * plane, count, mask=row_ok)
     if SLOTS > 0:
         tl.debug_barrier()  # every thread's stores issued before the counter moves on (release)
         last = split + SLOTS >= n_splits
@@ -757,7 +777,7 @@ def linear_partials(
     fused_topk: bool | None = None,
 ):
     """Partials of the logits ``hidden [N, H] @ weight [V_shard, H]^T (+ bias [V_shard])``, as
-    ``shard_partials`` returns them for those logits: ``(stats [N_FIELDS, S, N] fp32, topk_vals
+    ``shard_partials`` returns them for those logits: ``(stats [F, S, N] fp32, topk_vals
     [S, N, k] fp32, topk_ids [S, N, k] int64)``. One fused kernel; with ``k > 0`` it also collects
     top-k candidates (``fused_topk``; default: FUSED_TOPK and k <= FUSED_TOPK_MAX_K and
     ``candidate_rounds`` <= MAX_ROUNDS), else fp32 logits of a chunk of rows at a time go to
@@ -784,7 +804,7 @@ def linear_partials(
 
 def _partials_launch(hidden, weight, bias, target, *, slots, n_valid_cols, vocab_start, ignore_index,
                      softcap, temperature, n_splits, need_entropy, need_sum_x, config, topk=None):  # fmt: skip
-    """One launch of ``_linear_partials_kernel``: ``(stats [N_FIELDS, pieces, N], counters)``, with
+    """One launch of ``_linear_partials_kernel``: ``(stats [F, pieces, N], counters)``, with
     min(slots, S) pieces for S splits (S with ``slots`` 0).
     ``topk``: (k, cand_cap, bounds [3, N], rounds) to also collect candidates; then the second
     result is (candidate values, columns, counts [N], level counts [N, LEVELS]), else None."""
@@ -796,7 +816,8 @@ def _partials_launch(hidden, weight, bias, target, *, slots, n_valid_cols, vocab
         n_splits = default_linear_splits(n_rows, n_valid_cols, device, tma)
     n_splits = max(1, n_splits)
     n_out = min(slots, n_splits) if slots else n_splits
-    stats = torch.empty((N_FIELDS, n_out, n_rows), dtype=torch.float32, device=device)
+    planes = stat_planes(need_entropy, need_sum_x)
+    stats = torch.empty((planes, n_out, n_rows), dtype=torch.float32, device=device)
     if n_rows == 0:
         return stats, None
     softcap_v, inv_t = _transform_args(softcap, temperature)
@@ -827,6 +848,7 @@ def _partials_launch(hidden, weight, bias, target, *, slots, n_valid_cols, vocab
         HAS_TEMPERATURE=float(temperature) != 1.0,
         NEED_ENTROPY=need_entropy,
         NEED_SUM_X=need_sum_x,
+        PLANES=planes,
         **_dot_meta(hidden.dtype),
         TMA=tma,
         TOPK=bool(topk),
@@ -930,7 +952,8 @@ def _linear_partials_fused_topk(hidden, weight, bias, target, *, k, n_valid_cols
     n_rows = hidden.shape[0]
     device = hidden.device
     cap = candidate_cap(k)
-    stats = torch.empty((N_FIELDS, 1, n_rows), dtype=torch.float32, device=device)
+    planes = stat_planes(need_entropy, need_sum_x)
+    stats = torch.empty((planes, 1, n_rows), dtype=torch.float32, device=device)
     vals = torch.empty((1, n_rows, k), dtype=torch.float32, device=device)
     ids = torch.empty((1, n_rows, k), dtype=torch.int64, device=device)
     shard = dict(n_valid_cols=n_valid_cols, vocab_start=vocab_start, ignore_index=ignore_index,
@@ -955,7 +978,7 @@ def _linear_partials_fused_topk(hidden, weight, bias, target, *, k, n_valid_cols
         # the candidates at or above the final threshold (at least k of them, unless checks fail)
         stored = torch.arange(cap, device=device)[None, :] < count[:, None]
         take = stored & (cand_vals >= _levels_threshold(levels.view(-1, LEVELS), grid[0], grid[1], need)[:, None])
-        redo = (count > cap) | (count < need) | ~torch.isfinite(st[1, 0])
+        redo = (count > cap) | (count < need) | ~torch.isfinite(st[F_SUMEXP.value, 0])
         redo |= (stored & (cand_vals > grid[2][:, None])).sum(dim=1) < need  # (3): k-th > dropped
         width, n_redo = (int(x) for x in torch.stack((take.sum(dim=1).max(), redo.sum())).tolist())  # one sync
         vals[0, r0:r1], ids[0, r0:r1] = _top_candidates(cand_vals, cand_cols, take, width, k, vocab_start)

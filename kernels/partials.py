@@ -36,9 +36,24 @@ from .common import (
     unordered_fp32,
 )
 
-# Field order of the fp32 ``stats`` output, shape [N_FIELDS, n_splits, n_rows].
-FIELDS = ("max", "sumexp", "sumexp_x", "sum_x", "count", "target_logit", "target_hits")
+# Field order of the fp32 ``stats`` output, shape [N_FIELDS, n_splits, n_rows]: what the loss
+# reads first, then the entropy's sum, then label smoothing's, so that a call's fields are a
+# prefix of them (``stat_planes``).
+FIELDS = ("max", "sumexp", "target_logit", "target_hits", "sumexp_x", "sum_x", "count")
 N_FIELDS = len(FIELDS)
+F_MAX, F_SUMEXP, F_TARGET_LOGIT, F_TARGET_HITS, F_SUMEXP_X, F_SUM_X, F_COUNT = (
+    tl.constexpr(i) for i in range(N_FIELDS)
+)
+
+
+def stat_planes(need_entropy: bool, need_sum_x: bool) -> int:
+    """How many leading ``FIELDS`` a call reads: 4 for the loss (max, sumexp, the target's logit
+    and hits), 5 with the entropy's sumexp_x, all 7 with label smoothing's sum_x and count. The
+    fused LM head's kernel stores only those (``kernels.linear``); readers take any prefix that
+    holds what they read (``partials.Pieces`` fills the rest with NaN)."""
+    if need_sum_x:
+        return N_FIELDS
+    return F_SUMEXP_X.value + 1 if need_entropy else F_SUMEXP_X.value
 MAX_K = 1024
 
 
@@ -147,13 +162,13 @@ def _shard_partials_kernel(
 
     out = stats_ptr + split * total_rows + row
     plane = n_splits * total_rows
-    tl.store(out + 0 * plane, m_all)
-    tl.store(out + 1 * plane, s_all)
-    tl.store(out + 2 * plane, t_all)
-    tl.store(out + 3 * plane, sum_x_all)
-    tl.store(out + 4 * plane, count)
-    tl.store(out + 5 * plane, tgt_logit)
-    tl.store(out + 6 * plane, tgt_hits)
+    tl.store(out + F_MAX * plane, m_all)
+    tl.store(out + F_SUMEXP * plane, s_all)
+    tl.store(out + F_TARGET_LOGIT * plane, tgt_logit)
+    tl.store(out + F_TARGET_HITS * plane, tgt_hits)
+    tl.store(out + F_SUMEXP_X * plane, t_all)
+    tl.store(out + F_SUM_X * plane, sum_x_all)
+    tl.store(out + F_COUNT * plane, count)
 
 
 KEY_NEG_INF = tl.constexpr(-2139095041)  # ordered_int32(-inf)
@@ -875,4 +890,4 @@ def splits_for(n_rows: int, n_tiles: int, sm_count: int, k: int = 0) -> int:
     return splits
 
 
-__all__ = ["FIELDS", "MAX_K", "N_FIELDS", "shard_partials", "tile_shape", "topk_params"]
+__all__ = ["FIELDS", "MAX_K", "N_FIELDS", "shard_partials", "stat_planes", "tile_shape", "topk_params"]

@@ -71,10 +71,10 @@ def check_headers(gathered: torch.Tensor, agreed: torch.Tensor, out: torch.Tenso
 
 
 def _merge_splits(stats: torch.Tensor, vals: torch.Tensor, ids: torch.Tensor) -> Partials:
-    """A kernel's per-split partials ([N_FIELDS, S, N], [S, N, k]) merged into one piece."""
+    """A kernel's per-split partials ([F, S, N], [S, N, k]) merged into one piece."""
     if stats.shape[1] == 1:
-        return Partials(*stats[:, 0].unbind(0), vals[0], ids[0])
-    return merge_stacked(Partials(*stats.unbind(0), vals, ids))
+        return Partials(*P.scalar_fields(stats[:, 0]), vals[0], ids[0])
+    return merge_stacked(Partials(*P.scalar_fields(stats), vals, ids))
 
 
 def merge_pieces(pieces: Pieces) -> Partials:

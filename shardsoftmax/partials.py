@@ -5,11 +5,11 @@ A shard's partials, per row (fp32, or fp64 for fp64 logits):
 ======================  =====================================================================
 ``max``                 m = max_j x_j over real columns (-inf for an empty shard)
 ``sumexp``              s = sum_j exp(x_j - m)
+``target_logit``        x_target if the target lies in this shard, else 0
+``target_hits``         1 if the target lies in this shard, else 0
 ``sumexp_x``            t = sum_j exp(x_j - m) * x_j   (entropy = lse - t / s)
 ``sum_x``               sum_j x_j                     (label smoothing)
 ``count``               number of real (non-padding) columns
-``target_logit``        x_target if the target lies in this shard, else 0
-``target_hits``         1 if the target lies in this shard, else 0
 ``topk_vals/ids``       [N, k] the shard's k best (value, global id), value descending, lower id
                         first among equal values; missing entries are (-inf, ID_SENTINEL)
 ======================  =====================================================================
@@ -18,9 +18,12 @@ A shard's partials, per row (fp32, or fp64 for fp64 logits):
 It never forms ``-inf - -inf`` and lets NaN through. Every path (one process, column splits
 inside a kernel launch, ranks of a process group, Ray actors) merges with this code.
 
-``Pieces`` is the packed form finalize reads: the scalar fields of S pieces in one [7, S, N]
+``Pieces`` is the packed form finalize reads: the scalar fields of S pieces in one [F, S, N]
 tensor (what the partials kernel writes, S its column splits) plus the [S, N, k] top-k (ids
-int64, or int32 with the missing mark 2**31 - 1 in the ranks' pieces of ``collective``). The
+int64, or int32 with the missing mark 2**31 - 1 in the ranks' pieces of ``collective``). F is 7,
+or fewer where a kernel stored only the leading fields its call reads (the fused LM head,
+``kernels.stat_planes``: 4 for the loss without label smoothing); the fields it did not store
+read as NaN here, as the sums a kernel skips do. The
 functions at the end (``stats_rows``, ``cross_entropy_rows``) turn merged partials into the
 public per-row results; they are the reference and CPU path of the finalize kernels
 (``shardsoftmax.kernels.finalize``), which merge the S column splits with this module's math.
@@ -34,6 +37,7 @@ import torch
 
 from .kernels.common import ID_SENTINEL as _ID_SENTINEL
 from .kernels.common import topk_select, widen_ids
+from .kernels.partials import FIELDS
 
 ID_SENTINEL = _ID_SENTINEL.value  # int64 max: the kernels' mark of a missing top-k entry
 
@@ -41,21 +45,31 @@ ID_SENTINEL = _ID_SENTINEL.value  # int64 max: the kernels' mark of a missing to
 class Partials(NamedTuple):
     max: torch.Tensor
     sumexp: torch.Tensor
+    target_logit: torch.Tensor
+    target_hits: torch.Tensor
     sumexp_x: torch.Tensor
     sum_x: torch.Tensor
     count: torch.Tensor
-    target_logit: torch.Tensor
-    target_hits: torch.Tensor
     topk_vals: torch.Tensor
     topk_ids: torch.Tensor
 
 
 SCALAR_FIELDS = Partials._fields[:7]
+assert SCALAR_FIELDS == FIELDS  # the kernels' stats planes, in this order
+
+
+def scalar_fields(stats: torch.Tensor) -> list[torch.Tensor]:
+    """The 7 scalar fields of packed ``stats`` [F, ...] (F <= 7 leading fields stored); the fields
+    past F as NaN."""
+    fields = list(stats.unbind(0))
+    if len(fields) < len(SCALAR_FIELDS):
+        fields += [torch.full_like(fields[0], float("nan"))] * (len(SCALAR_FIELDS) - len(fields))
+    return fields
 
 
 class Pieces(NamedTuple):
-    """Partials of S pieces of each row, packed: ``stats`` [7, S, N] (fields in ``Partials``
-    order), ``topk_vals`` [S, N, k], ``topk_ids`` [S, N, k]."""
+    """Partials of S pieces of each row, packed: ``stats`` [F, S, N] (the first F <= 7 fields in
+    ``Partials`` order), ``topk_vals`` [S, N, k], ``topk_ids`` [S, N, k]."""
 
     stats: torch.Tensor
     topk_vals: torch.Tensor
@@ -67,8 +81,8 @@ class Pieces(NamedTuple):
 
     def unpacked(self) -> Partials:
         """Fields stacked over the pieces ([S, N] and [S, N, k]), for ``merge_stacked``; ids as
-        int64 (the ranks' pieces carry int32 ids, ``collective``)."""
-        return Partials(*self.stats.unbind(0), self.topk_vals, widen_ids(self.topk_ids))
+        int64 (the ranks' pieces carry int32 ids, ``collective``); fields not stored as NaN."""
+        return Partials(*scalar_fields(self.stats), self.topk_vals, widen_ids(self.topk_ids))
 
     def merged(self) -> Partials:
         return merge_stacked(self.unpacked())

@@ -71,7 +71,10 @@ def shard_partials(
         pad = k - vals.shape[1]
         vals = torch.cat([vals, torch.full((n_rows, pad), float("-inf"), dtype=dt, device=x.device)], 1)
         top_ids = torch.cat([top_ids, torch.full((n_rows, pad), ID_SENTINEL, device=x.device)], 1)
-    return Partials(m, s, t, x.sum(dim=1), count, tgt_logit, tgt_hits, vals, top_ids)
+    return Partials(
+        max=m, sumexp=s, target_logit=tgt_logit, target_hits=tgt_hits, sumexp_x=t, sum_x=x.sum(dim=1),
+        count=count, topk_vals=vals, topk_ids=top_ids,
+    )  # fmt: skip
 
 
 def shard_softmax(

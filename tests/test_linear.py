@@ -37,7 +37,7 @@ from shardsoftmax import kernels
 from shardsoftmax import linear as L
 from shardsoftmax import reference as R
 from shardsoftmax.nn import VocabParallelLMHead
-from shardsoftmax.partials import Partials, merge_stacked
+from shardsoftmax.partials import Partials, Pieces, merge_stacked
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_utils import count_collectives, run_ranks  # noqa: E402
@@ -711,6 +711,42 @@ def test_kernel_splits_and_chunks_agree(core_tier, monkeypatch):
     torch.testing.assert_close(x64.gather(1, ids[0]), vals[0].double(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.core_tiers("cpu-triton", "cuda-triton")
+def test_kernel_stores_only_the_fields_its_call_reads(core_tier):
+    """The fused forward's stats hold the leading fields its call reads (``stat_planes``): 4 for the
+    loss, 5 with the entropy, 7 with label smoothing, equal to the fields of a full run, folded
+    into pieces or not; the fields not stored read as NaN, and finalize refuses too few."""
+    case = Case("planes", 7, 40, 150, "bf16", True, {})
+    hidden, weight, bias, target = on(core_tier, *make_inputs(case, seed=6))
+    kw = dict(k=0, n_valid_cols=140, vocab_start=0, ignore_index=IGNORE, softcap=None, temperature=1.0,
+              n_splits=3)  # fmt: skip
+    for slots in (2, 0):  # 3 splits folded in-kernel into 2 pieces, or one piece per split
+        full, _, _ = kernels.linear_partials(hidden, weight, bias, target, slots=slots, **kw)
+        assert full.shape[0] == len(kernels.FIELDS)
+        for need, planes in [((False, False), 4), ((True, False), 5), ((False, True), 7)]:
+            st, vals, ids = kernels.linear_partials(
+                hidden, weight, bias, target, slots=slots, need_entropy=need[0], need_sum_x=need[1], **kw
+            )
+            what = f"slots {slots}, need_entropy / need_sum_x {need}"
+            assert st.shape == (planes, *full.shape[1:]), what
+            stored = [f for f in range(planes) if kernels.FIELDS[f] != "sumexp_x" or need[0]]
+            torch.testing.assert_close(st[stored], full[stored], rtol=1e-6, atol=0.0, msg=what)
+            got = Pieces(st, vals, ids).unpacked()
+            assert all(getattr(got, f).isnan().all() for f in kernels.FIELDS[planes:]), what
+    loss = {}
+    for planes in (4, 7):
+        loss[planes] = kernels.finalize_cross_entropy(
+            full[:planes], target, ignore_index=IGNORE, reduction="none", label_smoothing=0.0, z_loss=0.0
+        )  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(loss[4], loss[7]))
+    with pytest.raises(ValueError, match=r"stats must be \[F, S, N\] float32 with 5 <= F <= 7"):
+        kernels.finalize_stats(full[:4], vals, ids, target, vocab_start=0, ignore_index=IGNORE)
+    with pytest.raises(ValueError, match=r"stats must be \[F, S, N\] float32 with 7 <= F <= 7"):
+        kernels.finalize_cross_entropy(
+            full[:5], target, ignore_index=IGNORE, reduction="mean", label_smoothing=0.1, z_loss=0.0
+        )  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------
 # Top-k inside the fused kernel: candidate lists, their checks and the exact fallback
 # ------------------------------------------------------------------------------------------------
@@ -1150,6 +1186,14 @@ def dist_rank(ctx, widths):
             softcap=DIST_OPTS["softcap"], process_group=ctx.group, impl=impl,
         )  # fmt: skip
         out[f"{backend} {impl}"] = {"ce": res, "stats": st}
+    # the fused kernel's stats without the fields nobody reads (4 for the loss without label
+    # smoothing, 5 for k = 0 stats), padded with NaN fields on the wire
+    plain = dict(bias=bias[cols], vocab_size=DIST_VOCAB, process_group=ctx.group, impl="fused",
+                 softcap=DIST_OPTS["softcap"])  # fmt: skip
+    out["fused, fewer fields"] = (
+        ss.linear_cross_entropy(hidden, weight[cols], target, z_loss=DIST_OPTS["z_loss"], **plain),
+        ss.linear_softmax_stats(hidden, weight[cols], target, **plain),
+    )
     return {"start": start, "width": widths[ctx.rank], **out}
 
 
@@ -1188,6 +1232,16 @@ def test_process_group_matches_unsplit_model(world_size):
             torch.testing.assert_close(st.lse.double(), st64["lse"], **tol, msg=f"{what} lse")
             torch.testing.assert_close(st.entropy.double(), st64["entropy"], **tol, msg=f"{what} entropy")
     torch.testing.assert_close(partial_sum, gh64, rtol=1e-10, atol=1e-12)  # the shares sum to the whole
+    hidden, weight, bias, target = _dist_inputs()
+    logits = R.oracle_linear_logits(hidden, weight, bias)
+    opts = dict(vocab_size=DIST_VOCAB, softcap=DIST_OPTS["softcap"])
+    loss64 = R.oracle_cross_entropy(logits, target, z_loss=DIST_OPTS["z_loss"], **opts)
+    st64 = R.oracle_stats(logits, target, k=0, **opts)
+    for rank, r in enumerate(out):
+        loss, st = r["fused, fewer fields"]
+        torch.testing.assert_close(loss.double(), loss64, **tol, msg=f"rank {rank} loss")
+        for f in ("lse", "entropy", "target_logprob"):
+            torch.testing.assert_close(getattr(st, f).double(), st64[f], **tol, msg=f"rank {rank} {f}")
 
 
 def test_eager_block_sizes():
