@@ -15,7 +15,7 @@ from .check import check_headers  # noqa: E402
 from .common import ID32_SENTINEL, narrow_ids, widen_ids  # noqa: E402
 from .elementwise import cross_entropy_backward, softmax_write  # noqa: E402
 from .finalize import can_merge_topk, finalize_cross_entropy, finalize_stats, finalize_topk  # noqa: E402
-from .linear import linear_cross_entropy_backward, linear_logits, linear_partials  # noqa: E402
+from .linear import linear_grad_logits, linear_logits, linear_partials  # noqa: E402
 from .partials import FIELDS, MAX_K, N_FIELDS, shard_partials  # noqa: E402
 from .sample import gumbel_argmax  # noqa: E402
 
@@ -32,7 +32,7 @@ __all__ = [
     "finalize_topk",
     "gumbel_argmax",
     "interpreted",
-    "linear_cross_entropy_backward",
+    "linear_grad_logits",
     "linear_logits",
     "linear_partials",
     "narrow_ids",

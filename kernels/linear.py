@@ -14,7 +14,6 @@ Kernels (each a tiled ``tl.dot`` loop over H with fp32 accumulation, sharing ``_
   ``shardsoftmax.partials``.
 * ``_linear_tile_kernel``: one program per [BLOCK_N, BLOCK_V] tile; writes either the raw fp32
   logit tile (top-k path, below) or the cross-entropy gradient tile dloss/dlogit (backward).
-* ``_matmul_kernel``: C (+)= A @ B with fp32 accumulation and any strides (backward GEMMs).
 
 Operand loads of the logit tiles: on Hopper (and in the interpreter), 16-bit hidden and weight with
 16-byte aligned rows go through TMA descriptors (``use_tma``), with tiles of 128 x 256 or 256 x 128
@@ -30,15 +29,15 @@ there), ``_linear_partials_kernel`` also takes each tile's few largest logits ab
 per-row threshold as candidates, and the exact top-k is taken from those
 (``_linear_partials_fused_topk``, which says why it is exact). ``k = 0`` is fully fused.
 
-Backward (deterministic, no atomics): the vocabulary is processed in chunks of ``C`` columns
-(``N * C`` gradient elements at most ``GRAD_CHUNK_BYTES``). Per chunk, ``_linear_tile_kernel``
-recomputes the logit tiles from hidden and weight with the saved per-row lse and writes
-G = dloss/dlogits [N, C] in the inputs' dtype (the unfused path's gradient, one chunk of it);
-then ``grad_hidden += G @ W[chunk]`` (fp32 accumulator [N, H]) and
-``grad_weight[chunk] = G^T @ hidden`` (one fp32-accumulated GEMM over all N, rounded once), and
-``grad_bias[chunk] = sum_rows G``. Extra memory: the fp32 [N, H] accumulator plus one G chunk.
-A scheme that never stores G needs either atomics or, for each of the H/BLOCK output columns,
-a recomputation of the logits (H = 4096: 16-64x the matmul FLOPs).
+Backward: ``linear_grad_logits`` gives G = dloss/dlogits of a chunk of the shard's columns,
+[N, C] in the inputs' dtype: ``_linear_tile_kernel`` recomputes the logit tiles in fp32 from
+hidden and weight and forms the gradient from them and the saved per-row lse (the unfused path's
+gradient, from logits never rounded). The math layer (``shardsoftmax.linear``) takes the GEMMs
+``grad_hidden += G @ W[chunk]`` and ``grad_weight[chunk] = G^T @ hidden`` (cuBLAS on CUDA), chunk
+by chunk, as its ``"recompute"`` impl does with cuBLAS logits. A scheme that never stores G needs
+either atomics or, for each of the H/BLOCK output columns, a recomputation of the logits
+(H = 4096: 16-64x the matmul FLOPs). Until v0.17 the GEMMs were Triton kernels with pointer
+loads here: forward + backward took 10.9-11.4x of three matmuls on an H200.
 """
 
 from __future__ import annotations
@@ -91,7 +90,6 @@ from .partials import (
 TOPK_CHUNK_BYTES = 1 << 30
 CUBLAS_LOGITS = True
 _MM_FP32_OUT = hasattr(torch.ops.aten.mm, "dtype_out")  # torch >= 2.8: mm with an fp32 output
-GRAD_CHUNK_BYTES = 256 << 20  # one chunk of the gradient G in backward
 GROUP_N = 16  # row blocks that run side by side (their hidden rows stay in L2)
 # On CUDA the kernels are autotuned over a few configs (one tuning per key, at the first call);
 # SHARDSOFTMAX_AUTOTUNE=0 (or setting this to False) runs the first config of each list instead.
@@ -166,16 +164,8 @@ def _tma_topk_configs() -> list[triton.Config]:
     ]
 
 
-def _matmul_configs() -> list[triton.Config]:
-    return _configs(
-        ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
-        [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4)],
-    )
-
-
 # The interpreter runs each program in Python: few, small tiles (still several per test shape).
 INTERPRETER_TILE = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16}
-INTERPRETER_MATMUL = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}
 _EVEN_H = {"EVEN_H": lambda a: a["hidden_size"] % a["BLOCK_H"] == 0}
 
 
@@ -626,61 +616,8 @@ def _linear_tile_kernel(
     tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
-def _matmul_kernel(
-    # pointers
-    a_ptr,
-    b_ptr,
-    c_ptr,
-    # sizes
-    M,
-    N,
-    K,
-    # strides
-    stride_am,
-    stride_ak,
-    stride_bk,
-    stride_bn,
-    stride_cm,
-    stride_cn,
-    # meta
-    ACCUMULATE: tl.constexpr,  # C += A @ B (C fp32) instead of C = A @ B
-    INPUT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,  # fp32 operands for tl.dot (Triton 3.8's interpreter gets bf16 dots wrong)
-    GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N),); one program per C tile, fp32 accumulation
-    over K (any strides: A may be a transposed view)."""
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(M, BLOCK_M)
-    n_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = _grouped_tile(pid, n_m, n_n, GROUP)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_in = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
-    n_in = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
-    a_ptrs = a_ptr + m_in[:, None] * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + n_in[None, :] * stride_bn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc = _dot_loop(
-        acc, a_ptrs, b_ptrs, offs_k, K, BLOCK_K * stride_ak, BLOCK_K * stride_bk, BLOCK_K, False,
-        INPUT_PRECISION, UPCAST,
-    )  # fmt: skip
-    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    c_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    if ACCUMULATE:
-        acc += tl.load(c_ptrs, mask=c_mask, other=0.0)
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
-
-
-# Keys: (H, V_shard) for the forward. The backward kernels see chunks of varying width, so they are
-# keyed on H (and what they compute) only: one tuning per model, not per chunk width. The
-# accumulating GEMM adds into its output, so tuning runs restore it.
+# Keys: (H, V_shard) for the forward. The backward's gradient tiles see chunks of varying width,
+# so they are keyed on H (and what they compute) only: one tuning per model, not per chunk width.
 _partials_tuned = triton.autotune(_tile_configs(), key=["hidden_size", "n_cols"])(_linear_partials_kernel)
 _tile_tuned = triton.autotune(_tile_configs(), key=["hidden_size", "GRAD"])(_linear_tile_kernel)
 _partials_tma_tuned = triton.autotune(_tma_tile_configs(), key=["hidden_size", "n_cols"])(
@@ -695,9 +632,6 @@ _partials_topk_tma_tuned = triton.autotune(
     _tma_topk_configs(), key=["hidden_size", "n_cols"], restore_value=["cand_count_ptr", "levels_ptr"]
 )(_linear_partials_kernel)
 _tile_tma_tuned = triton.autotune(_tma_tile_configs(), key=["hidden_size", "GRAD"])(_linear_tile_kernel)
-_matmul_tuned = triton.autotune(_matmul_configs(), key=["N", "ACCUMULATE"], restore_value=["c_ptr"])(
-    _matmul_kernel
-)
 
 
 def _config_dict(config: triton.Config) -> dict:
@@ -1102,26 +1036,7 @@ def _linear_partials_topk(hidden, weight, bias, target, *, k, n_valid_cols, voca
     return stats, vals, ids
 
 
-def _matmul(a, b, c, *, accumulate: bool, config=None) -> None:
-    """c (+)= a @ b with fp32 accumulation (c fp32 when accumulating)."""
-    M, K = a.shape
-    N = b.shape[1]
-    if M == 0 or N == 0:
-        return
-    if K == 0:
-        if not accumulate:
-            c.zero_()
-        return
-    args = (a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
-    meta = dict(ACCUMULATE=accumulate, **_dot_meta(a.dtype), GROUP=8)
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-    _launch(_matmul_kernel, _matmul_tuned, grid, args, meta, config, INTERPRETER_MATMUL)
-
-
-def linear_cross_entropy_backward(
+def linear_grad_logits(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -1129,6 +1044,7 @@ def linear_cross_entropy_backward(
     lse_bwd: torch.Tensor,
     grad_out: torch.Tensor,
     *,
+    out: torch.Tensor,
     ignore_index: int,
     n_valid_cols: int,
     vocab_start: int,
@@ -1137,64 +1053,27 @@ def linear_cross_entropy_backward(
     z_loss: float,
     softcap: float | None,
     temperature: float,
-    need_hidden_grad: bool = True,
-    need_weight_grad: bool = True,
-    need_bias_grad: bool = True,
-    chunk_cols: int | None = None,
     config: dict | None = None,
-):
-    """Gradients of the loss w.r.t. hidden, weight and bias, where the logits are ``hidden @
-    weight^T (+ bias)``: ``(grad_hidden [N, H] fp32, grad_weight [V_shard, H] in the weight's
-    dtype, grad_bias [V_shard] in the bias' dtype)``; grad_hidden is this shard's partial sum (the
-    caller reduces it over ranks). ``lse_bwd`` [N + 1] fp32 is what ``finalize_cross_entropy``
-    wrote; ``grad_out`` the loss's gradient, [N] (any stride) or [] (the reduced loss), read
-    in-kernel as ``elementwise.cross_entropy_backward`` reads them. A gradient not needed
-    (``need_*_grad``, or no bias) comes back as None; the bias always enters the logits.
-    ``chunk_cols``: vocabulary columns per chunk (default: a G chunk of at most GRAD_CHUNK_BYTES)."""
-    n_rows, hidden_size = hidden.shape
-    n_cols = weight.shape[0]
-    device = hidden.device
-
-    def new(like, needed, shape=None):
-        if not needed:
-            return None
-        if shape is not None:
-            return torch.zeros(shape, dtype=torch.float32, device=device)
-        return torch.zeros_like(like, memory_format=torch.contiguous_format)
-
-    grad_hidden = new(None, need_hidden_grad, (n_rows, hidden_size))
-    grad_weight = new(weight, need_weight_grad)
-    grad_bias = new(bias, need_bias_grad and bias is not None)
-    if n_cols == 0 or n_rows == 0 or (grad_hidden is None and grad_weight is None and grad_bias is None):
-        return grad_hidden, grad_weight, grad_bias
-    if chunk_cols is None:
-        chunk_cols = max(256, GRAD_CHUNK_BYTES // (hidden.element_size() * n_rows) // 256 * 256)
-    chunk_cols = min(chunk_cols, n_cols)
-    g = torch.empty((n_rows, chunk_cols), dtype=hidden.dtype, device=device)
-    for c0 in range(0, n_cols, chunk_cols):
-        c1 = min(n_cols, c0 + chunk_cols)
-        gc = g[:, : c1 - c0]
-        wc = weight[c0:c1]
-        _tile_launch(
-            hidden, wc, None if bias is None else bias[c0:c1], target, lse_bwd, grad_out, gc, grad=True,
-            n_valid_cols=max(0, min(c1, n_valid_cols) - c0), vocab_start=vocab_start + c0,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing, vocab_size=vocab_size, z_loss=z_loss, softcap=softcap,
-            temperature=temperature, config=config,
-        )  # fmt: skip
-        if grad_hidden is not None:
-            _matmul(gc, wc, grad_hidden, accumulate=True)
-        if grad_weight is not None:
-            _matmul(gc.t(), hidden, grad_weight[c0:c1], accumulate=False)
-        if grad_bias is not None:
-            grad_bias[c0:c1] = gc.sum(dim=0, dtype=torch.float32).to(grad_bias.dtype)
-    return grad_hidden, grad_weight, grad_bias
+) -> torch.Tensor:
+    """G = dloss/dlogits of the logits ``hidden [N, H] @ weight [C, H]^T (+ bias [C])``, written
+    into ``out`` ([N, C] in the inputs' dtype, columns contiguous) and returned. ``weight`` may be
+    a chunk of the shard's rows: ``vocab_start`` is its first column's global id, and columns at or
+    past ``n_valid_cols`` (padding) get 0. The logit tiles are recomputed in fp32 and the gradient
+    formed from them, the saved per-row lse (``lse_bwd`` [N + 1] fp32 as ``finalize_cross_entropy``
+    wrote it) and ``grad_out`` ([N], any stride, or []) as ``elementwise.cross_entropy_backward``
+    forms it, rounded once to out's dtype. Checks are the caller's."""
+    _tile_launch(
+        hidden, weight, bias, target, lse_bwd, grad_out, out, grad=True, n_valid_cols=n_valid_cols,
+        vocab_start=vocab_start, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        vocab_size=vocab_size, z_loss=z_loss, softcap=softcap, temperature=temperature, config=config,
+    )  # fmt: skip
+    return out
 
 
 __all__ = [
     "default_linear_splits",
     "use_tma",
-    "linear_cross_entropy_backward",
+    "linear_grad_logits",
     "linear_logits",
     "linear_partials",
 ]

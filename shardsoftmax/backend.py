@@ -178,19 +178,18 @@ def linear_pieces(hidden, weight, bias, target, **kw) -> Pieces:
     return P.pack(reference.shard_linear_partials(hidden, weight, bias, target, **kw))
 
 
-def linear_cross_entropy_backward(
-    hidden, weight, bias, target, lse_bwd, grad_out, *, ignore_index: int, **kw
-):
-    """(grad_hidden in the compute dtype, grad_weight, grad_bias) of the fused LM head's loss, from
-    what ``finalize_cross_entropy`` saved (as ``shard_cross_entropy_backward``)."""
+def linear_grad_logits(hidden, weight, bias, target, lse_bwd, grad_out, *, out, ignore_index: int, **kw):
+    """dloss/dlogits of the logits ``hidden @ weight^T (+ bias)`` (``weight``: a chunk of the
+    shard's rows), from logits never rounded to the inputs' dtype, written into ``out`` (the
+    inputs' dtype) and returned: the fused tile kernel, or fp32 logits (fp64 for fp64 inputs) and
+    ``shard_cross_entropy_backward``."""
     if uses_triton(hidden) and lse_bwd.dtype == torch.float32:
-        return kernels.linear_cross_entropy_backward(
-            hidden, weight, bias, target, lse_bwd, grad_out, ignore_index=ignore_index, **kw
+        return kernels.linear_grad_logits(
+            hidden, weight, bias, target, lse_bwd, grad_out, out=out, ignore_index=ignore_index, **kw
         )
-    row_scale = P.backward_row_scale(lse_bwd, grad_out, target != ignore_index)
-    return reference.shard_linear_cross_entropy_backward(
-        hidden, weight, bias, target, lse_bwd[:-1], row_scale, **kw
-    )
+    logits = reference.linear_logits(hidden, weight, bias)
+    grad = shard_cross_entropy_backward(logits, target, lse_bwd, grad_out, ignore_index=ignore_index, **kw)
+    return out.copy_(grad)
 
 
 def shard_gumbel_argmax(logits: torch.Tensor, **kw) -> Partials:

@@ -25,7 +25,9 @@
   ``_matmul_accumulate``). 4 GEMMs, the least memory (one chunk + fp32 grad_hidden). Only the
   real columns are computed (padding rows' gradients are 0).
 * ``"fused"``: the Triton kernels of ``kernels/linear.py`` (``tl.dot`` tiles straight into the
-  partials, fp32 logits never rounded; backward with Triton GEMMs).
+  partials, fp32 logits never rounded). Backward as ``"recompute"``'s, except that each chunk's
+  G comes from the fused tile kernel (logits recomputed in fp32 in registers, G rounded once to
+  the inputs' dtype) instead of cuBLAS logits in the inputs' dtype.
 
 Forward: one collective (the all-gather of the partials), as ``cross_entropy``; the eager
 forward: one per block of rows, all with the same header, which holds the call's rows, its number
@@ -201,12 +203,16 @@ def chunked_linear_backward(
     need_hidden_grad: bool = True,
     need_weight_grad: bool = True,
     need_bias_grad: bool = True,
+    fused: bool = False,
     **kw,
 ):
-    """``backend.linear_cross_entropy_backward`` by vocabulary chunks of ``chunk_cols`` columns:
+    """The gradients of the LM head's loss by vocabulary chunks of ``chunk_cols`` columns:
     ``(grad_hidden [N, H] fp32 (fp64 for fp64 inputs; this shard's partial sum), grad_weight
     [V_shard, H] and grad_bias [V_shard] in their dtypes)``; a gradient not needed comes back as
-    None. ``kw``: the other options of ``backend.shard_cross_entropy_backward`` (``ops.grad_kwargs``)."""
+    None. Each chunk's dloss/dlogits G: from cuBLAS logits in the inputs' dtype (``"recompute"``),
+    or with ``fused`` from the fused tile kernel's fp32 logits (``backend.linear_grad_logits``);
+    then the same GEMMs. ``kw``: the other options of ``backend.shard_cross_entropy_backward``
+    (``ops.grad_kwargs``)."""
     n_rows = hidden2d.shape[0]
     acc_dtype = reference.compute_dtype(hidden2d.dtype)
     need_bias_grad = need_bias_grad and bias is not None
@@ -223,11 +229,18 @@ def chunked_linear_backward(
     if spans:
         buf = _chunk_buffer(hidden2d, n_valid_cols, width)
     for c0, c1 in spans:
-        logits = _logits_chunk(hidden2d, weight, bias, c0, c1, buf)
-        g = backend.shard_cross_entropy_backward(
-            logits, target1d, lse_bwd, grad_out, n_valid_cols=c1 - c0, vocab_start=vocab_start + c0,
-            out=logits, **kw,
-        )  # fmt: skip
+        chunk = dict(n_valid_cols=c1 - c0, vocab_start=vocab_start + c0)
+        if fused:
+            out = buf[: n_rows * (c1 - c0)].view(n_rows, c1 - c0)
+            b = None if bias is None else bias[c0:c1]
+            g = backend.linear_grad_logits(
+                hidden2d, weight[c0:c1], b, target1d, lse_bwd, grad_out, out=out, **chunk, **kw
+            )
+        else:
+            logits = _logits_chunk(hidden2d, weight, bias, c0, c1, buf)
+            g = backend.shard_cross_entropy_backward(
+                logits, target1d, lse_bwd, grad_out, out=logits, **chunk, **kw
+            )
         if need_weight_grad:
             torch.mm(g.t(), hidden2d, out=grad_weight[c0:c1])
         if need_bias_grad:
@@ -481,9 +494,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         else:
             hidden2d, weight, bias, target1d, lse_bwd = ctx.saved_tensors
             hidden_dtype = hidden2d.dtype
-            fused = ctx.impl == "fused"
-            grad_fn = backend.linear_cross_entropy_backward if fused else chunked_linear_backward
-            grad_hidden, grad_weight, grad_bias = grad_fn(
+            grad_hidden, grad_weight, grad_bias = chunked_linear_backward(
                 hidden2d,
                 weight,
                 bias,
@@ -494,6 +505,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 need_hidden_grad=need_hidden,
                 need_weight_grad=need_weight,
                 need_bias_grad=need_bias,
+                fused=ctx.impl == "fused",
             )
         if grad_hidden is not None:
             group = ctx.process_group

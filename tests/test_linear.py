@@ -686,14 +686,26 @@ def test_kernel_splits_and_chunks_agree(core_tier, monkeypatch):
     lse = merged[1, 1].max + merged[1, 1].sumexp.log()
     lse_bwd = torch.cat([lse, lse.new_full((1,), 0.25)])  # per-row lse, then the reduction's scale
     grad_out = torch.linspace(0.5, 2.0, 2 * case.n, device=lse.device)[::2]  # per row, strided
-    bkw = dict(ignore_index=IGNORE, n_valid_cols=140, vocab_start=0, label_smoothing=0.1, vocab_size=140,
-               z_loss=0.0, softcap=None, temperature=1.0)  # fmt: skip
-    one = kernels.linear_cross_entropy_backward(hidden, weight, bias, target, lse_bwd, grad_out, **bkw)
-    many = kernels.linear_cross_entropy_backward(
-        hidden, weight, bias, target, lse_bwd, grad_out, chunk_cols=64, **bkw
-    )
+    gkw = dict(ignore_index=IGNORE, label_smoothing=0.1, vocab_size=140, z_loss=0.0, softcap=None,
+               temperature=1.0)  # fmt: skip
+    # the fused gradient tiles of the whole shard (10 padding columns get 0) and of column chunks
+    g_all = torch.empty((case.n, case.v), dtype=hidden.dtype, device=hidden.device)
+    kernels.linear_grad_logits(hidden, weight, bias, target, lse_bwd, grad_out, out=g_all, n_valid_cols=140,
+                               vocab_start=0, **gkw)  # fmt: skip
+    assert not g_all[:, 140:].any()
+    for c0, c1 in [(0, 64), (64, 128), (128, 140)]:
+        g = torch.empty_like(g_all)[:, : c1 - c0]  # rows wider than the chunk: any row stride
+        kernels.linear_grad_logits(hidden, weight[c0:c1], bias[c0:c1], target, lse_bwd, grad_out, out=g,
+                                   n_valid_cols=c1 - c0, vocab_start=c0, **gkw)  # fmt: skip
+        torch.testing.assert_close(g, g_all[:, c0:c1], rtol=1e-2, atol=1e-6, msg=f"[{c0}, {c1})")
+    # ... and the GEMMs of the math layer over one chunk or chunks of 64 columns
+    bkw = dict(n_valid_cols=140, vocab_start=0, fused=True, **gkw)
+    one = L.chunked_linear_backward(hidden, weight, bias, target, lse_bwd, grad_out, **bkw)
+    monkeypatch.setattr(L, "CHUNK_BYTES", case.n * hidden.element_size() * 64)
+    many = L.chunked_linear_backward(hidden, weight, bias, target, lse_bwd, grad_out, **bkw)
     torch.testing.assert_close(many[0], one[0], rtol=1e-6, atol=1e-6)  # summed over chunks in fp32
     assert torch.equal(many[1], one[1]) and torch.equal(many[2], one[2])  # one chunk's own rows
+    assert not one[1][140:].any() and not one[2][140:].any()  # padding rows: no gradient
 
     # the fp32-logits top-k path, a chunk of rows at a time: bit for bit with the tile kernel's
     # logits; on CUDA cuBLAS's (the default there) within fp32 summation order, ids consistent
@@ -914,8 +926,7 @@ def test_fused_topk_row_chunks(core_tier, monkeypatch):
 def test_cuda_launch_path_in_interpreter(core_tier, monkeypatch, autotune, tma):
     """The launch path CUDA takes (autotuned kernels, or their first configs with AUTOTUNE off),
     run in the interpreter with small configs and a CPU timer: tuning runs must not leave their
-    partial sums in the accumulating grad_hidden GEMM, nor their top-k candidates counted
-    (restore_value), and with TMA each config's
+    top-k candidates counted (restore_value), and with TMA each config's
     pre-hook must give the descriptors its blocks. fp32 (pointers) or bf16 widened to fp32 (TMA):
     without the interpreter's upcast, its bf16 dot is wrong."""
 
@@ -924,8 +935,6 @@ def test_cuda_launch_path_in_interpreter(core_tier, monkeypatch, autotune, tma):
         fn()
         return (time.perf_counter() - t0) * 1e3
 
-    mm = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}),
-          triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32})]  # fmt: skip
     tune = functools.partial(triton.autotune, do_bench=cpu_bench)
     for suffix, hook in (("_tuned", None), ("_tma_tuned", KL._tma_blocks)):
         tile = [triton.Config({"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_H": 16}, pre_hook=hook),
@@ -938,9 +947,6 @@ def test_cuda_launch_path_in_interpreter(core_tier, monkeypatch, autotune, tma):
         monkeypatch.setattr(KL, "_partials_topk" + suffix, topk_tuned(KL._linear_partials_kernel))
         tile_tuned = tune(tile, key=["hidden_size", "GRAD"])(KL._linear_tile_kernel)
         monkeypatch.setattr(KL, "_tile" + suffix, tile_tuned)
-    monkeypatch.setattr(
-        KL, "_matmul_tuned", tune(mm, key=["N", "ACCUMULATE"], restore_value=["c_ptr"])(KL._matmul_kernel)
-    )
     if tma:  # as on a Hopper GPU: descriptors (allowed in the interpreter), operands widened as in it
         assert KL.use_tma(torch.zeros(4, 48, dtype=torch.bfloat16), torch.zeros(8, 48, dtype=torch.bfloat16))
         monkeypatch.setattr(KL, "use_tma", lambda hidden, weight: True)
@@ -967,15 +973,17 @@ def test_cuda_launch_path_in_interpreter(core_tier, monkeypatch, autotune, tma):
     scale = torch.where(target != IGNORE, 0.5, 0.0).double()
     kw = dict(n_valid_cols=150, vocab_start=0, label_smoothing=0.0, vocab_size=150, z_loss=0.0, softcap=None,
               temperature=1.0)  # fmt: skip
-    got = kernels.linear_cross_entropy_backward(
-        hidden, weight, bias, target, lse_bwd, torch.tensor(1.0), ignore_index=IGNORE, chunk_cols=64, **kw
-    )
+    monkeypatch.setattr(L, "CHUNK_BYTES", case.n * hidden.element_size() * 64)  # chunks of 64 columns
+
+    def backward():
+        return L.chunked_linear_backward(
+            hidden, weight, bias, target, lse_bwd, torch.tensor(1.0), ignore_index=IGNORE, fused=True, **kw
+        )
+
+    got = backward()
     if tma:  # the gradient chunks are rounded to bf16: against the pointer loads on the same inputs
         monkeypatch.setattr(KL, "use_tma", lambda hidden, weight: False)
-        want = kernels.linear_cross_entropy_backward(
-            hidden, weight, bias, target, lse_bwd, torch.tensor(1.0), ignore_index=IGNORE, chunk_cols=64, **kw
-        )
-        want = [w.double() for w in want]
+        want = [w.double() for w in backward()]
     else:
         want = R.shard_linear_cross_entropy_backward(hidden.double(), weight.double(), bias.double(), target,
                                                      lse, scale, **kw)  # fmt: skip
@@ -1004,8 +1012,8 @@ def test_tma_and_pointer_loads_agree(core_tier, monkeypatch):
         _, vals, ids = kernels.linear_partials(hidden, weight, bias, target, k=3, **fwd)
         lse = torch.logsumexp(st[0] + st[1].log(), dim=0)
         lse_bwd = torch.cat([lse, lse.new_full((1,), 0.25)])
-        grads = kernels.linear_cross_entropy_backward(
-            hidden, weight, bias, target, lse_bwd, torch.ones((), device=lse.device), chunk_cols=64, **bwd
+        grads = L.chunked_linear_backward(
+            hidden, weight, bias, target, lse_bwd, torch.ones((), device=lse.device), fused=True, **bwd
         )
         return st, vals, ids, grads
 
