@@ -42,8 +42,9 @@ backward (chunked: eager; recompute) of this rank's V_shard = V / TP slice (unev
 divide) in a NCCL group, against the rank's floor: three matmuls of its own shape plus the
 all-reduce of the fp32 [N, H] grad_hidden and the partials' all-gathers, all timed turn by turn
 in the same cycles (CUDA events, the max over the ranks). Checked first against one rank's
-unsplit computation. Liger's TP variant (a CuTe DSL kernel) is tried and skipped with the reason
-when it does not import.
+unsplit computation. Liger's TP variant (CUTLASS + NVSHMEM, in the separate package
+liger-cute-kernels) is not run, with the reason printed: its node-local TP uses NVLink multicast,
+which the GPU machines this benchmark runs on keep off.
 """
 
 from __future__ import annotations
@@ -539,13 +540,17 @@ def _liger_tp_reason(device) -> str:
         from liger_kernel.ops.cute import fused_linear_scaled_cross_entropy_tp as tp_ce
     except ImportError:
         return "this liger_kernel has no tensor-parallel fused linear cross-entropy"
+    # Its adapter (LigerFusedLinearScaledCrossEntropyNativeTPFunction) says node-local TP uses NVLink
+    # multicast (NVLS), which these GPU machines keep off (NVSHMEM_DISABLE_NVLS=1 and the like: a
+    # program using it can take the host's shared GPUs out of service), so it is not run here.
+    nvls = ("its node-local TP uses NVLink multicast (NVLS), which stays off on the GPU machines this "
+            "benchmark runs on (NCCL_NVLS_ENABLE=0, NVSHMEM_DISABLE_NVLS=1)")  # fmt: skip
     if not tp_ce.is_available():
         return (
             "Liger's tensor-parallel fused linear cross-entropy (liger_kernel.ops.cute) needs its native "
-            "package liger-cute-kernels (CUTLASS + NVSHMEM), which is not installed (not on the package "
-            "index this benchmark's wheels came from)"
+            f"package liger-cute-kernels (CUTLASS + NVSHMEM), which is not installed; and {nvls}"
         )
-    return "liger-cute-kernels is installed, but its tensor-parallel API is not wired into this benchmark"
+    return f"liger-cute-kernels is installed, but {nvls}"
 
 
 def tp_main(args) -> int:
