@@ -314,7 +314,7 @@ def time_interleaved(
     and raises it again while idle (one H200 in v0.16: 1980 MHz after a rest, 1320-1620 MHz at
     675-703 W of its 700 W). Timed one after another, each provider runs at whatever clock the
     ones before it left; turn by turn they all share the same clocks, and their ratios are
-    comparable. Why shuffled: a slow provider that draws little power (a pointer-load Triton GEMM)
+    comparable. Why shuffled: a slow provider that draws little power (v0.16's fused backward)
     lets the clock rise for the call after it; in a fixed or rotated order that is always the
     same provider (v0.16: the matmul 10.7 ms after the slow ones, 12.2 ms among the fast ones).
     With a ``group`` (calls that run collectives): the warm-up is ``heat_cycles`` cycles instead,
