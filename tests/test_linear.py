@@ -1196,6 +1196,7 @@ def dist_rank(ctx, widths):
         out[f"{backend} {impl}"] = {"ce": res, "stats": st}
     # the fused kernel's stats without the fields nobody reads (4 for the loss without label
     # smoothing, 5 for k = 0 stats), padded with NaN fields on the wire
+    ss.set_backend("triton")
     plain = dict(bias=bias[cols], vocab_size=DIST_VOCAB, process_group=ctx.group, impl="fused",
                  softcap=DIST_OPTS["softcap"])  # fmt: skip
     out["fused, fewer fields"] = (
