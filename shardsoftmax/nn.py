@@ -23,6 +23,7 @@ from torch import nn
 from . import _validate as V
 from . import collective
 from .api import SoftmaxStats, cross_entropy, linear_cross_entropy, linear_softmax_stats, softmax_stats
+from .collective import IMPLS
 
 __all__ = ["VocabParallelCrossEntropy", "VocabParallelLMHead", "copy_to_vocab_parallel", "shard_sizes"]
 
@@ -173,6 +174,14 @@ class VocabParallelLMHead(nn.Module):
     logits to the weight's dtype as ``F.linear`` does and give the same results up to the matmul's
     summation order, with the same gradients.
 
+    ``impl`` (with ``fused=True``): the ``impl`` of ``linear_cross_entropy`` /
+    ``linear_softmax_stats``. ``"chunked"`` (default) as above; ``"recompute"`` or ``"fused"`` when
+    even one block of logits and the fp32 grad_weight are too much: they keep one chunk of at most
+    128 MiB in backward, and ``"fused"`` (the Triton kernels) no logits at all in forward. They
+    cost one more GEMM: forward + backward 1.4-1.5x of three matmuls against ~1.2x for
+    ``"chunked"`` (one H200, N = 8192, docs/performance.md v0.17). ``"fused"`` does not round the
+    logits to the weight's dtype.
+
     ``forward(hidden, target=None, *, k=0, return_stats=False)``:
 
     * ``hidden``: ``[..., H]``, the same on every rank, in the weight's dtype.
@@ -201,6 +210,7 @@ class VocabParallelLMHead(nn.Module):
         temperature: float = 1.0,
         softcap: float | None = None,
         fused: bool = False,
+        impl: str = "chunked",
         device=None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -208,7 +218,11 @@ class VocabParallelLMHead(nn.Module):
         V.check_int(hidden_size, "hidden_size", low=1)
         if not isinstance(fused, bool):
             raise TypeError(f"fused must be True or False, got {fused!r}")
-        self.fused = fused
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if impl != "chunked" and not fused:
+            raise ValueError(f"impl={impl!r} chooses the LM head path's implementation: it needs fused=True")
+        self.fused, self.impl = fused, impl
         V.check_int(vocab_size, "vocab_size", low=1)
         padded = vocab_size if vocab_size_padded is None else vocab_size_padded
         V.check_int(padded, "vocab_size_padded", low=vocab_size)
@@ -323,12 +337,13 @@ class VocabParallelLMHead(nn.Module):
             if not loss:
                 return linear_softmax_stats(
                     hidden, self.weight, target, bias=self.bias, k=k, ignore_index=opts.ignore_index,
-                    process_group=self.process_group, **transform, **layout,
+                    process_group=self.process_group, impl=self.impl, **transform, **layout,
                 )  # fmt: skip
             return linear_cross_entropy(
                 hidden, self.weight, target, bias=self.bias, ignore_index=opts.ignore_index,
                 reduction=opts.reduction, label_smoothing=opts.label_smoothing, z_loss=opts.z_loss,
-                process_group=self.process_group, reduce_hidden_grad=True, **transform, **layout,
+                process_group=self.process_group, reduce_hidden_grad=True, impl=self.impl, **transform,
+                **layout,
             )  # fmt: skip
         if not loss:
             with torch.no_grad():
@@ -347,4 +362,5 @@ class VocabParallelLMHead(nn.Module):
             f"vocab_size_padded={self.vocab_size_padded}, rank={self.rank}/{self.world_size}, "
             f"rows=[{self.vocab_start}, {self.vocab_start + self.shard_size}), bias={self.bias is not None}"
             + (", fused=True" if self.fused else "")
+            + (f", impl={self.impl!r}" if self.impl != "chunked" else "")
         )

@@ -1073,10 +1073,40 @@ def test_lm_head_fused_and_unfused_agree(core_tier):
     assert torch.all(heads[True].weight.grad[67:] == 0)
     # the default: unfused (the chunked path is not measured on a GPU yet; see the class docstring)
     auto = VocabParallelLMHead(24, 67, device=core_tier.device)
-    assert auto.fused is False
-    assert "fused=True" in repr(heads[True])
+    assert auto.fused is False and auto.impl == "chunked"
+    assert "fused=True" in repr(heads[True]) and "impl" not in repr(heads[True])
     with pytest.raises(TypeError, match="fused must be"):
         VocabParallelLMHead(24, 67, fused="yes")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        VocabParallelLMHead(24, 67, fused=True, impl="cublas")
+    with pytest.raises(ValueError, match="impl='fused' chooses the LM head path's .*: it needs fused=True"):
+        VocabParallelLMHead(24, 67, impl="fused")
+
+
+@pytest.mark.parametrize("impl", ["recompute", "fused"])
+def test_lm_head_impl(core_tier, impl):
+    """``impl`` reaches the LM head path: the loss, the three gradients and the statistics as the
+    unfused head gives them (fp32: the fused kernels' unrounded logits equal the rounded ones)."""
+    torch.manual_seed(1)
+    kw = dict(vocab_size_padded=70, bias=True, label_smoothing=0.1, softcap=8.0, device=core_tier.device)
+    head = VocabParallelLMHead(24, 67, fused=True, impl=impl, **kw)
+    ref = VocabParallelLMHead(24, 67, **kw)
+    ref.load_state_dict(head.state_dict())
+    assert f"impl={impl!r}" in repr(head)
+    hidden = torch.randn(9, 24, device=core_tier.device)
+    target = torch.randint(0, 67, (9,), device=core_tier.device)
+    out, ids = [], []
+    for h_ in (head, ref):
+        h = hidden.clone().requires_grad_(True)
+        loss = h_(h, target)
+        loss.backward()
+        st = h_(hidden, target, k=3, return_stats=True)
+        grads = [h.grad, h_.weight.grad, h_.bias.grad]
+        out.append([loss.detach(), *grads, st.lse, st.entropy, st.target_logprob])
+        ids.append(st.topk_ids)
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert torch.equal(*ids)
 
 
 # ------------------------------------------------------------------------------------------------
