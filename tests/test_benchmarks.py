@@ -9,6 +9,7 @@ import csv
 import glob
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -172,6 +173,45 @@ def test_ops_budget_stops_cleanly(tmp_path):
     assert [r["op"] for r in rows] == ["copy", "matmul"]
     text = open(path[: -len(".csv")] + ".txt").read()
     assert "not run (budget" in text and "MISSING" in text
+
+
+def test_ops_budget_skips_what_does_not_fit_and_runs_the_rest(tmp_path, monkeypatch):
+    """With ``--max-seconds``, a task expected not to fit is skipped and listed, and the run goes on
+    with the tasks that fit. The expectation is per op and k: after a slow first k = 1024 task
+    (its selection compiling), the next shard's k = 0 task still runs and its k = 1024 task is
+    skipped (once the whole run stopped there, v0.17)."""
+    ran = []
+
+    def run_task(self, task):
+        ran.append((task.op, task.k, task.v, task.passes))
+        if task.k == 1024:
+            time.sleep(0.05)
+
+    class Budget:  # the budget admits tasks expected to take under 20 ms
+        max_seconds = 1.0
+
+        def __init__(self, max_seconds):
+            pass
+
+        def elapsed(self):
+            return 0.0
+
+        def allows(self, expected_s):
+            return expected_s < 0.02
+
+    monkeypatch.setattr(bench_ops.Bench, "run_task", run_task)
+    monkeypatch.setattr(C, "Budget", Budget)
+    argv = ["--dry-run", "--out", str(tmp_path), "--v", "1031", "1543", "--k", "0", "1024"]
+    argv += ["--providers", "ours"]
+    assert bench_ops.main(argv) == 0
+    fwd = [(op, k, v) for op, k, v, passes in ran if passes == ("fwd",)]
+    assert fwd == [
+        ("stats", 0, 1031), ("stats", 1024, 1031), ("softmax", 0, 1031), ("log_softmax", 0, 1031),
+        ("stats", 0, 1543), ("softmax", 0, 1543), ("log_softmax", 0, 1543),
+    ], fwd  # fmt: skip
+    assert [(op, v) for op, k, v, passes in ran if op == "ce"] == [("ce", 1031), ("ce", 1543)]
+    text = open(only(str(tmp_path / "ops_*.txt"))).read()
+    assert "not run (budget of 1s): softmax_stats k=1024 bf16" in text and "V=1543" in text
 
 
 def test_dist_dry_run_gloo(dist_run):
