@@ -867,7 +867,7 @@ def parse_args(argv):
         "--max-seconds",
         type=float,
         default=0,
-        help="stop starting tasks when this wall-clock budget would be exceeded (0: none)",
+        help="skip the tasks that would not fit in this wall-clock budget (0: none)",
     )
     p.add_argument(
         "--out", default="bench_out", help="folder for the CSV, .txt and .md (default ./bench_out)"
