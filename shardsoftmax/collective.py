@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 from . import backend, kernels
 from ._validate import REDUCTIONS
-from .partials import SCALAR_FIELDS, Pieces
+from .partials import SCALAR_FIELDS, Pieces, scalar_fields
 from .partials import pack as pack_pieces
 
 MAGIC = 0x55AA5501
@@ -255,11 +255,9 @@ def pack(p: Pieces, head: torch.Tensor) -> torch.Tensor:
     stats (NaN for the fields a kernel did not store, ``partials.scalar_fields``), the top-k
     values, the ids as int32, a pad word where needed (see ``_offsets``)."""
     stats, vals, ids = p.stats[:, 0], p.topk_vals[0], p.topk_ids[0]
-    missing = len(SCALAR_FIELDS) - stats.shape[0]
-    words = [head, stats.reshape(-1).view(torch.int32)]
-    if missing:
-        words.append(stats.new_full((missing * stats.shape[1],), float("nan")).view(torch.int32))
-    words.append(vals.reshape(-1).view(torch.int32))
+    if stats.shape[0] < len(SCALAR_FIELDS):
+        stats = torch.stack(scalar_fields(stats))
+    words = [head, stats.reshape(-1).view(torch.int32), vals.reshape(-1).view(torch.int32)]
     words.append(kernels.narrow_ids(ids).reshape(-1))
     _, b, total = _offsets(stats.dtype, stats.shape[1], vals.shape[1])
     if total > b + ids.numel():
