@@ -34,7 +34,7 @@ import common as C  # noqa: E402
 
 import shardsoftmax as ss  # noqa: E402
 from shardsoftmax.collective import H as HEADER_WORDS  # noqa: E402
-from shardsoftmax.collective import payload_words  # noqa: E402
+from shardsoftmax.collective import Header, packs_topk, payload_words  # noqa: E402
 
 OURS = C.OURS
 FAMILIES = ("ours", "megatron", "liger", "gather")
@@ -444,7 +444,10 @@ class DistBench:
                 self.keep(f"local{kk}", self.record("local_stats", OURS, "fwd", ms, floor, k=kk, note=note))
                 self.host_ahead("local_stats", OURS, "fwd", local, floor, f"local{kk}_gpu", k=kk)
                 # (2) one all-gather of what our collective sends: header + partials, per rank
-                words = payload_words(torch.float32, n, kk) + 2 * HEADER_WORDS
+                # (the top-k packed, one int32 per entry, where the call packs it)
+                heads = [Header.make("stats", n, kk, self.dtype, False, width, None, None, -100, 1.0, None,
+                                     0.0, 0.0) for width in self.widths]  # fmt: skip
+                words = payload_words(torch.float32, n, kk, packs_topk(heads)) + 2 * HEADER_WORDS
                 buf = torch.ones(words, dtype=torch.int32, device=self.device)
                 out = torch.empty(self.tp * words, dtype=torch.int32, device=self.device)
                 ag = lambda buf=buf, out=out: _all_gather_into(out, buf, group=g)  # noqa: E731

@@ -12,7 +12,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _compat.patch_interpreter_index()
 
 from .check import check_headers  # noqa: E402
-from .common import ID32_SENTINEL, narrow_ids, widen_ids  # noqa: E402
+from .common import ID32_SENTINEL, KEY16_COLS, narrow_ids, pack_key16, unpack_key16, widen_ids  # noqa: E402
 from .elementwise import cross_entropy_backward, softmax_write  # noqa: E402
 from .finalize import can_merge_topk, finalize_cross_entropy, finalize_stats, finalize_topk  # noqa: E402
 from .linear import linear_grad_logits, linear_logits, linear_partials  # noqa: E402
@@ -22,6 +22,7 @@ from .sample import gumbel_argmax  # noqa: E402
 __all__ = [
     "FIELDS",
     "ID32_SENTINEL",
+    "KEY16_COLS",
     "MAX_K",
     "N_FIELDS",
     "can_merge_topk",
@@ -36,8 +37,10 @@ __all__ = [
     "linear_logits",
     "linear_partials",
     "narrow_ids",
+    "pack_key16",
     "shard_partials",
     "softmax_write",
+    "unpack_key16",
     "widen_ids",
 ]
 

@@ -181,6 +181,40 @@ def key16_col(key):
     return 65535 - (key & 0xFFFF)
 
 
+# Top-k entries as they cross a process group when every value is exactly a bfloat16 (bf16
+# logits, no temperature or softcap) and every rank's shard has at most KEY16_COLS columns: one
+# int32 per entry, ``make_key16`` of (value, the column in the rank's shard), half the bytes of an
+# fp32 value and an int32 id (``shardsoftmax.collective``). MIN_KEY16 is a missing entry, and -1
+# (a word no real entry has: its high half would be the key of a negative zero, which ``ordered_int32``
+# folds into +0) the poison of a failed header check, read as (NaN, id -1).
+POISON_KEY16 = tl.constexpr(-1)
+
+
+def pack_key16(vals: torch.Tensor, ids: torch.Tensor, base: int) -> torch.Tensor:
+    """Top-k entries (fp32 ``vals`` exactly bfloat16, int64 / int32 global ``ids``, missing ones
+    ``ID_SENTINEL`` / ``ID32_SENTINEL``) as int32 ``make_key16`` words of (value, id - base);
+    ids - base must lie in [0, KEY16_COLS)."""
+    bits = torch.where(vals == 0, torch.zeros_like(vals), vals).float().view(torch.int32)
+    bits = torch.where(vals.isnan(), 0x7FC00000, bits)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    words = (ordered & -65536) | (65535 - (ids.to(torch.int64) - base)).to(torch.int32)
+    missing = (ids == ID_SENTINEL.value) | (ids == ID32_SENTINEL.value)
+    return torch.where(missing, MIN_KEY16.value, words)
+
+
+def unpack_key16(words: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of ``pack_key16`` for words [S, N, k] with per-piece bases ``base`` [S] (int64):
+    (fp32 values, int64 global ids); missing entries (-inf, ID_SENTINEL), poison (NaN, -1)."""
+    hi = words & -65536
+    ordered = hi | ((hi >> 31) & 0xFFFF)
+    vals = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).view(torch.float32)
+    ids = base.view(-1, 1, 1) + (65535 - (words & 0xFFFF)).to(torch.int64)
+    missing, poison = words == MIN_KEY16.value, words == POISON_KEY16.value
+    vals = torch.where(missing, float("-inf"), torch.where(poison, float("nan"), vals))
+    ids = torch.where(missing, ID_SENTINEL.value, torch.where(poison, -1, ids))
+    return vals, ids
+
+
 @triton.jit
 def min_key_like(shape: tl.constexpr):
     """A key below every real key (the identity of the top-k monoid)."""

@@ -24,7 +24,11 @@ import triton.language as tl
 from .common import (
     ID32_SENTINEL,
     ID_SENTINEL,
+    MIN_KEY16,
+    POISON_KEY16,
     cdiv,
+    key16_col,
+    key16_value,
     key_col,
     key_slots,
     key_value,
@@ -136,6 +140,18 @@ def _merge_keys(vals_ptrs, ids_ptrs, mask, vocab_start):
 
 
 @triton.jit
+def _merge_keys16(words_ptrs, base, mask, vocab_start):
+    """``_merge_keys`` of entries packed as ``make_key16`` words (``common.pack_key16``) of columns
+    from ``base`` (each entry's piece's first global id): MIN_KEY16 is a missing entry, and the
+    poison word (-1) reads as (NaN, id -1), as unpacked entries of a poisoned payload do."""
+    words = tl.load(words_ptrs, mask=mask, other=MIN_KEY16)
+    poison = words == POISON_KEY16
+    vals = tl.where(poison, float("nan"), key16_value(words))
+    ids = tl.where(poison, -1, base + key16_col(words).to(tl.int64))
+    return tl.where(mask & (words != MIN_KEY16), make_key(vals, ids - vocab_start), min_key_like(vals.shape))
+
+
+@triton.jit
 def _finalize_stats_kernel(
     # pointers
     stats_ptr,
@@ -164,6 +180,8 @@ def _finalize_stats_kernel(
     K: tl.constexpr,  # top-k size (0: none)
     KP: tl.constexpr,  # next power of two >= max(K, 2)
     MERGE_TOPK: tl.constexpr,  # S > 1: merge the S sorted lists (MP >= S * K candidates)
+    PACKED: tl.constexpr,  # with MERGE_TOPK: topk_ids_ptr holds make_key16 words, topk_vals_ptr the
+    # pieces' first global ids (int64 [S])
     MP: tl.constexpr,  # with MERGE_TOPK: next_pow2(S) * KP (one run of KP keys per list)
     LOG_KP: tl.constexpr,
     LOG_MP: tl.constexpr,
@@ -203,11 +221,17 @@ def _finalize_stats_kernel(
             split = c // KP
             j = tl.where(split % 2 == 0, KP - 1 - c % KP, c % KP)
             in_set = (split < n_splits) & (j < K)
-            offs_v = split * stride_vals_split + row * stride_vals_row + j
             offs_i = split * stride_ids_split + row * stride_ids_row + j
-            keys = _merge_keys(topk_vals_ptr + offs_v, topk_ids_ptr + offs_i, in_set, vocab_start)
             has_next = in_set & (j + 1 < K)
-            nxt = _merge_keys(topk_vals_ptr + offs_v + 1, topk_ids_ptr + offs_i + 1, has_next, vocab_start)
+            if PACKED:
+                base = tl.load(topk_vals_ptr + split, mask=split < n_splits, other=0)
+                keys = _merge_keys16(topk_ids_ptr + offs_i, base, in_set, vocab_start)
+                nxt = _merge_keys16(topk_ids_ptr + offs_i + 1, base, has_next, vocab_start)
+            else:
+                offs_v = split * stride_vals_split + row * stride_vals_row + j
+                keys = _merge_keys(topk_vals_ptr + offs_v, topk_ids_ptr + offs_i, in_set, vocab_start)
+                nxt = _merge_keys(topk_vals_ptr + offs_v + 1, topk_ids_ptr + offs_i + 1, has_next,
+                                  vocab_start)  # fmt: skip
             if tl.max((has_next & (nxt > keys)).to(tl.int32), axis=0) > 0:
                 top = tl.topk(keys, KP)
             else:
@@ -326,13 +350,14 @@ def _check_stats(stats: torch.Tensor, planes: int) -> None:
 
 def finalize_stats(
     stats: torch.Tensor | None,
-    topk_vals: torch.Tensor,
+    topk_vals: torch.Tensor | None,
     topk_ids: torch.Tensor,
     target: torch.Tensor | None,
     *,
     vocab_start: int,
     ignore_index: int,
     logprobs: bool = True,
+    key_base: torch.Tensor | None = None,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """``(rows [4, N] fp32 = lse, max, entropy, target_logprob, topk [N, k] fp32, topk_ids [N, k]
@@ -341,19 +366,29 @@ def finalize_stats(
     (contiguous) or None (row 3 is then left unwritten). ``topk_vals`` and ``topk_ids`` may have
     any split and row strides (views of a gathered buffer). With S = 1 the ids are ``topk_ids[0]``
     (contiguous); with S > 1 the top-k lists are merged here (``can_merge_topk``), one row per program.
-    ``num_warps`` overrides ``default_warps`` (tuning)."""
+    ``key_base`` (int64 [S], S > 1): the entries come packed as ``make_key16`` words in
+    ``topk_ids`` (int32, ``common.pack_key16``), of the columns from ``key_base[s]`` in piece s;
+    ``topk_vals`` is then unused. ``num_warps`` overrides ``default_warps`` (tuning)."""
     scalars = stats is not None
     if scalars:
         _check_stats(stats, stat_planes(need_entropy=True, need_sum_x=False))
     else:
         logprobs = False
-    n_splits, n_rows, k = topk_vals.shape
+    n_splits, n_rows, k = topk_ids.shape
     merge = n_splits > 1 and k > 0
+    packed = key_base is not None
+    if packed:
+        if not merge or topk_ids.dtype != torch.int32 or key_base.shape != (n_splits,):
+            raise ValueError(
+                f"key_base: packed entries need S > 1 splits, int32 words and int64 bases [S], got "
+                f"topk_ids {topk_ids.dtype} {tuple(topk_ids.shape)}, key_base {tuple(key_base.shape)}"
+            )
+        topk_vals = key_base
     if merge and not can_merge_topk(n_splits, k):
         raise ValueError(f"{n_splits} splits of top-{k} are too many to merge in-kernel")
-    if k > 1 and (topk_vals.stride(2) != 1 or topk_ids.stride(2) != 1):
+    if k > 1 and ((not packed and topk_vals.stride(2) != 1) or topk_ids.stride(2) != 1):
         raise ValueError("topk_vals and topk_ids must be contiguous along k")
-    device = topk_vals.device
+    device = topk_ids.device
     rows_out = torch.empty((4, n_rows), dtype=torch.float32, device=device) if scalars else None
     topk_out = torch.empty((n_rows, k), dtype=torch.float32, device=device)
     if merge or k == 0:
@@ -380,8 +415,8 @@ def finalize_stats(
         ignore_index,
         stats.stride(0) if scalars else 0,
         stats.stride(1) if scalars else 0,
-        topk_vals.stride(0),
-        topk_vals.stride(1),
+        0 if packed else topk_vals.stride(0),
+        0 if packed else topk_vals.stride(1),
         topk_ids.stride(0),
         topk_ids.stride(1),
         SCALARS=scalars,
@@ -390,6 +425,7 @@ def finalize_stats(
         K=k,
         KP=kp,
         MERGE_TOPK=merge,
+        PACKED=packed,
         MP=mp,
         LOG_KP=kp.bit_length() - 1,
         LOG_MP=mp.bit_length() - 1,
@@ -466,7 +502,10 @@ def finalize_cross_entropy(
     return loss, lse_bwd
 
 
-def finalize_topk(topk_vals: torch.Tensor, topk_ids: torch.Tensor, *, vocab_start: int):
-    """The top-k of S splits merged: ``(values [N, k] fp32, ids [N, k] int64)``."""
-    _, vals, ids = finalize_stats(None, topk_vals, topk_ids, None, vocab_start=vocab_start, ignore_index=0)
+def finalize_topk(topk_vals: torch.Tensor | None, topk_ids: torch.Tensor, *, vocab_start: int,
+                  key_base: torch.Tensor | None = None):  # fmt: skip
+    """The top-k of S splits merged: ``(values [N, k] fp32, ids [N, k] int64)`` (``key_base``: as
+    in ``finalize_stats``)."""
+    _, vals, ids = finalize_stats(None, topk_vals, topk_ids, None, vocab_start=vocab_start, ignore_index=0,
+                                  key_base=key_base)  # fmt: skip
     return vals, ids

@@ -340,11 +340,22 @@ def _rank_candidates(list_e, n_e, row_ptr, col_lo, softcap, inv_temperature,
 
 
 @triton.jit
-def _store_top(topk_vals_ptr, topk_ids_ptr, base, top, vocab_start, col_lo, mask, KP: tl.constexpr):
+def _store_top(topk_vals_ptr, topk_ids_ptr, base, top, vocab_start, col_lo, mask, KP: tl.constexpr,
+               PACK16: tl.constexpr):  # fmt: skip
     """Store keys ``top`` (values and global ids) at ``base + [0, KP)`` where ``mask``; a missing
     entry's id is the largest of the ids' type (int64, or int32 in a send buffer). ``top``: int64
-    keys, or int32 keys (``make_key16``) of the columns from ``col_lo``."""
+    keys, or int32 keys (``make_key16``) of the columns from ``col_lo``. PACK16 (one split,
+    col_lo = 0): only the int32 ``make_key16`` words, into ``topk_ids_ptr`` (a send buffer's packed
+    entries, ``common.pack_key16``)."""
     kk = tl.arange(0, KP)
+    if PACK16:
+        if top.dtype == tl.int32:
+            words = top
+        else:  # the brute-force path's int64 keys: the values are exactly bfloat16 here too
+            words = tl.where(top != min_key_like(top.shape), make_key16(key_value(top), key_col(top)),
+                             MIN_KEY16)  # fmt: skip
+        tl.store(topk_ids_ptr + base + kk, words, mask=mask)
+        return
     if top.dtype == tl.int32:
         real = top != MIN_KEY16
         value = key16_value(top)
@@ -401,6 +412,7 @@ def _select_kernel(
     BF: tl.constexpr,  # chunk maxima ranked at once (>= KP)
     BE: tl.constexpr,  # chunks re-read at once (BE * CHUNK >= KP)
     KEY16: tl.constexpr,  # rank by int32 keys (make_key16): bf16 values, split columns < 2**16
+    PACK16: tl.constexpr,  # store the top-K as make_key16 words in topk_ids_ptr (one split; KEY16)
 ):
     """Grid: (programs, n_splits); each program selects the exact top-K of blocks of R rows
     (rows pid * R.., (pid + programs) * R.., ...) of one column split from the chunk maxima the
@@ -607,7 +619,7 @@ def _select_kernel(
         kk = tl.arange(0, KP)[None, :]
         base = ((split * total_rows + row) * K)[:, None]
         _store_top(topk_vals_ptr, topk_ids_ptr, base, top, vocab_start, col_lo,
-                   live[:, None] & ~over[:, None] & (kk < K), KP)  # fmt: skip
+                   live[:, None] & ~over[:, None] & (kk < K), KP, PACK16)  # fmt: skip
         # a row whose lists overflowed is marked (id -2) and ranked after the loop
         tl.store(topk_ids_ptr + base + kk, tl.full([R, KP], -2, tl.int64),
                  mask=live[:, None] & over[:, None] & (kk == 0))  # fmt: skip
@@ -628,7 +640,8 @@ def _select_kernel(
                                              inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE, K, KP,
                                              CHUNK, BF, BE)  # fmt: skip
                     k1 = tl.arange(0, KP)
-                    _store_top(topk_vals_ptr, topk_ids_ptr, base1, top1, vocab_start, col_lo, k1 < K, KP)
+                    _store_top(topk_vals_ptr, topk_ids_ptr, base1, top1, vocab_start, col_lo, k1 < K, KP,
+                               PACK16)  # fmt: skip
 
 
 # k <= SELECT_SMALL_K: chunks of 32 columns and a one-warp selection (tile_shape, topk_params,
@@ -763,7 +776,10 @@ def shard_partials(
     the streaming kernel alone: the top-k outputs are left unwritten). ``out``:
     (stats, topk_vals, topk_ids) to write into when the launch has one column split and their
     shapes and dtypes match (the process-group path passes views of its send buffer); otherwise
-    new tensors.
+    new tensors. ``out`` with ``topk_vals`` None asks for the top-k as int32 ``make_key16`` words
+    in ``topk_ids`` (``common.pack_key16``), written when they are exact (bf16 logits, no
+    temperature or softcap, one split of at most KEY16_COLS columns); otherwise the outputs are
+    new tensors of the usual kind, for the caller to pack.
 
     k > 0 takes two launches per block of rows: the streaming kernel also stores each row's chunk
     maxima (4 bytes per CHUNK columns, in a buffer of at most ``CM_MAX_BYTES``), then
@@ -783,9 +799,14 @@ def shard_partials(
     n_splits = max(1, min(n_splits, n_tiles))
     cols_per_split = cdiv(n_tiles, n_splits) * block
     n_splits = max(1, cdiv(max(n_valid_cols, 1), cols_per_split))
+    key16_ok = logits.dtype == torch.bfloat16 and not (softcap is not None or float(temperature) != 1.0)
+    pack16 = out is not None and out[1] is None  # a send buffer that takes make_key16 words
+    if pack16 and not (k > 0 and key16_ok and n_splits == 1 and cols_per_split <= KEY16_COLS):
+        out = None  # not exact here: the caller packs what the kernels wrote (common.pack_key16)
     if out is not None and _fits(out, n_splits, n_rows, k, device):
         stats, topk_vals, topk_ids = out
     else:
+        pack16 = False
         stats = torch.empty((N_FIELDS, n_splits, n_rows), dtype=torch.float32, device=device)
         topk_vals = torch.empty((n_splits, n_rows, k), dtype=torch.float32, device=device)
         topk_ids = torch.empty((n_splits, n_rows, k), dtype=torch.int64, device=device)
@@ -803,10 +824,7 @@ def shard_partials(
         small_k = k <= SELECT_SMALL_K
         maxnreg = sp.pop("maxnreg", SELECT_MAXNREG if small_k else SELECT_MAXNREG_LARGE_K)
         # 32-bit sort keys when every value is exactly a bfloat16 and a split's columns fit 16 bits
-        key16 = sp.pop("key16", True) and (
-            logits.dtype == torch.bfloat16 and not any(transform_flags.values())
-            and cols_per_split <= KEY16_COLS
-        )  # fmt: skip
+        key16 = (sp.pop("key16", True) or pack16) and key16_ok and cols_per_split <= KEY16_COLS
         select_launch_opts = {"maxnreg": maxnreg} if maxnreg and device.type == "cuda" else {}
         tk = topk_params(k, cols_per_split // chunk, chunk, **sp)
         per_sm = select_programs_per_sm or (PROGRAMS_PER_SM if small_k else PROGRAMS_PER_SM_LARGE_K)
@@ -831,10 +849,10 @@ def shard_partials(
         )  # fmt: skip
         if k > 0 and select_launch:
             _select_kernel[(min(programs, cdiv(r1 - r0, tk["R"])), n_splits)](
-                logits, stats, cm, topk_vals, topk_ids, scratch,
+                logits, stats, cm, topk_ids if pack16 else topk_vals, topk_ids, scratch,
                 r1 - r0, r0, n_rows, n_valid_cols, cols_per_split, cols_per_split // chunk,
                 cm_stride, vocab_start, logits.stride(0), *transform,
-                **transform_flags, K=k, ROWS=rows, CHUNK=chunk, KEY16=key16,
+                **transform_flags, K=k, ROWS=rows, CHUNK=chunk, KEY16=key16, PACK16=pack16,
                 num_warps=select_warps or default_select_warps(k), **tk,
                 **select_launch_opts,
             )  # fmt: skip
@@ -843,9 +861,11 @@ def shard_partials(
 
 def _fits(out, n_splits: int, n_rows: int, k: int, device: torch.device) -> bool:
     """``out`` can take the partials of this launch (contiguous, the launch's shapes; ids int64,
-    or int32 as they travel between ranks)."""
+    or int32 as they travel between ranks; no values where the ids take make_key16 words)."""
     shapes = ((N_FIELDS, n_splits, n_rows), (n_splits, n_rows, k), (n_splits, n_rows, k))
     dtypes = ((torch.float32,), (torch.float32,), (torch.int64, torch.int32))
+    if out[1] is None:
+        out, shapes, dtypes = (out[0], out[2]), shapes[::2], ((torch.float32,), (torch.int32,))
     return all(
         t.shape == shape and t.dtype in dt and t.device == device and t.is_contiguous()
         for t, shape, dt in zip(out, shapes, dtypes)

@@ -78,8 +78,10 @@ def _merge_splits(stats: torch.Tensor, vals: torch.Tensor, ids: torch.Tensor) ->
 
 
 def merge_pieces(pieces: Pieces) -> Partials:
-    """Pieces merged into one ([N] and [N, k] fields); no op for one piece."""
-    return _merge_splits(*pieces)
+    """Pieces merged into one ([N] and [N, k] fields); no op for one unpacked piece."""
+    if pieces.key_base is not None:
+        return pieces.merged()
+    return _merge_splits(pieces.stats, pieces.topk_vals, pieces.topk_ids)
 
 
 def shard_partials(logits: torch.Tensor, target: torch.Tensor | None, **kw) -> Partials:
@@ -97,7 +99,8 @@ def shard_pieces(
     wrote them (finalize merges them; into ``out`` when they fit, see ``kernels.shard_partials``),
     or the reference's partials as one piece."""
     if uses_triton(logits):
-        return Pieces(*kernels.shard_partials(logits, target, out=out, **kw))
+        slots = None if out is None else (out.stats, out.topk_vals, out.topk_ids)
+        return Pieces(*kernels.shard_partials(logits, target, out=slots, **kw))
     kw.pop("need_entropy", None), kw.pop("need_sum_x", None)
     return P.pack(reference.shard_partials(logits, target, **kw))
 
@@ -112,7 +115,9 @@ def finalize_stats(
     """The per-row results of ``softmax_stats``: one finalize launch, or ``partials.stats_rows``."""
     if not _kernel_finalize(logits, pieces):
         return P.stats_rows(pieces.merged(), target, ignore_index)
-    if not kernels.can_merge_topk(pieces.n_splits, pieces.topk_vals.shape[-1]):
+    if not kernels.can_merge_topk(pieces.n_splits, pieces.k) or (
+        pieces.key_base is not None and pieces.n_splits == 1
+    ):
         pieces = P.pack(pieces.merged())
     rows, topk, ids = kernels.finalize_stats(
         pieces.stats,
@@ -121,6 +126,7 @@ def finalize_stats(
         target,
         vocab_start=vocab_start,
         ignore_index=ignore_index,
+        key_base=pieces.key_base,
     )
     lse, row_max, entropy, target_logprob = rows.unbind(0)
     return StatsRows(lse, row_max, entropy, None if target is None else target_logprob, topk, ids)
@@ -130,12 +136,14 @@ def merged_topk(
     logits: torch.Tensor, pieces: Pieces, *, vocab_start: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The merged top-k (values, ids) of the pieces."""
-    if pieces.n_splits == 1:
+    if pieces.n_splits == 1 and pieces.key_base is None:
         return pieces.topk_vals[0].contiguous(), kernels.widen_ids(pieces.topk_ids[0]).contiguous()
-    if _kernel_finalize(logits, pieces) and kernels.can_merge_topk(
-        pieces.n_splits, pieces.topk_vals.shape[-1]
+    if _kernel_finalize(logits, pieces) and pieces.n_splits > 1 and kernels.can_merge_topk(
+        pieces.n_splits, pieces.k
     ):
-        return kernels.finalize_topk(pieces.topk_vals, pieces.topk_ids, vocab_start=vocab_start)
+        return kernels.finalize_topk(
+            pieces.topk_vals, pieces.topk_ids, vocab_start=vocab_start, key_base=pieces.key_base
+        )
     merged = pieces.merged()
     return merged.topk_vals, merged.topk_ids
 

@@ -66,6 +66,7 @@ HEADER_FIELDS = (
     "grads",  # the gradients the call computes (bits of GRADS); recorded by the LM head's loss only
     "call_rows",  # rows of the whole call (n_rows is per exchange)
     "exchanges",  # exchanges the call makes (the eager forward: one per block of rows)
+    "pack_topk",  # 1: this rank may send its top-k packed (PACK_TOPK); packed only if every rank may
 )
 H = len(HEADER_FIELDS)
 _DTYPES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4}
@@ -82,6 +83,12 @@ GRADS = ("hidden", "weight", "bias", "hidden's all-reduced")
 
 # Error codes a rank can report instead of its partials.
 ERR_INVALID_INPUT = 1
+
+# Top-k entries cross the group as one int32 each (``kernels.common.pack_key16``: the bf16 value
+# and the column in the rank's shard) where that is exact: bf16 logits, no temperature or softcap,
+# every shard at most 2**16 columns (``packs_topk``); else as an fp32 value and an int32 id.
+# SHARDSOFTMAX_PACK_TOPK=0 keeps the 8-byte entries (an A/B of the wire format).
+PACK_TOPK = os.environ.get("SHARDSOFTMAX_PACK_TOPK", "1") not in ("", "0")
 
 
 def _float_bits(x) -> int:
@@ -150,6 +157,7 @@ class Header:
     grads: int = 0
     call_rows: int = -1
     exchanges: int = 1
+    pack_topk: int = 0
     error: int = 0
     magic: int = MAGIC
 
@@ -157,8 +165,10 @@ class Header:
     def make(
         cls, op, n_rows, k, dtype, has_target, width, start, vocab_size, ignore_index, temperature, softcap,
         label_smoothing, z_loss, *, impl=None, reduction=None, grads=0, call_rows=None, exchanges=1,
+        pack_topk=None,
     ):  # fmt: skip
-        """``call_rows``: the call's rows when it makes several exchanges of ``n_rows`` each."""
+        """``call_rows``: the call's rows when it makes several exchanges of ``n_rows`` each;
+        ``pack_topk``: whether this rank may send packed top-k entries (default ``PACK_TOPK``)."""
         return cls(
             op=OPS[op],
             n_rows=int(n_rows),
@@ -178,6 +188,7 @@ class Header:
             grads=_int_or(grads),
             call_rows=int(n_rows) if call_rows is None else _int_or(call_rows),
             exchanges=_int_or(exchanges),
+            pack_topk=int(PACK_TOPK if pack_topk is None else pack_topk),
         )
 
     def as_list(self) -> list[int]:
@@ -206,6 +217,7 @@ class Agreed:
     words_host: torch.Tensor  # the same on the host
     send: torch.Tensor  # this rank's send buffer (see ``_send_buffer``)
     slots: Pieces  # views of its payload for the shard kernel
+    key_base: torch.Tensor | None  # packed top-k (``packs_topk``): the ranks' starts, int64 [G]
 
     def layout(self, rank: int) -> Layout:
         start, width = self.starts[rank], self.headers[rank].width
@@ -230,9 +242,30 @@ def local_layout(n_cols: int, vocab_start: int | None, vocab_size: int | None) -
     return Layout(start, size, n_valid, total, n_classes=n_valid)
 
 
-def _offsets(partials_dtype: torch.dtype, n_rows: int, k: int) -> tuple[int, int, int]:
+def packs_topk(headers) -> bool:
+    """Whether the ranks of these (consistent) headers exchange their top-k packed, one int32 per
+    entry (``kernels.common.pack_key16``): every rank may (``PACK_TOPK``), there are several,
+    the call's top-k values are logits as they are (``softmax_stats`` / ``topk``; not sampling's
+    noisy values or the LM head's fp32 logits), exactly bfloat16 (bf16 logits, no temperature or
+    softcap), and every shard has at most 2**16 columns."""
+    h0 = headers[0]
+    return (
+        len(headers) > 1
+        and all(h.pack_topk == 1 for h in headers)
+        and h0.op in (OPS["stats"], OPS["topk"])
+        and h0.k > 0
+        and h0.dtype == _DTYPES[torch.bfloat16]
+        and h0.temperature_bits == _float_bits(1.0)
+        and h0.softcap_bits == -1
+        and all(0 <= h.width <= kernels.KEY16_COLS for h in headers)
+    )
+
+
+def _offsets(partials_dtype: torch.dtype, n_rows: int, k: int, packed: bool = False) -> tuple[int, int, int]:
     """Word offsets in one rank's payload: stats [7, N] end, top-k values [N, k] end (the ids
     [N, k] int32 start there), total (even, so that fp64 partials can be viewed in place).
+    ``packed``: no values; the [N, k] int32 words of ``kernels.common.pack_key16`` start at the
+    stats' end (4 bytes per entry instead of 8).
 
     Ids travel as int32 global ids: 8 bytes per top-k entry with its fp32 value instead of 12
     (at TP = 4, N = 8192, k = 50 the all-gather was 78 µs for 5.1 MB per rank, docs/performance.md
@@ -241,38 +274,46 @@ def _offsets(partials_dtype: torch.dtype, n_rows: int, k: int) -> tuple[int, int
     2**31 - 1 columns (so no id reaches 2**31 - 1, which marks a missing entry)."""
     w = 2 if partials_dtype == torch.float64 else 1
     a = 7 * w * n_rows
-    b = a + w * n_rows * k
+    b = a if packed else a + w * n_rows * k
     total = b + n_rows * k
     return a, b, total + total % 2
 
 
-def payload_words(partials_dtype: torch.dtype, n_rows: int, k: int) -> int:
-    return _offsets(partials_dtype, n_rows, k)[2]
+def payload_words(partials_dtype: torch.dtype, n_rows: int, k: int, packed: bool = False) -> int:
+    return _offsets(partials_dtype, n_rows, k, packed)[2]
 
 
-def pack(p: Pieces, head: torch.Tensor) -> torch.Tensor:
+def pack(p: Pieces, head: torch.Tensor, key_base: int | None = None) -> torch.Tensor:
     """``head`` (int32 words) then one piece's partials as one flat int32 tensor: the [7, N]
     stats (NaN for the fields a kernel did not store, ``partials.scalar_fields``), the top-k
-    values, the ids as int32, a pad word where needed (see ``_offsets``)."""
+    values, the ids as int32, a pad word where needed (see ``_offsets``). ``key_base`` (the
+    rank's first global id): the top-k as packed words instead of values and ids (``packs_topk``)."""
     stats, vals, ids = p.stats[:, 0], p.topk_vals[0], p.topk_ids[0]
     if stats.shape[0] < len(SCALAR_FIELDS):
         stats = torch.stack(scalar_fields(stats))
-    words = [head, stats.reshape(-1).view(torch.int32), vals.reshape(-1).view(torch.int32)]
-    words.append(kernels.narrow_ids(ids).reshape(-1))
-    _, b, total = _offsets(stats.dtype, stats.shape[1], vals.shape[1])
+    words = [head, stats.reshape(-1).view(torch.int32)]
+    if key_base is not None:
+        words.append(kernels.pack_key16(vals, ids, key_base).reshape(-1))
+    else:
+        words += [vals.reshape(-1).view(torch.int32), kernels.narrow_ids(ids).reshape(-1)]
+    _, b, total = _offsets(stats.dtype, stats.shape[1], vals.shape[1], key_base is not None)
     if total > b + ids.numel():
         words.append(torch.zeros(1, dtype=torch.int32, device=head.device))
     return torch.cat(words)
 
 
-def unpack(gathered: torch.Tensor, dtype: torch.dtype, n_rows: int, k: int) -> Pieces:
+def unpack(gathered: torch.Tensor, dtype: torch.dtype, n_rows: int, k: int,
+           key_base: torch.Tensor | None = None) -> Pieces:  # fmt: skip
     """Inverse of ``pack`` for the gathered [G, header + payload] int32 words: the ranks' partials
     as G pieces, stats as a strided view of ``gathered`` (two ops: a call's host time is mostly
     its torch ops); the top-k values and the int32 ids as strided views as well (finalize reads
-    them as they are; ``Pieces.unpacked`` widens them for the merge on the host side)."""
+    them as they are; ``Pieces.unpacked`` widens them for the merge on the host side). With
+    ``key_base`` (the ranks' first global ids, int64 [G]) the top-k came packed: the pieces hold
+    the words and ``key_base`` (see ``partials.Pieces``)."""
     g, row = gathered.shape
     w = 2 if dtype == torch.float64 else 1
-    a, b, _ = _offsets(dtype, n_rows, k)
+    packed = key_base is not None
+    a, b, _ = _offsets(dtype, n_rows, k, packed)
     flat = gathered.view(dtype)  # [G, row / w]: header and payload lengths are even
     base = flat.storage_offset() + 2 * H // w
     stats = flat.as_strided((7, g, n_rows), (n_rows, row // w, 1), base)
@@ -280,9 +321,11 @@ def unpack(gathered: torch.Tensor, dtype: torch.dtype, n_rows: int, k: int) -> P
         vals = torch.empty((g, n_rows, k), dtype=dtype, device=gathered.device)
         ids = torch.empty((g, n_rows, k), dtype=torch.int32, device=gathered.device)
     else:  # strided views too (finalize takes any split and row strides)
-        vals = flat.as_strided((g, n_rows, k), (row // w, k, 1), base + a // w)
+        vals = None if packed else flat.as_strided((g, n_rows, k), (row // w, k, 1), base + a // w)
         start = gathered.storage_offset() + 2 * H + b
         ids = gathered.as_strided((g, n_rows, k), (row, k, 1), start)
+    if packed:
+        return Pieces(stats, None, ids, key_base)
     return Pieces(stats, vals, ids)
 
 
@@ -353,18 +396,21 @@ def _check_consistent(headers: list[Header]) -> tuple[tuple[int, ...], int, int]
     return starts, total, vocab
 
 
-def _send_buffer(words: torch.Tensor, pdtype: torch.dtype, n: int, k: int) -> tuple[torch.Tensor, Pieces]:
+def _send_buffer(words: torch.Tensor, pdtype: torch.dtype, n: int, k: int,
+                 packed: bool = False) -> tuple[torch.Tensor, Pieces]:  # fmt: skip
     """A rank's send buffer for an agreed layout, kept with it across calls: its header ``words``
     (written once) then the payload, and the payload's views as one piece (``pack``'s layout),
-    for the partials kernel to write into. Reusing it is safe in stream order: the all-gather
-    that read it finished before later work on the stream (its ``wait``)."""
-    a, b, total = _offsets(pdtype, n, k)
+    for the partials kernel to write into (``packed``: no values view; the kernel writes packed
+    words into the ids' view where it can, ``kernels.shard_partials``). Reusing it is safe in
+    stream order: the all-gather that read it finished before later work on the stream (its
+    ``wait``)."""
+    a, b, total = _offsets(pdtype, n, k, packed)
     buf = torch.empty(2 * H + total, dtype=torch.int32, device=words.device)
     buf[: 2 * H].copy_(words)
     payload = buf[2 * H :]
     slots = Pieces(
         payload[:a].view(pdtype).view(7, 1, n),
-        payload[a:b].view(pdtype).view(1, n, k),
+        None if packed else payload[a:b].view(pdtype).view(1, n, k),
         payload[b : b + n * k].view(1, n, k),
     )
     return buf, slots
@@ -572,10 +618,11 @@ def exchange(
             if local.stats.data_ptr() != slots.stats.data_ptr():  # not written in place: pack it
                 if local.n_splits != 1:
                     local = pack_pieces(local.merged())
-                send = pack(local, agreed.words[rank])
+                base = layout.vocab_start if agreed.key_base is not None else None
+                send = pack(local, agreed.words[rank], base)
             gathered = _all_gather(send, group)
             _check_fast(key, gathered, agreed)
-            return unpack(gathered, local.stats.dtype, header.n_rows, header.k), layout
+            return unpack(gathered, local.stats.dtype, header.n_rows, header.k, agreed.key_base), layout
         # Slow path: send the header and a zero payload of the agreed size, read every header.
         n_words = agreed.payload_words if agreed is not None else 0
         head = _header_words(header).to(device)
@@ -593,10 +640,12 @@ def exchange(
         pdtype = torch.float64 if header.dtype == _DTYPES[torch.float64] else torch.float32
         words_host = _header_words(headers)
         words = words_host.to(device)
-        send, slots = _send_buffer(words[rank], pdtype, header.n_rows, header.k)
+        packed = packs_topk(headers)
+        send, slots = _send_buffer(words[rank], pdtype, header.n_rows, header.k, packed)
+        key_base = torch.tensor(starts, dtype=torch.int64, device=device) if packed else None
         _agreed[key] = Agreed(
-            tuple(headers), starts, total, vocab, payload_words(pdtype, header.n_rows, header.k),
-            words=words, words_host=words_host, send=send, slots=slots,
+            tuple(headers), starts, total, vocab, payload_words(pdtype, header.n_rows, header.k, packed),
+            words=words, words_host=words_host, send=send, slots=slots, key_base=key_base,
         )  # fmt: skip
     raise RuntimeError("shardsoftmax: ranks could not agree on a layout")  # pragma: no cover
 

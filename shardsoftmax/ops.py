@@ -54,20 +54,21 @@ class ShardCall:
     def header(self, logits2d: torch.Tensor | None, has_target: bool) -> Header:
         n_rows, width = (-1, -1) if logits2d is None else logits2d.shape
         dtype = None if logits2d is None else logits2d.dtype
+        pack = collective.PACK_TOPK
         try:
-            return _header(self, n_rows, width, dtype, has_target)
+            return _header(self, n_rows, width, dtype, has_target, pack)
         except TypeError:  # an unhashable option (rejected by the checks; its rank still sends a header)
-            return _header.__wrapped__(self, n_rows, width, dtype, has_target)
+            return _header.__wrapped__(self, n_rows, width, dtype, has_target, pack)
 
 
 @functools.lru_cache(maxsize=256)
-def _header(call: ShardCall, n_rows: int, width: int, dtype, has_target: bool) -> Header:
+def _header(call: ShardCall, n_rows: int, width: int, dtype, has_target: bool, pack_topk: bool) -> Header:
     """The header of a call, built once per (options, shape, dtype): a training loop repeats them."""
     return Header.make(
         call.op, n_rows, call.k, dtype, has_target, width, call.vocab_start, call.vocab_size,
         call.ignore_index, call.temperature, call.softcap, call.label_smoothing, call.z_loss,
         impl=call.impl, reduction=call.reduction, grads=call.grads, call_rows=call.call_rows,
-        exchanges=call.exchanges,
+        exchanges=call.exchanges, pack_topk=pack_topk,
     )  # fmt: skip
 
 

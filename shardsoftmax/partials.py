@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 
 from .kernels.common import ID_SENTINEL as _ID_SENTINEL
-from .kernels.common import topk_select, widen_ids
+from .kernels.common import topk_select, unpack_key16, widen_ids
 from .kernels.partials import FIELDS
 
 ID_SENTINEL = _ID_SENTINEL.value  # int64 max: the kernels' mark of a missing top-k entry
@@ -69,20 +69,33 @@ def scalar_fields(stats: torch.Tensor) -> list[torch.Tensor]:
 
 class Pieces(NamedTuple):
     """Partials of S pieces of each row, packed: ``stats`` [F, S, N] (the first F <= 7 fields in
-    ``Partials`` order), ``topk_vals`` [S, N, k], ``topk_ids`` [S, N, k]."""
+    ``Partials`` order), ``topk_vals`` [S, N, k], ``topk_ids`` [S, N, k]. With ``key_base`` (int64
+    [S]) the top-k entries come as int32 ``make_key16`` words in ``topk_ids`` (values exactly
+    bfloat16, columns from ``key_base[s]``: how a group's ranks exchange them where that is exact,
+    ``collective``) and ``topk_vals`` is None."""
 
     stats: torch.Tensor
-    topk_vals: torch.Tensor
+    topk_vals: torch.Tensor | None
     topk_ids: torch.Tensor
+    key_base: torch.Tensor | None = None
 
     @property
     def n_splits(self) -> int:
         return self.stats.shape[1]
 
+    @property
+    def k(self) -> int:
+        return self.topk_ids.shape[-1]
+
     def unpacked(self) -> Partials:
         """Fields stacked over the pieces ([S, N] and [S, N, k]), for ``merge_stacked``; ids as
-        int64 (the ranks' pieces carry int32 ids, ``collective``); fields not stored as NaN."""
-        return Partials(*scalar_fields(self.stats), self.topk_vals, widen_ids(self.topk_ids))
+        int64 (the ranks' pieces carry int32 ids or packed entries, ``collective``); fields not
+        stored as NaN."""
+        if self.key_base is not None:
+            vals, ids = unpack_key16(self.topk_ids, self.key_base)
+        else:
+            vals, ids = self.topk_vals, widen_ids(self.topk_ids)
+        return Partials(*scalar_fields(self.stats), vals, ids)
 
     def merged(self) -> Partials:
         return merge_stacked(self.unpacked())

@@ -156,6 +156,8 @@ TRITON_CASES = [
     ),
     Case("ties", 3, 97, k=5, seed=13, ties=True),
     Case("tiny", 1, 7, k=5, seed=14),
+    # bf16 logits: the top-k crosses the group packed (collective.packs_topk), written so by the kernel
+    Case("bf16-ties", 3, 97, k=5, seed=15, ties=True, neg_inf=True, dtype=torch.bfloat16),
 ]
 
 
@@ -677,4 +679,65 @@ def float64_rank(ctx) -> list[str]:
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_float64_logits_over_a_group(world_size):
     bad = [b for r in run_ranks(float64_rank, world_size) for b in r]
+    assert not bad, "\n".join(bad)
+
+
+def packed_rank(ctx, backend: str) -> list[str]:
+    """bf16 logits with ties across shard boundaries, -inf and a NaN: ``softmax_stats`` and
+    ``topk`` exchange their top-k packed (one int32 per entry; the send buffer 4 bytes per entry
+    smaller) and give bit for bit what the 8-byte entries give (``PACK_TOPK`` off) and the
+    oracle's ids; a steady-state call whose check fails (deferred, as on a GPU) reads the poison
+    as NaN / id -1."""
+    from shardsoftmax import collective
+
+    ss.set_backend(backend)
+    case = Case("packed", 3, 131, k=7, seed=31, ties=True, neg_inf=True, dtype=torch.bfloat16)
+    x, t = make_inputs(case)
+    x[2, 100] = float("nan")
+    widths = widths_of(case, ctx.world_size)
+    start = sum(widths[: ctx.rank])
+    shard = x[:, start : start + widths[ctx.rank]].contiguous().to(ctx.device)
+    want = oracle(case, x, t, dtype_ref=False)["topk_ids"]
+    g, key = ctx.group, id(ctx.group)
+    bad = []
+    runs = {}
+    encoded = []  # the host-side packing's calls: none where the kernel writes the words in place
+    host_pack = collective.kernels.pack_key16
+    collective.kernels.pack_key16 = lambda *a: encoded.append(1) or host_pack(*a)
+    for pack in (True, False):
+        collective.PACK_TOPK = pack
+        for call in range(2):  # the second call: the steady state (the kernel writes the send buffer)
+            st = ss.softmax_stats(shard, k=case.k, process_group=g)
+            agreed = collective._agreed[key]
+            words = 2 * collective.H + collective.payload_words(torch.float32, case.n_rows, case.k, pack)
+            if (agreed.key_base is not None) != pack or agreed.send.numel() != words:
+                bad.append(f"pack={pack} call {call}: key_base {agreed.key_base}, send {agreed.send.numel()}")
+            vals, ids = ss.topk(shard, case.k, process_group=g)
+        runs[pack] = (st.lse, st.topk_logprobs, st.topk_ids, vals, ids)
+        if not torch.equal(ids.cpu(), want) or not torch.equal(st.topk_ids.cpu(), want):
+            bad.append(f"pack={pack}: ids {ids.tolist()} != oracle {want.tolist()}")
+    if bool(encoded) != (backend == "torch"):
+        bad.append(f"{backend}: packed on the host {len(encoded)} times")
+    for a, b in zip(runs[True], runs[False]):
+        if not torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)):
+            bad.append(f"packed and unpacked results differ: {a.tolist()} vs {b.tolist()}")
+    collective.PACK_TOPK = True
+    collective.DEFER_ON_CPU = True
+    ss.topk(shard, case.k, process_group=g)  # agree the packed layout again
+    try:
+        vals, ids = ss.topk(shard, case.k, temperature=0.5 if ctx.rank == 0 else 1.0, process_group=g)
+        if not (vals.isnan().all() and (ids == -1).all()):
+            bad.append(f"a poisoned packed call gave numbers: {vals.tolist()} {ids.tolist()}")
+        ss.synchronize(g)
+        bad.append("the failed check did not raise")
+    except ValueError as err:
+        if "temperature" not in str(err):
+            bad.append(f"unexpected error {err}")
+    collective.DEFER_ON_CPU = False
+    return bad
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bf16_topk_travels_packed(backend):
+    bad = [b for r in run_ranks(packed_rank, 3, backend, timeout=TIMEOUT[backend]) for b in r]
     assert not bad, "\n".join(bad)

@@ -66,7 +66,7 @@ def pieces_of(x: torch.Tensor, target: torch.Tensor, k: int, cuts: list[int]) ->
 
 
 def to(pieces: P.Pieces, device) -> P.Pieces:
-    return P.Pieces(*(t.to(device) for t in pieces))
+    return P.Pieces(*(t if t is None else t.to(device) for t in pieces))
 
 
 def assert_rows_close(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor, what: str) -> None:

@@ -205,3 +205,57 @@ def test_tile_chunk_must_hold_whole_thread_rows():
         kernels.shard_partials(x, None, tile=(4, 4), **kw)
     assert kernels.partials.tile_shape(32064, 0) == (256, 8)
     assert kernels.partials.tile_shape(100, 0) == (16, 8)
+
+
+PACKED = {  # (k, rows, knobs) as in BF16_KEYS, one split (the send buffer's one piece)
+    "defaults": (33, 7, dict()),
+    "brute-force": (33, 2, dict(capc=16)),  # int64 keys, stored as packed words
+    "large-k": (200, 3, dict(tile=None)),
+    "narrow": (33, 2, dict(n_valid=20)),  # fewer real columns than k: missing entries
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("k", "n", "params"), PACKED.values(), ids=PACKED.keys())
+def test_selection_writes_packed_words(device, k, n, params):
+    """Asked for packed entries (``out`` without values, as a group's send buffer on the wire of
+    bf16 logits), the selection writes ``pack_key16`` of the entries it writes unpacked: the
+    same values and ids after ``unpack_key16``, missing entries (k > the real columns) included."""
+    params = dict(params)
+    x = rows_for_selection(7, 4103, seed=k)[:n].to(torch.bfloat16).to(device)
+    n_valid = params.pop("n_valid", 4101)
+    kw = dict(k=k, n_valid_cols=n_valid, vocab_start=5, ignore_index=-100, softcap=None, temperature=1.0,
+              n_splits=1, tile=params.pop("tile", (16, 32)), select_params=params or None)  # fmt: skip
+    stats, vals, ids = kernels.shard_partials(x, None, **kw)
+    out = (torch.empty_like(stats), None, torch.full(ids.shape, 7, dtype=torch.int32, device=device))
+    got = kernels.shard_partials(x, None, out=out, **kw)
+    assert got[0] is out[0] and got[1] is None and got[2] is out[2]
+    assert torch.equal(got[0].nan_to_num(7.0), stats.nan_to_num(7.0))
+    words = out[2].cpu()
+    assert torch.equal(words, kernels.pack_key16(vals.cpu(), ids.cpu(), 5))
+    v, i = kernels.unpack_key16(words, torch.tensor([5]))
+    assert torch.equal(i, ids.cpu()) and torch.equal(v.nan_to_num(7.0), vals.cpu().nan_to_num(7.0))
+    assert bool((i == kernels.common.ID_SENTINEL.value).any()) == (k > n_valid)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_selection_packs_only_where_exact(device):
+    """Packed entries asked for where 16 bits are not exact (fp32 logits, a temperature, a split of
+    more than 2**16 columns, several splits): new tensors of the usual kind, for the caller to
+    pack; the slot is left alone."""
+    x = rows_for_selection(6, 300, seed=9)[:2]
+    wide = torch.randn(1, 70000, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    for logits, kw in (
+        (x, {}),
+        (x.to(torch.bfloat16), {"temperature": 0.5}),
+        (x.to(torch.bfloat16), {"n_splits": 2}),
+        (wide, {"n_splits": 1}),
+    ):
+        kw = {**dict(k=5, n_valid_cols=logits.shape[1], vocab_start=0, ignore_index=-100, softcap=None,
+                     temperature=1.0, tile=(4, 32), n_splits=1), **kw}  # fmt: skip
+        s = max(1, kw["n_splits"])
+        stats = torch.empty((kernels.N_FIELDS, s, logits.shape[0]), device=device)
+        words = torch.full((s, logits.shape[0], 5), 7, dtype=torch.int32, device=device)
+        got = kernels.shard_partials(logits.to(device), None, out=(stats, None, words), **kw)
+        assert got[1] is not None and got[2].dtype == torch.int64 and got[0] is not stats
+        assert (words == 7).all()
