@@ -219,22 +219,26 @@ PACKED = {  # (k, rows, knobs) as in BF16_KEYS, one split (the send buffer's one
 @pytest.mark.parametrize(("k", "n", "params"), PACKED.values(), ids=PACKED.keys())
 def test_selection_writes_packed_words(device, k, n, params):
     """Asked for packed entries (``out`` without values, as a group's send buffer on the wire of
-    bf16 logits), the selection writes ``pack_key16`` of the entries it writes unpacked: the
-    same values and ids after ``unpack_key16``, missing entries (k > the real columns) included."""
+    bf16 logits), the selection writes ``pack_key16`` of the reference's top-k (ties: the lower
+    id; NaN first); ``unpack_key16`` gives back its values and ids, missing entries (k > the real
+    columns) included; the stats are written too."""
     params = dict(params)
-    x = rows_for_selection(7, 4103, seed=k)[:n].to(torch.bfloat16).to(device)
+    x = rows_for_selection(7, 4103, seed=k)[:n].to(torch.bfloat16)
     n_valid = params.pop("n_valid", 4101)
-    kw = dict(k=k, n_valid_cols=n_valid, vocab_start=5, ignore_index=-100, softcap=None, temperature=1.0,
-              n_splits=1, tile=params.pop("tile", (16, 32)), select_params=params or None)  # fmt: skip
-    stats, vals, ids = kernels.shard_partials(x, None, **kw)
-    out = (torch.empty_like(stats), None, torch.full(ids.shape, 7, dtype=torch.int32, device=device))
-    got = kernels.shard_partials(x, None, out=out, **kw)
+    kw = dict(k=k, n_valid_cols=n_valid, vocab_start=5, ignore_index=-100, softcap=None, temperature=1.0)
+    want = R.shard_partials(x.double(), None, **kw)
+    kw.update(n_splits=1, tile=(16, 32), select_params=params or None)
+    stats = torch.empty((kernels.N_FIELDS, 1, n), device=device)
+    out = (stats, None, torch.full((1, n, k), 7, dtype=torch.int32, device=device))
+    got = kernels.shard_partials(x.to(device), None, out=out, **kw)
     assert got[0] is out[0] and got[1] is None and got[2] is out[2]
-    assert torch.equal(got[0].nan_to_num(7.0), stats.nan_to_num(7.0))
-    words = out[2].cpu()
-    assert torch.equal(words, kernels.pack_key16(vals.cpu(), ids.cpu(), 5))
-    v, i = kernels.unpack_key16(words, torch.tensor([5]))
-    assert torch.equal(i, ids.cpu()) and torch.equal(v.nan_to_num(7.0), vals.cpu().nan_to_num(7.0))
+    real = ~want.max.isnan()  # (the kernel's max skips NaN; finalize reads NaN from the sum)
+    assert torch.equal(stats.cpu()[0, 0][real], want.max.float()[real])
+    words = out[2].cpu()[0]
+    assert torch.equal(words, kernels.pack_key16(want.topk_vals.float(), want.topk_ids, 5))
+    v, i = kernels.unpack_key16(words[None], torch.tensor([5]))
+    assert torch.equal(i[0], want.topk_ids)
+    assert torch.equal(v[0].nan_to_num(7.0), want.topk_vals.float().nan_to_num(7.0))
     assert bool((i == kernels.common.ID_SENTINEL.value).any()) == (k > n_valid)
 
 
