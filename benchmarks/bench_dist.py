@@ -257,10 +257,13 @@ def parse_args(argv):
         help="shardsoftmax backend (default auto; torch with --dry-run)",
     )
     p.add_argument("--tp", type=int, nargs="+", default=None, help="replace the preset's TP sizes (<= world)")
-    p.add_argument("--n", type=int, default=None, help="tokens (default 8192; smoke 37)")
+    # --tokens / --vocab: under torchrun (which parses the whole command line first) --n and --v
+    # are ambiguous abbreviations of its own options and stop the launch
+    p.add_argument("--tokens", "--n", dest="n", type=int, default=None, help="N (default 8192; smoke 37)")
     p.add_argument(
-        "--v", type=int, nargs="+", default=None, help="global vocab sizes (default 128256 256000)"
-    )
+        "--vocab", "--v", dest="v", type=int, nargs="+", default=None,
+        help="global vocab sizes (default 128256 256000)",
+    )  # fmt: skip
     p.add_argument("--k", type=int, default=50, help="top-k of the k>0 case (default 50)")
     p.add_argument("--dtype", default="bf16", choices=sorted(C.DTYPES))
     p.add_argument("--providers", nargs="+", choices=FAMILIES, default=None, help="only these providers")

@@ -236,6 +236,19 @@ def test_dist_dry_run_gloo(dist_run):
     assert "| 1 | 1030 |" in md and "| 2 | 515 |" in md
 
 
+def test_dist_options_pass_through_torchrun():
+    """bench_dist runs under torchrun, which parses the whole command line first: the documented
+    ``--tokens`` / ``--vocab`` reach the script (``--n`` / ``--v`` would stop torchrun as
+    ambiguous abbreviations of its own options) and mean N and V."""
+    run = pytest.importorskip("torch.distributed.run")
+    ours = ["--tokens", "9", "--vocab", "1030", "301", "--k", "5", "--tp", "2", "--max-seconds", "9"]
+    got = run.get_args_parser().parse_args(["--nproc-per-node", "2", "bench_dist.py", *ours])
+    assert got.training_script_args == ours
+    args = bench_dist.parse_args(ours)
+    assert (args.n, args.v, args.k, args.tp) == (9, [1030, 301], 5, [2])
+    assert bench_dist.parse_args(["--n", "9", "--v", "7"]).v == [7]  # the same options, called directly
+
+
 def test_plot_writes_figures(ops_run, dist_run, tmp_path):
     pytest.importorskip("matplotlib")
     import plot
