@@ -799,7 +799,8 @@ def shard_partials(
     n_splits = max(1, min(n_splits, n_tiles))
     cols_per_split = cdiv(n_tiles, n_splits) * block
     n_splits = max(1, cdiv(max(n_valid_cols, 1), cols_per_split))
-    key16_ok = logits.dtype == torch.bfloat16 and not (softcap is not None or float(temperature) != 1.0)
+    transform_flags = dict(HAS_SOFTCAP=softcap is not None, HAS_TEMPERATURE=float(temperature) != 1.0)
+    key16_ok = logits.dtype == torch.bfloat16 and not any(transform_flags.values())  # values exactly bf16
     pack16 = out is not None and out[1] is None  # a send buffer that takes make_key16 words
     if pack16 and not (k > 0 and key16_ok and n_splits == 1 and cols_per_split <= KEY16_COLS):
         out = None  # not exact here: the caller packs what the kernels wrote (common.pack_key16)
@@ -816,7 +817,6 @@ def shard_partials(
         num_warps = 8 if (k == 0 and block >= 4096) else 4
     cm_stride = n_tiles * rows
     step = n_rows
-    transform_flags = dict(HAS_SOFTCAP=softcap is not None, HAS_TEMPERATURE=float(temperature) != 1.0)
     if k > 0:
         step = max(1, min(n_rows, CM_MAX_BYTES // (4 * cm_stride)))
         cm = torch.empty((step, cm_stride), dtype=torch.float32, device=device)

@@ -115,9 +115,7 @@ def finalize_stats(
     """The per-row results of ``softmax_stats``: one finalize launch, or ``partials.stats_rows``."""
     if not _kernel_finalize(logits, pieces):
         return P.stats_rows(pieces.merged(), target, ignore_index)
-    if not kernels.can_merge_topk(pieces.n_splits, pieces.k) or (
-        pieces.key_base is not None and pieces.n_splits == 1
-    ):
+    if not kernels.can_merge_topk(pieces.n_splits, pieces.k):
         pieces = P.pack(pieces.merged())
     rows, topk, ids = kernels.finalize_stats(
         pieces.stats,
@@ -136,11 +134,9 @@ def merged_topk(
     logits: torch.Tensor, pieces: Pieces, *, vocab_start: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The merged top-k (values, ids) of the pieces."""
-    if pieces.n_splits == 1 and pieces.key_base is None:
+    if pieces.n_splits == 1:  # (packed pieces come from several ranks: S > 1)
         return pieces.topk_vals[0].contiguous(), kernels.widen_ids(pieces.topk_ids[0]).contiguous()
-    if _kernel_finalize(logits, pieces) and pieces.n_splits > 1 and kernels.can_merge_topk(
-        pieces.n_splits, pieces.k
-    ):
+    if _kernel_finalize(logits, pieces) and kernels.can_merge_topk(pieces.n_splits, pieces.k):
         return kernels.finalize_topk(
             pieces.topk_vals, pieces.topk_ids, vocab_start=vocab_start, key_base=pieces.key_base
         )

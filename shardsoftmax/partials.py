@@ -70,9 +70,9 @@ def scalar_fields(stats: torch.Tensor) -> list[torch.Tensor]:
 class Pieces(NamedTuple):
     """Partials of S pieces of each row, packed: ``stats`` [F, S, N] (the first F <= 7 fields in
     ``Partials`` order), ``topk_vals`` [S, N, k], ``topk_ids`` [S, N, k]. With ``key_base`` (int64
-    [S]) the top-k entries come as int32 ``make_key16`` words in ``topk_ids`` (values exactly
-    bfloat16, columns from ``key_base[s]``: how a group's ranks exchange them where that is exact,
-    ``collective``) and ``topk_vals`` is None."""
+    [S], S > 1) the top-k entries come as int32 ``make_key16`` words in ``topk_ids`` (values
+    exactly bfloat16, columns from ``key_base[s]``: how a group of several ranks exchanges them
+    where that is exact, ``collective.packs_topk``) and ``topk_vals`` is None."""
 
     stats: torch.Tensor
     topk_vals: torch.Tensor | None
