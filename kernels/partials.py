@@ -2,10 +2,12 @@
 
 ``_shard_partials_kernel`` reads each logit of a ``[n_rows, n_cols]`` shard exactly once and
 writes, per row and per column split, the monoid partials that ``shardsoftmax.partials`` merges.
-For top-k (k > 0) it also stores each row's chunk maxima (4 bytes per CHUNK columns), and
-``_select_kernel`` then finds the exact top-k of each row from them, re-reading only the few
-chunks that can hold a top-k element. Two launches keep the streaming kernel as lean as the
-k = 0 one (the selection's registers and barriers never slow the stream; docs/performance.md).
+For top-k (k > 0) it also stores each row's chunk maxima (4 bytes per CHUNK columns), and the
+selection (``_select_block``) then finds the exact top-k of each row from them, re-reading only
+the few chunks that can hold a top-k element. For k <= SELECT_SMALL_K both run in one program
+per row (``_stream_select_kernel``): the chunk maxima and the re-read chunks are still in L2, and
+the SM streams other rows while one selects. Larger k selects in a second launch
+(``_select_kernel``), whose 8-warp programs would hold the stream back (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def stat_planes(need_entropy: bool, need_sum_x: bool) -> int:
     if need_sum_x:
         return N_FIELDS
     return F_SUMEXP_X.value + 1 if need_entropy else F_SUMEXP_X.value
+
+
 MAX_K = 1024
 
 
@@ -105,23 +109,36 @@ def _shard_partials_kernel(
     NEED_ENTROPY: tl.constexpr,  # compute t (else it is written as NaN)
     NEED_SUM_X: tl.constexpr,  # compute sum x (else it is written as NaN)
 ):
-    """Grid: (rows of this launch, n_splits); each program streams one row's column split once.
+    """Grid: (rows of this launch, n_splits); each program streams one row's column split once
+    (``_stream_split``)."""
+    local = tl.program_id(0) + tl.zeros([], tl.int64)  # int64 offsets (a plain int in the interpreter)
+    _stream_split(logits_ptr, target_ptr, stats_ptr, cm_ptr + local * cm_stride, row0 + local, total_rows,
+                  n_valid_cols, cols_per_split, vocab_start, ignore_index, stride_logits_row, softcap,
+                  inv_temperature, HAS_SOFTCAP, HAS_TARGET, STORE_CM, ROWS, CHUNK, HAS_TEMPERATURE,
+                  NEED_ENTROPY, NEED_SUM_X)  # fmt: skip
+
+
+@triton.jit
+def _stream_split(logits_ptr, target_ptr, stats_ptr, cm_row, row, total_rows, n_valid_cols, cols_per_split,
+                  vocab_start, ignore_index, stride_logits_row, softcap, inv_temperature,
+                  HAS_SOFTCAP: tl.constexpr, HAS_TARGET: tl.constexpr, STORE_CM: tl.constexpr,
+                  ROWS: tl.constexpr, CHUNK: tl.constexpr, HAS_TEMPERATURE: tl.constexpr,
+                  NEED_ENTROPY: tl.constexpr, NEED_SUM_X: tl.constexpr):  # fmt: skip
+    """Stream ``row``'s column split (grid axis 1) once; store its partials in ``stats_ptr`` and,
+    with STORE_CM, its chunk maxima at ``cm_row`` (the row's, indexed by chunk from column 0).
+    Returns the split's sum of exp (NaN if a NaN or +inf is in it).
 
     Each tile of ROWS x CHUNK columns, seen as rows of LANE_COLS columns (one thread's load),
     updates one online state per tile row (m = max x, s = sum exp(x - m), t = sum exp(x - m) x,
     sum x; x the transformed logit), so no tile needs a reduction across lanes; the states are
     combined once at the end with the monoid's rescale. With STORE_CM, the ROWS chunk maxima of
-    each tile (the max of CHUNK // LANE_COLS rows' maxima) go to ``cm_ptr`` for
-    ``_select_kernel``, 4 bytes per CHUNK columns.
+    each tile (the max of CHUNK // LANE_COLS rows' maxima) go to ``cm_row`` for the top-k
+    selection (``_select_block``), 4 bytes per CHUNK columns.
     """
-    pid = tl.program_id(0)
     split, n_splits, col_lo, col_hi, tile_offs = _split_columns(cols_per_split, n_valid_cols, ROWS, CHUNK)
     BLOCK_V: tl.constexpr = ROWS * CHUNK
     SUB: tl.constexpr = CHUNK // LANE_COLS  # tile rows per chunk
-    local = pid + tl.zeros([], tl.int64)  # int64 offsets (pid is a plain int in the interpreter)
-    row = row0 + local
     row_ptr = logits_ptr + row * stride_logits_row
-    cm_row = cm_ptr + local * cm_stride
     m = tl.full([ROWS * SUB], float("-inf"), tl.float32)
     s = tl.zeros([ROWS * SUB], tl.float32)
     t = tl.zeros([ROWS * SUB], tl.float32)
@@ -169,6 +186,7 @@ def _shard_partials_kernel(
     tl.store(out + F_SUMEXP_X * plane, t_all)
     tl.store(out + F_SUM_X * plane, sum_x_all)
     tl.store(out + F_COUNT * plane, count)
+    return s_all
 
 
 KEY_NEG_INF = tl.constexpr(-2139095041)  # ordered_int32(-inf)
@@ -373,6 +391,171 @@ def _store_top(topk_vals_ptr, topk_ids_ptr, base, top, vocab_start, col_lo, mask
 
 
 @triton.jit
+def _select_block(logits_ptr, cm_ptr, topk_vals_ptr, topk_ids_ptr, list_g, list_c, list_e, local, live,
+                  row0, total_rows, split, col_lo, n_cols, n_chunks, n_full, n_stored, chunks_per_split,
+                  cm_stride, vocab_start, stride_logits_row, softcap, inv_temperature,
+                  HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, K: tl.constexpr,
+                  KP: tl.constexpr, R: tl.constexpr, NGP: tl.constexpr, CB: tl.constexpr,
+                  ONE_BLOCK: tl.constexpr, UG: tl.constexpr, CAPG: tl.constexpr, CAPC: tl.constexpr,
+                  CAPE: tl.constexpr, BC: tl.constexpr, CHUNK: tl.constexpr, KEY16: tl.constexpr,
+                  PACK16: tl.constexpr):  # fmt: skip
+    """Steps 1-5 of ``_select_kernel`` for the R rows ``local`` ([R] int64, from ``row0``; their
+    chunk maxima at ``cm_ptr + local * cm_stride``) of one column split: store the top-K of the
+    ``live`` rows whose lists held every candidate, and return which rows' lists overflowed
+    ([R] bool; their outputs are not written: the caller ranks them with ``_brute_force_topk``).
+    ``list_g`` / ``list_c`` / ``list_e``: [R] pointers to the rows' scratch lists."""
+    WIDE: tl.constexpr = CHUNK > 32  # element bit masks in int64
+    NB: tl.constexpr = CB // NGP  # members of a group per block of chunk maxima
+    gi = tl.arange(0, NGP)
+    row = row0 + local
+    row_ptr = logits_ptr + row * stride_logits_row  # [R]
+    cm_row = cm_ptr + local * cm_stride + split * chunks_per_split  # [R]
+    ci = tl.arange(0, CB)
+
+    # 1. Group maxima, and the threshold t (key lo) by bisection.
+    if ONE_BLOCK:
+        cm = tl.load(cm_row[:, None] + ci[None, :], mask=(ci < n_stored)[None, :],
+                     other=float("-inf"))  # fmt: skip
+        gmax = tl.max(tl.reshape(cm, [R, NB, NGP]), axis=1)
+    else:
+        gmax = tl.full([R, NGP], float("-inf"), tl.float32)
+        for c0 in range(0, n_chunks, CB):
+            cm = tl.load(cm_row[:, None] + (c0 + ci)[None, :],
+                         mask=(c0 + ci < n_stored)[None, :], other=float("-inf"))  # fmt: skip
+            gmax = tl.maximum(gmax, tl.max(tl.reshape(cm, [R, NB, NGP]), axis=1))
+    gkey = tl.where((gi < n_chunks)[None, :], ordered_int32(gmax), NO_KEY)
+    lo = tl.min(tl.where(gkey == NO_KEY, 2147483647, gkey), axis=1).to(tl.int64)
+    hi = tl.max(gkey, axis=1).to(tl.int64) + 1
+    if K == 1:  # the largest group maximum is the answer
+        lo = tl.where(hi > KEY_NEG_INF, hi - 1, lo)
+    n_g = tl.sum((gkey >= lo.to(tl.int32)[:, None]).to(tl.int32), axis=1)
+    ok = n_g >= K  # else fewer than K chunks: every chunk is a candidate
+    lo = _bisect(gkey, lo, hi, n_g, ok & (n_g > UG) & (hi - lo > 1), K, UG)
+    lo = tl.where(ok, lo, KEY_NEG_INF)
+    t = _as_threshold(lo)
+
+    # 2. Each group's members that reach t (bit i: chunk g + i * NGP); list the groups.
+    # (Chunks past the split's end hold -inf or are not loaded: they only reach t = -inf,
+    # and are dropped by each group's mask of real members below.)
+    if ONE_BLOCK:
+        member = tl.reshape(_at_least(cm, t[:, None]), [R, NB, NGP])
+        bits = tl.reduce(tl.where(member, _bit_values(NB, False)[None, :, None], 0), 1, _or)
+    else:
+        bits = tl.zeros([R, NGP], tl.int32)
+        for c0 in range(0, n_chunks, CB):
+            cm = tl.load(cm_row[:, None] + (c0 + ci)[None, :],
+                         mask=(c0 + ci < n_stored)[None, :], other=float("-inf"))  # fmt: skip
+            member = tl.reshape(_at_least(cm, t[:, None]), [R, NB, NGP])
+            bit = _bit_values(NB, False) << (c0 // NGP)
+            bits = bits | tl.reduce(tl.where(member, bit[None, :, None], 0), 1, _or)
+    n_members = tl.maximum(n_chunks - gi + NGP - 1, 0) // NGP  # chunks g, g + NGP, ... < n_chunks
+    bits = bits & ((1 << n_members) - 1)[None, :]
+    listed = bits != 0
+    c = listed.to(tl.int32)
+    pos = tl.cumsum(c, axis=1) - 1
+    n_a = tl.sum(c, axis=1)
+    tl.store(list_g[:, None] + pos, gi[None, :] | (bits << 16), mask=listed & (pos < CAPG))
+    tl.debug_barrier()
+
+    # 3. Their chunks.
+    ja = tl.arange(0, CAPG)[None, :]
+    n_a = tl.minimum(n_a, CAPG + 1)  # CAPG + 1: overflowed
+    in_a = ja < n_a[:, None]
+    gm = tl.load(list_g[:, None] + ja, mask=in_a, other=0)
+    g = gm & 0xFFFF
+    m = (gm >> 16) & 0xFFFF
+    n_b = _expand_bits(list_c, ja, tl.minimum(n_a, CAPG), m, g, NGP, tl.minimum(n_a, CAPG), CAPC)
+    tl.debug_barrier()
+    over = (n_a > CAPG) | (n_b > CAPC)
+
+    # 4. Their elements >= t, as the list of candidate columns.
+    n_b = tl.where(over, 0, n_b)
+    te = t
+    if HAS_SOFTCAP:  # one key lower: the recomputed softcap may differ from the stream's by an ulp
+        te = _as_threshold(lo - 1)
+    jj = tl.arange(0, CHUNK)
+    # the split's last chunk, when it has padding columns (its loads need per-column masks)
+    tail = jj[None, :] < n_cols - n_full * CHUNK
+    x_tail = _load_transformed(row_ptr[:, None], col_lo + n_full * CHUNK + jj[None, :], tail,
+                               softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)  # fmt: skip
+    bit = _bit_values(CHUNK, WIDE)
+    tail_bits = tl.reduce(tl.where(tail & _at_least(x_tail, te[:, None]), bit[None, :], 0), 1, _or)
+    # their bit masks first (the reduction's layout repeats each mask over the lanes that
+    # reduced it), then the columns of their bits from compact [R, CAPC] tensors
+    if WIDE:
+        bits_list = (list_c + CAPC).to(tl.pointer_type(tl.int64))
+    else:
+        bits_list = list_c + CAPC
+    for b in range(0, tl.max(n_b, axis=0), BC):
+        j = b + tl.arange(0, BC)[None, :]
+        in_b = j < n_b[:, None]
+        ch = tl.load(list_c[:, None] + j, mask=in_b, other=0)
+        full = in_b & (ch < n_full)
+        x = tl.load(row_ptr[:, None, None] + col_lo + ch[:, :, None] * CHUNK + jj[None, None, :],
+                    mask=full[:, :, None], other=float("-inf")).to(tl.float32)  # fmt: skip
+        x = transform_logits(x, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
+        # padding and absent chunks get their bits below (per chunk, not per element)
+        ebits = tl.reduce(tl.where(_at_least(x, te[:, None, None]), bit[None, None, :], 0), 2, _or)
+        ebits = tl.where(full, ebits, tl.where(ch == n_full, tail_bits[:, None], 0))
+        tl.store(bits_list[:, None] + j, ebits, mask=in_b)
+    tl.debug_barrier()
+    jc = tl.arange(0, CAPC)[None, :]
+    in_c = jc < n_b[:, None]
+    ch = tl.load(list_c[:, None] + jc, mask=in_c, other=0)
+    ebits = tl.load(bits_list[:, None] + jc, mask=in_c, other=0)
+    n_e = _expand_bits(list_e, jc, n_b, ebits, col_lo + ch * CHUNK, 1, n_b, CAPE)
+    tl.debug_barrier()
+    over = over | (n_e > CAPE)
+
+    # 5. Rank the candidates. More than KP of them (2-20% of rows at k = 50): raise the
+    # threshold over their own keys until at most KP are left (ties at it: by column), listed
+    # anew in the chunk list's room (a tl.topk of CAPE keys would cost twice the sort, and registers).
+    n_e = tl.where(over, 0, n_e)
+    ranked = list_e
+    if tl.max(n_e, axis=0) > KP:
+        e = tl.arange(0, CAPE)[None, :]
+        cols = tl.load(list_e[:, None] + e, mask=e < n_e[:, None], other=-1)
+        real = cols >= 0
+        x = _load_transformed(row_ptr[:, None], cols, real, softcap, inv_temperature,
+                              HAS_SOFTCAP, HAS_TEMPERATURE)  # fmt: skip
+        ekey = tl.where(real, ordered_int32(x), NO_KEY)
+        many = n_e > KP
+        lo_e = tl.min(tl.where(real, ekey, 2147483647), axis=1).to(tl.int64)
+        hi_e = tl.max(ekey, axis=1).to(tl.int64) + 1
+        n_real = tl.sum(real.to(tl.int32), axis=1)
+        lo_e = _bisect(ekey, lo_e, hi_e, n_real, many & (n_real > KP) & (hi_e - lo_e > 1), K, KP)
+        at = lo_e.to(tl.int32)[:, None]
+        # ties at the K-th value can leave more than KP (bf16 logits repeat values: k = 64
+        # rows would all overflow): keep those above it and, of those at it, the lowest
+        # columns (tie-break) until K, the column bound bisected like the threshold
+        eq = real & (ekey == at)
+        n_gt = tl.sum((real & (ekey > at)).to(tl.int32), axis=1)
+        n_eq = tl.sum(eq.to(tl.int32), axis=1)
+        tied = many & (n_gt + n_eq > KP)
+        need = K - n_gt  # >= 1 where tied: the bisection stopped at the K-th value
+        # the need largest of the keys -column (distinct) over the ties
+        ckey = tl.where(eq, -cols, NO_KEY)
+        c_lo = tl.min(tl.where(eq, -cols, 2147483647), axis=1).to(tl.int64)  # every tie
+        c_hi = tl.max(ckey, axis=1).to(tl.int64) + 1
+        c_lo = _bisect(ckey, c_lo, c_hi, n_eq, tied & (n_eq > need) & (c_hi - c_lo > 1), need, need)
+        eq = eq & (~tied[:, None] | (ckey >= c_lo.to(tl.int32)[:, None]))
+        keep = real & (~many[:, None] | (ekey > at) | eq)
+        n_e = _append(list_c, tl.zeros([R], tl.int32), keep, cols, CAPC)
+        over = over | (n_e > CAPC)  # (a chunk list shorter than KP: tuning)
+        ranked = list_c
+        tl.debug_barrier()
+    over = over | (n_e > KP)
+    n_e = tl.where(over, 0, n_e)
+    top = _rank_candidates(ranked, n_e, row_ptr, col_lo, softcap, inv_temperature, HAS_SOFTCAP,
+                           HAS_TEMPERATURE, KP, KEY16)  # fmt: skip
+    kk = tl.arange(0, KP)[None, :]
+    base = ((split * total_rows + row) * K)[:, None]
+    _store_top(topk_vals_ptr, topk_ids_ptr, base, top, vocab_start, col_lo,
+               live[:, None] & ~over[:, None] & (kk < K), KP, PACK16)  # fmt: skip
+    return over
+
+
+@triton.jit
 def _select_kernel(
     logits_ptr,
     stats_ptr,
@@ -440,10 +623,7 @@ def _select_kernel(
     n_chunks = tl.cdiv(n_cols, CHUNK)
     n_full = n_cols // CHUNK  # chunks without padding columns (the last one may have some)
     n_stored = tl.cdiv(n_cols, ROWS * CHUNK) * ROWS  # chunk maxima the streaming kernel stored
-    WIDE: tl.constexpr = CHUNK > 32  # element bit masks in int64
-    NB: tl.constexpr = CB // NGP  # members of a group per block of chunk maxima
     rr = tl.arange(0, R)
-    gi = tl.arange(0, NGP)
     SLOT: tl.constexpr = CAPG + 3 * CAPC + CAPE
     slot0 = scratch_ptr + (pid * n_splits + split) * (R * SLOT)
     list_g = slot0 + rr * SLOT  # [R] pointers; entries: group | member bits << 16
@@ -475,151 +655,13 @@ def _select_kernel(
         local = r0 + rr
         live = local < n_rows
         local = tl.where(live, local, n_rows - 1).to(tl.int64)  # dead rows redo the last row
-        row = row0 + local
-        row_ptr = logits_ptr + row * stride_logits_row  # [R]
-        cm_row = cm_ptr + local * cm_stride + split * chunks_per_split  # [R]
-        ci = tl.arange(0, CB)
-
-        # 1. Group maxima, and the threshold t (key lo) by bisection.
-        if ONE_BLOCK:
-            cm = tl.load(cm_row[:, None] + ci[None, :], mask=(ci < n_stored)[None, :],
-                         other=float("-inf"))  # fmt: skip
-            gmax = tl.max(tl.reshape(cm, [R, NB, NGP]), axis=1)
-        else:
-            gmax = tl.full([R, NGP], float("-inf"), tl.float32)
-            for c0 in range(0, n_chunks, CB):
-                cm = tl.load(cm_row[:, None] + (c0 + ci)[None, :],
-                             mask=(c0 + ci < n_stored)[None, :], other=float("-inf"))  # fmt: skip
-                gmax = tl.maximum(gmax, tl.max(tl.reshape(cm, [R, NB, NGP]), axis=1))
-        gkey = tl.where((gi < n_chunks)[None, :], ordered_int32(gmax), NO_KEY)
-        lo = tl.min(tl.where(gkey == NO_KEY, 2147483647, gkey), axis=1).to(tl.int64)
-        hi = tl.max(gkey, axis=1).to(tl.int64) + 1
-        if K == 1:  # the largest group maximum is the answer
-            lo = tl.where(hi > KEY_NEG_INF, hi - 1, lo)
-        n_g = tl.sum((gkey >= lo.to(tl.int32)[:, None]).to(tl.int32), axis=1)
-        ok = n_g >= K  # else fewer than K chunks: every chunk is a candidate
-        lo = _bisect(gkey, lo, hi, n_g, ok & (n_g > UG) & (hi - lo > 1), K, UG)
-        lo = tl.where(ok, lo, KEY_NEG_INF)
-        t = _as_threshold(lo)
-
-        # 2. Each group's members that reach t (bit i: chunk g + i * NGP); list the groups.
-        # (Chunks past the split's end hold -inf or are not loaded: they only reach t = -inf,
-        # and are dropped by each group's mask of real members below.)
-        if ONE_BLOCK:
-            member = tl.reshape(_at_least(cm, t[:, None]), [R, NB, NGP])
-            bits = tl.reduce(tl.where(member, _bit_values(NB, False)[None, :, None], 0), 1, _or)
-        else:
-            bits = tl.zeros([R, NGP], tl.int32)
-            for c0 in range(0, n_chunks, CB):
-                cm = tl.load(cm_row[:, None] + (c0 + ci)[None, :],
-                             mask=(c0 + ci < n_stored)[None, :], other=float("-inf"))  # fmt: skip
-                member = tl.reshape(_at_least(cm, t[:, None]), [R, NB, NGP])
-                bit = _bit_values(NB, False) << (c0 // NGP)
-                bits = bits | tl.reduce(tl.where(member, bit[None, :, None], 0), 1, _or)
-        n_members = tl.maximum(n_chunks - gi + NGP - 1, 0) // NGP  # chunks g, g + NGP, ... < n_chunks
-        bits = bits & ((1 << n_members) - 1)[None, :]
-        listed = bits != 0
-        c = listed.to(tl.int32)
-        pos = tl.cumsum(c, axis=1) - 1
-        n_a = tl.sum(c, axis=1)
-        tl.store(list_g[:, None] + pos, gi[None, :] | (bits << 16), mask=listed & (pos < CAPG))
-        tl.debug_barrier()
-
-        # 3. Their chunks.
-        ja = tl.arange(0, CAPG)[None, :]
-        n_a = tl.minimum(n_a, CAPG + 1)  # CAPG + 1: overflowed
-        in_a = ja < n_a[:, None]
-        gm = tl.load(list_g[:, None] + ja, mask=in_a, other=0)
-        g = gm & 0xFFFF
-        m = (gm >> 16) & 0xFFFF
-        n_b = _expand_bits(list_c, ja, tl.minimum(n_a, CAPG), m, g, NGP, tl.minimum(n_a, CAPG), CAPC)
-        tl.debug_barrier()
-        over = (n_a > CAPG) | (n_b > CAPC)
-
-        # 4. Their elements >= t, as the list of candidate columns.
-        n_b = tl.where(over, 0, n_b)
-        te = t
-        if HAS_SOFTCAP:  # one key lower: the recomputed softcap may differ from the stream's by an ulp
-            te = _as_threshold(lo - 1)
-        jj = tl.arange(0, CHUNK)
-        # the split's last chunk, when it has padding columns (its loads need per-column masks)
-        tail = jj[None, :] < n_cols - n_full * CHUNK
-        x_tail = _load_transformed(row_ptr[:, None], col_lo + n_full * CHUNK + jj[None, :], tail,
-                                   softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)  # fmt: skip
-        bit = _bit_values(CHUNK, WIDE)
-        tail_bits = tl.reduce(tl.where(tail & _at_least(x_tail, te[:, None]), bit[None, :], 0), 1, _or)
-        # their bit masks first (the reduction's layout repeats each mask over the lanes that
-        # reduced it), then the columns of their bits from compact [R, CAPC] tensors
-        if WIDE:
-            bits_list = (list_c + CAPC).to(tl.pointer_type(tl.int64))
-        else:
-            bits_list = list_c + CAPC
-        for b in range(0, tl.max(n_b, axis=0), BC):
-            j = b + tl.arange(0, BC)[None, :]
-            in_b = j < n_b[:, None]
-            ch = tl.load(list_c[:, None] + j, mask=in_b, other=0)
-            full = in_b & (ch < n_full)
-            x = tl.load(row_ptr[:, None, None] + col_lo + ch[:, :, None] * CHUNK + jj[None, None, :],
-                        mask=full[:, :, None], other=float("-inf")).to(tl.float32)  # fmt: skip
-            x = transform_logits(x, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
-            # padding and absent chunks get their bits below (per chunk, not per element)
-            ebits = tl.reduce(tl.where(_at_least(x, te[:, None, None]), bit[None, None, :], 0), 2, _or)
-            ebits = tl.where(full, ebits, tl.where(ch == n_full, tail_bits[:, None], 0))
-            tl.store(bits_list[:, None] + j, ebits, mask=in_b)
-        tl.debug_barrier()
-        jc = tl.arange(0, CAPC)[None, :]
-        in_c = jc < n_b[:, None]
-        ch = tl.load(list_c[:, None] + jc, mask=in_c, other=0)
-        ebits = tl.load(bits_list[:, None] + jc, mask=in_c, other=0)
-        n_e = _expand_bits(list_e, jc, n_b, ebits, col_lo + ch * CHUNK, 1, n_b, CAPE)
-        tl.debug_barrier()
-        over = over | (n_e > CAPE)
-
-        # 5. Rank the candidates. More than KP of them (2-20% of rows at k = 50): raise the
-        # threshold over their own keys until at most KP are left (ties at it: by column), listed
-        # anew in the chunk list's room (a tl.topk of CAPE keys would cost twice the sort, and registers).
-        n_e = tl.where(over, 0, n_e)
-        ranked = list_e
-        if tl.max(n_e, axis=0) > KP:
-            e = tl.arange(0, CAPE)[None, :]
-            cols = tl.load(list_e[:, None] + e, mask=e < n_e[:, None], other=-1)
-            real = cols >= 0
-            x = _load_transformed(row_ptr[:, None], cols, real, softcap, inv_temperature,
-                                  HAS_SOFTCAP, HAS_TEMPERATURE)  # fmt: skip
-            ekey = tl.where(real, ordered_int32(x), NO_KEY)
-            many = n_e > KP
-            lo_e = tl.min(tl.where(real, ekey, 2147483647), axis=1).to(tl.int64)
-            hi_e = tl.max(ekey, axis=1).to(tl.int64) + 1
-            n_real = tl.sum(real.to(tl.int32), axis=1)
-            lo_e = _bisect(ekey, lo_e, hi_e, n_real, many & (n_real > KP) & (hi_e - lo_e > 1), K, KP)
-            at = lo_e.to(tl.int32)[:, None]
-            # ties at the K-th value can leave more than KP (bf16 logits repeat values: k = 64
-            # rows would all overflow): keep those above it and, of those at it, the lowest
-            # columns (tie-break) until K, the column bound bisected like the threshold
-            eq = real & (ekey == at)
-            n_gt = tl.sum((real & (ekey > at)).to(tl.int32), axis=1)
-            n_eq = tl.sum(eq.to(tl.int32), axis=1)
-            tied = many & (n_gt + n_eq > KP)
-            need = K - n_gt  # >= 1 where tied: the bisection stopped at the K-th value
-            # the need largest of the keys -column (distinct) over the ties
-            ckey = tl.where(eq, -cols, NO_KEY)
-            c_lo = tl.min(tl.where(eq, -cols, 2147483647), axis=1).to(tl.int64)  # every tie
-            c_hi = tl.max(ckey, axis=1).to(tl.int64) + 1
-            c_lo = _bisect(ckey, c_lo, c_hi, n_eq, tied & (n_eq > need) & (c_hi - c_lo > 1), need, need)
-            eq = eq & (~tied[:, None] | (ckey >= c_lo.to(tl.int32)[:, None]))
-            keep = real & (~many[:, None] | (ekey > at) | eq)
-            n_e = _append(list_c, tl.zeros([R], tl.int32), keep, cols, CAPC)
-            over = over | (n_e > CAPC)  # (a chunk list shorter than KP: tuning)
-            ranked = list_c
-            tl.debug_barrier()
-        over = over | (n_e > KP)
-        n_e = tl.where(over, 0, n_e)
-        top = _rank_candidates(ranked, n_e, row_ptr, col_lo, softcap, inv_temperature, HAS_SOFTCAP,
-                               HAS_TEMPERATURE, KP, KEY16)  # fmt: skip
+        over = _select_block(logits_ptr, cm_ptr, topk_vals_ptr, topk_ids_ptr, list_g, list_c, list_e,
+                             local, live, row0, total_rows, split, col_lo, n_cols, n_chunks, n_full,
+                             n_stored, chunks_per_split, cm_stride, vocab_start, stride_logits_row,
+                             softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE, K, KP, R, NGP, CB,
+                             ONE_BLOCK, UG, CAPG, CAPC, CAPE, BC, CHUNK, KEY16, PACK16)  # fmt: skip
         kk = tl.arange(0, KP)[None, :]
-        base = ((split * total_rows + row) * K)[:, None]
-        _store_top(topk_vals_ptr, topk_ids_ptr, base, top, vocab_start, col_lo,
-                   live[:, None] & ~over[:, None] & (kk < K), KP, PACK16)  # fmt: skip
+        base = ((split * total_rows + row0 + local) * K)[:, None]
         # a row whose lists overflowed is marked (id -2) and ranked after the loop
         tl.store(topk_ids_ptr + base + kk, tl.full([R, KP], -2, tl.int64),
                  mask=live[:, None] & over[:, None] & (kk == 0))  # fmt: skip
@@ -644,26 +686,125 @@ def _select_kernel(
                                PACK16)  # fmt: skip
 
 
+@triton.jit
+def _stream_select_kernel(
+    logits_ptr,
+    target_ptr,
+    stats_ptr,
+    cm_ptr,  # fp32 [n_rows, cm_stride]: the chunk maxima of each row
+    topk_vals_ptr,
+    topk_ids_ptr,
+    scratch_ptr,  # int32 [n_rows * n_splits, CAPG + 3 * CAPC + CAPE]: a row's lists (_select_kernel)
+    row0,
+    total_rows,
+    n_valid_cols,
+    cols_per_split,
+    chunks_per_split,
+    cm_stride,
+    vocab_start,
+    ignore_index,
+    stride_logits_row,
+    softcap,
+    inv_temperature,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_TARGET: tl.constexpr,
+    HAS_TEMPERATURE: tl.constexpr,
+    NEED_ENTROPY: tl.constexpr,
+    NEED_SUM_X: tl.constexpr,
+    ROWS: tl.constexpr,
+    CHUNK: tl.constexpr,
+    K: tl.constexpr,
+    KP: tl.constexpr,
+    R: tl.constexpr,  # 1
+    NGP: tl.constexpr,
+    CB: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
+    UG: tl.constexpr,
+    CAPG: tl.constexpr,
+    CAPC: tl.constexpr,
+    CAPE: tl.constexpr,
+    BC: tl.constexpr,
+    BF: tl.constexpr,
+    BE: tl.constexpr,
+    KEY16: tl.constexpr,
+    PACK16: tl.constexpr,
+):
+    """The streaming kernel and the selection in one launch (k <= SELECT_SMALL_K): grid (rows of
+    this launch, n_splits); each program streams one row's split (``_stream_split``, storing its
+    chunk maxima), then selects its top-K from them with the same steps as ``_select_kernel``
+    (``_select_block``, one row), its rare paths (a NaN re-scan, the brute force) inline. The
+    chunk maxima and the candidate chunks are re-read while they are still in L2, and one
+    program's selection overlaps the other programs' streams on the same SM."""
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    one = tl.program_id(0) + tl.zeros([], tl.int64)  # the row from row0; int64 offsets
+    local = one + tl.zeros([1], tl.int64)  # the same as the [R = 1] rows of _select_block
+    row_ptr = logits_ptr + (row0 + one) * stride_logits_row
+    s_all = _stream_split(logits_ptr, target_ptr, stats_ptr, cm_ptr + one * cm_stride, row0 + one,
+                          total_rows, n_valid_cols, cols_per_split, vocab_start, ignore_index,
+                          stride_logits_row, softcap, inv_temperature, HAS_SOFTCAP, HAS_TARGET, True,
+                          ROWS, CHUNK, HAS_TEMPERATURE, NEED_ENTROPY, NEED_SUM_X)  # fmt: skip
+    _, _, col_lo, col_hi, _ = _split_columns(cols_per_split, n_valid_cols, ROWS, CHUNK)
+    n_cols = col_hi - col_lo
+    n_chunks = tl.cdiv(n_cols, CHUNK)
+    cm_row = cm_ptr + one * cm_stride + split * chunks_per_split
+    tl.debug_barrier()  # the chunk maxima stored above are read by other threads
+    if s_all != s_all:  # a NaN or +inf: NaN must rank highest (the stream's maxima skip it)
+        _rescan_nan_row(row_ptr, cm_row, col_lo, col_hi, n_chunks, softcap, inv_temperature,
+                        HAS_SOFTCAP, HAS_TEMPERATURE, CHUNK, 512 // CHUNK)  # fmt: skip
+        tl.debug_barrier()
+    SLOT: tl.constexpr = CAPG + 3 * CAPC + CAPE
+    slot = scratch_ptr + (one * n_splits + split) * SLOT
+    list_g = slot + tl.zeros([1], tl.int32)  # [R = 1] pointers
+    list_c = list_g + CAPG
+    list_e = list_c + 3 * CAPC
+    over = _select_block(logits_ptr, cm_ptr, topk_vals_ptr, topk_ids_ptr, list_g, list_c, list_e, local,
+                         local >= 0, row0, total_rows, split, col_lo, n_cols, n_chunks, n_cols // CHUNK,
+                         tl.cdiv(n_cols, ROWS * CHUNK) * ROWS, chunks_per_split, cm_stride, vocab_start,
+                         stride_logits_row, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE, K, KP,
+                         R, NGP, CB, ONE_BLOCK, UG, CAPG, CAPC, CAPE, BC, CHUNK, KEY16, PACK16)  # fmt: skip
+    if tl.max(over.to(tl.int32), axis=0) > 0:
+        tl.debug_barrier()  # the lists are reused as the brute force's scratch
+        top1 = _brute_force_topk(row_ptr, cm_row, slot, n_chunks, col_lo, col_hi, softcap,
+                                 inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE, K, KP, CHUNK, BF,
+                                 BE)  # fmt: skip
+        k1 = tl.arange(0, KP)
+        _store_top(topk_vals_ptr, topk_ids_ptr, (split * total_rows + row0 + one) * K, top1, vocab_start,
+                   col_lo, k1 < K, KP, PACK16)  # fmt: skip
+
+
 # k <= SELECT_SMALL_K: chunks of 32 columns and a one-warp selection (tile_shape, topk_params,
 # the SELECT_* defaults below); larger k: chunks of 8 and an 8-warp selection sorting KP keys
 SELECT_SMALL_K = 128
+# k <= SELECT_SMALL_K: the stream and the selection in one kernel (_stream_select_kernel). Each
+# program's selection holds its SM slot without streaming, so narrow rows want many programs per
+# SM: up to FUSED_NARROW_COLS columns, tiles of 64 x 32 in 2 warps (FUSED_WARPS); wider, 128 x 32
+# in 4. On an H200 at N = 8192, k = 50 (docs/performance.md v0.19), GPU time with the host ahead
+# against the two launches: 0.190 / 0.220 ms at V_shard = 32064, 0.328 / 0.380 at 64128, 0.610 /
+# 0.721 at 128256 (2 warps, 64 x 32), 1.244 / 1.422 at 256000 (4 warps, 128 x 32); with 4 warps,
+# 128 x 32 at 32064: 0.250 ms
+FUSED_SELECT = True
+FUSED_NARROW_COLS = 131072
+FUSED_WARPS = 2
 
 
-def tile_shape(n_cols: int, k: int) -> tuple[int, int]:
+def tile_shape(n_cols: int, k: int, fused: bool = FUSED_SELECT) -> tuple[int, int]:
     """(ROWS, CHUNK) of the streaming kernel for a shard of ``n_cols`` columns and top-``k``
     (tuned on an H200 with ``benchmarks/tune.py``, docs/performance.md). k = 0: 256 chunks of 8
     columns, so that each thread holds whole chunks (one 16-byte load of bf16) and the per-chunk
     max and sums need no shuffles between lanes (v0.10, ``bench_ops`` on an H200: 92% / 100% of
     the copy bandwidth at V_shard = 32064 / 128256, against 87% / 90% for the 64 x 32 tile).
-    k <= 128: 128 chunks of 32 columns (one chunk maximum stored per 64 bytes of bf16 read).
-    Larger k: chunks of 8 columns, so that the K best chunks hold few elements besides the
-    top-K."""
+    k <= 128: chunks of 32 columns (one chunk maximum stored per 64 bytes of bf16 read); 64 of
+    them per tile in the fused kernel (``fused``, 2 warps: FUSED_WARPS) up to FUSED_NARROW_COLS
+    columns, else 128. Larger k: chunks of 8 columns, so that the K best chunks hold few elements
+    besides the top-K."""
     width = next_pow2(max(n_cols, 1))
     if k == 0:
         return max(1, min(256, width // 8)), 8
     if k <= SELECT_SMALL_K:
         chunk = min(32, max(16, width))
-        return max(2, min(128, width // chunk)), chunk
+        rows = 64 if fused and n_cols <= FUSED_NARROW_COLS else 128
+        return max(2, min(rows, width // chunk)), chunk
     return max(2, min(256, width // 8)), 8
 
 
@@ -771,7 +912,8 @@ def shard_partials(
     (written as NaN). ``tile`` and ``num_warps`` (the streaming kernel), ``select_warps``,
     ``select_programs_per_sm`` and ``select_params`` (keywords of ``topk_params``, and
     ``maxnreg``: the selection's register cap on CUDA, 0 for none; ``key16=False``: int64 sort
-    keys even where 32-bit ones are exact; the top-k selection) override
+    keys even where 32-bit ones are exact; ``fused=False``: the selection in its own launch for
+    k <= SELECT_SMALL_K; the top-k selection) override
     the defaults (tuning); ``select_launch=False`` skips the selection (timing
     the streaming kernel alone: the top-k outputs are left unwritten). ``out``:
     (stats, topk_vals, topk_ids) to write into when the launch has one column split and their
@@ -781,13 +923,20 @@ def shard_partials(
     temperature or softcap, one split of at most KEY16_COLS columns); otherwise the outputs are
     new tensors of the usual kind, for the caller to pack.
 
-    k > 0 takes two launches per block of rows: the streaming kernel also stores each row's chunk
-    maxima (4 bytes per CHUNK columns, in a buffer of at most ``CM_MAX_BYTES``), then
-    ``_select_kernel`` finds the exact top-k of each row from them.
+    For k > 0 the streaming kernel also stores each row's chunk maxima (4 bytes per CHUNK
+    columns, in a buffer of at most ``CM_MAX_BYTES`` with, when fused, the rows' lists), and the
+    selection finds the exact top-k of each row from them: in the same program for k <=
+    SELECT_SMALL_K (``_stream_select_kernel``, one launch per block of rows), else in a second
+    launch (``_select_kernel``).
     """
     n_rows, n_cols = logits.shape
     device = logits.device
-    rows, chunk = tile or tile_shape(n_cols, k)
+    sp = dict(select_params or {})
+    # k <= SELECT_SMALL_K: one fused launch; several rows per program (tuning) need the selection's own
+    fused = bool(sp.pop("fused", FUSED_SELECT and sp.get("rows", 1) == 1)) and 0 < k <= SELECT_SMALL_K
+    if fused and sp.setdefault("rows", 1) != 1:
+        raise ValueError(f"select_params={select_params}: the fused selection takes one row per program")
+    rows, chunk = tile or tile_shape(n_cols, k, fused)
     if chunk % LANE_COLS.value:
         raise ValueError(f"tile={tile}: the chunk (columns) must be a multiple of {LANE_COLS.value}")
     block = rows * chunk
@@ -814,22 +963,23 @@ def shard_partials(
     if n_rows == 0:
         return stats, topk_vals, topk_ids
     if num_warps is None:
-        num_warps = 8 if (k == 0 and block >= 4096) else 4
+        num_warps = 8 if (k == 0 and block >= 4096) else FUSED_WARPS if (fused and block <= 2048) else 4
     cm_stride = n_tiles * rows
     step = n_rows
     if k > 0:
-        step = max(1, min(n_rows, CM_MAX_BYTES // (4 * cm_stride)))
-        cm = torch.empty((step, cm_stride), dtype=torch.float32, device=device)
-        sp = dict(select_params or {})
         small_k = k <= SELECT_SMALL_K
-        maxnreg = sp.pop("maxnreg", SELECT_MAXNREG if small_k else SELECT_MAXNREG_LARGE_K)
+        maxnreg = sp.pop("maxnreg", None if fused else SELECT_MAXNREG if small_k else SELECT_MAXNREG_LARGE_K)
         # 32-bit sort keys when every value is exactly a bfloat16 and a split's columns fit 16 bits
         key16 = (sp.pop("key16", True) or pack16) and key16_ok and cols_per_split <= KEY16_COLS
         select_launch_opts = {"maxnreg": maxnreg} if maxnreg and device.type == "cuda" else {}
         tk = topk_params(k, cols_per_split // chunk, chunk, **sp)
-        per_sm = select_programs_per_sm or (PROGRAMS_PER_SM if small_k else PROGRAMS_PER_SM_LARGE_K)
-        programs = min(cdiv(step, tk["R"]), max_resident_programs(device, per_sm))
         slot_words = tk["R"] * (tk["CAPG"] + 3 * tk["CAPC"] + tk["CAPE"])
+        # fused: the lists of every row of a launch (one program per row and split)
+        row_bytes = 4 * (cm_stride + (n_splits * slot_words if fused else 0))
+        step = max(1, min(n_rows, CM_MAX_BYTES // row_bytes))
+        cm = torch.empty((step, cm_stride), dtype=torch.float32, device=device)
+        per_sm = select_programs_per_sm or (PROGRAMS_PER_SM if small_k else PROGRAMS_PER_SM_LARGE_K)
+        programs = step if fused else min(cdiv(step, tk["R"]), max_resident_programs(device, per_sm))
         scratch = torch.empty(programs * n_splits * slot_words, dtype=torch.int32, device=device)
     else:
         cm = stats  # never touched when STORE_CM is False
@@ -840,6 +990,16 @@ def shard_partials(
     )
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
+        if fused and select_launch:
+            _stream_select_kernel[(r1 - r0, n_splits)](
+                logits, tgt, stats, cm, topk_ids if pack16 else topk_vals, topk_ids, scratch,
+                r0, n_rows, n_valid_cols, cols_per_split, cols_per_split // chunk, cm_stride, vocab_start,
+                ignore_index, logits.stride(0), *transform,
+                HAS_TARGET=target is not None, **transform_flags, NEED_ENTROPY=need_entropy,
+                NEED_SUM_X=need_sum_x, ROWS=rows, CHUNK=chunk, K=k, KEY16=key16, PACK16=pack16,
+                num_warps=num_warps, **tk, **select_launch_opts,
+            )  # fmt: skip
+            continue
         _shard_partials_kernel[(r1 - r0, n_splits)](
             logits, tgt, stats, cm,
             r0, n_rows, n_valid_cols, cols_per_split, cm_stride, vocab_start, ignore_index,

@@ -63,6 +63,7 @@ CASES = {
     "small-tiles": dict(bc=4, ngp=64),  # several re-read blocks; more members per group
     "exact-threshold": dict(ug=33),
     "loose-threshold": dict(ug=64),  # more than KP candidates: a second threshold over them
+    "two-launches": dict(fused=False),  # the stream, then _select_kernel (the fused kernel's steps)
 }
 
 
@@ -77,6 +78,7 @@ OVERFLOWS = {  # each case overflows one list only (the others hold every candid
     "groups": dict(capg=8, cape=1024),  # 33 or more groups reach the threshold
     "chunks": dict(capc=16, cape=1024),  # 33 or more chunks
     "columns": dict(cape=64),  # 128 columns and more (see below)
+    "chunks-two-launches": dict(capc=16, cape=1024, fused=False),  # ranked after _select_kernel's rows
 }
 
 
@@ -123,23 +125,32 @@ def test_selection_fewer_chunks_than_k(device):
 
 
 class KeySpy:
-    """Records the ``KEY16`` of every launch of the selection kernel."""
+    """Records the ``KEY16`` of every launch of a selection kernel (the fused one or
+    ``_select_kernel``), and which kernels ran."""
+
+    SELECTIONS = ("_stream_select_kernel", "_select_kernel")
 
     def __init__(self, monkeypatch):
         self.key16 = []
-        kernel = kernels.partials._select_kernel
+        self.kernels = []
+        for name in self.SELECTIONS:
+            monkeypatch.setattr(kernels.partials, name, self.spy(name, getattr(kernels.partials, name)))
+
+    def spy(self, name, kernel):
+        spy = self
 
         class Spy:
             def __getitem__(_, grid):
                 launch = kernel[grid]
 
                 def call(*args, **kw):
-                    self.key16.append(kw["KEY16"])
+                    spy.key16.append(kw["KEY16"])
+                    spy.kernels.append(name)
                     return launch(*args, **kw)
 
                 return call
 
-        monkeypatch.setattr(kernels.partials, "_select_kernel", Spy())
+        return Spy()
 
 
 BF16_KEYS = {  # (k, rows, knobs): bf16 rows (ties from the rounding; from row 2 on NaN, +inf,
@@ -180,6 +191,20 @@ def test_selection_keys_stay_int64_where_16_bits_are_not_exact(device, monkeypat
     check(wide, 3, device=device, n_splits=1)
     check(xb, 5, device=device, tile=(4, 32))  # the one 32-bit launch
     assert spy.key16 == [False] * 6 + [True]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_small_k_streams_and_selects_in_one_launch(device, monkeypatch):
+    """k <= 128 runs the stream and the selection in one kernel; several rows per program, k > 128
+    and ``fused=False`` take the selection's own launch; the fused kernel takes one row per
+    program."""
+    spy = KeySpy(monkeypatch)
+    x = rows_for_selection(6, 300, seed=9)
+    for k, sp in ((5, {}), (5, dict(rows=2)), (5, dict(fused=False)), (200, {})):
+        check(x, k, device=device, **sp)
+    assert spy.kernels == ["_stream_select_kernel"] + ["_select_kernel"] * 3
+    with pytest.raises(ValueError, match="select_params=.*one row per program"):
+        check(x, 5, device=device, rows=2, fused=True)
 
 
 def test_decode_splits_keep_the_merge_short():
