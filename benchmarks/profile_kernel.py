@@ -7,8 +7,9 @@
 
 The script runs ``kernels.shard_partials`` on ``randn * 3`` bf16 logits ``--warmup`` times (compiled,
 caches warm), then once more between ``cudaProfilerStart`` and ``cudaProfilerStop``, so that
-``ncu --profile-from-start off`` profiles exactly that call's kernels (the streaming kernel, and
-the selection for k > 0). The flags are the API's for ``softmax_stats`` (entropy, no sum x);
+``ncu --profile-from-start off`` profiles exactly that call's kernels: for k <= 128 one kernel,
+``_stream_select_kernel`` (the stream and the selection), for larger k the streaming kernel and
+``_select_kernel``. The flags are the API's for ``softmax_stats`` (entropy, no sum x);
 ``--no-select`` leaves the selection out (the stream alone). ``--clock-control none`` keeps the
 GPU's clocks as they are (the device notes ask not to lock them). docs/performance.md v0.10's
 profiles ran this same call from scratch scripts (the first one with sum x too); this script

@@ -71,22 +71,21 @@ def select_variants(k: int) -> list[dict]:
             dict(select_warps=4),
             dict(select_params=dict(maxnreg=0)),
         ]
-    return [  # programs per SM first: no compilation
-        dict(select_programs_per_sm=16),
-        dict(select_programs_per_sm=24),
-        dict(select_programs_per_sm=64),
+    # k <= 128 selects inside the streaming kernel (fused): its warps and tile are the stream's;
+    # select_warps and select_programs_per_sm apply to the two-launch path (fused=False, rows > 1)
+    return [
+        dict(select_params=dict(fused=False)),
+        dict(num_warps=4, tile=(128, 32)),
+        dict(num_warps=2, tile=(128, 32)),
+        dict(num_warps=1, tile=(32, 32)),
         dict(select_params=dict(maxnreg=96)),
-        dict(select_params=dict(maxnreg=72)),
-        dict(select_params=dict(maxnreg=0)),  # uncapped
-        dict(select_warps=2),
-        dict(select_warps=4),
-        dict(select_params=dict(rows=2)),
         dict(select_params=dict(cb=1024)),  # all chunk maxima of V = 32064 at once
-        dict(select_params=dict(bc=32)),
+        dict(select_params=dict(bc=16)),
         dict(select_params=dict(ug=k)),
         dict(select_params=dict(ug=kp)),
         dict(select_params=dict(ngp=8 * kp)),
         dict(select_params=dict(ngp=2 * kp)),
+        dict(select_params=dict(rows=2)),  # two launches, two rows per selection program
     ]
 
 
