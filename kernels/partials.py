@@ -773,8 +773,9 @@ def _stream_select_kernel(
                    col_lo, k1 < K, KP, PACK16)  # fmt: skip
 
 
-# k <= SELECT_SMALL_K: chunks of 32 columns and a one-warp selection (tile_shape, topk_params,
-# the SELECT_* defaults below); larger k: chunks of 8 and an 8-warp selection sorting KP keys
+# k <= SELECT_SMALL_K: chunks of 32 columns, selected inside the streaming kernel (FUSED_* below;
+# with fused=False or several rows per program, a one-warp selection launch: the SELECT_* defaults);
+# larger k: chunks of 8 and an 8-warp selection launch sorting KP keys (tile_shape, topk_params)
 SELECT_SMALL_K = 128
 # k <= SELECT_SMALL_K: the stream and the selection in one kernel (_stream_select_kernel). Each
 # program's selection holds its SM slot without streaming, so narrow rows want many programs per
@@ -813,8 +814,9 @@ MAX_CHUNKS_PER_SPLIT = 8192  # bounds the selection's group maxima per split
 # k = 50, V = 128256 had 32 splits, 2048 keys for finalize to sort per row; now 8, 512 keys)
 MAX_SPLIT_KEYS = 512
 CM_MAX_BYTES = 256 * 1024**2  # the chunk-maxima buffer of k > 0; more rows go in several launches
-# k <= 128: one warp per program (each row's steps are warp-wide reductions, scans and a sort of
-# KP keys, no barriers); larger k sorts KP = 1024 keys, which one warp holds only by spilling
+# The selection launch (k > 128, or k <= 128 not fused). k <= 128: one warp per program (each row's
+# steps are warp-wide reductions, scans and a sort of KP keys, no barriers); larger k sorts KP =
+# 1024 keys, which one warp holds only by spilling
 SELECT_WARPS = 1
 SELECT_WARPS_LARGE_K = 8
 # programs of the top-k selection per SM (each loops over blocks of rows): one-warp programs of
