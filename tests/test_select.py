@@ -74,20 +74,21 @@ def test_selection_knobs(device, params):
     check(x, 33, device=device, n_valid=4101, tile=(16, 32), **params)
 
 
-OVERFLOWS = {  # each case overflows one list only (the others hold every candidate)
-    "groups": dict(capg=8, cape=1024),  # 33 or more groups reach the threshold
-    "chunks": dict(capc=16, cape=1024),  # 33 or more chunks
-    "columns": dict(cape=64),  # 128 columns and more (see below)
-    "chunks-two-launches": dict(capc=16, cape=1024, fused=False),  # ranked after _select_kernel's rows
+OVERFLOWS = {  # (rows, knobs): each case overflows one list only (the others hold every candidate)
+    "groups": (4, dict(capg=8, cape=1024)),  # 33 or more groups reach the threshold
+    "chunks": (4, dict(capc=16, cape=1024)),  # 33 or more chunks
+    "columns": (4, dict(cape=64)),  # 128 columns and more (see below)
+    # the two launches: the marked rows ranked after _select_kernel's row loop
+    "chunks-two-launches": (2, dict(capc=16, cape=1024, fused=False)),
 }
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("params", OVERFLOWS.values(), ids=OVERFLOWS.keys())
-def test_selection_brute_force(device, params):
+@pytest.mark.parametrize(("n", "params"), OVERFLOWS.values(), ids=OVERFLOWS.keys())
+def test_selection_brute_force(device, n, params):
     """A list too small for the candidates: every row takes the brute-force path. Four chunks of
     each row hold 128 large values, so the threshold that 33 groups reach admits them all."""
-    x = torch.randn(4, 4103, generator=torch.Generator().manual_seed(5)) * 3
+    x = torch.randn(4, 4103, generator=torch.Generator().manual_seed(5))[:n] * 3
     x[:, 3904:4032] += 20.0  # listed last (lists go by group and chunk index)
     check(x, 33, device=device, n_valid=4101, tile=(16, 32), **params)
 
@@ -197,10 +198,10 @@ def test_selection_keys_stay_int64_where_16_bits_are_not_exact(device, monkeypat
 def test_small_k_streams_and_selects_in_one_launch(device, monkeypatch):
     """k <= 128 runs the stream and the selection in one kernel; several rows per program, k > 128
     and ``fused=False`` take the selection's own launch; the fused kernel takes one row per
-    program."""
+    program. (Every path is checked against the reference.)"""
     spy = KeySpy(monkeypatch)
-    x = rows_for_selection(6, 300, seed=9)
-    for k, sp in ((5, {}), (5, dict(rows=2)), (5, dict(fused=False)), (200, {})):
+    x = rows_for_selection(6, 300, seed=9)[:3]
+    for k, sp in ((5, {}), (5, dict(rows=2)), (5, dict(fused=False)), (130, {})):
         check(x, k, device=device, **sp)
     assert spy.kernels == ["_stream_select_kernel"] + ["_select_kernel"] * 3
     with pytest.raises(ValueError, match="select_params=.*one row per program"):
