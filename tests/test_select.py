@@ -1,6 +1,7 @@
-"""The top-k selection kernel (``kernels.partials._select_kernel``) against the reference, over its
-knobs and the data its steps treat apart: several rows per program (with a last block that is
-partly past the rows), chunk maxima read in one block or several, candidates in the split's last
+"""The top-k selection (``kernels.partials._select_block``: inside ``_stream_select_kernel`` for
+k <= 128 by default, or in ``_select_kernel``) against the reference, over its knobs and the
+data its steps treat apart: several rows per program (with a last block that is partly past the
+rows), chunk maxima read in one block or several, candidates in the split's last
 chunk (padding columns), several candidate chunks per group and several candidate elements per
 chunk (the bit masks' extra rounds), 64-column chunks (int64 masks), fewer chunks than k, NaN and
 +inf rows (re-scanned), ties, softcap and temperature, and lists too small (the brute-force
