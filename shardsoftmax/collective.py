@@ -450,10 +450,22 @@ def _mismatch(headers: list[Header], agreed: Agreed | None) -> BaseException:
     except BaseException as err:  # noqa: BLE001 - returned, raised by the caller
         return err
     changed = [r for r, h in enumerate(headers) if agreed is None or h != agreed.headers[r]]
+    # consistent headers can differ from the agreed ones only in a rank's own words
+    pairs = [] if agreed is None else [(headers[r], agreed.headers[r]) for r in changed]
+    fields = [f for f in HEADER_FIELDS if any(getattr(new, f) != getattr(old, f) for new, old in pairs)]
+    what = [_CHANGED_FIELD.get(f, f) for f in fields] or ["shard (width or vocab_start)"]
     return ValueError(
-        f"shardsoftmax: rank(s) {changed} changed their shard (width or vocab_start) in a call where "
-        "the other ranks did not; every rank must change its shard in the same call"
+        f"shardsoftmax: rank(s) {changed} changed their {' and '.join(what)} in a call where the other "
+        "ranks did not; every rank must change it in the same call"
     )
+
+
+# How _mismatch names a rank's own header words
+_CHANGED_FIELD = {
+    "width": "shard width",
+    "start": "vocab_start",
+    "pack_topk": "top-k wire format (SHARDSOFTMAX_PACK_TOPK / collective.PACK_TOPK)",
+}
 
 
 # Steady-state header checks. On a CUDA device the fast path does not read the gathered headers

@@ -417,6 +417,12 @@ def errors_rank(ctx, backend: str, defer: bool = False) -> dict:
         "steady temperature": lambda: ss.softmax_stats(
             shard, td, k=3, temperature=0.5 if rank == 0 else 1.0, process_group=g
         ),
+        "steady shard width": lambda: ss.softmax_stats(
+            shard[:, :-1] if rank == 1 else shard, td, k=3, process_group=g
+        ),
+        "steady wire format": lambda: _with_packing(
+            rank != 0, ss.softmax_stats, shard, td, k=3, process_group=g
+        ),
     }
     out = {}
     for name, call in bad.items():
@@ -432,6 +438,19 @@ def errors_rank(ctx, backend: str, defer: bool = False) -> dict:
         ck.close("lse", st.lse, o64["lse"], olow["lse"])
         ck.exact("topk_ids", st.topk_ids, o64["topk_ids"])
     return {"failures": ck.failures, "errors": out}
+
+
+def _with_packing(allowed: bool, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with this rank's ``collective.PACK_TOPK`` (SHARDSOFTMAX_PACK_TOPK)
+    set to ``allowed``, then restored."""
+    from shardsoftmax import collective
+
+    saved = collective.PACK_TOPK
+    collective.PACK_TOPK = allowed
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        collective.PACK_TOPK = saved
 
 
 def _check_poisoned(ck, name: str, res) -> None:
@@ -471,6 +490,8 @@ EXPECTED_ERRORS.update(
         "steady dtype": "ranks disagree on logits dtype",
         "steady target shape": ("target must have shape", "rank 1 rejected its input"),
         "steady temperature": "ranks disagree on temperature: rank 0 has 0.5, rank 1 has 1.0",
+        "steady shard width": "rank(s) [1] changed their shard width in a call where the other ranks did not",
+        "steady wire format": "rank(s) [0] changed their top-k wire format (SHARDSOFTMAX_PACK_TOPK",
     }
 )
 BAD_RANK = {
