@@ -392,8 +392,8 @@ def _store_top(topk_vals_ptr, topk_ids_ptr, base, top, vocab_start, col_lo, mask
 
 @triton.jit
 def _select_block(logits_ptr, cm_ptr, topk_vals_ptr, topk_ids_ptr, list_g, list_c, list_e, local, live,
-                  row0, total_rows, split, col_lo, n_cols, n_chunks, n_full, n_stored, chunks_per_split,
-                  cm_stride, vocab_start, stride_logits_row, softcap, inv_temperature,
+                  row0, total_rows, split, col_lo, n_cols, n_chunks, chunks_per_split, cm_stride,
+                  vocab_start, stride_logits_row, softcap, inv_temperature, ROWS: tl.constexpr,
                   HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, K: tl.constexpr,
                   KP: tl.constexpr, R: tl.constexpr, NGP: tl.constexpr, CB: tl.constexpr,
                   ONE_BLOCK: tl.constexpr, UG: tl.constexpr, CAPG: tl.constexpr, CAPC: tl.constexpr,
@@ -406,6 +406,8 @@ def _select_block(logits_ptr, cm_ptr, topk_vals_ptr, topk_ids_ptr, list_g, list_
     ``list_g`` / ``list_c`` / ``list_e``: [R] pointers to the rows' scratch lists."""
     WIDE: tl.constexpr = CHUNK > 32  # element bit masks in int64
     NB: tl.constexpr = CB // NGP  # members of a group per block of chunk maxima
+    n_full = n_cols // CHUNK  # chunks without padding columns (the last one may have some)
+    n_stored = tl.cdiv(n_cols, ROWS * CHUNK) * ROWS  # chunk maxima the streaming kernel stored
     gi = tl.arange(0, NGP)
     row = row0 + local
     row_ptr = logits_ptr + row * stride_logits_row  # [R]
@@ -621,8 +623,6 @@ def _select_kernel(
     split, n_splits, col_lo, col_hi, _ = _split_columns(cols_per_split, n_valid_cols, ROWS, CHUNK)
     n_cols = col_hi - col_lo
     n_chunks = tl.cdiv(n_cols, CHUNK)
-    n_full = n_cols // CHUNK  # chunks without padding columns (the last one may have some)
-    n_stored = tl.cdiv(n_cols, ROWS * CHUNK) * ROWS  # chunk maxima the streaming kernel stored
     rr = tl.arange(0, R)
     SLOT: tl.constexpr = CAPG + 3 * CAPC + CAPE
     slot0 = scratch_ptr + (pid * n_splits + split) * (R * SLOT)
@@ -656,9 +656,9 @@ def _select_kernel(
         live = local < n_rows
         local = tl.where(live, local, n_rows - 1).to(tl.int64)  # dead rows redo the last row
         over = _select_block(logits_ptr, cm_ptr, topk_vals_ptr, topk_ids_ptr, list_g, list_c, list_e,
-                             local, live, row0, total_rows, split, col_lo, n_cols, n_chunks, n_full,
-                             n_stored, chunks_per_split, cm_stride, vocab_start, stride_logits_row,
-                             softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE, K, KP, R, NGP, CB,
+                             local, live, row0, total_rows, split, col_lo, n_cols, n_chunks,
+                             chunks_per_split, cm_stride, vocab_start, stride_logits_row, softcap,
+                             inv_temperature, ROWS, HAS_SOFTCAP, HAS_TEMPERATURE, K, KP, R, NGP, CB,
                              ONE_BLOCK, UG, CAPG, CAPC, CAPE, BC, CHUNK, KEY16, PACK16)  # fmt: skip
         kk = tl.arange(0, KP)[None, :]
         base = ((split * total_rows + row0 + local) * K)[:, None]
@@ -758,11 +758,12 @@ def _stream_select_kernel(
     list_g = slot + tl.zeros([1], tl.int32)  # [R = 1] pointers
     list_c = list_g + CAPG
     list_e = list_c + 3 * CAPC
+    every = local >= 0  # the program's one row is live
     over = _select_block(logits_ptr, cm_ptr, topk_vals_ptr, topk_ids_ptr, list_g, list_c, list_e, local,
-                         local >= 0, row0, total_rows, split, col_lo, n_cols, n_chunks, n_cols // CHUNK,
-                         tl.cdiv(n_cols, ROWS * CHUNK) * ROWS, chunks_per_split, cm_stride, vocab_start,
-                         stride_logits_row, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE, K, KP,
-                         R, NGP, CB, ONE_BLOCK, UG, CAPG, CAPC, CAPE, BC, CHUNK, KEY16, PACK16)  # fmt: skip
+                         every, row0, total_rows, split, col_lo, n_cols, n_chunks, chunks_per_split,
+                         cm_stride, vocab_start, stride_logits_row, softcap, inv_temperature, ROWS,
+                         HAS_SOFTCAP, HAS_TEMPERATURE, K, KP, R, NGP, CB, ONE_BLOCK, UG, CAPG, CAPC, CAPE,
+                         BC, CHUNK, KEY16, PACK16)  # fmt: skip
     if tl.max(over.to(tl.int32), axis=0) > 0:
         tl.debug_barrier()  # the lists are reused as the brute force's scratch
         top1 = _brute_force_topk(row_ptr, cm_row, slot, n_chunks, col_lo, col_hi, softcap,
@@ -789,7 +790,7 @@ FUSED_NARROW_COLS = 131072
 FUSED_WARPS = 2
 
 
-def tile_shape(n_cols: int, k: int, fused: bool = FUSED_SELECT) -> tuple[int, int]:
+def tile_shape(n_cols: int, k: int, fused: bool | None = None) -> tuple[int, int]:
     """(ROWS, CHUNK) of the streaming kernel for a shard of ``n_cols`` columns and top-``k``
     (tuned on an H200 with ``benchmarks/tune.py``, docs/performance.md). k = 0: 256 chunks of 8
     columns, so that each thread holds whole chunks (one 16-byte load of bf16) and the per-chunk
@@ -797,8 +798,9 @@ def tile_shape(n_cols: int, k: int, fused: bool = FUSED_SELECT) -> tuple[int, in
     the copy bandwidth at V_shard = 32064 / 128256, against 87% / 90% for the 64 x 32 tile).
     k <= 128: chunks of 32 columns (one chunk maximum stored per 64 bytes of bf16 read); 64 of
     them per tile in the fused kernel (``fused``, 2 warps: FUSED_WARPS) up to FUSED_NARROW_COLS
-    columns, else 128. Larger k: chunks of 8 columns, so that the K best chunks hold few elements
-    besides the top-K."""
+    columns, else 128 (``fused`` None: FUSED_SELECT). Larger k: chunks of 8 columns, so that the K
+    best chunks hold few elements besides the top-K."""
+    fused = FUSED_SELECT if fused is None else fused
     width = next_pow2(max(n_cols, 1))
     if k == 0:
         return max(1, min(256, width // 8)), 8

@@ -426,7 +426,7 @@ def test_chunked_topk_by_row_blocks(core_tier, monkeypatch, splits):
     whole = ss.linear_softmax_stats(hidden, weight, target, bias=bias, k=case.k, **layout(case))
     monkeypatch.setattr(L, "FORWARD_BLOCK_BYTES", 3 * 85 * 4)  # 3 rows of the 85 real fp32 columns (88 - 3)
     monkeypatch.setattr(KP, "default_splits", lambda n_rows, n_tiles, device, k=0: splits)
-    monkeypatch.setattr(KP, "tile_shape", lambda n_cols, k, fused=True: (2, 16))  # 3 tiles of 32 columns
+    monkeypatch.setattr(KP, "tile_shape", lambda n_cols, k, fused=None: (2, 16))  # 3 tiles of 32 columns
     seen = []
     original = L._logits_chunk
 
