@@ -75,7 +75,12 @@ def _split_columns(cols_per_split, n_valid_cols, ROWS: tl.constexpr, CHUNK: tl.c
     col_lo = split * cols_per_split
     col_hi = tl.minimum(col_lo + cols_per_split, n_valid_cols)
     TILE_ROWS: tl.constexpr = ROWS * CHUNK // LANE_COLS
-    tile_offs = tl.arange(0, TILE_ROWS)[:, None] * LANE_COLS + tl.arange(0, LANE_COLS)[None, :]
+    r = tl.arange(0, TILE_ROWS)
+    # tile row r holds part r // ROWS of chunk r % ROWS: with as many threads as ROWS (the k > 0
+    # tiles), a thread's tile rows are the parts of one chunk, so that the chunk maxima need no
+    # shuffles and no barrier (v0.20: row-major parts cost two barriers per tile to store them)
+    r = (r % ROWS) * (CHUNK // LANE_COLS) + r // ROWS
+    tile_offs = r[:, None] * LANE_COLS + tl.arange(0, LANE_COLS)[None, :]
     return split, tl.num_programs(1), col_lo, col_hi, tile_offs
 
 
@@ -154,8 +159,8 @@ def _stream_split(logits_ptr, target_ptr, stats_ptr, cm_row, row, total_rows, n_
         if STORE_CM:
             if SUB == 1:
                 chunk_max = row_max
-            else:
-                chunk_max = tl.max(tl.reshape(row_max, [ROWS, SUB]), axis=1)
+            else:  # the SUB parts of each chunk (_split_columns' order), in one thread
+                chunk_max = tl.max(tl.reshape(row_max, [SUB, ROWS]), axis=0)
             tl.store(cm_row + start // CHUNK + tl.arange(0, ROWS), chunk_max)
         m, s, t, sum_x = online_update(m, s, t, sum_x, x, mask, row_max, NEED_ENTROPY, NEED_SUM_X)
 
