@@ -70,7 +70,7 @@ LANE_COLS = tl.constexpr(8)
 def _split_columns(cols_per_split, n_valid_cols, ROWS: tl.constexpr, CHUNK: tl.constexpr):
     """This program's column split (grid axis 1): (split, n_splits, col_lo, col_hi), and the
     offsets of a tile of ROWS chunks of CHUNK columns as [ROWS * CHUNK // LANE_COLS, LANE_COLS]
-    (contiguous columns, row-major)."""
+    (each tile row LANE_COLS contiguous columns; tile rows ordered by part of chunk, then chunk)."""
     split = tl.program_id(1)
     col_lo = split * cols_per_split
     col_hi = tl.minimum(col_lo + cols_per_split, n_valid_cols)
