@@ -76,9 +76,9 @@ def test_selection_knobs(device, params):
 
 
 OVERFLOWS = {  # (rows, knobs): each case overflows one list only (the others hold every candidate)
-    "groups": (4, dict(capg=8, cape=1024)),  # 33 or more groups reach the threshold
-    "chunks": (4, dict(capc=16, cape=1024)),  # 33 or more chunks
-    "columns": (4, dict(cape=64)),  # 128 columns and more (see below)
+    "groups": (2, dict(capg=8, cape=1024)),  # 33 or more groups reach the threshold
+    "chunks": (2, dict(capc=16, cape=1024)),  # 33 or more chunks
+    "columns": (2, dict(cape=64)),  # 128 columns and more (see below)
     # the two launches: the marked rows ranked after _select_kernel's row loop
     "chunks-two-launches": (2, dict(capc=16, cape=1024, fused=False)),
 }
