@@ -75,21 +75,22 @@ def test_selection_knobs(device, params):
     check(x, 33, device=device, n_valid=4101, tile=(16, 32), **params)
 
 
-OVERFLOWS = {  # (rows, knobs): each case overflows one list only (the others hold every candidate)
-    "groups": (2, dict(capg=8, cape=1024)),  # 33 or more groups reach the threshold
-    "chunks": (2, dict(capc=16, cape=1024)),  # 33 or more chunks
-    "columns": (2, dict(cape=64)),  # 128 columns and more (see below)
+OVERFLOWS = {  # each case overflows one list only (the others hold every candidate)
+    "groups": dict(capg=8, cape=1024),  # 33 or more groups reach the threshold
+    "chunks": dict(capc=16, cape=1024),  # 33 or more chunks
+    "columns": dict(cape=64),  # 128 columns and more (see below)
     # the two launches: the marked rows ranked after _select_kernel's row loop
-    "chunks-two-launches": (2, dict(capc=16, cape=1024, fused=False)),
+    "chunks-two-launches": dict(capc=16, cape=1024, fused=False),
 }
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize(("n", "params"), OVERFLOWS.values(), ids=OVERFLOWS.keys())
-def test_selection_brute_force(device, n, params):
+@pytest.mark.parametrize("params", OVERFLOWS.values(), ids=OVERFLOWS.keys())
+def test_selection_brute_force(device, params):
     """A list too small for the candidates: every row takes the brute-force path. Four chunks of
-    each row hold 128 large values, so the threshold that 33 groups reach admits them all."""
-    x = torch.randn(4, 4103, generator=torch.Generator().manual_seed(5))[:n] * 3
+    each row hold 128 large values, so the threshold that 33 groups reach admits them all. Two
+    rows (the first two of a seeded draw of four)."""
+    x = torch.randn(4, 4103, generator=torch.Generator().manual_seed(5))[:2] * 3
     x[:, 3904:4032] += 20.0  # listed last (lists go by group and chunk index)
     check(x, 33, device=device, n_valid=4101, tile=(16, 32), **params)
 
